@@ -1,0 +1,1 @@
+"""mlpgrid: compute grids of vision-MLP training runs and their compute-optimal frontier."""

@@ -1,0 +1,3 @@
+from mlpgrid.cli import main
+
+main()

@@ -1,0 +1,50 @@
+"""A directory of training checkpoints, written atomically, newest last.
+
+Files are named ``epoch-EEEE-step-SSSSSS.pt`` after the position training continues from,
+so the latest is found by name alone. A checkpoint is written to a temporary file and
+renamed, so a process killed while saving never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_NAME = re.compile(r"^epoch-(\d{4})-step-(\d{6})\.pt$")
+
+
+class CheckpointDir:
+    def __init__(self, path: str | Path, keep: int = 2):
+        self.path = Path(path)
+        self.keep = keep
+
+    def positions(self) -> list[tuple[int, int]]:
+        """(epoch, step) of every checkpoint present, oldest first."""
+        if not self.path.is_dir():
+            return []
+        found = (_NAME.match(p.name) for p in self.path.iterdir())
+        return sorted((int(m[1]), int(m[2])) for m in found if m)
+
+    def file(self, epoch: int, step: int) -> Path:
+        return self.path / f"epoch-{epoch:04d}-step-{step:06d}.pt"
+
+    def save(self, state: dict[str, Any], epoch: int, step: int) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        target = self.file(epoch, step)
+        tmp = target.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, target)
+        for old in self.positions()[: -self.keep]:
+            self.file(*old).unlink(missing_ok=True)
+        return target
+
+    def latest(self) -> dict[str, Any] | None:
+        """The newest checkpoint's state, or None when there is none."""
+        positions = self.positions()
+        if not positions:
+            return None
+        return torch.load(self.file(*positions[-1]), map_location="cpu", weights_only=True)

@@ -1,0 +1,146 @@
+"""Datasets: where they live, how to read them, and their shape before anything is loaded.
+
+A dataset loads into an :class:`ImageArrays`: uint8 images (N, C, H, W) and int64 labels
+for the train and test split, plus per-channel mean and std of the training images.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mlpgrid.data.idx import find_idx, read_idx
+
+
+@dataclass(frozen=True)
+class ImageArrays:
+    train_images: np.ndarray  # uint8 (N, C, H, W)
+    train_labels: np.ndarray  # int64 (N,)
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple[str, ...]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the grid validator needs to know about a dataset without reading it."""
+
+    name: str
+    classes: tuple[str, ...]
+    channels: int
+    resolution: int
+    train_size: int
+    test_size: int
+    default_root: str
+    env_var: str  # overrides default_root
+    locate: Callable[[Path], dict[str, Path]]  # the files a root must hold; FileNotFoundError if not
+    read: Callable[[Path], ImageArrays]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def root(self, configured: str | None = None) -> Path:
+        """Where to read from: the grid's setting, else the environment, else the default."""
+        return Path(configured or os.environ.get(self.env_var) or self.default_root)
+
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+
+def _locate_idx_files(root: Path) -> dict[str, Path]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory (the four MNIST-style idx files expected)")
+    return {
+        f"{split}-{kind}": find_idx(root, f"{split}-{kind}-idx{dims}-ubyte")
+        for split in ("train", "t10k")
+        for kind, dims in (("images", 3), ("labels", 1))
+    }
+
+
+def _read_fashion_mnist(root: Path) -> ImageArrays:
+    files = _locate_idx_files(root)
+
+    def split(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+        images = read_idx(files[f"{prefix}-images"])
+        labels = read_idx(files[f"{prefix}-labels"])
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(f"{root}: {prefix} images {images.shape} do not match labels {labels.shape}")
+        return images[:, None], labels.astype(np.int64)
+
+    train_x, train_y = split("train")
+    test_x, test_y = split("t10k")
+    return ImageArrays(train_x, train_y, test_x, test_y, FASHION_MNIST_CLASSES)
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "fashion-mnist": DatasetInfo(
+        name="fashion-mnist",
+        classes=FASHION_MNIST_CLASSES,
+        channels=1,
+        resolution=28,
+        train_size=60_000,
+        test_size=10_000,
+        default_root="/usr/share/datasets/fashion-mnist",
+        env_var="MLPGRID_FASHION_MNIST",
+        locate=_locate_idx_files,
+        read=_read_fashion_mnist,
+    ),
+}
+
+
+def info(name: str) -> DatasetInfo:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
+
+
+def resize(images: np.ndarray, resolution: int, channels: int) -> np.ndarray:
+    """uint8 (N, C, H, W) -> uint8 (N, channels, resolution, resolution).
+
+    Downsampling averages areas (as Chrabaszcz et al. did for 64x64 ImageNet); upsampling is
+    bilinear. A single channel is repeated to make three.
+    """
+    n, c, h, w = images.shape
+    if c != channels:
+        if c != 1:
+            raise ValueError(f"cannot turn {c}-channel images into {channels} channels")
+        images = np.repeat(images, channels, axis=1)
+    if (h, w) == (resolution, resolution):
+        return np.ascontiguousarray(images)
+    mode = "area" if resolution < min(h, w) else "bilinear"
+    out = np.empty((n, channels, resolution, resolution), dtype=np.uint8)
+    for start in range(0, n, 4096):  # bounded memory for large sets
+        chunk = torch.from_numpy(images[start : start + 4096]).float()
+        scaled = F.interpolate(chunk, size=(resolution, resolution), mode=mode)
+        out[start : start + 4096] = scaled.round().clamp(0, 255).to(torch.uint8).numpy()
+    return out
+
+
+def load(name: str, root: str | None = None, resolution: int | None = None, channels: int | None = None) -> ImageArrays:
+    """Read a dataset and bring it to the requested resolution and channel count."""
+    dataset = info(name)
+    arrays = dataset.read(dataset.root(root))
+    resolution = resolution or dataset.resolution
+    channels = channels or dataset.channels
+    return ImageArrays(
+        resize(arrays.train_images, resolution, channels),
+        arrays.train_labels,
+        resize(arrays.test_images, resolution, channels),
+        arrays.test_labels,
+        arrays.classes,
+    )

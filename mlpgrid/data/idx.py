@@ -1,0 +1,37 @@
+"""Reader for the idx format of MNIST and Fashion-MNIST (plain or gzipped)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+_UBYTE = 0x08
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """The array stored in an idx file; ``.gz`` files are decompressed on the fly."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read idx file ({e})") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _UBYTE:
+        raise ValueError(f"{path}: not an unsigned-byte idx file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise ValueError(f"{path}: idx header promises {expected} bytes for shape {shape}, file has {len(raw)}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
+
+
+def find_idx(root: Path, stem: str) -> Path:
+    """``root/stem`` or ``root/stem.gz``, whichever exists."""
+    for candidate in (root / stem, root / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{root}: missing {stem} (or {stem}.gz)")

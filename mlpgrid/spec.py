@@ -1,0 +1,428 @@
+"""Grid files: YAML in, validated :class:`Trial` list out.
+
+A grid file::
+
+    name: quickstart            # optional, defaults to the file's stem
+    data:                       # optional: where each dataset lives
+      fashion-mnist: /usr/share/datasets/fashion-mnist
+    run:                        # optional: how trials run (does not change their results)
+      checkpoint_every_steps: 100
+    base:                       # settings shared by every trial
+      optimizer: lion
+      lr: 3.0e-4
+    grid:                       # cartesian product of these axes
+      model: [B-2/Wi-64, B-4/Wi-128]
+      examples: [6000, 60000]
+    zip:                        # axes varied together (equal lengths); a list of such groups too
+      lr: [1.0e-4, 3.0e-4]
+      batch_size: [128, 512]
+
+Every field of :class:`TrialConfig` may appear in ``base``, ``grid`` or ``zip``. Every mistake
+is reported with the file, the field's path and what is allowed, before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlpgrid import data, models
+
+OPTIMIZERS = ("lion", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
+def _opt(help: str, **checks: Any) -> dict:
+    return dict(help=help, **checks)
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything that determines a trial's result. A trial is a pure function of this."""
+
+    model: str = field(metadata=_opt("model name, " + models.NAME_FORMAT, parse=models.parse_name))
+    epochs: int = field(metadata=_opt("epochs T", min=1))
+    dataset: str = field(default="fashion-mnist", metadata=_opt("dataset", choices=tuple(data.DATASETS)))
+    examples: int | None = field(
+        default=None, metadata=_opt("examples N (class-proportional subset); null = all", min=1)
+    )
+    batch_size: int = field(default=256, metadata=_opt("batch size", min=1))
+    optimizer: str = field(default="lion", metadata=_opt("optimizer", choices=OPTIMIZERS))
+    lr: float = field(default=1e-4, metadata=_opt("peak learning rate", gt=0))
+    weight_decay: float = field(
+        default=0.0, metadata=_opt("weight decay (decoupled for Lion and AdamW, L2 for SGD)", min=0)
+    )
+    momentum: float = field(default=0.9, metadata=_opt("SGD momentum", min=0, lt=1))
+    label_smoothing: float = field(default=0.0, metadata=_opt("label smoothing", min=0, lt=1))
+    mixup: float = field(default=0.0, metadata=_opt("MixUp Beta(alpha, alpha) strength; 0 = off", min=0))
+    flip: bool = field(default=False, metadata=_opt("random horizontal flips"))
+    crop_padding: int = field(
+        default=0, metadata=_opt("random crops from images padded by this many pixels; 0 = off", min=0)
+    )
+    clip_grad: float = field(default=0.0, metadata=_opt("gradient norm clipping; 0 = off", min=0))
+    warmup_epochs: float = field(default=0.0, metadata=_opt("linear warm-up length in epochs", min=0))
+    schedule: str = field(default="cosine", metadata=_opt("learning-rate decay after warm-up", choices=SCHEDULES))
+    seed: int = field(default=0, metadata=_opt("seed of the subset, initialisation, order and augmentation", min=0))
+    resolution: int | None = field(default=None, metadata=_opt("image side in pixels; null = the dataset's", min=1))
+    channels: int | None = field(
+        default=None, metadata=_opt("1 or 3 image channels; null = the dataset's", choices=(1, 3))
+    )
+    expansion: int | None = field(
+        default=None, metadata=_opt("block expansion k (0 = one m->m layer); null = family default", min=0)
+    )
+    activation: str | None = field(
+        default=None, metadata=_opt("activation; null = family default", choices=models.ACTIVATIONS)
+    )
+    norm: str | None = field(default=None, metadata=_opt("normalisation; null = family default", choices=models.NORMS))
+    norm_position: str | None = field(
+        default=None,
+        metadata=_opt("norm before or after the block; null = family default", choices=models.NORM_POSITIONS),
+    )
+    skip: bool | None = field(
+        default=None, metadata=_opt("residual connection around each block; null = family default")
+    )
+    dropout: float = field(default=0.0, metadata=_opt("dropout in B-MLP blocks", min=0, lt=1))
+
+    @property
+    def dataset_info(self) -> data.DatasetInfo:
+        return data.info(self.dataset)
+
+    @property
+    def num_examples(self) -> int:
+        return self.examples or self.dataset_info.train_size
+
+    def model_config(self) -> models.MLPConfig:
+        ds = self.dataset_info
+        side = self.resolution or ds.resolution
+        channels = self.channels or ds.channels
+        return models.config_for(
+            self.model,
+            in_features=channels * side * side,
+            num_classes=ds.num_classes,
+            expansion=self.expansion,
+            activation=self.activation,
+            norm=self.norm,
+            norm_position=self.norm_position,
+            skip=self.skip,
+            dropout=self.dropout,
+        )
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrialConfig)}
+_TYPES = typing.get_type_hints(TrialConfig)
+_REQUIRED = [f.name for f in FIELDS.values() if f.default is dataclasses.MISSING]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How trials run; none of it changes a trial's result, so none of it is in its id."""
+
+    checkpoint_every_steps: int = 0  # 0 = at epoch ends only
+
+
+@dataclass(frozen=True)
+class Trial:
+    id: str
+    config: TrialConfig
+
+    @property
+    def params(self) -> int:
+        return models.count_params(self.config.model_config())
+
+    @property
+    def forward_flops(self) -> int:
+        return models.forward_flops(self.config.model_config())
+
+    @property
+    def compute(self) -> float:
+        return models.compute(self.forward_flops, self.config.num_examples, self.config.epochs)
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    name: str
+    path: Path
+    data_roots: dict[str, str]
+    run: RunOptions
+    trials: list[Trial]
+
+    def trial(self, trial_id: str) -> Trial:
+        matches = [t for t in self.trials if t.id.startswith(trial_id)]
+        if len(matches) != 1:
+            known = ", ".join(t.id for t in self.trials[:10])
+            problem = "no trial" if not matches else f"{len(matches)} trials"
+            raise SpecError(
+                f"{self.path}: {problem} with id {trial_id!r} (ids: {known}{', ...' if len(self.trials) > 10 else ''})"
+            )
+        return matches[0]
+
+
+class SpecError(ValueError):
+    """A grid file that cannot run; the message names the file, the field and what is allowed."""
+
+
+def trial_id(config: TrialConfig) -> str:
+    """A stable id: a hash of the settings that differ from their defaults.
+
+    Leaving defaults out keeps ids stable when a new option (with a default that keeps the
+    old behaviour) is added. Defaults must therefore never change meaning.
+    """
+    settings = {
+        f.name: getattr(config, f.name)
+        for f in FIELDS.values()
+        if f.default is dataclasses.MISSING or getattr(config, f.name) != f.default
+    }
+    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+# --- YAML ------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads ``1e-4`` as a number (YAML 1.1 wants ``1.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+# --- validation ------------------------------------------------------------------------
+
+
+def _allowed_values(name: str) -> str:
+    meta = FIELDS[name].metadata
+    if "choices" in meta:
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    return meta["help"]
+
+
+def _check_value(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for field ``name``, or None."""
+    meta = FIELDS[name].metadata
+    kinds = [t for t in typing.get_args(_TYPES[name]) or (_TYPES[name],) if t is not type(None)]
+    if value is None:
+        return None if type(None) in typing.get_args(_TYPES[name]) else f"must be set ({meta['help']})"
+    kind = kinds[0]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
+        return f"expected {kind.__name__}, got {type(value).__name__} {value!r} ({meta['help']})"
+    if "choices" in meta and value not in meta["choices"]:
+        return f"unknown {name} {value!r}; allowed: {', '.join(map(str, meta['choices']))}"
+    if "parse" in meta:
+        try:
+            meta["parse"](value)
+        except ValueError as e:
+            return str(e)
+    for bound, ok, text in (
+        ("min", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("lt", lambda v, b: v < b, "<"),
+    ):
+        if bound in meta and not ok(value, meta[bound]):
+            return f"must be {text} {meta[bound]}, got {value!r} ({meta['help']})"
+    return None
+
+
+def _normalise(name: str, value: Any) -> Any:
+    """Whole numbers given for float fields become floats, so ``lr: 1`` and ``lr: 1.0`` are one trial."""
+    if _TYPES[name] is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+# Names people reach for that difflib would not match to ours.
+_ALIASES = {
+    "learning_rate": "lr", "n": "examples", "num_examples": "examples", "t": "epochs", "bs": "batch_size",
+    "wd": "weight_decay", "optim": "optimizer", "ls": "label_smoothing", "width": "model", "depth": "model",
+}  # fmt: skip
+
+
+def _unknown_key(key: Any, allowed: list[str]) -> str:
+    alias = _ALIASES.get(str(key).lower())
+    guess = [alias] if alias in allowed else difflib.get_close_matches(str(key), allowed, n=1)
+    hint = f"did you mean {guess[0]!r}? " if guess else ""
+    return f"unknown field {key!r}; {hint}allowed: {', '.join(allowed)}"
+
+
+class _Errors:
+    def __init__(self, path: Path):
+        self.path = path
+        self.items: list[str] = []
+
+    def add(self, where: str, problem: str) -> None:
+        self.items.append(f"{self.path}: {where}: {problem}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise SpecError("\n".join(self.items))
+
+
+def _axis_values(section: str, raw: Any, errors: _Errors) -> dict[str, list[tuple[str, Any]]]:
+    """``{field: [(path, value), ...]}`` for a ``grid`` or ``zip`` group, values checked."""
+    axes: dict[str, list[tuple[str, Any]]] = {}
+    if not isinstance(raw, dict):
+        errors.add(section, f"expected a mapping of field: [values], got {type(raw).__name__}")
+        return axes
+    for key, values in raw.items():
+        where = f"{section}.{key}"
+        if key not in FIELDS:
+            errors.add(where, _unknown_key(key, list(FIELDS)))
+            continue
+        if not isinstance(values, list):
+            errors.add(where, f"an axis is a list of values, got {values!r}")
+            continue
+        if not values:
+            errors.add(where, "empty axis: give at least one value")
+            continue
+        axes[key] = [(f"{where}[{i}]", v) for i, v in enumerate(values)]
+        for path, v in axes[key]:
+            if problem := _check_value(key, v):
+                errors.add(path, problem)
+    return axes
+
+
+def _expand(base: dict, grid: dict, zips: list[dict]) -> list[dict[str, tuple[str, Any]]]:
+    """Cartesian product of the grid axes and the zip groups, each value with its path."""
+    factors = [[{key: v} for v in vals] for key, vals in grid.items()]
+    for group in zips:
+        factors.append([dict(zip(group, combo, strict=True)) for combo in zip(*group.values(), strict=True)])
+    settings = []
+    for combo in itertools.product(*factors):
+        merged = dict(base)
+        for part in combo:
+            merged.update(part)
+        settings.append(merged)
+    return settings
+
+
+def parse(text: str, path: Path) -> GridSpec:
+    """Validate a grid file's text; raises :class:`SpecError` listing every problem."""
+    errors = _Errors(path)
+    try:
+        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+        raise SpecError(f"{path}: {where}: malformed YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(doc, dict):
+        raise SpecError(f"{path}: a grid file is a mapping with keys name, data, run, base, grid, zip")
+
+    top = ["name", "description", "data", "run", "base", "grid", "zip"]
+    for key in doc:
+        if key not in top:
+            errors.add(str(key), _unknown_key(key, top))
+
+    name = doc.get("name", path.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        errors.add("name", f"expected letters, digits, '.', '_' or '-', got {name!r}")
+
+    data_roots = doc.get("data") or {}
+    if not isinstance(data_roots, dict):
+        errors.add("data", "expected a mapping of dataset name: directory")
+        data_roots = {}
+    for ds, root in data_roots.items():
+        if ds not in data.DATASETS:
+            errors.add(f"data.{ds}", f"unknown dataset; known: {', '.join(data.DATASETS)}")
+        elif not isinstance(root, str):
+            errors.add(f"data.{ds}", f"expected a directory path, got {root!r}")
+    data_roots = {ds: str((path.parent / root).resolve()) for ds, root in data_roots.items() if isinstance(root, str)}
+
+    run_raw = doc.get("run") or {}
+    run_fields = {f.name: f for f in dataclasses.fields(RunOptions)}
+    run_options = {}
+    if not isinstance(run_raw, dict):
+        errors.add("run", "expected a mapping")
+        run_raw = {}
+    for key, value in run_raw.items():
+        if key not in run_fields:
+            errors.add(f"run.{key}", _unknown_key(key, list(run_fields)))
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            errors.add(f"run.{key}", f"expected a whole number >= 0, got {value!r}")
+        else:
+            run_options[key] = value
+
+    base_raw = doc.get("base") or {}
+    base: dict[str, tuple[str, Any]] = {}
+    if not isinstance(base_raw, dict):
+        errors.add("base", f"expected a mapping of field: value, got {type(base_raw).__name__}")
+        base_raw = {}
+    for key, value in base_raw.items():
+        if key not in FIELDS:
+            errors.add(f"base.{key}", _unknown_key(key, list(FIELDS)))
+            continue
+        base[key] = (f"base.{key}", value)
+        if isinstance(value, list):
+            errors.add(f"base.{key}", "base holds single values; put lists under grid or zip")
+        elif problem := _check_value(key, value):
+            errors.add(f"base.{key}", problem)
+
+    grid = _axis_values("grid", doc.get("grid") or {}, errors)
+    zip_raw = doc.get("zip") or []
+    zip_groups = zip_raw if isinstance(zip_raw, list) else [zip_raw]
+    zips = []
+    for i, group in enumerate(zip_groups):
+        section = "zip" if isinstance(zip_raw, dict) else f"zip[{i}]"
+        axes = _axis_values(section, group, errors)
+        lengths = {k: len(v) for k, v in axes.items()}
+        if len(set(lengths.values())) > 1:
+            errors.add(section, f"zipped axes need equal lengths, got {lengths}")
+        zips.append(axes)
+
+    seen: dict[str, str] = {key: where for key, (where, _) in base.items()}
+    for section, axes in [("grid", grid)] + [(f"zip[{i}]", z) for i, z in enumerate(zips)]:
+        for key in axes:
+            if key in seen:
+                errors.add(f"{section}.{key}", f"{key} is already set in {seen[key]}; set each field in one place")
+            seen[key] = f"{section}.{key}"
+    for key in _REQUIRED:
+        if key not in seen:
+            errors.add(key, f"required field missing: set {key} in base, grid or zip ({_allowed_values(key)})")
+    errors.raise_if_any()
+
+    trials: list[Trial] = []
+    origin: dict[str, str] = {}
+    for setting in _expand(base, grid, [z for z in zips if z]):
+        config = TrialConfig(**{k: _normalise(k, v) for k, (_, v) in setting.items()})
+        where = {k: p for k, (p, _) in setting.items()}
+        ds = config.dataset_info
+        if config.examples is not None and config.examples > ds.train_size:
+            errors.add(
+                where["examples"],
+                f"{config.examples} examples requested but {ds.name} has {ds.train_size} training images",
+            )
+        if config.channels == 1 and ds.channels == 3:
+            errors.add(where["channels"], f"{ds.name} has 3 channels; channels may be 3 or null")
+        tid = trial_id(config)
+        label = ", ".join(p for p in where.values() if not p.startswith("base."))
+        if tid in origin:
+            errors.add(label or "grid", f"duplicate trial: same settings as {origin[tid]}")
+            continue
+        origin[tid] = label or "base"
+        trials.append(Trial(tid, config))
+    errors.raise_if_any()
+    return GridSpec(name=name, path=path, data_roots=data_roots, run=RunOptions(**run_options), trials=trials)
+
+
+def load(path: str | Path) -> GridSpec:
+    """Read and validate a grid file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read grid file ({e.strerror})") from None
+    return parse(text, path)

@@ -1,0 +1,211 @@
+"""One trial, top to bottom: data, model, optimizer, the epoch loop, checkpoints.
+
+``run_trial`` is the function every runner calls, in-process or inside a Ray worker. It
+resumes from the newest checkpoint in its directory, so calling it again after a crash
+continues the trial exactly where the checkpoint left it: same weights, optimizer state,
+RNG state, and the same position in the same data order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lion_pytorch import Lion
+
+from mlpgrid import data
+from mlpgrid.checkpoint import CheckpointDir
+from mlpgrid.data.loader import Augmentation, DeviceLoader, channel_stats, derive_seed
+from mlpgrid.data.subset import proportional_subset
+from mlpgrid.models import MLP
+from mlpgrid.spec import TrialConfig
+
+EVAL_BATCH = 2048
+
+# Separate seed streams, so adding randomness in one place never shifts another.
+_INIT_STREAM, _DROPOUT_STREAM = 1, 2
+
+
+class TrialDiverged(RuntimeError):
+    """The training loss stopped being finite."""
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_optimizer(cfg: TrialConfig, params: Any, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.optimizer == "lion":
+        return Lion(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_at(cfg: TrialConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning rate before optimizer step ``step`` (0-based): linear warm-up, then decay."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DeviceLoader) -> tuple[float, float]:
+    """(mean cross-entropy, top-1 error) over the loader's examples."""
+    model.eval()
+    loss_sum = torch.zeros((), device=loader.device)
+    wrong = torch.zeros((), device=loader.device, dtype=torch.long)
+    for batch in loader.epoch(0):
+        with _autocast(loader.device):
+            logits = model(batch.images)
+        loss_sum += F.cross_entropy(logits.float(), batch.labels, reduction="sum")
+        wrong += (logits.argmax(1) != batch.labels).sum()
+    n = len(loader.labels)
+    return loss_sum.item() / n, wrong.item() / n
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def run_trial(
+    cfg: TrialConfig,
+    checkpoints: CheckpointDir,
+    *,
+    data_root: str | Path | None = None,
+    checkpoint_every_steps: int = 0,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` to the end (resuming from ``checkpoints``) and return its results.
+
+    ``on_epoch`` is called with each finished epoch's metrics, after its checkpoint is saved.
+    Raises :class:`TrialDiverged` when the training loss becomes NaN or infinite.
+    """
+    device = device or pick_device()
+    config_dict = dataclasses.asdict(cfg)
+
+    arrays = data.load(cfg.dataset, None if data_root is None else str(data_root), cfg.resolution, cfg.channels)
+    subset = proportional_subset(arrays.train_labels, cfg.num_examples, cfg.seed)
+    mean, std = channel_stats(arrays.train_images)
+    augmentation = Augmentation(flip=cfg.flip, crop_padding=cfg.crop_padding, mixup=cfg.mixup)
+    train = DeviceLoader(
+        arrays.train_images[subset], arrays.train_labels[subset], cfg.batch_size,
+        mean=mean, std=std, device=device, seed=cfg.seed, augmentation=augmentation,
+    )  # fmt: skip
+    test = DeviceLoader(
+        arrays.test_images, arrays.test_labels, EVAL_BATCH, mean=mean, std=std, device=device, shuffle=False
+    )
+
+    torch.manual_seed(derive_seed(cfg.seed, _INIT_STREAM))
+    model = MLP(cfg.model_config()).to(device)
+    optimizer = make_optimizer(cfg, model.parameters(), device)
+    torch.manual_seed(derive_seed(cfg.seed, _DROPOUT_STREAM))
+
+    epoch, start_step, history, resumed_from = 0, 0, [], []
+    loss_sum, seen = torch.zeros((), device=device), 0
+    state = checkpoints.latest()
+    if state is not None:
+        if state["config"] != config_dict:
+            raise ValueError(f"{checkpoints.path}: checkpoint belongs to another trial config")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"], device)
+        epoch, start_step, history = state["epoch"], state["step"], state["history"]
+        loss_sum, seen = state["loss_sum"].to(device), state["seen"]
+        resumed_from = state["resumed_from"] + ([[epoch, start_step]] if epoch < cfg.epochs else [])
+
+    def save(epoch: int, step: int) -> None:
+        checkpoints.save(
+            {
+                "config": config_dict, "epoch": epoch, "step": step,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
+                "history": history, "loss_sum": loss_sum.cpu(), "seen": seen, "resumed_from": resumed_from,
+            },
+            epoch, step,
+        )  # fmt: skip
+
+    steps = len(train)
+    while epoch < cfg.epochs:
+        model.train()
+        started, images = time.perf_counter(), 0
+        for step, batch in enumerate(train.epoch(epoch, start_step), start=start_step):
+            lr = lr_at(cfg, epoch * steps + step, steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with _autocast(device):
+                logits = model(batch.images).float()
+            loss = F.cross_entropy(logits, batch.labels, label_smoothing=cfg.label_smoothing)
+            if batch.lam < 1:
+                mixed = F.cross_entropy(logits, batch.mixed_labels, label_smoothing=cfg.label_smoothing)
+                loss = batch.lam * loss + (1 - batch.lam) * mixed
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            optimizer.step()
+            n = len(batch.labels)
+            loss_sum += loss.detach() * n
+            seen += n
+            images += n
+            if checkpoint_every_steps and (step + 1) % checkpoint_every_steps == 0 and step + 1 < steps:
+                save(epoch, step + 1)
+        train_seconds = time.perf_counter() - started
+
+        train_loss = loss_sum.item() / seen
+        if not math.isfinite(train_loss):
+            raise TrialDiverged(f"training loss is {train_loss} in epoch {epoch + 1} (lr {cfg.lr})")
+        test_loss, test_error = evaluate(model, test)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "test_loss": test_loss,
+            "test_error": test_error,
+            "lr": lr,
+            "images_per_s": images / train_seconds,
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        history.append(metrics)
+        epoch, start_step = epoch + 1, 0
+        loss_sum, seen = torch.zeros((), device=device), 0
+        save(epoch, 0)
+        if on_epoch:
+            on_epoch(metrics)
+
+    final = history[-1]
+    return {
+        "status": "finished",
+        "seed": cfg.seed,
+        "device": str(device),
+        "epochs": len(history),
+        "train_loss": final["train_loss"],
+        "test_loss": final["test_loss"],
+        "test_error": final["test_error"],
+        "best_test_error": min(h["test_error"] for h in history),
+        "resumed_from": resumed_from,
+        "history": history,
+    }

@@ -1,0 +1,168 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import REPO, mlpgrid_command
+
+from mlpgrid import spec
+from mlpgrid.checkpoint import CheckpointDir
+from mlpgrid.cli import cli
+from mlpgrid.spec import TrialConfig
+from mlpgrid.train import TrialDiverged, lr_at, run_trial
+
+TINY = dict(model="B-1/Wi-32", examples=2000, epochs=2, batch_size=100)
+
+
+def test_a_trial_learns_and_checkpoints(tmp_path, fashion_mnist):
+    cfg = TrialConfig(**TINY, optimizer="adamw", lr=1e-3, flip=True, crop_padding=2, mixup=0.2, label_smoothing=0.1)
+    seen = []
+    result = run_trial(cfg, CheckpointDir(tmp_path / "ckpt"), data_root=fashion_mnist, on_epoch=seen.append)
+    assert [m["epoch"] for m in seen] == [1, 2] and result["history"] == seen
+    assert result["status"] == "finished" and result["seed"] == 0
+    assert result["test_error"] < 0.4, "well below the 0.9 of chance"
+    assert seen[1]["train_loss"] < seen[0]["train_loss"]
+    assert CheckpointDir(tmp_path / "ckpt").positions() == [(1, 0), (2, 0)]
+
+
+@pytest.mark.parametrize("optimizer,lr", [("lion", 3e-4), ("sgd", 0.05)])
+def test_each_optimizer_trains(tmp_path, fashion_mnist, optimizer, lr):
+    cfg = TrialConfig(**{**TINY, "epochs": 1}, optimizer=optimizer, lr=lr, weight_decay=1e-3, clip_grad=1.0)
+    result = run_trial(cfg, CheckpointDir(tmp_path), data_root=fashion_mnist)
+    assert result["test_error"] < 0.5
+
+
+def test_finished_trial_is_not_trained_again(tmp_path, fashion_mnist):
+    cfg = TrialConfig(**TINY)
+    first = run_trial(cfg, CheckpointDir(tmp_path), data_root=fashion_mnist)
+    again = run_trial(cfg, CheckpointDir(tmp_path), data_root=fashion_mnist)
+    assert again["history"] == first["history"] and again["resumed_from"] == []
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path, fashion_mnist):
+    run_trial(TrialConfig(**{**TINY, "epochs": 1}), CheckpointDir(tmp_path), data_root=fashion_mnist)
+    with pytest.raises(ValueError, match="belongs to another trial config"):
+        run_trial(TrialConfig(**{**TINY, "epochs": 1}, seed=1), CheckpointDir(tmp_path), data_root=fashion_mnist)
+
+
+def test_diverging_trial_is_detected(tmp_path, fashion_mnist):
+    cfg = TrialConfig(**{**TINY, "epochs": 1}, optimizer="sgd", lr=1e12)
+    with pytest.raises(TrialDiverged, match="training loss is (nan|inf)"):
+        run_trial(cfg, CheckpointDir(tmp_path), data_root=fashion_mnist)
+
+
+def test_warmup_then_cosine():
+    cfg = TrialConfig(model="B-1/Wi-8", epochs=4, lr=1.0, warmup_epochs=1)
+    lrs = [lr_at(cfg, s, 10) for s in range(40)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(1.0) and lrs[25] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    constant = TrialConfig(model="B-1/Wi-8", epochs=4, lr=1.0, schedule="constant")
+    assert {lr_at(constant, s, 10) for s in range(40)} == {1.0}
+
+
+# --- kill and resume ---------------------------------------------------------------------
+
+RESUME_GRID = """
+run:
+  checkpoint_every_steps: 7
+base:
+  model: B-2/Wi-64
+  examples: 12000
+  epochs: 3
+  batch_size: 32
+  optimizer: lion
+  lr: 3.0e-4
+  dropout: 0.1
+  flip: true
+  crop_padding: 2
+  mixup: 0.8
+  label_smoothing: 0.1
+  warmup_epochs: 0.5
+  seed: 11
+"""
+
+
+def _run_trial_process(grid, trial_id, storage):
+    return subprocess.Popen(
+        mlpgrid_command("trial", str(grid), "--trial", trial_id, "--storage", str(storage)),
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _final_state(storage, grid, trial):
+    ckpt = CheckpointDir(storage / grid.name / trial.id / "checkpoints")
+    return torch.load(ckpt.file(*ckpt.positions()[-1]), weights_only=True)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, write_grid, fashion_mnist):
+    path = write_grid(RESUME_GRID)
+    grid = spec.load(path)
+    (trial,) = grid.trials
+
+    reference = _run_trial_process(path, trial.id, tmp_path / "reference")
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+
+    storage = tmp_path / "interrupted"
+    checkpoints = CheckpointDir(storage / grid.name / trial.id / "checkpoints")
+    victim = _run_trial_process(path, trial.id, storage)
+    deadline = time.monotonic() + 120
+    # Kill once a checkpoint exists well inside the second epoch, while training goes on.
+    while not any(epoch == 1 and step >= 70 for epoch, step in checkpoints.positions()):
+        assert victim.poll() is None, "the trial ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(victim.pid, signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    assert not (storage / grid.name / trial.id / "result.json").exists()
+
+    resumed = _run_trial_process(path, trial.id, storage)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+
+    expected = json.loads((tmp_path / "reference" / grid.name / trial.id / "result.json").read_text())
+    actual = json.loads((storage / grid.name / trial.id / "result.json").read_text())
+    (epoch, step), *_ = actual["resumed_from"]
+    assert epoch == 1 and 0 < step < 375, "resumed from a checkpoint in the middle of an epoch"
+    timing = {"images_per_s", "epoch_seconds"}
+    strip = lambda history: [{k: v for k, v in m.items() if k not in timing} for m in history]  # noqa: E731
+    assert strip(actual["history"]) == strip(expected["history"])
+    assert actual["test_error"] == expected["test_error"]
+
+    final, final_ref = _final_state(storage, grid, trial), _final_state(tmp_path / "reference", grid, trial)
+    for name, tensor in final_ref["model"].items():
+        assert torch.equal(final["model"][name], tensor), name
+    for key, state in final_ref["optimizer"]["state"].items():
+        assert all(torch.equal(final["optimizer"]["state"][key][k], v) for k, v in state.items())
+
+
+# --- the grid command --------------------------------------------------------------------
+
+
+def test_run_skips_what_is_done_and_reports_diverged_trials(tmp_path, write_grid, fashion_mnist):
+    path = write_grid(
+        "base: {model: B-1/Wi-16, examples: 1000, epochs: 1, batch_size: 100, optimizer: sgd}\n"
+        "grid:\n  lr: [0.05, 1.0e12]\n"
+    )
+    storage = tmp_path / "store"
+    first = CliRunner().invoke(cli, ["run", str(path), "--storage", str(storage)])
+    assert first.exit_code == 1
+    assert "1 of 2 trials did not finish" in first.output and "diverged: training loss is" in first.output
+    assert "[1/2]" in first.output and "[2/2]" in first.output
+
+    again = CliRunner().invoke(cli, ["run", str(path), "--storage", str(storage)])
+    assert "[1/2]" not in again.output and "[2/2]" not in again.output, "nothing is re-run"
+    assert "finished" in again.output and "diverged" in again.output
+
+
+def test_run_refuses_a_missing_dataset_before_training(tmp_path, write_grid):
+    path = write_grid("data:\n  fashion-mnist: nowhere\nbase: {model: B-1/Wi-16, epochs: 1}\n")
+    result = CliRunner().invoke(cli, ["run", str(path), "--storage", str(tmp_path / "s")])
+    assert result.exit_code == 1
+    assert "dataset fashion-mnist:" in result.output and "nowhere: no such directory" in result.output
+    assert f"Set data.fashion-mnist in {path}" in result.output
+    assert not (tmp_path / "s").exists()
