@@ -95,7 +95,10 @@ def run(grid_file: str, dry_run: bool, storage: Path) -> None:
         _print_plan(grid)
         return
 
+    started = []
+
     def on_start(i: int, t: Trial) -> None:
+        started.append(t)
         c = t.config
         click.echo(
             f"[{i + 1}/{len(grid.trials)}] {t.id} {c.model} N={c.num_examples} T={c.epochs}"
@@ -109,6 +112,8 @@ def run(grid_file: str, dry_run: bool, storage: Path) -> None:
     rows = [[r["trial_id"], r["model"], r["examples"], r["epochs"], f"{r['compute']:.3e}", r["status"],
              f"{r['test_error']:.4f}" if "test_error" in r else "-"] for r in results]  # fmt: skip
     _print_table(rows, ["trial", "model", "N", "T", "compute C", "status", "test error"])
+    if not started:
+        click.echo(f"Nothing to do: all {len(results)} trials of {grid.name} have already ended.")
     bad = [r for r in results if r["status"] != "finished"]
     for r in bad:
         click.echo(f"{r['trial_id']} {r['status']}: {r['error']}", err=True)

@@ -157,6 +157,7 @@ def test_run_skips_what_is_done_and_reports_diverged_trials(tmp_path, write_grid
     again = CliRunner().invoke(cli, ["run", str(path), "--storage", str(storage)])
     assert "[1/2]" not in again.output and "[2/2]" not in again.output, "nothing is re-run"
     assert "finished" in again.output and "diverged" in again.output
+    assert "Nothing to do: all 2 trials of grid have already ended." in again.output
 
 
 def test_run_refuses_a_missing_dataset_before_training(tmp_path, write_grid):
