@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import click
 
 from mlpgrid import models, spec
-from mlpgrid.spec import GridSpec, SpecError, Trial
+from mlpgrid.spec import GridSpec, SpecError
 
 storage_option = click.option(
     "--storage",
@@ -54,11 +55,39 @@ def _print_plan(grid: GridSpec) -> None:
     click.echo(f"{len(grid.trials)} trials, total compute C = {total:.3e} FLOPs (C = FLOP(f) x 3 x N x T)")
 
 
-def _epoch_line(trial: Trial, m: dict[str, Any]) -> None:
-    click.echo(
-        f"  {trial.id} epoch {m['epoch']}/{trial.config.epochs}  train_loss {m['train_loss']:.4f}  "
-        f"test_error {m['test_error']:.4f}  {m['images_per_s']:,.0f} img/s"
-    )
+def _tracking(grid: GridSpec, storage: Path, uri: str | None) -> Any:
+    """The grid's MLflow experiment and parent run, or a clear error before any trial starts."""
+    from mlpgrid import tracking
+
+    uri = tracking.tracking_uri(storage, uri)
+    try:
+        return tracking.open_grid(grid, uri, storage)
+    except Exception as e:  # noqa: BLE001 - whatever stops MLflow, stop before training
+        raise click.ClickException(f"cannot use MLflow tracking URI {uri}: {e}") from None
+
+
+def _print_status(rows: list[dict[str, Any]]) -> None:
+    def err(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    table = [
+        [r["trial_id"], r["model"], r["examples"], r["epochs"], f"{r['compute']:.3e}", r["state"],
+         f"{r['last_epoch']}/{r['epochs']}", err(r["test_error"]), err(r["best_test_error"])]
+        for r in rows
+    ]  # fmt: skip
+    _print_table(table, ["trial", "model", "N", "T", "compute C", "state", "epoch", "test error", "best"])
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    click.echo(f"{len(rows)} trials: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+
+
+tracking_option = click.option(
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    help="MLflow tracking URI (env MLFLOW_TRACKING_URI); default: SQLite under --storage.",
+)
+grid_argument = click.argument("grid_file", type=click.Path(exists=True, dir_okay=False))
 
 
 @click.group()
@@ -70,69 +99,118 @@ def cli() -> None:
     Quick start:
       mlpgrid run grids/quickstart.yaml --dry-run   # the trials and their compute
       mlpgrid run grids/quickstart.yaml             # train them (re-run = resume)
+      mlpgrid status grids/quickstart.yaml          # what is done, running, failed
     """
 
 
 @cli.command()
-@click.argument("grid_file", type=click.Path(exists=True, dir_okay=False))
+@grid_argument
 @click.option("--dry-run", is_flag=True, help="Print the trials and their compute, then exit.")
 @storage_option
-def run(grid_file: str, dry_run: bool, storage: Path) -> None:
-    """Run every trial of GRID_FILE that has not finished yet.
+@tracking_option
+@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster address (env RAY_ADDRESS); default: local Ray.")
+@click.option("--max-concurrent", type=click.IntRange(min=1), help="Trials at a time; default: as resources allow.")
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="GPUs per trial; a fraction packs several trials on one GPU.")  # fmt: skip
+@click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="CPU cores per trial when there is no GPU.")  # fmt: skip
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Restarts of a failed trial, each from its last checkpoint.")  # fmt: skip
+@click.option("--in-process", is_flag=True, help="Run the trials one by one in this process, without Ray.")
+def run(grid_file: str, dry_run: bool, storage: Path, tracking_uri: str | None, address: str | None,
+        max_concurrent: int | None, gpus_per_trial: float, cpus_per_trial: float, retries: int,
+        in_process: bool) -> None:  # fmt: skip
+    """Run every trial of GRID_FILE that has not ended yet.
 
-    Re-running the same command resumes: finished trials are skipped and interrupted ones
-    continue from their last checkpoint.
+    Each trial is a Ray Tune trial running a one-worker Ray Train job on one GPU (or CPU cores
+    when there is none), recorded as one MLflow run. Re-running the same command resumes:
+    finished trials are skipped, interrupted ones continue from their last checkpoint, and
+    trials added to the file since are run.
 
     \b
     Examples:
       mlpgrid run grids/quickstart.yaml --dry-run
-      mlpgrid run grids/quickstart.yaml --storage /scratch/mlpgrid
+      mlpgrid run grids/quickstart.yaml
+      mlpgrid run grids/scaling.yaml --address ray://head:10001 --gpus-per-trial 0.5 \\
+          --storage /shared/mlpgrid --tracking-uri http://mlflow:5000
     """
-    from mlpgrid import runner
+    from mlpgrid import runner, tracking
+    from mlpgrid.progress import Progress
 
     grid = _load_grid(grid_file)
     if dry_run:
         _print_plan(grid)
         return
-
-    started = []
-
-    def on_start(i: int, t: Trial) -> None:
-        started.append(t)
-        c = t.config
-        click.echo(
-            f"[{i + 1}/{len(grid.trials)}] {t.id} {c.model} N={c.num_examples} T={c.epochs}"
-            f" ({_millions(t.params)} params)"
-        )
-
     try:
-        results = runner.run_in_process(grid, storage, on_start=on_start, on_epoch=_epoch_line)
+        runner.check_data(grid)
     except FileNotFoundError as e:
         raise click.ClickException(str(e)) from None
-    rows = [[r["trial_id"], r["model"], r["examples"], r["epochs"], f"{r['compute']:.3e}", r["status"],
-             f"{r['test_error']:.4f}" if "test_error" in r else "-"] for r in results]  # fmt: skip
-    _print_table(rows, ["trial", "model", "N", "T", "compute C", "status", "test error"])
-    if not started:
-        click.echo(f"Nothing to do: all {len(results)} trials of {grid.name} have already ended.")
-    bad = [r for r in results if r["status"] != "finished"]
+    grid_run = _tracking(grid, storage, tracking_uri)
+    tasks = runner.pending_tasks(grid, storage, grid_run)
+    if not tasks:
+        click.echo(f"Nothing to do: all {len(grid.trials)} trials of {grid.name} have already ended.")
+    else:
+        progress = Progress([t.trial for t in tasks], already_done=len(grid.trials) - len(tasks))
+        try:
+            if in_process:
+                runner.run_in_process(tasks, progress)
+            else:
+                opts = runner.RayOptions(address, max_concurrent, gpus_per_trial, cpus_per_trial, retries)
+                runner.run_on_ray(tasks, grid, storage, opts, progress)
+        finally:
+            progress.close()
+    rows = tracking.grid_status(grid, grid_run)
+    _print_status(rows)
+    bad = [r for r in rows if r["state"] != tracking.FINISHED]
     for r in bad:
-        click.echo(f"{r['trial_id']} {r['status']}: {r['error']}", err=True)
+        click.echo(f"{r['trial_id']} {r['state']}: {r['error'] or 'did not run to the end'}", err=True)
     if bad:
-        raise click.ClickException(f"{len(bad)} of {len(results)} trials did not finish")
+        raise click.ClickException(f"{len(bad)} of {len(rows)} trials did not finish")
 
 
 @cli.command()
-@click.argument("grid_file", type=click.Path(exists=True, dir_okay=False))
+@grid_argument
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@storage_option
+@tracking_option
+def status(grid_file: str, as_json: bool, storage: Path, tracking_uri: str | None) -> None:
+    """What is done, running, failed or pending in GRID_FILE; works while it runs.
+
+    \b
+    Examples:
+      mlpgrid status grids/quickstart.yaml
+      mlpgrid status grids/quickstart.yaml --json
+    """
+    from mlpgrid import tracking
+
+    grid = _load_grid(grid_file)
+    uri = tracking.tracking_uri(storage, tracking_uri)
+    grid_run = tracking.find_grid(grid, uri)
+    rows = tracking.grid_status(grid, grid_run)
+    if as_json:
+        states = [r["state"] for r in rows]
+        totals = {state: states.count(state) for state in sorted(set(states))}
+        click.echo(json.dumps({"grid": grid.name, "trials": rows, "totals": totals}, indent=2))
+    else:
+        _print_status(rows)
+
+
+@cli.command()
+@grid_argument
 @click.option("--trial", "trial_id", required=True, help="Trial id (or a unique prefix) from --dry-run.")
 @storage_option
-def trial(grid_file: str, trial_id: str, storage: Path) -> None:
-    """Run one trial of GRID_FILE in this process (for debugging); resumes like `run`.
+@tracking_option
+def trial(grid_file: str, trial_id: str, storage: Path, tracking_uri: str | None) -> None:
+    """Run one trial of GRID_FILE in this process, without Ray (for debugging).
+
+    It resumes and records in MLflow exactly as `run` does.
 
     \b
     Example:
       mlpgrid trial grids/quickstart.yaml --trial 3fa2
     """
     from mlpgrid import runner
+    from mlpgrid.progress import Progress
 
     grid = _load_grid(grid_file)
     try:
@@ -140,11 +218,18 @@ def trial(grid_file: str, trial_id: str, storage: Path) -> None:
         runner.check_data(grid)
     except (SpecError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
-    result = runner.run_one(grid, chosen, storage, on_epoch=lambda m: _epoch_line(chosen, m))
-    summary = {k: v for k, v in result.items() if k not in ("history", "config", "traceback")}
-    click.echo(json.dumps(summary, indent=2))
-    if result["status"] != "finished":
-        raise click.ClickException(f"trial {chosen.id} {result['status']}: {result['error']}")
+    grid_run = _tracking(grid, storage, tracking_uri)
+    pending = {task.trial.id: task for task in runner.pending_tasks(grid, storage, grid_run)}
+    if chosen.id not in pending:
+        click.echo(f"Trial {chosen.id} has already ended.")
+        return
+    task = pending[chosen.id]
+    progress = Progress([chosen])
+    progress.start(chosen)
+    status = runner.execute(task, report=lambda m: progress.epoch(chosen, m))
+    progress.end(chosen, status)
+    if status != "finished":
+        raise click.ClickException(f"trial {chosen.id} {status}")
 
 
 @cli.command("model-info")
@@ -177,6 +262,7 @@ def model_info(name: str, resolution: int, channels: int, classes: int, as_json:
 
 
 def main() -> None:
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not its INFO lines on database setup
     cli(prog_name="mlpgrid")
 
 

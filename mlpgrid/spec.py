@@ -135,6 +135,9 @@ class Trial:
     id: str
     config: TrialConfig
 
+    def config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
     @property
     def params(self) -> int:
         return models.count_params(self.config.model_config())

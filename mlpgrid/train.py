@@ -99,11 +99,13 @@ def run_trial(
     data_root: str | Path | None = None,
     checkpoint_every_steps: int = 0,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_resume: Callable[[list[dict[str, Any]]], None] | None = None,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` to the end (resuming from ``checkpoints``) and return its results.
 
-    ``on_epoch`` is called with each finished epoch's metrics, after its checkpoint is saved.
+    ``on_epoch`` is called with each finished epoch's metrics, after its checkpoint is saved;
+    ``on_resume`` with the metrics of the epochs a checkpoint already holds, when resuming.
     Raises :class:`TrialDiverged` when the training loss becomes NaN or infinite.
     """
     device = device or pick_device()
@@ -138,6 +140,8 @@ def run_trial(
         epoch, start_step, history = state["epoch"], state["step"], state["history"]
         loss_sum, seen = state["loss_sum"].to(device), state["seen"]
         resumed_from = state["resumed_from"] + ([[epoch, start_step]] if epoch < cfg.epochs else [])
+        if on_resume:
+            on_resume(history)
 
     def save(epoch: int, step: int) -> None:
         checkpoints.save(

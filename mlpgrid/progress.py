@@ -1,0 +1,124 @@
+"""The live view of a running grid: trials done, running and pending, epochs, speed, ETA.
+
+On a terminal a status line stays at the bottom and is redrawn; elsewhere (CI logs, files)
+every event is one plain line. The ETA assumes the compute C of the remaining trials goes at
+the rate measured so far in this run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from mlpgrid.spec import Trial
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    def __init__(self, trials: list[Trial], already_done: int = 0, out: TextIO | None = None):
+        self.out = out or sys.stdout
+        self.live = self.out.isatty()
+        self.total = len(trials) + already_done
+        self.done = already_done
+        self.pending = {t.id: t for t in trials}
+        self.running: dict[str, Trial] = {}
+        self.epochs: dict[str, int] = {}
+        self.speed: dict[str, float] = {}
+        self.compute_left = sum(t.compute for t in trials)
+        self.compute_done = 0.0
+        self.started = time.monotonic()
+
+    # events ------------------------------------------------------------------------------
+
+    def start(self, trial: Trial) -> None:
+        self.pending.pop(trial.id, None)
+        self.running[trial.id] = trial
+        c = trial.config
+        self._line(f"start  {trial.id} {c.model} N={c.num_examples} T={c.epochs}")
+
+    def epoch(self, trial: Trial, metrics: dict[str, Any]) -> None:
+        self._add_compute(trial, metrics["epoch"])
+        self.speed[trial.id] = metrics["images_per_s"]
+        startup = f"  (started in {metrics['startup_seconds']:.1f} s)" if "startup_seconds" in metrics else ""
+        self._line(
+            f"epoch  {trial.id} {metrics['epoch']}/{trial.config.epochs}  train_loss {metrics['train_loss']:.4f}  "
+            f"test_error {metrics['test_error']:.4f}  {metrics['images_per_s']:,.0f} img/s{startup}"
+        )
+
+    def end(self, trial: Trial, status: str) -> None:
+        self._add_compute(trial, trial.config.epochs)
+        self.running.pop(trial.id, None)
+        self.speed.pop(trial.id, None)
+        self.done += 1
+        self._line(f"{status:<6} {trial.id} {trial.config.model}")
+
+    def note(self, text: str) -> None:
+        self._line(text)
+
+    def close(self) -> None:
+        if self.live:
+            self.out.write("\r\x1b[K")
+            self.out.flush()
+
+    # rendering ---------------------------------------------------------------------------
+
+    def _add_compute(self, trial: Trial, epoch: int) -> None:
+        before = self.epochs.get(trial.id, 0)
+        if epoch > before:
+            share = trial.compute * (epoch - before) / trial.config.epochs
+            self.compute_done += share
+            self.compute_left -= share
+            self.epochs[trial.id] = epoch
+
+    def summary(self) -> str:
+        elapsed = time.monotonic() - self.started
+        parts = [f"done {self.done}/{self.total}", f"running {len(self.running)}", f"pending {len(self.pending)}"]
+        if self.speed:
+            parts.append(f"{sum(self.speed.values()):,.0f} img/s")
+        if self.compute_done > 0 and self.compute_left > 0:
+            parts.append(f"ETA {_duration(elapsed * self.compute_left / self.compute_done)}")
+        return " | ".join(parts) + f" | {_duration(elapsed)} elapsed"
+
+    def _line(self, text: str) -> None:
+        if self.live:
+            self.out.write(f"\r\x1b[K{text}\n{self.summary()}")
+        else:
+            self.out.write(f"[{self.summary()}] {text}\n")
+        self.out.flush()
+
+    def tune_callback(self, by_id: dict[str, Trial]) -> Any:
+        """A Ray Tune callback feeding this view (Tune calls it with keyword arguments)."""
+        from ray.tune import Callback
+
+        progress = self
+
+        class _TuneProgress(Callback):
+            def __init__(self) -> None:
+                self.status: dict[str, str] = {}
+
+            def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ANN001
+                progress.start(by_id[trial.config["trial_id"]])
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
+                tid = trial.config["trial_id"]
+                if "status" in result:
+                    self.status[tid] = result["status"]
+                elif "test_error" in result:
+                    progress.epoch(by_id[tid], result)
+
+            def on_trial_recover(self, iteration, trials, trial, **info):  # noqa: ANN001
+                progress.note(f"retry  {trial.config['trial_id']} (restarts from its last checkpoint)")
+
+            def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
+                tid = trial.config["trial_id"]
+                progress.end(by_id[tid], self.status.get(tid, "finished"))
+
+            def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
+                progress.end(by_id[trial.config["trial_id"]], "failed")
+
+        return _TuneProgress()

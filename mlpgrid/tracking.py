@@ -1,0 +1,191 @@
+"""MLflow records of a grid: one experiment per grid, a parent run, one run per trial.
+
+A trial's run is found again by its ``trial_id`` tag whenever the trial runs again (resume,
+retry), so a trial never has two runs. Epoch metrics are logged with ``step = epoch``; on
+resume the run is reconciled with the history stored in the checkpoint, so an epoch whose
+metrics were lost between checkpoint and logging is filled in and none is logged twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from mlpgrid.spec import GridSpec, Trial
+
+# Run states, kept in the run's ``status`` tag.
+RUNNING, FINISHED, FAILED, DIVERGED = "running", "finished", "failed", "diverged"
+DONE = (FINISHED, DIVERGED)  # never run again: a diverged trial would diverge again
+EPOCH_METRICS = ("epoch", "train_loss", "test_loss", "test_error", "lr", "images_per_s", "epoch_seconds")
+
+
+def tracking_uri(storage: Path, override: str | None = None) -> str:
+    """The given URI, else a SQLite store in the storage directory."""
+    return override or f"sqlite:///{storage.resolve() / 'mlflow.db'}"
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """Where a grid's runs live; plain data, handed to every trial."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def find_grid(grid: GridSpec, uri: str) -> GridRun | None:
+    """The grid's experiment and parent run if they exist; creates nothing."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return None  # asking would create the database
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(grid.name)
+    if experiment is None:
+        return None
+    parents = client.search_runs([experiment.experiment_id], "tags.mlpgrid_role = 'grid'", max_results=1)
+    return GridRun(uri, experiment.experiment_id, parents[0].info.run_id) if parents else None
+
+
+def open_grid(grid: GridSpec, uri: str, storage: Path) -> GridRun:
+    """The grid's experiment and parent run, created on first use."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(grid.name)
+    if experiment is None:
+        # An explicit artifact location: otherwise artifacts land in ./mlruns of whichever
+        # process creates the experiment. A server decides for itself.
+        local = uri.startswith("sqlite:") or uri.startswith("file:")
+        artifacts = (storage.resolve() / "mlartifacts").as_uri() if local else None
+        experiment_id = client.create_experiment(grid.name, artifact_location=artifacts)
+    else:
+        experiment_id = experiment.experiment_id
+    parents = client.search_runs([experiment_id], "tags.mlpgrid_role = 'grid'", max_results=1)
+    if parents:
+        parent_id = parents[0].info.run_id
+    else:
+        parent = client.create_run(experiment_id, run_name=grid.name, tags={"mlpgrid_role": "grid"})
+        parent_id = parent.info.run_id
+        client.log_text(parent_id, Path(grid.path).read_text(), "grid.yaml")
+    return GridRun(uri, experiment_id, parent_id)
+
+
+def trial_runs(grid_run: GridRun) -> dict[str, Any]:
+    """``{trial id: mlflow Run}`` of every trial run the grid's experiment holds."""
+    client = MlflowClient(grid_run.tracking_uri)
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [grid_run.experiment_id], "tags.mlpgrid_role = 'trial'", max_results=1000, page_token=token
+        )
+        runs += list(page)
+        token = page.token
+        if not token:
+            break
+    return {run.data.tags["trial_id"]: run for run in runs}
+
+
+def trial_tags(trial: Trial) -> dict[str, str]:
+    cfg = trial.config
+    return {
+        "mlpgrid_role": "trial",
+        "trial_id": trial.id,
+        "model": cfg.model,
+        "params": str(trial.params),
+        "examples": str(cfg.num_examples),
+        "epochs": str(cfg.epochs),
+        "forward_flops": str(trial.forward_flops),
+        "compute": f"{trial.compute:.6e}",
+        "seed": str(cfg.seed),
+    }
+
+
+class TrialRun:
+    """The single MLflow run of one trial."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
+        self.logged_epochs = {m.step for m in client.get_metric_history(run_id, "test_error")}
+
+    @classmethod
+    def open(cls, grid_run: GridRun, trial: Trial, tags: dict[str, str] | None = None) -> TrialRun:
+        """Reopen the trial's run, or create it (params, tags, config artifact) the first time.
+
+        ``tags`` describe this attempt (e.g. the Ray trial and node) and replace earlier ones.
+        """
+        client = MlflowClient(grid_run.tracking_uri)
+        found = client.search_runs([grid_run.experiment_id], f"tags.trial_id = '{trial.id}'", max_results=1)
+        if found:
+            run = found[0]
+            client.update_run(run.info.run_id, status="RUNNING")
+            if "error" in run.data.tags:  # left by an earlier attempt
+                client.delete_tag(run.info.run_id, "error")
+        else:
+            cfg = trial.config
+            identity = {**trial_tags(trial), "mlflow.parentRunId": grid_run.parent_run_id}
+            name = f"{cfg.model} N={cfg.num_examples} T={cfg.epochs} {trial.id[:6]}"
+            run = client.create_run(grid_run.experiment_id, run_name=name, tags=identity)
+        run_id = run.info.run_id
+        if not run.data.params:  # new, or cut off before its params were logged
+            config = trial.config_dict()
+            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in config.items()])
+            client.log_text(run_id, json.dumps(config, indent=2), "trial_config.json")
+        attempt = {"status": RUNNING} | (tags or {})
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in attempt.items()])
+        return cls(client, run_id)
+
+    def log_epochs(self, history: list[dict[str, Any]]) -> None:
+        """Log the epochs of ``history`` this run does not hold yet."""
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(m[key]), now, m["epoch"])
+            for m in history
+            if m["epoch"] not in self.logged_epochs
+            for key in EPOCH_METRICS
+        ]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+            self.logged_epochs |= {m["epoch"] for m in history}
+
+    def log_startup(self, seconds: float) -> None:
+        """Seconds from the runner's launch of this attempt to its first training step."""
+        attempt = len(self.client.get_metric_history(self.run_id, "startup_seconds"))
+        self.client.log_metric(self.run_id, "startup_seconds", seconds, step=attempt)
+
+    def finish(self, status: str, *, error: str | None = None, checkpoint: str | None = None) -> None:
+        tags = {"status": status} | ({"error": error[-4000:]} if error else {})
+        tags |= {"checkpoint": checkpoint} if checkpoint else {}
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        if error:
+            self.client.log_text(self.run_id, error, "error.txt")
+        self.client.set_terminated(self.run_id, "FINISHED" if status == FINISHED else "FAILED")
+
+
+def grid_status(grid: GridSpec, grid_run: GridRun | None) -> list[dict[str, Any]]:
+    """One row per trial of the grid: its state (pending without a run), epochs, errors."""
+    runs = trial_runs(grid_run) if grid_run else {}
+    client = MlflowClient(grid_run.tracking_uri) if grid_run else None
+    rows = []
+    for trial in grid.trials:
+        cfg, run = trial.config, runs.get(trial.id)
+        row = {
+            "trial_id": trial.id, "model": cfg.model, "params": trial.params, "examples": cfg.num_examples,
+            "epochs": cfg.epochs, "compute": trial.compute, "state": "pending", "last_epoch": 0,
+            "test_error": None, "best_test_error": None, "error": None, "run_id": None,
+        }  # fmt: skip
+        if run is not None:
+            errors = [m.value for m in client.get_metric_history(run.info.run_id, "test_error")]
+            row |= {
+                "state": run.data.tags.get("status", RUNNING),
+                "last_epoch": int(run.data.metrics.get("epoch", 0)),
+                "test_error": run.data.metrics.get("test_error"),
+                "best_test_error": min(errors) if errors else None,
+                "error": run.data.tags.get("error"),
+                "run_id": run.info.run_id,
+            }
+        rows.append(row)
+    return rows
