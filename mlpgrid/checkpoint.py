@@ -7,8 +7,13 @@ renamed, so a process killed while saving never leaves a half-written checkpoint
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +53,30 @@ class CheckpointDir:
         if not positions:
             return None
         return torch.load(self.file(*positions[-1]), map_location="cpu", weights_only=True)
+
+
+@contextmanager
+def exclusive(directory: str | Path, wait_s: float = 60.0) -> Iterator[None]:
+    """Hold ``directory/lock`` while a trial writes there, so two attempts of one trial never
+    overlap (a worker left over by a crashed driver may still be finishing).
+
+    The lock is an OS file lock, released when its process dies however it dies.
+    """
+    path = Path(directory) / "lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    f.seek(0)
+                    raise RuntimeError(f"{path}: held by another process ({f.read().strip()})") from None
+                time.sleep(0.2)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        yield

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mlpgrid import data
-from mlpgrid.checkpoint import CheckpointDir
+from mlpgrid.checkpoint import CheckpointDir, exclusive
 from mlpgrid.progress import Progress
 from mlpgrid.spec import GridSpec, Trial
 from mlpgrid.tracking import DIVERGED, DONE, FAILED, FINISHED, GridRun, TrialRun, trial_runs
@@ -112,15 +112,16 @@ def execute(
             report(metrics)
 
     try:
-        run_trial(
-            task.trial.config,
-            CheckpointDir(task.checkpoint_dir),
-            data_root=task.data_root,
-            checkpoint_every_steps=task.checkpoint_every_steps,
-            on_epoch=on_epoch,
-            on_resume=run.log_epochs,
-            device=device,
-        )
+        with exclusive(Path(task.checkpoint_dir).parent):
+            run_trial(
+                task.trial.config,
+                CheckpointDir(task.checkpoint_dir),
+                data_root=task.data_root,
+                checkpoint_every_steps=task.checkpoint_every_steps,
+                on_epoch=on_epoch,
+                on_resume=run.log_epochs,
+                device=device,
+            )
     except TrialDiverged as e:
         run.finish(DIVERGED, error=str(e))
         return DIVERGED
@@ -151,11 +152,20 @@ def _train_worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
+    import torch
 
+    context = ray.get_runtime_context()
+    # As many threads as cores granted: CPU results depend on the thread count, so a trial is
+    # reproducible given its config and its --cpus-per-trial.
+    torch.set_num_threads(max(1, int(context.get_assigned_resources().get("CPU", 1))))
     status = execute(
         config["task"],
         report=ray.train.report,
-        tags={"ray_trial_id": config["ray_trial_id"], "ray_node_id": ray.get_runtime_context().get_node_id()},
+        tags={
+            "ray_trial_id": config["ray_trial_id"],
+            "ray_node_id": context.get_node_id(),
+            "torch_threads": str(torch.get_num_threads()),
+        },
         device=ray.train.torch.get_device(),
         launched_at=config["launched_at"],
     )

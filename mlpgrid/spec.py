@@ -384,10 +384,10 @@ def parse(text: str, path: Path) -> GridSpec:
         lengths = {k: len(v) for k, v in axes.items()}
         if len(set(lengths.values())) > 1:
             errors.add(section, f"zipped axes need equal lengths, got {lengths}")
-        zips.append(axes)
+        zips.append((section, axes))
 
     seen: dict[str, str] = {key: where for key, (where, _) in base.items()}
-    for section, axes in [("grid", grid)] + [(f"zip[{i}]", z) for i, z in enumerate(zips)]:
+    for section, axes in [("grid", grid), *zips]:
         for key in axes:
             if key in seen:
                 errors.add(f"{section}.{key}", f"{key} is already set in {seen[key]}; set each field in one place")
@@ -399,7 +399,7 @@ def parse(text: str, path: Path) -> GridSpec:
 
     trials: list[Trial] = []
     origin: dict[str, str] = {}
-    for setting in _expand(base, grid, [z for z in zips if z]):
+    for setting in _expand(base, grid, [axes for _, axes in zips if axes]):
         config = TrialConfig(**{k: _normalise(k, v) for k, (_, v) in setting.items()})
         where = {k: p for k, (p, _) in setting.items()}
         ds = config.dataset_info

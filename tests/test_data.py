@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import write_idx
 
+from conftest import write_idx
 from mlpgrid import data
 from mlpgrid.data.idx import read_idx
 from mlpgrid.data.loader import Augmentation, DeviceLoader, channel_stats, crop_and_flip

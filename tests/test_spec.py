@@ -129,6 +129,11 @@ def test_zip_lengths_must_match(write_grid):
     assert "zip: zipped axes need equal lengths" in message
 
 
+def test_field_set_in_base_and_zip(write_grid):
+    message = refused(write_grid, "base: {model: B-1/Wi-8, epochs: 1, lr: 0.1}\nzip:\n  lr: [0.1, 0.2]\n")
+    assert "zip.lr: lr is already set in base.lr" in message
+
+
 def test_field_set_twice(write_grid):
     message = refused(write_grid, "base: {model: B-1/Wi-8, epochs: 1}\ngrid:\n  epochs: [1, 2]\n")
     assert "grid.epochs: epochs is already set in base.epochs" in message

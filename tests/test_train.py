@@ -2,13 +2,14 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, mlpgrid_command
 
+from conftest import REPO, mlpgrid_command
 from mlpgrid import spec
 from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.cli import cli
@@ -164,3 +165,23 @@ def test_run_refuses_a_missing_dataset_before_training(tmp_path, write_grid):
     assert "dataset fashion-mnist:" in result.output and "nowhere: no such directory" in result.output
     assert f"Set data.fashion-mnist in {path}" in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_a_trial_directory_has_one_writer_at_a_time(tmp_path):
+    from mlpgrid.checkpoint import exclusive
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from mlpgrid.checkpoint import exclusive\nimport time\n"
+         f"with exclusive({str(tmp_path)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        held = f"held by another process \\(pid {holder.pid} on "
+        with pytest.raises(RuntimeError, match=held), exclusive(tmp_path, wait_s=0.5):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive(tmp_path, wait_s=5):  # the lock died with its holder
+        pass

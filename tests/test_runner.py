@@ -1,0 +1,229 @@
+"""The grid runner on a real local Ray, with a real MLflow store (and server)."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import REPO, mlpgrid_command
+from mlpgrid import spec, tracking
+from mlpgrid.checkpoint import CheckpointDir
+from mlpgrid.runner import execute, pending_tasks
+
+SMALL = "base: {model: B-1/Wi-16, examples: 1000, batch_size: 50}\n"
+BASE = "base: {model: B-1/Wi-16, examples: 1000, batch_size: 50, optimizer: adamw, lr: 1.0e-3}\n"
+
+
+def mlpgrid(*args, timeout=300):
+    return subprocess.run(mlpgrid_command(*args), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def runs_of(path, storage, uri=None):
+    grid = spec.load(path)
+    grid_run = tracking.find_grid(grid, tracking.tracking_uri(storage, uri))
+    return tracking.trial_runs(grid_run) if grid_run else {}
+
+
+def test_grid_runs_on_ray_once_per_trial_and_resumes_only_new_trials(tmp_path, write_grid, fashion_mnist):
+    three = SMALL + "zip:\n  epochs: [1, 2, 1]\n  lr: [1.0e-3, 1.0e-3, 1.0e+12]\n  optimizer: [adamw, adamw, sgd]\n"
+    path, storage = write_grid(three), tmp_path / "store"
+    first = mlpgrid("run", str(path), "--storage", str(storage))
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert "1 of 3 trials did not finish" in first.stderr and "diverged: training loss is" in first.stderr
+    assert "Ray: 2 CPUs" in first.stdout and "started in" in first.stdout
+
+    grid = spec.load(path)
+    runs = runs_of(path, storage)
+    assert set(runs) == {t.id for t in grid.trials}, "exactly one run per trial"
+    client = MlflowClient(tracking.tracking_uri(storage))
+    for trial in grid.trials:
+        run = runs[trial.id]
+        tags = run.data.tags
+        assert tags["model"] == "B-1/Wi-16" and tags["params"] == str(trial.params)
+        assert tags["examples"] == "1000" and tags["epochs"] == str(trial.config.epochs)
+        assert float(tags["compute"]) == pytest.approx(trial.compute) and tags["forward_flops"] == str(
+            trial.forward_flops
+        )
+        assert tags["ray_trial_id"] and tags["ray_node_id"] and tags["mlflow.parentRunId"]
+        assert run.data.params["lr"] == str(trial.config.lr) and run.data.params["seed"] == "0"
+        if trial.config.lr > 1:
+            assert tags["status"] == "diverged" and "training loss is" in tags["error"]
+            assert run.info.status == "FAILED"
+            continue
+        assert tags["status"] == "finished" and run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_error")]
+        assert steps == list(range(1, trial.config.epochs + 1)), "one value per epoch, no gaps"
+        for key in ("train_loss", "images_per_s", "lr", "startup_seconds"):
+            assert key in run.data.metrics
+        artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+        assert "trial_config.json" in artifacts and tags["checkpoint"].endswith("checkpoints")
+
+    status = mlpgrid("status", str(path), "--storage", str(storage), "--json")
+    report = json.loads(status.stdout)
+    assert report["totals"] == {"diverged": 1, "finished": 2}
+    assert {r["trial_id"]: r["last_epoch"] for r in report["trials"]}[grid.trials[1].id] == 2
+
+    # A new axis value: only the new trial runs; finished and diverged trials stay untouched.
+    four = (
+        three.replace("[1, 2, 1]", "[1, 2, 1, 3]")
+        .replace("1.0e+12]", "1.0e+12, 1.0e-3]")
+        .replace("sgd]", "sgd, adamw]")
+    )
+    write_grid(four)
+    second = mlpgrid("run", str(path), "--storage", str(storage))
+    assert second.stdout.count("] start ") == 1, second.stdout
+    after = runs_of(path, storage)
+    assert len(after) == 4
+    for tid, run in runs.items():
+        assert after[tid].info.run_id == run.info.run_id and after[tid].info.end_time == run.info.end_time
+    assert "3 finished" in second.stdout and "1 diverged" in second.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` on 127.0.0.1, stopped (with its workers) afterwards."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()
+                assert time.monotonic() < deadline, "mlflow server did not come up"
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_grid_against_a_real_mlflow_server(tmp_path, write_grid, mlflow_server, fashion_mnist):
+    path, storage = write_grid(BASE + "grid:\n  epochs: [1]\n"), tmp_path / "store"
+    result = mlpgrid("run", str(path), "--storage", str(storage), "--tracking-uri", mlflow_server)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (storage / "mlflow.db").exists(), "nothing went to the local store"
+    (run,) = runs_of(path, storage, mlflow_server).values()
+    assert run.data.tags["status"] == "finished" and "test_error" in run.data.metrics
+    artifacts = [a.path for a in MlflowClient(mlflow_server).list_artifacts(run.info.run_id)]
+    assert "trial_config.json" in artifacts
+
+
+def test_unreachable_tracking_server_fails_before_any_trial(tmp_path, write_grid, fashion_mnist):
+    path = write_grid(BASE + "grid:\n  epochs: [1]\n")
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    result = subprocess.run(
+        mlpgrid_command("run", str(path), "--storage", str(tmp_path / "s"), "--tracking-uri", f"http://127.0.0.1:{_free_port()}"),
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert result.returncode == 1 and "cannot use MLflow tracking URI http://127.0.0.1:" in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+KILL_GRID = """
+run: {checkpoint_every_steps: 50}
+base: {model: B-2/Wi-128, batch_size: 100, optimizer: adamw, lr: 1.0e-3}
+zip:
+  examples: [1000, 60000, 2000]
+  epochs: [1, 4, 1]
+"""
+
+
+def _driver(path, storage):
+    """``mlpgrid run`` in a session of its own, so whatever Ray leaves behind can be stopped."""
+    return subprocess.Popen(
+        mlpgrid_command("run", str(path), "--storage", str(storage)),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def _stop_group(process):
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_grid, fashion_mnist):
+    path, storage = write_grid(KILL_GRID), tmp_path / "store"
+    grid = spec.load(path)
+    quick, long, _ = grid.trials
+    long_ckpt = CheckpointDir(storage / grid.name / long.id / "checkpoints")
+
+    driver = _driver(path, storage)
+    try:
+        deadline = time.monotonic() + 240
+        # Kill once the quick trial has finished and the long one is past its first epoch.
+        while True:
+            assert driver.poll() is None, driver.stdout.read()
+            assert time.monotonic() < deadline, "the grid did not get far enough"
+            runs = runs_of(path, storage) if (storage / "mlflow.db").exists() else {}
+            quick_done = quick.id in runs and runs[quick.id].data.tags.get("status") == "finished"
+            if quick_done and any(epoch >= 1 for epoch, _ in long_ckpt.positions()):
+                break
+            time.sleep(0.2)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        _stop_group(driver)
+    before = runs_of(path, storage)
+    assert before[long.id].data.tags["status"] == "running", "cut off mid-trial"
+
+    resumed = _driver(path, storage)
+    try:
+        out, _ = resumed.communicate(timeout=300)
+    finally:
+        _stop_group(resumed)
+    assert resumed.returncode == 0, out
+    assert f"start  {quick.id}" not in out, "a finished trial is not run again"
+    after = runs_of(path, storage)
+    assert len(after) == 3 and all(r.data.tags["status"] == "finished" for r in after.values())
+    assert after[quick.id].info.run_id == before[quick.id].info.run_id
+    assert after[quick.id].info.end_time == before[quick.id].info.end_time
+    assert after[long.id].info.run_id == before[long.id].info.run_id
+
+    client = MlflowClient(tracking.tracking_uri(storage))
+    steps = [m.step for m in client.get_metric_history(after[long.id].info.run_id, "test_error")]
+    assert steps == [1, 2, 3, 4], "no epoch lost or logged twice"
+    state = torch.load(long_ckpt.file(4, 0), weights_only=True)
+    assert state["resumed_from"], "the long trial continued from a checkpoint"
+
+    # The same trial run start to finish in one go, in this process with the Ray worker's
+    # thread count, ends with the same weights.
+    assert after[long.id].data.tags["torch_threads"] == "1"
+    reference = tmp_path / "reference"
+    grid_run = tracking.open_grid(grid, tracking.tracking_uri(reference), reference)
+    (task,) = [t for t in pending_tasks(grid, reference, grid_run) if t.trial.id == long.id]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert execute(task) == "finished"
+    finally:
+        torch.set_num_threads(threads)
+    expected = torch.load(CheckpointDir(task.checkpoint_dir).file(4, 0), weights_only=True)
+    timing = {"images_per_s", "epoch_seconds"}
+    strip = lambda history: [{k: v for k, v in m.items() if k not in timing} for m in history]  # noqa: E731
+    assert strip(state["history"]) == strip(expected["history"])
+    for name, tensor in expected["model"].items():
+        assert torch.equal(state["model"][name], tensor), name
