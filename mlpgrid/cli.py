@@ -185,8 +185,10 @@ def status(grid_file: str, as_json: bool, storage: Path, tracking_uri: str | Non
 
     grid = _load_grid(grid_file)
     uri = tracking.tracking_uri(storage, tracking_uri)
-    grid_run = tracking.find_grid(grid, uri)
-    rows = tracking.grid_status(grid, grid_run)
+    try:
+        rows = tracking.grid_status(grid, tracking.find_grid(grid, uri))
+    except Exception as e:  # noqa: BLE001 - e.g. a store still being created, or unreachable
+        raise click.ClickException(f"cannot read MLflow tracking URI {uri}: {e}") from None
     if as_json:
         states = [r["state"] for r in rows]
         totals = {state: states.count(state) for state in sorted(set(states))}

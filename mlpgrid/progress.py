@@ -21,8 +21,7 @@ def _duration(seconds: float) -> str:
 
 class Progress:
     def __init__(self, trials: list[Trial], already_done: int = 0, out: TextIO | None = None):
-        self.out = out or sys.stdout
-        self.live = self.out.isatty()
+        self._out = out  # None: whatever sys.stdout is when writing (Tune pickles this object)
         self.total = len(trials) + already_done
         self.done = already_done
         self.pending = {t.id: t for t in trials}
@@ -59,6 +58,14 @@ class Progress:
 
     def note(self, text: str) -> None:
         self._line(text)
+
+    @property
+    def out(self) -> TextIO:
+        return self._out or sys.stdout
+
+    @property
+    def live(self) -> bool:
+        return self.out.isatty()
 
     def close(self) -> None:
         if self.live:

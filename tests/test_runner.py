@@ -178,10 +178,11 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_
         while True:
             assert driver.poll() is None, driver.stdout.read()
             assert time.monotonic() < deadline, "the grid did not get far enough"
-            runs = runs_of(path, storage) if (storage / "mlflow.db").exists() else {}
-            quick_done = quick.id in runs and runs[quick.id].data.tags.get("status") == "finished"
-            if quick_done and any(epoch >= 1 for epoch, _ in long_ckpt.positions()):
-                break
+            # Ask MLflow only once training is under way: the driver sets the store up before.
+            if any(epoch >= 1 for epoch, _ in long_ckpt.positions()):
+                runs = runs_of(path, storage)
+                if quick.id in runs and runs[quick.id].data.tags.get("status") == "finished":
+                    break
             time.sleep(0.2)
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
@@ -227,3 +228,69 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_
     assert strip(state["history"]) == strip(expected["history"])
     for name, tensor in expected["model"].items():
         assert torch.equal(state["model"][name], tensor), name
+
+
+TWO_NODE_GRID = """
+run: {checkpoint_every_steps: 50}
+base: {model: B-2/Wi-64, examples: 30000, batch_size: 100, optimizer: adamw, lr: 1.0e-3, epochs: 3}
+grid:
+  seed: [1, 2]
+"""
+
+
+def test_trials_use_both_nodes_and_survive_losing_one(tmp_path, write_grid, fashion_mnist):
+    import threading
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from mlpgrid.progress import Progress
+    from mlpgrid.runner import RayOptions, run_on_ray
+
+    path, storage = write_grid(TWO_NODE_GRID), tmp_path / "store"
+    grid = spec.load(path)
+    grid_run = tracking.open_grid(grid, tracking.tracking_uri(storage), storage)
+    tasks = pending_tasks(grid, storage, grid_run)
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker_node = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    head_id = cluster.head_node.node_id
+    killed: dict[str, str] = {}
+
+    def kill_worker_node_mid_trial():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            for tid, run in tracking.trial_runs(grid_run).items():
+                on_worker = run.data.tags.get("ray_node_id") == worker_node.node_id
+                ckpt = CheckpointDir(storage / grid.name / tid / "checkpoints")
+                if on_worker and any(epoch >= 1 for epoch, _ in ckpt.positions()):
+                    cluster.remove_node(worker_node, allow_graceful=False)
+                    killed["trial"] = tid
+                    return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_worker_node_mid_trial, daemon=True)
+    try:
+        ray.init(address=cluster.address)
+        watcher.start()
+        run_on_ray(
+            tasks, grid, storage, RayOptions(address=cluster.address, retries=2), Progress([t.trial for t in tasks])
+        )
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    watcher.join(timeout=5)
+    assert "trial" in killed, "a trial ran on the worker node and was cut off there"
+
+    runs = tracking.trial_runs(grid_run)
+    assert len(runs) == 2 and all(r.data.tags["status"] == "finished" for r in runs.values())
+    moved = runs[killed["trial"]]
+    assert moved.data.tags["ray_node_id"] == head_id, "the retry ran on the surviving node"
+    client = MlflowClient(grid_run.tracking_uri)
+    assert len(client.get_metric_history(moved.info.run_id, "startup_seconds")) == 2, "two attempts"
+    assert [m.step for m in client.get_metric_history(moved.info.run_id, "test_error")] == [1, 2, 3]
+    final = torch.load(
+        CheckpointDir(storage / grid.name / killed["trial"] / "checkpoints").file(3, 0), weights_only=True
+    )
+    assert final["resumed_from"] and final["resumed_from"][0][0] >= 1, "the retry resumed from a checkpoint"
