@@ -76,10 +76,12 @@ def _print_status(rows: list[dict[str, Any]]) -> None:
         for r in rows
     ]  # fmt: skip
     _print_table(table, ["trial", "model", "N", "T", "compute C", "state", "epoch", "test error", "best"])
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["state"]] = counts.get(r["state"], 0) + 1
-    click.echo(f"{len(rows)} trials: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    click.echo(f"{len(rows)} trials: " + ", ".join(f"{n} {state}" for state, n in _totals(rows).items()))
+
+
+def _totals(rows: list[dict[str, Any]]) -> dict[str, int]:
+    states = [r["state"] for r in rows]
+    return {state: states.count(state) for state in sorted(set(states))}
 
 
 tracking_option = click.option(
@@ -131,7 +133,7 @@ def run(grid_file: str, dry_run: bool, storage: Path, tracking_uri: str | None, 
     Examples:
       mlpgrid run grids/quickstart.yaml --dry-run
       mlpgrid run grids/quickstart.yaml
-      mlpgrid run grids/scaling.yaml --address ray://head:10001 --gpus-per-trial 0.5 \\
+      mlpgrid run grids/quickstart.yaml --address ray://head:10001 --gpus-per-trial 0.5 \\
           --storage /shared/mlpgrid --tracking-uri http://mlflow:5000
     """
     from mlpgrid import runner, tracking
@@ -161,11 +163,16 @@ def run(grid_file: str, dry_run: bool, storage: Path, tracking_uri: str | None, 
             progress.close()
     rows = tracking.grid_status(grid, grid_run)
     _print_status(rows)
-    bad = [r for r in rows if r["state"] != tracking.FINISHED]
+    # Failure is what this run did not bring to an end; diverged trials found from an earlier
+    # run are reported in the table, and a re-run with nothing left to do succeeds.
+    ran = {t.trial.id for t in tasks}
+    bad = [
+        r for r in rows if r["state"] != tracking.FINISHED and (r["trial_id"] in ran or r["state"] not in tracking.DONE)
+    ]
     for r in bad:
         click.echo(f"{r['trial_id']} {r['state']}: {r['error'] or 'did not run to the end'}", err=True)
     if bad:
-        raise click.ClickException(f"{len(bad)} of {len(rows)} trials did not finish")
+        raise click.ClickException(f"{len(bad)} of {len(tasks)} trials run did not finish")
 
 
 @cli.command()
@@ -190,9 +197,7 @@ def status(grid_file: str, as_json: bool, storage: Path, tracking_uri: str | Non
     except Exception as e:  # noqa: BLE001 - e.g. a store still being created, or unreachable
         raise click.ClickException(f"cannot read MLflow tracking URI {uri}: {e}") from None
     if as_json:
-        states = [r["state"] for r in rows]
-        totals = {state: states.count(state) for state in sorted(set(states))}
-        click.echo(json.dumps({"grid": grid.name, "trials": rows, "totals": totals}, indent=2))
+        click.echo(json.dumps({"grid": grid.name, "trials": rows, "totals": _totals(rows)}, indent=2))
     else:
         _print_status(rows)
 

@@ -1,8 +1,9 @@
 """The live view of a running grid: trials done, running and pending, epochs, speed, ETA.
 
 On a terminal a status line stays at the bottom and is redrawn; elsewhere (CI logs, files)
-every event is one plain line. The ETA assumes the compute C of the remaining trials goes at
-the rate measured so far in this run.
+every event is one plain line. The ETA models each remaining trial as its start-up (the mean
+measured so far) plus its compute C at the training rate measured so far, spread over as
+many trials as have run at once.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ class Progress:
         self.epochs: dict[str, int] = {}
         self.speed: dict[str, float] = {}
         self.compute_left = sum(t.compute for t in trials)
-        self.compute_done = 0.0
+        self.compute_trained = 0.0  # compute of the epochs reported, over ...
+        self.train_seconds = 0.0  # ... the seconds they took
+        self.startups: list[float] = []
+        self.slots = 1
         self.started = time.monotonic()
 
     # events ------------------------------------------------------------------------------
@@ -37,11 +41,15 @@ class Progress:
     def start(self, trial: Trial) -> None:
         self.pending.pop(trial.id, None)
         self.running[trial.id] = trial
+        self.slots = max(self.slots, len(self.running))
         c = trial.config
         self._line(f"start  {trial.id} {c.model} N={c.num_examples} T={c.epochs}")
 
     def epoch(self, trial: Trial, metrics: dict[str, Any]) -> None:
-        self._add_compute(trial, metrics["epoch"])
+        self.compute_trained += self._add_compute(trial, metrics["epoch"])
+        self.train_seconds += metrics["epoch_seconds"]
+        if "startup_seconds" in metrics:
+            self.startups.append(metrics["startup_seconds"])
         self.speed[trial.id] = metrics["images_per_s"]
         startup = f"  (started in {metrics['startup_seconds']:.1f} s)" if "startup_seconds" in metrics else ""
         self._line(
@@ -74,21 +82,31 @@ class Progress:
 
     # rendering ---------------------------------------------------------------------------
 
-    def _add_compute(self, trial: Trial, epoch: int) -> None:
+    def _add_compute(self, trial: Trial, epoch: int) -> float:
+        """Count the trial's compute up to ``epoch`` as done; returns what was added."""
         before = self.epochs.get(trial.id, 0)
-        if epoch > before:
-            share = trial.compute * (epoch - before) / trial.config.epochs
-            self.compute_done += share
-            self.compute_left -= share
-            self.epochs[trial.id] = epoch
+        share = trial.compute * max(0, epoch - before) / trial.config.epochs
+        self.compute_left -= share
+        self.epochs[trial.id] = max(before, epoch)
+        return share
+
+    def eta(self) -> float | None:
+        """Seconds left, or None before the first epoch has been measured."""
+        if not self.train_seconds or not self.compute_trained:
+            return None
+        rate = self.compute_trained / self.train_seconds  # per trial slot
+        not_started = len(self.pending) + sum(1 for t in self.running if t not in self.epochs)
+        startup = sum(self.startups) / len(self.startups) if self.startups else 0.0
+        return (max(0.0, self.compute_left) / rate + not_started * startup) / self.slots
 
     def summary(self) -> str:
         elapsed = time.monotonic() - self.started
         parts = [f"done {self.done}/{self.total}", f"running {len(self.running)}", f"pending {len(self.pending)}"]
         if self.speed:
             parts.append(f"{sum(self.speed.values()):,.0f} img/s")
-        if self.compute_done > 0 and self.compute_left > 0:
-            parts.append(f"ETA {_duration(elapsed * self.compute_left / self.compute_done)}")
+        eta = self.eta()
+        if eta is not None and (self.pending or self.running):
+            parts.append(f"ETA {_duration(eta)}")
         return " | ".join(parts) + f" | {_duration(elapsed)} elapsed"
 
     def _line(self, text: str) -> None:

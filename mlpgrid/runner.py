@@ -37,7 +37,7 @@ class TrialTask:
 
     trial: Trial
     checkpoint_dir: str
-    data_root: str | None
+    data_root: str
     checkpoint_every_steps: int
     grid_run: GridRun
 
@@ -74,7 +74,8 @@ def pending_tasks(grid: GridSpec, storage: Path, grid_run: GridRun) -> list[Tria
         TrialTask(
             trial=t,
             checkpoint_dir=str(checkpoint_dir(storage, grid, t)),
-            data_root=grid.data_roots.get(t.config.dataset),
+            # Resolved here: on a cluster, workers do not see this process's environment.
+            data_root=str(data.info(t.config.dataset).root(grid.data_roots.get(t.config.dataset))),
             checkpoint_every_steps=grid.run.checkpoint_every_steps,
             grid_run=grid_run,
         )
@@ -213,7 +214,16 @@ def run_on_ray(tasks: list[TrialTask], grid: GridSpec, storage: Path, opts: RayO
     # only the older reporter.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if not ray.is_initialized():
-        ray.init(address=opts.address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        # Workers of a `ray start` cluster do not inherit this environment: send along what
+        # configures MLflow (credentials included, never printed) and mlpgrid.
+        forwarded = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "MLPGRID_", "RAY_TRAIN_"))}
+        ray.init(
+            address=opts.address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="WARNING",
+            runtime_env={"env_vars": forwarded},
+        )
     resources = ray.cluster_resources()
     use_gpu = resources.get("GPU", 0) > 0
     worker = {"GPU": opts.gpus_per_trial} if use_gpu else {"CPU": opts.cpus_per_trial}

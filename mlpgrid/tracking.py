@@ -175,7 +175,7 @@ def grid_status(grid: GridSpec, grid_run: GridRun | None) -> list[dict[str, Any]
         row = {
             "trial_id": trial.id, "model": cfg.model, "params": trial.params, "examples": cfg.num_examples,
             "epochs": cfg.epochs, "compute": trial.compute, "state": "pending", "last_epoch": 0,
-            "test_error": None, "best_test_error": None, "error": None, "run_id": None,
+            "test_error": None, "best_test_error": None, "startup_seconds": None, "error": None, "run_id": None,
         }  # fmt: skip
         if run is not None:
             errors = [m.value for m in client.get_metric_history(run.info.run_id, "test_error")]
@@ -184,6 +184,7 @@ def grid_status(grid: GridSpec, grid_run: GridRun | None) -> list[dict[str, Any]
                 "last_epoch": int(run.data.metrics.get("epoch", 0)),
                 "test_error": run.data.metrics.get("test_error"),
                 "best_test_error": min(errors) if errors else None,
+                "startup_seconds": run.data.metrics.get("startup_seconds"),
                 "error": run.data.tags.get("error"),
                 "run_id": run.info.run_id,
             }

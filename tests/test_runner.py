@@ -38,7 +38,7 @@ def test_grid_runs_on_ray_once_per_trial_and_resumes_only_new_trials(tmp_path, w
     path, storage = write_grid(three), tmp_path / "store"
     first = mlpgrid("run", str(path), "--storage", str(storage))
     assert first.returncode == 1, first.stdout + first.stderr
-    assert "1 of 3 trials did not finish" in first.stderr and "diverged: training loss is" in first.stderr
+    assert "1 of 3 trials run did not finish" in first.stderr and "diverged: training loss is" in first.stderr
     assert "Ray: 2 CPUs" in first.stdout and "started in" in first.stdout
 
     grid = spec.load(path)
@@ -80,6 +80,7 @@ def test_grid_runs_on_ray_once_per_trial_and_resumes_only_new_trials(tmp_path, w
     )
     write_grid(four)
     second = mlpgrid("run", str(path), "--storage", str(storage))
+    assert second.returncode == 0, second.stderr
     assert second.stdout.count("] start ") == 1, second.stdout
     after = runs_of(path, storage)
     assert len(after) == 4

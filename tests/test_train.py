@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import signal
@@ -148,14 +149,31 @@ def test_run_skips_what_is_done_and_reports_diverged_trials(tmp_path, write_grid
     run = ["run", str(path), "--storage", str(tmp_path / "store"), "--in-process"]
     first = CliRunner().invoke(cli, run)
     assert first.exit_code == 1, first.output
-    assert "1 of 2 trials did not finish" in first.output and "diverged: training loss is" in first.output
+    assert "1 of 2 trials run did not finish" in first.output and "diverged: training loss is" in first.output
     assert first.output.count("] start ") == 2
 
     again = CliRunner().invoke(cli, run)
-    assert again.exit_code == 1
+    assert again.exit_code == 0, "nothing left to do"
     assert "] start " not in again.output, "nothing is re-run"
     assert "Nothing to do: all 2 trials of grid have already ended." in again.output
     assert "2 trials: 1 diverged, 1 finished" in again.output
+
+
+def test_a_trial_that_runs_out_of_memory_fails_alone(tmp_path, write_grid, fashion_mnist):
+    # 60000 images at 100000x100000 pixels: the allocation fails at once, for real.
+    path = write_grid(
+        "base: {model: B-1/Wi-16, examples: 500, epochs: 1, batch_size: 100}\ngrid:\n  resolution: [28, 100000]\n"
+    )
+    storage = tmp_path / "store"
+    result = CliRunner().invoke(cli, ["run", str(path), "--storage", str(storage), "--in-process"])
+    assert result.exit_code == 1
+    assert "1 of 2 trials run did not finish" in result.output and "failed: Traceback" in result.output
+    assert "MemoryError" in result.output and "2 trials: 1 failed, 1 finished" in result.output
+    status = CliRunner().invoke(cli, ["status", str(path), "--storage", str(storage), "--json"])
+    rows = {r["state"]: r for r in json.loads(status.output)["trials"]}
+    assert "MemoryError" in rows["failed"]["error"] and rows["finished"]["test_error"] < 0.9
+    retry = CliRunner().invoke(cli, ["run", str(path), "--storage", str(storage), "--in-process"])
+    assert retry.output.count("] start ") == 1, "a failed trial is tried again, the finished one is not"
 
 
 def test_run_refuses_a_missing_dataset_before_training(tmp_path, write_grid):
