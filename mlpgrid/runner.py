@@ -55,9 +55,8 @@ def check_data(grid: GridSpec) -> None:
     """Fail before any trial starts when a dataset the grid uses cannot be found."""
     for name in sorted({t.config.dataset for t in grid.trials}):
         info = data.info(name)
-        root = info.root(grid.data_roots.get(name))
         try:
-            info.locate(root)
+            info.locate(grid.data_root(name))
         except FileNotFoundError as e:
             raise FileNotFoundError(f"dataset {name}: {e}. Set data.{name} in {grid.path} or {info.env_var}.") from None
 
@@ -75,7 +74,7 @@ def pending_tasks(grid: GridSpec, storage: Path, grid_run: GridRun) -> list[Tria
             trial=t,
             checkpoint_dir=str(checkpoint_dir(storage, grid, t)),
             # Resolved here: on a cluster, workers do not see this process's environment.
-            data_root=str(data.info(t.config.dataset).root(grid.data_roots.get(t.config.dataset))),
+            data_root=str(grid.data_root(t.config.dataset)),
             checkpoint_every_steps=grid.run.checkpoint_every_steps,
             grid_run=grid_run,
         )

@@ -159,6 +159,10 @@ class GridSpec:
     run: RunOptions
     trials: list[Trial]
 
+    def data_root(self, dataset: str) -> Path:
+        """Where ``dataset`` is read from: the grid's ``data`` entry, else its env var or default."""
+        return data.info(dataset).root(self.data_roots.get(dataset))
+
     def trial(self, trial_id: str) -> Trial:
         matches = [t for t in self.trials if t.id.startswith(trial_id)]
         if len(matches) != 1:

@@ -39,6 +39,11 @@ class GridRun:
     parent_run_id: str
 
 
+def _parent_run_id(client: MlflowClient, experiment_id: str) -> str | None:
+    parents = client.search_runs([experiment_id], "tags.mlpgrid_role = 'grid'", max_results=1)
+    return parents[0].info.run_id if parents else None
+
+
 def find_grid(grid: GridSpec, uri: str) -> GridRun | None:
     """The grid's experiment and parent run if they exist; creates nothing."""
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
@@ -47,8 +52,8 @@ def find_grid(grid: GridSpec, uri: str) -> GridRun | None:
     experiment = client.get_experiment_by_name(grid.name)
     if experiment is None:
         return None
-    parents = client.search_runs([experiment.experiment_id], "tags.mlpgrid_role = 'grid'", max_results=1)
-    return GridRun(uri, experiment.experiment_id, parents[0].info.run_id) if parents else None
+    parent_id = _parent_run_id(client, experiment.experiment_id)
+    return GridRun(uri, experiment.experiment_id, parent_id) if parent_id else None
 
 
 def open_grid(grid: GridSpec, uri: str, storage: Path) -> GridRun:
@@ -63,10 +68,8 @@ def open_grid(grid: GridSpec, uri: str, storage: Path) -> GridRun:
         experiment_id = client.create_experiment(grid.name, artifact_location=artifacts)
     else:
         experiment_id = experiment.experiment_id
-    parents = client.search_runs([experiment_id], "tags.mlpgrid_role = 'grid'", max_results=1)
-    if parents:
-        parent_id = parents[0].info.run_id
-    else:
+    parent_id = _parent_run_id(client, experiment_id)
+    if parent_id is None:
         parent = client.create_run(experiment_id, run_name=grid.name, tags={"mlpgrid_role": "grid"})
         parent_id = parent.info.run_id
         client.log_text(parent_id, Path(grid.path).read_text(), "grid.yaml")
