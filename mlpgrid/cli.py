@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import click
 
 from mlpgrid import models, spec
 from mlpgrid.spec import GridSpec, SpecError
+
+DEFAULT_METRIC = "test_error"  # the final epoch's test error
 
 storage_option = click.option(
     "--storage",
@@ -102,6 +105,7 @@ def cli() -> None:
       mlpgrid run grids/quickstart.yaml --dry-run   # the trials and their compute
       mlpgrid run grids/quickstart.yaml             # train them (re-run = resume)
       mlpgrid status grids/quickstart.yaml          # what is done, running, failed
+      mlpgrid frontier grids/quickstart.yaml --budget 1e13   # fit and query the frontier
     """
 
 
@@ -237,6 +241,208 @@ def trial(grid_file: str, trial_id: str, storage: Path, tracking_uri: str | None
     progress.end(chosen, status)
     if status != "finished":
         raise click.ClickException(f"trial {chosen.id} {status}")
+
+
+positive = click.FloatRange(min=0, min_open=True)
+
+
+@cli.command()
+@click.argument("grid_file", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--from-csv", "csv_file", type=click.Path(exists=True, dir_okay=False),
+              help="Read points from a CSV (compute,error,params,examples,epochs[,model,trial_id,lr,batch_size]) "
+                   "instead of MLflow.")  # fmt: skip
+@click.option("--metric", default=DEFAULT_METRIC, show_default=True, help="The trials' metric to use as the error.")
+@click.option("--budget", "budgets", type=positive, multiple=True, help="Compute to query, e.g. 1e18; repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@click.option("--plot-dir", type=click.Path(file_okay=False, path_type=Path), help="Write the figures here too.")
+@click.option("--bootstrap", "repeats", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Bootstrap resamples of the trials for the intervals; 0 = none.")  # fmt: skip
+@click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95,
+              show_default=True, help="Confidence level of the intervals.")  # fmt: skip
+@click.option("--fit-space", type=click.Choice(["log", "linear"]), default="log", show_default=True,
+              help="Least squares on log error, or on error as the paper.")  # fmt: skip
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Also fit without the most expensive FRACTION of trials and report how well that fit "
+                   "predicts their frontier.")  # fmt: skip
+@click.option("--propose", type=positive, help="Write a grid of trials the fit calls compute-optimal at this budget.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Grid file --propose writes.")
+@storage_option
+@tracking_option
+def frontier(grid_file: str | None, csv_file: str | None, metric: str, budgets: tuple[float, ...], as_json: bool,
+             plot_dir: Path | None, repeats: int, level: float, fit_space: str, holdout: float | None,
+             propose: float | None, out: Path | None, storage: Path, tracking_uri: str | None) -> None:  # fmt: skip
+    """Fit the compute-optimal frontier of GRID_FILE's finished trials and query it.
+
+    Takes the best setting per (model, N, T), the lower envelope of error vs compute, fits
+    E(C) = a(b + C)^-alpha + E_inf to it, fits the allocation P*(C) and D*(C) = (N T)*(C), and
+    the laws E(P) and E(N); intervals come from resampling the trials. Works while the grid is
+    still running, on what has finished. The figures go to --plot-dir and to the grid's MLflow
+    run.
+
+    \b
+    Examples:
+      mlpgrid frontier grids/quickstart.yaml --budget 1e13 --plot-dir plots
+      mlpgrid frontier grids/quickstart.yaml --budget 1e13 --budget 3.5e13 --json
+      mlpgrid frontier grids/quickstart.yaml --propose 1e13 --out next.yaml
+      mlpgrid frontier --from-csv results.csv --budget 1e18
+    """
+    from mlpgrid import frontier as fr
+    from mlpgrid import plots, tracking
+
+    if grid_file is None and csv_file is None:
+        raise click.UsageError("give a GRID_FILE, --from-csv FILE, or both")
+    if propose and (grid_file is None or out is None):
+        raise click.UsageError("--propose needs a GRID_FILE (its settings and family) and --out FILE")
+    grid = _load_grid(grid_file) if grid_file else None
+    uri = tracking.tracking_uri(storage, tracking_uri)
+    grid_run = None
+    if csv_file:
+        try:
+            points, left_out = fr.read_csv(csv_file), {}
+        except fr.FitError as e:
+            raise click.ClickException(str(e)) from None
+    else:
+        try:
+            grid_run = tracking.find_grid(grid, uri)
+            points, left_out = tracking.finished_points(grid_run, metric) if grid_run else ([], {})
+        except Exception as e:  # noqa: BLE001 - e.g. an unreachable server
+            raise click.ClickException(f"cannot read MLflow tracking URI {uri}: {e}") from None
+        if not points:
+            found = ", ".join(f"{n} {why}" for why, n in left_out.items() if n) or "no trial runs"
+            raise click.ClickException(f"{grid_file}: no finished trial with metric {metric!r} in {uri} ({found})")
+    try:
+        analysis = fr.analyse(points, space=fit_space)
+    except fr.FitError as e:
+        raise click.ClickException(f"{csv_file or grid_file}: cannot fit the frontier: {e}") from None
+    boot = fr.bootstrap(points, repeats, level, space=fit_space)
+    report = {"points": len(points), "excluded": sum(n for why, n in left_out.items() if why != "running"),
+              "left_out": left_out} | fr.summary(analysis, boot)  # fmt: skip
+    report["queries"] = [_query(fr.query(analysis, boot, b), grid, analysis) for b in budgets]
+    if holdout:
+        try:
+            report["holdout"] = {"fraction": holdout, "points": fr.holdout(points, holdout, fit_space)}
+        except fr.FitError as e:
+            report["holdout"] = {"fraction": holdout, "error": str(e)}
+    if grid_run:
+        report["proposals"] = _proposal_results(tracking.proposals(grid_run), points)
+    if propose:
+        if grid_run is None:
+            grid_run = _tracking(grid, storage, tracking_uri)
+        report["proposed"] = _propose(grid, grid_run, analysis, boot, propose, out)
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = plots.draw_all(analysis, boot, list(budgets), plot_dir or Path(tmp))
+        if grid_run:
+            tracking.log_files(grid_run, figures, "frontier")
+            tracking.log_artifacts(grid_run, {"frontier/frontier.json": json.dumps(report, indent=2)})
+    report["plots"] = [str(p) for p in figures] if plot_dir else []
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_frontier(report, csv_file or grid_file)
+
+
+def _query(answer: dict[str, Any], grid: GridSpec | None, analysis: Any) -> dict[str, Any]:
+    """A query's answer plus, with a grid, the nearest model of its family with N and T."""
+    from mlpgrid import propose
+
+    if grid is None or "params" not in answer:
+        return answer
+    return answer | propose.recommend(grid, analysis.frontier, answer["budget"], answer["params"])
+
+
+def _propose(grid: GridSpec, grid_run: Any, analysis: Any, boot: Any, budget: float, out: Path) -> dict[str, Any]:
+    from mlpgrid import propose, tracking
+
+    if analysis.allocation is None:
+        raise click.ClickException("cannot propose trials: " + "; ".join(analysis.notes))
+    params = float(analysis.allocation.params(budget))
+    base = propose.template(grid, analysis.frontier, budget)
+    configs = propose.iso_compute(budget, params, base, propose.family_depths(grid, base.model[0]))
+    fit = analysis.fit
+    header = (
+        f"Proposed by `mlpgrid frontier {grid.path} --propose {budget:g}`: trials that each spend C = {budget:.3g},\n"
+        f"with models around the fitted P*(C) = {params:.3g} parameters. If the fit is right, the one nearest\n"
+        f"P* reaches the lowest error, about E(C) = {fit(budget):.4f}. It runs under the grid's name, so\n"
+        f"`mlpgrid frontier {grid.path}` reports predicted vs measured error once these have finished.\n"
+        "\n"
+        f"  mlpgrid run {out}"
+    )
+    proposed = propose.write_grid(out, grid, configs, header)
+    record = {
+        "file": str(out), "budget": budget, "params": params, "fit": fit.as_dict(),
+        "trials": [
+            {"trial_id": t.id, "model": t.config.model, "examples": t.config.num_examples, "epochs": t.config.epochs,
+             "compute": t.compute, "predicted_error": float(fit(t.compute)),
+             "predicted_error_ci": boot.error_ci(t.compute)}
+            for t in proposed.trials
+        ],
+    }  # fmt: skip
+    tracking.log_artifacts(grid_run, {f"proposals/{out.stem}.json": json.dumps(record, indent=2),
+                                      f"proposals/{out.name}": out.read_text()})  # fmt: skip
+    return record
+
+
+def _proposal_results(records: list[dict[str, Any]], points: list[Any]) -> list[dict[str, Any]]:
+    """Each recorded proposal with the measured error of its trials that have finished."""
+    measured = {p.trial_id: p.error for p in points}
+    return [
+        record | {"trials": [t | {"measured_error": measured.get(t["trial_id"])} for t in record["trials"]]}
+        for record in records
+    ]
+
+
+def _interval(ci: list[float] | None, fmt: str = "{:.4f}") -> str:
+    return "-" if ci is None else "[" + ", ".join(fmt.format(v) for v in ci) + "]"
+
+
+def _print_frontier(report: dict[str, Any], source: str) -> None:
+    fit, left = report["fit"], report["left_out"]
+    skipped = ", ".join(f"{n} {why}" for why, n in left.items() if n)
+    click.echo(f"{source}: {report['points']} points" + (f" (left out: {skipped})" if skipped else "")
+               + f", {fit['frontier_points']} on the frontier")  # fmt: skip
+    click.echo(f"E(C) = {fit['a']:.4g} ({fit['b']:.3g} + C)^-{fit['alpha']:.4f} + {fit['e_inf']:.4f}")
+    boot = report["bootstrap"]
+    level = f"{boot['level']:.0%}"
+    click.echo(f"  alpha {fit['alpha']:.4f} {_interval(fit['ci']['alpha'])}   E_inf {fit['e_inf']:.4f}"
+               f" {_interval(fit['ci']['e_inf'])}   ({level} intervals, {boot['repeats']} resamples,"
+               f" {boot['failed']} failed)")  # fmt: skip
+    alloc = report["allocation"]
+    if alloc:
+        click.echo(f"Allocation ({alloc['bins']} compute bins): P*(C) ∝ C^{alloc['params_exponent']:.3f}"
+                   f" {_interval(alloc['ci']['params_exponent'], '{:.3f}')},  D*(C) = (N·T)* ∝"
+                   f" C^{alloc['examples_exponent']:.3f}"
+                   f" {_interval(alloc['ci']['examples_exponent'], '{:.3f}')}")  # fmt: skip
+    for axis, law in report["bottlenecks"].items():
+        x = {"params": "P", "examples": "N"}[axis]
+        click.echo(f"E({x}) = E_inf + A {x}^{-law['exponent']:+.3f}, exponent {_interval(law['ci'], '{:.3f}')}")
+    for note in report["notes"]:
+        click.echo(f"note: {note}")
+    if report["queries"]:
+        rows = [
+            [f"{q['budget']:.3g}", f"{q['error']:.4f}", _interval(q["error_ci"]), _millions(q.get("params", 0)),
+             f"{q.get('examples_seen', 0):.3g}", q.get("model", "-"), q.get("examples", "-"), q.get("epochs", "-")]
+            for q in report["queries"]
+        ]  # fmt: skip
+        _print_table(rows, ["budget C", "error", f"{level} interval", "P*", "N·T*", "model", "N", "T"])
+    if "holdout" in report:
+        held = report["holdout"]
+        if "error" in held:
+            click.echo(f"holdout: {held['error']}")
+        for row in held.get("points", []):
+            click.echo(f"holdout: C {row['compute']:.3g}  measured {row['measured']:.4f}  predicted"
+                       f" {row['predicted']:.4f}  ({row['relative_error']:.1%} off)")  # fmt: skip
+    for record in report.get("proposals", []):
+        click.echo(f"proposal {record['file']} at C = {record['budget']:.3g}:")
+        for t in record["trials"]:
+            got = "-" if t["measured_error"] is None else f"{t['measured_error']:.4f}"
+            click.echo(f"  {t['trial_id']} {t['model']} N={t['examples']} T={t['epochs']}  predicted"
+                       f" {t['predicted_error']:.4f}  measured {got}")  # fmt: skip
+    if "proposed" in report:
+        proposed = report["proposed"]
+        click.echo(f"wrote {proposed['file']}: {len(proposed['trials'])} trials at C = {proposed['budget']:.3g};"
+                   f" run it with `mlpgrid run {proposed['file']}`")  # fmt: skip
+    for path in report["plots"]:
+        click.echo(f"plot: {path}")
 
 
 @cli.command("model-info")

@@ -9,6 +9,7 @@ metrics were lost between checkpoint and logging is filled in and none is logged
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from mlpgrid.frontier import Point
 from mlpgrid.spec import GridSpec, Trial
 
 # Run states, kept in the run's ``status`` tag.
@@ -193,3 +195,51 @@ def grid_status(grid: GridSpec, grid_run: GridRun | None) -> list[dict[str, Any]
             }
         rows.append(row)
     return rows
+
+
+# Run params that place a trial on the compute plot; every other param is a setting.
+_POINT_PARAMS = ("model", "examples", "epochs", "seed")
+
+
+def finished_points(grid_run: GridRun, metric: str) -> tuple[list[Point], dict[str, int]]:
+    """A point per finished trial run of the grid's experiment, with ``metric`` (its last
+    value) as the error; and how many runs were left out, by reason."""
+    points, counts = [], {"failed": 0, "diverged": 0, "running": 0, f"without {metric}": 0}
+    for trial_id, run in trial_runs(grid_run).items():
+        state, tags = run.data.tags.get("status", RUNNING), run.data.tags
+        if state != FINISHED:
+            counts[state if state in counts else "running"] += 1
+        elif metric not in run.data.metrics:
+            counts[f"without {metric}"] += 1
+        else:
+            settings = tuple(sorted((k, v) for k, v in run.data.params.items() if k not in _POINT_PARAMS))
+            points.append(Point(
+                compute=float(tags["compute"]), error=run.data.metrics[metric], params=float(tags["params"]),
+                examples=float(tags["examples"]), epochs=float(tags["epochs"]), model=tags["model"],
+                trial_id=trial_id, settings=settings,
+            ))  # fmt: skip
+    return points, counts
+
+
+def log_artifacts(grid_run: GridRun, files: dict[str, str]) -> None:
+    """Log ``{artifact path: text}`` on the grid's parent run."""
+    client = MlflowClient(grid_run.tracking_uri)
+    for path, text in files.items():
+        client.log_text(grid_run.parent_run_id, text, path)
+
+
+def log_files(grid_run: GridRun, paths: list[Path], folder: str) -> None:
+    client = MlflowClient(grid_run.tracking_uri)
+    for path in paths:
+        client.log_artifact(grid_run.parent_run_id, str(path), folder)
+
+
+def proposals(grid_run: GridRun) -> list[dict[str, Any]]:
+    """The proposals (``mlpgrid frontier --propose``) recorded on the grid's parent run."""
+    client = MlflowClient(grid_run.tracking_uri)
+    found = [a.path for a in client.list_artifacts(grid_run.parent_run_id, "proposals") if a.path.endswith(".json")]
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in sorted(found):
+            records.append(json.loads(Path(client.download_artifacts(grid_run.parent_run_id, path, tmp)).read_text()))
+    return records

@@ -1,0 +1,96 @@
+"""From a fitted allocation back to trials: the model, N and T that spend a budget C as the
+frontier recommends, and grid files of such trials to test the recommendation.
+
+Models are drawn from the grid's family: its depths, with widths in steps of 32, nearest in
+log P to the target. Given a model, the examples seen D = C / (3 FLOP(f)) go to as many unique
+examples as the dataset has, repeated over T epochs only beyond that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlpgrid import models, spec
+from mlpgrid.frontier import Point
+from mlpgrid.spec import GridSpec, Trial, TrialConfig
+
+WIDTHS = range(32, 16384 + 1, 32)
+SPREAD = (1 / 4, 1 / 2, 1, 2, 4)  # model sizes around P* of a proposal, as factors of P*
+_PLACEMENT = ("model", "examples", "epochs")
+
+
+def family_depths(grid: GridSpec, family: str) -> list[int]:
+    return sorted({models.parse_name(t.config.model)[1] for t in grid.trials if t.config.model[0] == family})
+
+
+def _params(template: TrialConfig, model: str) -> int:
+    return models.count_params(dataclasses.replace(template, model=model).model_config())
+
+
+def nearest_model(params: float, template: TrialConfig, depths: list[int]) -> str:
+    """The model of the template's family and one of ``depths`` whose size is nearest ``params``."""
+    family = template.model[0]
+    names = [f"{family}-{d}/Wi-{w}" for d in depths for w in WIDTHS]
+    return min(names, key=lambda name: abs(math.log(_params(template, name) / params)))
+
+
+def spend(budget: float, model: str, template: TrialConfig) -> TrialConfig:
+    """The template with ``model``, and the N and T that make its compute closest to ``budget``."""
+    cfg = dataclasses.replace(template, model=model)
+    seen = budget / (3 * models.forward_flops(cfg.model_config()))
+    most = cfg.dataset_info.train_size
+    epochs = max(1, round(seen / most))
+    examples = min(most, max(1, round(seen / epochs)))
+    return dataclasses.replace(cfg, examples=examples, epochs=epochs)
+
+
+def iso_compute(budget: float, params: float, template: TrialConfig, depths: list[int]) -> list[TrialConfig]:
+    """Trials that all spend ``budget``, with models from P*/4 to 4 P*: the one nearest P*
+    should reach the lowest error if the allocation fit is right."""
+    chosen = dict.fromkeys(nearest_model(params * f, template, depths) for f in SPREAD)
+    return [spend(budget, model, template) for model in chosen]
+
+
+def write_grid(path: Path, source: GridSpec, configs: list[TrialConfig], header: str) -> GridSpec:
+    """A grid file of ``configs`` (which differ only in model, N and T) under the source grid's
+    name, so that their runs join its experiment; read back to validate it."""
+    defaults = TrialConfig(model=configs[0].model, epochs=1)
+    first = dataclasses.asdict(configs[0])
+    base = {
+        k: v for k, v in first.items()
+        if k not in _PLACEMENT and v != getattr(defaults, k) and all(getattr(c, k) == v for c in configs)
+    }  # fmt: skip
+    varying = {k: [getattr(c, k) for c in configs] for k in _PLACEMENT}
+    doc: dict = {"name": source.name}
+    if source.data_roots:
+        doc["data"] = dict(source.data_roots)
+    if source.run.checkpoint_every_steps:
+        doc["run"] = {"checkpoint_every_steps": source.run.checkpoint_every_steps}
+    doc |= {"base": base, "zip": varying}
+    comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    path.write_text(comment + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
+    return spec.load(path)
+
+
+def template(grid: GridSpec, frontier: list[Point], budget: float) -> TrialConfig:
+    """The settings to recommend at ``budget``: those of the grid's frontier trial nearest in
+    compute (its learning rate, batch size, ...), else of the grid's first trial."""
+    by_id = {t.id: t.config for t in grid.trials}
+    known = [p for p in frontier if p.trial_id in by_id]
+    if not known:
+        return grid.trials[0].config
+    return by_id[min(known, key=lambda p: abs(math.log(p.compute / budget))).trial_id]
+
+
+def recommend(grid: GridSpec, frontier: list[Point], budget: float, params: float) -> dict[str, Any]:
+    """The model nearest ``params`` in the grid's family, with the N and T that spend ``budget``."""
+    base = template(grid, frontier, budget)
+    cfg = spend(budget, nearest_model(params, base, family_depths(grid, base.model[0])), base)
+    trial = Trial(spec.trial_id(cfg), cfg)
+    return {"model": cfg.model, "model_params": trial.params, "examples": cfg.examples, "epochs": cfg.epochs,
+            "compute": trial.compute}  # fmt: skip

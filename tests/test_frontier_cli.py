@@ -1,0 +1,154 @@
+"""``mlpgrid frontier`` on a real MLflow store holding a grid's trial runs.
+
+The runs are recorded through the same tracking API the trainer uses, with errors from a known
+law instead of hours of training (training and its records are tested in test_runner.py).
+"""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from synthetic_law import Law
+
+from mlpgrid import spec, tracking
+from mlpgrid.cli import cli
+
+GRID = """name: synthetic
+base: {optimizer: adamw, lr: 1.0e-3}
+grid:
+  model: [B-1/Wi-32, B-1/Wi-64, B-2/Wi-128, B-2/Wi-256]
+  examples: [2000, 6000, 20000, 60000]
+  epochs: [1, 4]
+"""
+
+
+def record(grid_run, trial, status="finished", error=None):
+    """A trial run as the trainer leaves it: params, tags, epoch metrics, final state."""
+    run = tracking.TrialRun.open(grid_run, trial)
+    if error is not None:
+        metrics = dict.fromkeys(tracking.EPOCH_METRICS, 1.0) | {"epoch": trial.config.epochs, "test_error": error}
+        run.log_epochs([metrics])
+    if status != "running":
+        run.finish(status, error="boom" if status != "finished" else None)
+
+
+def law_error(trial, rng):
+    cfg = trial.config
+    return float(Law().error(trial.params, cfg.num_examples * cfg.epochs) * np.exp(rng.normal(0, 0.01)))
+
+
+@pytest.fixture
+def recorded_grid(tmp_path, write_grid):
+    """A 32-trial grid whose runs all finished, but one failed, one diverged and one running."""
+    path, storage = write_grid(GRID), tmp_path / "store"
+    grid = spec.load(path)
+    grid_run = tracking.open_grid(grid, tracking.tracking_uri(storage), storage)
+    rng = np.random.default_rng(0)
+    for i, trial in enumerate(grid.trials):
+        status = {0: "failed", 1: "diverged", 2: "running"}.get(i, "finished")
+        record(grid_run, trial, status, law_error(trial, rng) if status != "failed" else None)
+    return path, storage, grid_run
+
+
+def frontier(*args):
+    result = CliRunner().invoke(cli, ["frontier", *map(str, args)])
+    return result
+
+
+def is_png(path):
+    data = path.read_bytes()
+    width, height = struct.unpack(">II", data[16:24])
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and width >= 1000 and height >= 600
+
+
+def test_frontier_fits_queries_plots_and_logs(tmp_path, recorded_grid):
+    path, storage, grid_run = recorded_grid
+    plots = tmp_path / "plots"
+    result = frontier(path, "--storage", storage, "--budget", "1e13", "--budget", "3.5e14", "--json",
+                      "--plot-dir", plots, "--bootstrap", "40")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["points"] == 29 and report["excluded"] == 2
+    assert report["left_out"] == {"failed": 1, "diverged": 1, "running": 1, "without test_error": 0}
+    fit = report["fit"]
+    assert set(fit) >= {"a", "b", "alpha", "e_inf", "ci"} and 0 < fit["alpha"] < 1
+    assert fit["ci"]["alpha"][0] <= fit["alpha"] <= fit["ci"]["alpha"][1]
+    alloc = report["allocation"]
+    assert set(alloc) >= {"params_exponent", "examples_exponent", "ci"}
+    assert [q["budget"] for q in report["queries"]] == [1e13, 3.5e14]
+    for q in report["queries"]:
+        low, high = q["error_ci"]
+        assert low <= q["error"] <= high
+        assert q["model"].startswith("B-") and q["compute"] == pytest.approx(q["budget"], rel=0.15)
+        assert 1 <= q["examples"] <= 60000 and q["epochs"] >= 1
+    assert report["queries"][0]["error"] > report["queries"][1]["error"]
+    figures = sorted(p.name for p in plots.iterdir())
+    assert figures == ["allocation.png", "bottlenecks.png", "error_vs_compute.png"]
+    assert all(is_png(plots / name) for name in figures)
+    client = MlflowClient(grid_run.tracking_uri)
+    logged = {a.path for a in client.list_artifacts(grid_run.parent_run_id, "frontier")}
+    assert logged == {f"frontier/{name}" for name in [*figures, "frontier.json"]}
+
+    human = frontier(path, "--storage", storage, "--budget", "1e13", "--bootstrap", "20")
+    assert human.exit_code == 0, human.output
+    assert "29 points (left out: 1 failed, 1 diverged, 1 running)" in human.output
+    assert "E(C) = " in human.output and "P*(C) ∝ C^" in human.output
+    assert "budget C" in human.output and "B-" in human.output.splitlines()[-1]
+
+
+def test_proposed_trials_are_runnable_and_reported_against_the_prediction(tmp_path, recorded_grid):
+    path, storage, grid_run = recorded_grid
+    out = tmp_path / "next.yaml"
+    result = frontier(path, "--storage", storage, "--propose", "3e12", "--out", out, "--bootstrap", "20")
+    assert result.exit_code == 0, result.output
+    proposed = spec.load(out)
+    assert proposed.name == "synthetic" and 3 <= len(proposed.trials) <= 5
+    assert all(t.compute == pytest.approx(3e12, rel=0.15) for t in proposed.trials)
+    assert all(t.config.lr == 1e-3 and t.config.optimizer == "adamw" for t in proposed.trials)
+    sizes = sorted(t.params for t in proposed.trials)
+    assert sizes[-1] / sizes[0] > 4, "a spread of model sizes on both sides of P*"
+
+    rng = np.random.default_rng(1)
+    measured = {t.id: law_error(t, rng) for t in proposed.trials}
+    for trial in proposed.trials:
+        record(grid_run, trial, "finished", measured[trial.id])
+    again = frontier(path, "--storage", storage, "--json", "--bootstrap", "20")
+    assert again.exit_code == 0, again.output
+    [report] = json.loads(again.output)["proposals"]
+    assert report["budget"] == 3e12 and report["file"] == str(out)
+    assert {t["trial_id"]: t["measured_error"] for t in report["trials"]} == measured
+    assert all(t["predicted_error"] > 0 for t in report["trials"])
+
+
+def test_points_from_csv(tmp_path, recorded_grid):
+    path, storage, _ = recorded_grid
+    table = json.loads(frontier(path, "--storage", storage, "--json", "--bootstrap", "0").output)
+    csv = tmp_path / "points.csv"
+    rows = ["compute,error,params,examples,epochs"]
+    rows += [f"{p['compute']},{p['error']},{p['params']},{p['examples']},{p['epochs']}" for p in table["frontier"]]
+    csv.write_text("\n".join(rows) + "\n")
+    result = frontier("--from-csv", csv, "--json", "--bootstrap", "0")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["fit"]["alpha"] == pytest.approx(table["fit"]["alpha"], rel=1e-6)
+
+
+def test_clear_refusals(tmp_path, write_grid, recorded_grid):
+    path, storage, grid_run = recorded_grid
+    result = frontier(path, "--storage", storage, "--metric", "linear_probe_error")
+    assert result.exit_code == 1
+    assert "no finished trial with metric 'linear_probe_error'" in result.output
+    assert "29 without linear_probe_error" in result.output
+
+    nothing = frontier(path, "--storage", tmp_path / "empty")
+    assert nothing.exit_code == 1 and "no finished trial" in nothing.output and "no trial runs" in nothing.output
+
+    few = tmp_path / "few.csv"
+    few.write_text("compute,error,params,examples,epochs\n1e9,0.5,1e5,1e4,1\n1e10,0.4,1e5,1e4,10\n")
+    refused = frontier("--from-csv", few)
+    assert refused.exit_code == 1 and "needs at least 5 frontier points" in refused.output
+
+    assert "give a GRID_FILE" in frontier().output
+    assert "--propose needs" in frontier(path, "--storage", storage, "--propose", "1e12").output
