@@ -22,6 +22,7 @@ percentiles of the repeats.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -115,7 +116,7 @@ def best_settings(points: list[Point]) -> list[Point]:
         seeds[(p.key(), p.settings)].append(p)
     best: dict[tuple, Point] = {}
     for (key, _), group in seeds.items():
-        mean = Point(**{**group[0].__dict__, "error": float(np.mean([p.error for p in group]))})
+        mean = dataclasses.replace(group[0], error=float(np.mean([p.error for p in group])))
         if key not in best or mean.error < best[key].error:
             best[key] = mean
     return sorted(best.values(), key=lambda p: (p.compute, p.error))
