@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mlpgrid.data import cifar, stl10
 from mlpgrid.data.idx import find_idx, read_idx
 
 
@@ -61,6 +62,24 @@ FASHION_MNIST_CLASSES = (
 )  # fmt: skip
 
 
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+CIFAR100_CLASSES = (  # the fine labels, in label order
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy",
+    "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock",
+    "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish",
+    "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion",
+    "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange",
+    "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine",
+    "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk",
+    "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank",
+    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+    "willow_tree", "wolf", "woman", "worm"
+)  # fmt: skip
+STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
+
+
 def _locate_idx_files(root: Path) -> dict[str, Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory (the four MNIST-style idx files expected)")
@@ -99,6 +118,42 @@ DATASETS: dict[str, DatasetInfo] = {
         locate=_locate_idx_files,
         read=_read_fashion_mnist,
     ),
+    "cifar-10": DatasetInfo(
+        name="cifar-10",
+        classes=CIFAR10_CLASSES,
+        channels=3,
+        resolution=32,
+        train_size=50_000,
+        test_size=10_000,
+        default_root="data/cifar-10-batches-py",
+        env_var="MLPGRID_CIFAR10",
+        locate=cifar.locate_cifar10,
+        read=lambda root: ImageArrays(*cifar.read_cifar10(root)),
+    ),
+    "cifar-100": DatasetInfo(
+        name="cifar-100",
+        classes=CIFAR100_CLASSES,
+        channels=3,
+        resolution=32,
+        train_size=50_000,
+        test_size=10_000,
+        default_root="data/cifar-100-python",
+        env_var="MLPGRID_CIFAR100",
+        locate=cifar.locate_cifar100,
+        read=lambda root: ImageArrays(*cifar.read_cifar100(root)),
+    ),
+    "stl-10": DatasetInfo(
+        name="stl-10",
+        classes=STL10_CLASSES,
+        channels=3,
+        resolution=96,
+        train_size=5_000,
+        test_size=8_000,
+        default_root="data/stl10_binary",
+        env_var="MLPGRID_STL10",
+        locate=stl10.locate,
+        read=lambda root: ImageArrays(*stl10.read(root)),
+    ),
 }
 
 
@@ -135,6 +190,12 @@ def load(name: str, root: str | None = None, resolution: int | None = None, chan
     """Read a dataset and bring it to the requested resolution and channel count."""
     dataset = info(name)
     arrays = dataset.read(dataset.root(root))
+    for split, labels in (("train", arrays.train_labels), ("test", arrays.test_labels)):
+        if labels.size and (labels.min() < 0 or labels.max() >= dataset.num_classes):
+            raise ValueError(
+                f"{dataset.root(root)}: {split} labels span {labels.min()}..{labels.max()};"
+                f" {name} has {dataset.num_classes} classes"
+            )
     resolution = resolution or dataset.resolution
     channels = channels or dataset.channels
     return ImageArrays(
