@@ -315,8 +315,8 @@ def frontier(grid_file: str | None, csv_file: str | None, metric: str, budgets: 
     except fr.FitError as e:
         raise click.ClickException(f"{csv_file or grid_file}: cannot fit the frontier: {e}") from None
     boot = fr.bootstrap(points, repeats, level, space=fit_space)
-    report = {"points": len(points), "excluded": sum(n for why, n in left_out.items() if why != "running"),
-              "left_out": left_out} | fr.summary(analysis, boot)  # fmt: skip
+    excluded = sum(n for why, n in left_out.items() if why != "running")
+    report = {"excluded": excluded, "left_out": left_out} | fr.summary(analysis, boot)
     report["queries"] = [_query(fr.query(analysis, boot, b), grid, analysis) for b in budgets]
     if holdout:
         try:
