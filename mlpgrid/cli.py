@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from mlpgrid import models, spec
+from mlpgrid.data.prepare import FORMATS, LAYOUTS
 from mlpgrid.spec import GridSpec, SpecError
 
 DEFAULT_METRIC = "test_error"  # the final epoch's test error
@@ -472,6 +473,119 @@ def model_info(name: str, resolution: int, channels: int, classes: int, as_json:
             f"{info['name']}: {_millions(info['params'])} parameters,"
             f" {_millions(info['forward_flops'])} FLOPs per forward"
         )
+
+
+@cli.group("data")
+def data_group() -> None:
+    """Prepare datasets at a fixed resolution and list the prepared ones.
+
+    \b
+    Examples:
+      mlpgrid data prepare cifar-100-64 --source ~/cifar-100-python
+      mlpgrid data prepare tiny-imagenet-64 --source ~/tiny-imagenet-200 --format beton
+      mlpgrid data ls
+    """
+
+
+@data_group.command("prepare")
+@click.argument("name")
+@click.option(
+    "--source",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="The dataset as distributed: idx files, CIFAR pickles, STL-10 binaries or an image-folder tree.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write; default: $MLPGRID_DATA/NAME (data/prepared/NAME).",
+)
+@click.option("--layout", type=click.Choice(LAYOUTS), help="The source's layout; default: recognised from its files.")
+@click.option("--resolution", type=click.IntRange(min=1), default=64, show_default=True, help="Image side in pixels.")
+@click.option(
+    "--channels",
+    type=click.Choice(["3", "1"]),
+    default="3",
+    show_default=True,
+    help="3 turns grayscale into RGB; 1 keeps grayscale sources gray.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="npy",
+    show_default=True,
+    help="npy: memory-mappable arrays; beton: an FFCV file (needs mlpgrid[ffcv]).",
+)
+@click.option(
+    "--holdout",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.0,
+    help="For sources without a test split: hold out this class-proportional fraction of train.",
+)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the held-out split.")
+@click.option("--workers", type=click.IntRange(min=1), help="Processes decoding images; default: every core.")
+def data_prepare(name: str, source: Path, out: Path | None, layout: str | None, resolution: int, channels: str,
+                 fmt: str, holdout: float, seed: int, workers: int | None) -> None:  # fmt: skip
+    """Prepare the dataset at --source as NAME: RxR uint8 images, labels, a manifest.
+
+    Image folders (train/<class>/*.jpg, val/<class>/...) are decoded on every core in
+    shards; an interrupted run picks up at the shards it had not finished. Unreadable images
+    are skipped and listed. Grids then use it as `dataset: NAME`.
+    """
+    from mlpgrid.data import prepare, prepared
+
+    out = out or prepared.home() / name
+    try:
+        request = prepare.Request(name, source, out, layout or prepare.detect_layout(source), resolution,
+                                  int(channels), fmt, holdout, seed)  # fmt: skip
+        with click.progressbar(length=1, label=f"{name} <- {source} ({request.layout})", file=sys.stderr) as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.length = total
+                bar.update(done - bar.pos)
+
+            manifest = prepare.prepare(request, workers, progress)
+    except (prepare.PrepareError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    counts = ", ".join(f"{s} {v['count']}" for s, v in manifest["splits"].items())
+    click.echo(f"{out}: {name}, {len(manifest['classes'])} classes, {counts} images at {resolution}x{resolution}"
+               f"x{manifest['channels']} ({manifest['format']}), {manifest['seconds']} s")  # fmt: skip
+    if manifest["skipped"]:
+        click.echo(f"skipped {len(manifest['skipped'])} unreadable images (all listed in {out / prepared.MANIFEST}):")
+        for s in manifest["skipped"][:20]:
+            click.echo(f"  {s['file']}: {s['reason']}")
+
+
+@data_group.command("ls")
+@click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--verify", is_flag=True, help="Also recompute every file's checksum.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON.")
+def data_ls(directory: Path | None, verify: bool, as_json: bool) -> None:
+    """List prepared datasets in DIRECTORY (default: $MLPGRID_DATA, else data/prepared)."""
+    from mlpgrid.data import prepared
+
+    directory = directory or prepared.home()
+    found = prepared.find_all(directory)
+    problems = [p for path, _ in found for p in prepared.verify(path)] if verify else []
+    if as_json:
+        click.echo(json.dumps([{"path": str(path), **m} for path, m in found], indent=1))
+    elif not found:
+        click.echo(f"no prepared datasets in {directory}")
+    else:
+        rows = [
+            [m["name"], f"{m['resolution']}x{m['resolution']}x{m['channels']}", len(m["classes"]),
+             m["splits"]["train"]["count"], m["splits"].get("test", {}).get("count", "-"), m["format"],
+             f"{sum(f['bytes'] for f in prepared.files(m).values()) / 2**20:.1f} MiB", len(m["skipped"]), str(path)]
+            for path, m in found
+        ]  # fmt: skip
+        _print_table(rows, ["name", "images", "classes", "train", "test", "format", "size", "skipped", "path"])
+    for problem in problems:
+        click.echo(problem, err=True)
+    if problems:
+        raise click.ClickException(f"{len(problems)} files do not match their manifest")
+    if verify and not as_json:
+        click.echo("checksums match")
 
 
 def main() -> None:

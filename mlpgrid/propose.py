@@ -17,7 +17,7 @@ import yaml
 
 from mlpgrid import models, spec
 from mlpgrid.frontier import Point
-from mlpgrid.spec import GridSpec, Trial, TrialConfig
+from mlpgrid.spec import GridSpec, RunOptions, Trial, TrialConfig
 
 WIDTHS = range(32, 16384 + 1, 32)
 SPREAD = (1 / 4, 1 / 2, 1, 2, 4)  # model sizes around P* of a proposal, as factors of P*
@@ -69,8 +69,8 @@ def write_grid(path: Path, source: GridSpec, configs: list[TrialConfig], header:
     doc: dict = {"name": source.name}
     if source.data_roots:
         doc["data"] = dict(source.data_roots)
-    if source.run.checkpoint_every_steps:
-        doc["run"] = {"checkpoint_every_steps": source.run.checkpoint_every_steps}
+    if run := {k: v for k, v in dataclasses.asdict(source.run).items() if v != getattr(RunOptions(), k)}:
+        doc["run"] = run
     doc |= {"base": base, "zip": varying}
     comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
     path.write_text(comment + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))

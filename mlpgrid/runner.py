@@ -26,7 +26,7 @@ from typing import Any
 from mlpgrid import data
 from mlpgrid.checkpoint import CheckpointDir, exclusive
 from mlpgrid.progress import Progress
-from mlpgrid.spec import GridSpec, Trial
+from mlpgrid.spec import GridSpec, RunOptions, Trial
 from mlpgrid.tracking import DIVERGED, DONE, FAILED, FINISHED, GridRun, TrialRun, trial_runs
 from mlpgrid.train import TrialDiverged, run_trial
 
@@ -38,7 +38,7 @@ class TrialTask:
     trial: Trial
     checkpoint_dir: str
     data_root: str
-    checkpoint_every_steps: int
+    options: RunOptions
     grid_run: GridRun
 
 
@@ -57,8 +57,9 @@ def check_data(grid: GridSpec) -> None:
         info = data.info(name)
         try:
             info.locate(grid.data_root(name))
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"dataset {name}: {e}. Set data.{name} in {grid.path} or {info.env_var}.") from None
+        except (FileNotFoundError, ValueError) as e:
+            where = f"Set data.{name} in {grid.path}" + (f" or {info.env_var}" if info.env_var else "")
+            raise FileNotFoundError(f"dataset {name}: {e}. {where}.") from None
 
 
 def checkpoint_dir(storage: Path, grid: GridSpec, trial: Trial) -> Path:
@@ -75,7 +76,7 @@ def pending_tasks(grid: GridSpec, storage: Path, grid_run: GridRun) -> list[Tria
             checkpoint_dir=str(checkpoint_dir(storage, grid, t)),
             # Resolved here: on a cluster, workers do not see this process's environment.
             data_root=str(grid.data_root(t.config.dataset)),
-            checkpoint_every_steps=grid.run.checkpoint_every_steps,
+            options=grid.run,
             grid_run=grid_run,
         )
         for t in grid.trials
@@ -98,6 +99,7 @@ def execute(
     training step is logged as ``startup_seconds``.
     """
     launched_at = launched_at or time.time()
+    data.register(task.trial.config.dataset, task.data_root)  # a worker process knows only what the task says
     run = TrialRun.open(task.grid_run, task.trial, tags)
     first = True
 
@@ -117,7 +119,8 @@ def execute(
                 task.trial.config,
                 CheckpointDir(task.checkpoint_dir),
                 data_root=task.data_root,
-                checkpoint_every_steps=task.checkpoint_every_steps,
+                checkpoint_every_steps=task.options.checkpoint_every_steps,
+                data_budget_bytes=None if task.options.data_budget_gb is None else task.options.data_budget_gb * 2**30,
                 on_epoch=on_epoch,
                 on_resume=run.log_epochs,
                 device=device,

@@ -7,6 +7,7 @@ A grid file::
       fashion-mnist: /usr/share/datasets/fashion-mnist
     run:                        # optional: how trials run (does not change their results)
       checkpoint_every_steps: 100
+      data_budget_gb: 16        # keep up to this much of the images on the GPU; stream the rest
     base:                       # settings shared by every trial
       optimizer: lion
       lr: 3.0e-4
@@ -52,7 +53,10 @@ class TrialConfig:
 
     model: str = field(metadata=_opt("model name, " + models.NAME_FORMAT, parse=models.parse_name))
     epochs: int = field(metadata=_opt("epochs T", min=1))
-    dataset: str = field(default="fashion-mnist", metadata=_opt("dataset", choices=tuple(data.DATASETS)))
+    dataset: str = field(
+        default="fashion-mnist",
+        metadata=_opt(f"dataset: one of {', '.join(data.DATASETS)} or a prepared dataset's name", parse=data.info),
+    )
     examples: int | None = field(
         default=None, metadata=_opt("examples N (class-proportional subset); null = all", min=1)
     )
@@ -128,6 +132,7 @@ class RunOptions:
     """How trials run; none of it changes a trial's result, so none of it is in its id."""
 
     checkpoint_every_steps: int = 0  # 0 = at epoch ends only
+    data_budget_gb: float | None = None  # images a trial may keep on its device; more are streamed. None = auto
 
 
 @dataclass(frozen=True)
@@ -343,11 +348,14 @@ def parse(text: str, path: Path) -> GridSpec:
         errors.add("data", "expected a mapping of dataset name: directory")
         data_roots = {}
     for ds, root in data_roots.items():
-        if ds not in data.DATASETS:
-            errors.add(f"data.{ds}", f"unknown dataset; known: {', '.join(data.DATASETS)}")
-        elif not isinstance(root, str):
+        if not isinstance(root, str):
             errors.add(f"data.{ds}", f"expected a directory path, got {root!r}")
     data_roots = {ds: str((path.parent / root).resolve()) for ds, root in data_roots.items() if isinstance(root, str)}
+    for ds, root in data_roots.items():
+        try:  # a prepared dataset: its manifest says what the trials need to know
+            data.register(ds, root)
+        except (OSError, ValueError) as e:
+            errors.add(f"data.{ds}", f"{e} (or a built-in dataset: {', '.join(data.DATASETS)})")
 
     run_raw = doc.get("run") or {}
     run_fields = {f.name: f for f in dataclasses.fields(RunOptions)}
@@ -356,10 +364,11 @@ def parse(text: str, path: Path) -> GridSpec:
         errors.add("run", "expected a mapping")
         run_raw = {}
     for key, value in run_raw.items():
+        kind = int if key == "checkpoint_every_steps" else float
         if key not in run_fields:
             errors.add(f"run.{key}", _unknown_key(key, list(run_fields)))
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            errors.add(f"run.{key}", f"expected a whole number >= 0, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, kind)) or value < 0:
+            errors.add(f"run.{key}", f"expected a {'whole ' if kind is int else ''}number >= 0, got {value!r}")
         else:
             run_options[key] = value
 

@@ -9,13 +9,17 @@ metrics were lost between checkpoint and logging is filled in and none is logged
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow import MlflowClient
+# MLflow draws a progress bar per artifact download when tqdm is installed; our output is ours.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag
 
 from mlpgrid.frontier import Point

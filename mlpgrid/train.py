@@ -21,7 +21,8 @@ from lion_pytorch import Lion
 
 from mlpgrid import data
 from mlpgrid.checkpoint import CheckpointDir
-from mlpgrid.data.loader import Augmentation, DeviceLoader, channel_stats, derive_seed
+from mlpgrid.data.beton import FfcvLoader
+from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, derive_seed, make_loader
 from mlpgrid.data.subset import proportional_subset
 from mlpgrid.models import MLP
 from mlpgrid.spec import TrialConfig
@@ -60,8 +61,41 @@ def lr_at(cfg: TrialConfig, step: int, steps_per_epoch: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+Loader = DeviceLoader | StreamingLoader | FfcvLoader
+
+
+def default_data_budget(device: torch.device) -> float:
+    """Bytes of images a trial may keep on ``device``: 40% of a GPU's memory, 8 GiB of host RAM on CPU."""
+    if device.type == "cuda":
+        return 0.4 * torch.cuda.get_device_properties(device).total_memory
+    return 8 * 2**30
+
+
+def make_loaders(
+    cfg: TrialConfig, data_root: str | Path | None, device: torch.device, budget_bytes: float | None
+) -> tuple[Loader, Loader]:
+    """The trial's training loader (its class-proportional subset, augmented) and test loader."""
+    if data_root is not None:
+        data.register(cfg.dataset, data_root)
+    arrays = data.load(cfg.dataset, None if data_root is None else str(data_root), cfg.resolution, cfg.channels)
+    subset = proportional_subset(arrays.train_labels, cfg.num_examples, cfg.seed)
+    common = dict(mean=arrays.mean, std=arrays.std, device=device, compile=device.type == "cuda")
+    augmentation = Augmentation(flip=cfg.flip, crop_padding=cfg.crop_padding, mixup=cfg.mixup)
+    if arrays.beton is not None:
+        train = FfcvLoader(arrays.beton["train"], arrays.train_labels, cfg.batch_size, subset=subset, seed=cfg.seed,
+                           augmentation=augmentation, **common)  # fmt: skip
+        test = FfcvLoader(arrays.beton["test"], arrays.test_labels, EVAL_BATCH, shuffle=False, **common)
+        return train, test
+    budget = default_data_budget(device) if budget_bytes is None else budget_bytes
+    train = make_loader(arrays.train_images, arrays.train_labels, subset, cfg.batch_size, budget_bytes=budget,
+                        seed=cfg.seed, augmentation=augmentation, **common)  # fmt: skip
+    test = make_loader(arrays.test_images, arrays.test_labels, None, EVAL_BATCH, budget_bytes=budget, shuffle=False,
+                       **common)  # fmt: skip
+    return train, test
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DeviceLoader) -> tuple[float, float]:
+def evaluate(model: torch.nn.Module, loader: Loader) -> tuple[float, float]:
     """(mean cross-entropy, top-1 error) over the loader's examples."""
     model.eval()
     loss_sum = torch.zeros((), device=loader.device)
@@ -71,7 +105,7 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader) -> tuple[float, float
             logits = model(batch.images)
         loss_sum += F.cross_entropy(logits.float(), batch.labels, reduction="sum")
         wrong += (logits.argmax(1) != batch.labels).sum()
-    n = len(loader.labels)
+    n = loader.size
     return loss_sum.item() / n, wrong.item() / n
 
 
@@ -98,12 +132,15 @@ def run_trial(
     *,
     data_root: str | Path | None = None,
     checkpoint_every_steps: int = 0,
+    data_budget_bytes: float | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_resume: Callable[[list[dict[str, Any]]], None] | None = None,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` to the end (resuming from ``checkpoints``) and return its results.
 
+    The training set is kept on ``device`` when it fits in ``data_budget_bytes`` (default
+    :func:`default_data_budget`), else streamed to it; both give the same batches.
     ``on_epoch`` is called with each finished epoch's metrics, after its checkpoint is saved;
     ``on_resume`` with the metrics of the epochs a checkpoint already holds, when resuming.
     Raises :class:`TrialDiverged` when the training loss becomes NaN or infinite.
@@ -111,17 +148,7 @@ def run_trial(
     device = device or pick_device()
     config_dict = dataclasses.asdict(cfg)
 
-    arrays = data.load(cfg.dataset, None if data_root is None else str(data_root), cfg.resolution, cfg.channels)
-    subset = proportional_subset(arrays.train_labels, cfg.num_examples, cfg.seed)
-    mean, std = channel_stats(arrays.train_images)
-    augmentation = Augmentation(flip=cfg.flip, crop_padding=cfg.crop_padding, mixup=cfg.mixup)
-    train = DeviceLoader(
-        arrays.train_images[subset], arrays.train_labels[subset], cfg.batch_size,
-        mean=mean, std=std, device=device, seed=cfg.seed, augmentation=augmentation,
-    )  # fmt: skip
-    test = DeviceLoader(
-        arrays.test_images, arrays.test_labels, EVAL_BATCH, mean=mean, std=std, device=device, shuffle=False
-    )
+    train, test = make_loaders(cfg, data_root, device, data_budget_bytes)
 
     torch.manual_seed(derive_seed(cfg.seed, _INIT_STREAM))
     model = MLP(cfg.model_config()).to(device)
@@ -164,7 +191,7 @@ def run_trial(
             with _autocast(device):
                 logits = model(batch.images).float()
             loss = F.cross_entropy(logits, batch.labels, label_smoothing=cfg.label_smoothing)
-            if batch.lam < 1:
+            if batch.lam is not None:
                 mixed = F.cross_entropy(logits, batch.mixed_labels, label_smoothing=cfg.label_smoothing)
                 loss = batch.lam * loss + (1 - batch.lam) * mixed
             optimizer.zero_grad(set_to_none=True)

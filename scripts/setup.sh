@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
 # Set up mlpgrid in ./.venv on Debian/Ubuntu: the offline default dataset, PyTorch, the package.
-#   bash scripts/setup.sh          # to run grids
-#   bash scripts/setup.sh --dev    # also the test tools
+#   bash scripts/setup.sh                # to run grids
+#   bash scripts/setup.sh --dev          # also the test tools
+#   bash scripts/setup.sh --dev --ffcv   # also FFCV (.beton datasets), built against system libraries
 set -euo pipefail
 cd "$(dirname "$0")/.."
+extras=()
+ffcv=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) extras+=(dev) ;;
+    --ffcv) extras+=(ffcv); ffcv=1 ;;
+    *) echo "unknown option $arg (use --dev, --ffcv)" >&2; exit 2 ;;
+  esac
+done
 extra=""
-[ "${1:-}" = "--dev" ] && extra="[dev]"
+[ ${#extras[@]} -gt 0 ] && extra="[$(IFS=,; echo "${extras[*]}")]"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 apt_install() {
@@ -18,6 +28,10 @@ if [ -z "${MLPGRID_FASHION_MNIST:-}" ] && [ ! -d /usr/share/datasets/fashion-mni
   apt_install dataset-fashion-mnist
 fi
 python3 -c "import ensurepip" 2>/dev/null || apt_install python3-venv
+# FFCV compiles a C extension against libjpeg-turbo and OpenCV.
+if [ "$ffcv" = 1 ] && ! pkg-config --exists libturbojpeg opencv4 2>/dev/null; then
+  apt_install pkg-config libturbojpeg0-dev libopencv-dev
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 
 # Install the pinned PyTorch first: left to the resolver, torch may come as another build.

@@ -5,7 +5,7 @@ import torch
 from conftest import write_idx
 from mlpgrid import data
 from mlpgrid.data.idx import read_idx
-from mlpgrid.data.loader import Augmentation, DeviceLoader, channel_stats, crop_and_flip
+from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, augment, make_loader
 from mlpgrid.data.subset import proportional_order, proportional_subset
 
 CPU = torch.device("cpu")
@@ -93,16 +93,27 @@ def test_subsets_are_class_proportional_and_nested():
     assert sorted(order) == list(range(1000))
 
 
-def make_loader(n=103, batch=16, **aug):
+def small_images(n=103):
     rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8)
-    labels = np.arange(n) % 10
-    mean, std = channel_stats(images)
+    return rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8), np.arange(n) % 10
+
+
+def device_loader(n=103, batch=16, **aug):
+    images, labels = small_images(n)
+    mean, std = data.channel_stats(images)
     return DeviceLoader(images, labels, batch, mean=mean, std=std, device=CPU, seed=7, augmentation=Augmentation(**aug))
 
 
+def test_channel_stats_match_a_direct_computation():
+    images, _ = small_images()
+    mean, std = data.channel_stats(images)
+    x = torch.from_numpy(images).double() / 255
+    np.testing.assert_allclose(mean, x.mean(dim=(0, 2, 3)).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(std, x.std(dim=(0, 2, 3)).numpy(), rtol=1e-9)
+
+
 def test_every_example_once_per_epoch_and_order_changes():
-    loader = make_loader()
+    loader = device_loader()
     assert len(loader) == 7
     labels0 = torch.cat([b.labels for b in loader.epoch(0)])
     assert len(labels0) == 103
@@ -110,30 +121,68 @@ def test_every_example_once_per_epoch_and_order_changes():
     assert not torch.equal(loader.order(0), loader.order(1))
 
 
+def same_batches(a, b):
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
+        assert torch.equal(x.mixed_labels, y.mixed_labels) and (x.lam is None) == (y.lam is None)
+        assert x.lam is None or torch.equal(x.lam, y.lam)
+
+
 @pytest.mark.parametrize("aug", [{}, {"flip": True, "crop_padding": 2, "mixup": 0.8}])
 def test_restart_mid_epoch_gives_the_same_batches(aug):
-    full = list(make_loader(**aug).epoch(3))
-    resumed = list(make_loader(**aug).epoch(3, start_step=4))
+    full = list(device_loader(**aug).epoch(3))
+    resumed = list(device_loader(**aug).epoch(3, start_step=4))
     assert len(resumed) == len(full) - 4
-    for a, b in zip(full[4:], resumed, strict=True):
-        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.lam == b.lam
+    same_batches(full[4:], resumed)
+
+
+def test_streaming_from_a_memory_map_equals_the_device_loader(tmp_path):
+    """Same subset, same order, same augmentation: the two loaders yield identical batches, resumed too."""
+    images, labels = small_images(200)
+    np.save(tmp_path / "images.npy", images)
+    mapped = np.load(tmp_path / "images.npy", mmap_mode="r")
+    subset = np.random.default_rng(0).permutation(200)[:150]
+    mean, std = data.channel_stats(images)
+    kw = dict(mean=mean, std=std, device=CPU, seed=3, augmentation=Augmentation(flip=True, crop_padding=2, mixup=0.5))
+    on_device = DeviceLoader(images[subset], labels[subset], 32, **kw)
+    streamed = StreamingLoader(mapped, labels, 32, subset=subset, prefetch=2, **kw)
+    for epoch in (0, 1):
+        same_batches(on_device.epoch(epoch), streamed.epoch(epoch))
+    same_batches(list(on_device.epoch(2))[3:], streamed.epoch(2, start_step=3))
+    seen = torch.cat([b.labels for b in streamed.epoch(0)])
+    assert sorted(seen.tolist()) == sorted(labels[subset].tolist())
+    batches = streamed.epoch(0)
+    next(batches)
+    batches.close()  # a consumer that stops early leaves no producer thread behind
+
+
+def test_make_loader_keeps_on_the_device_what_fits_the_budget():
+    images, labels = small_images(100)
+    kw = dict(mean=(0.5,) * 3, std=(0.25,) * 3, device=CPU)
+    assert isinstance(make_loader(images, labels, np.arange(50), 10, budget_bytes=50 * 192, **kw), DeviceLoader)
+    assert isinstance(make_loader(images, labels, np.arange(50), 10, budget_bytes=50 * 192 - 1, **kw), StreamingLoader)
 
 
 def test_mixup_pairs_each_example_with_its_neighbour():
-    batch = next(make_loader(mixup=0.8).epoch(0))
-    assert 0 < batch.lam < 1
+    batch = next(device_loader(mixup=0.8).epoch(0))
+    assert 0 < batch.lam.item() < 1
     assert torch.equal(batch.mixed_labels, batch.labels.roll(1))
 
 
-def test_crop_and_flip():
-    x = torch.arange(2 * 1 * 3 * 3, dtype=torch.uint8).reshape(2, 1, 3, 3)
+def test_augment_is_pad_crop_flip_normalise_mix():
+    """The one-gather augmentation equals doing each step separately."""
     g = torch.Generator().manual_seed(0)
-    assert torch.equal(crop_and_flip(x, 0, False, g), x)
-    flipped = crop_and_flip(x, 0, True, torch.Generator().manual_seed(0))
-    for i in range(2):
-        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
-    cropped = crop_and_flip(x, 1, False, torch.Generator().manual_seed(3))
-    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
-    for i in range(2):
-        windows = [padded[i, :, r : r + 3, c : c + 3] for r in range(3) for c in range(3)]
-        assert any(torch.equal(cropped[i], w) for w in windows)
+    source = torch.randint(0, 256, (10, 3, 5, 6), dtype=torch.uint8, generator=g)
+    idx = torch.tensor([4, 1, 7, 7])
+    dy, dx = torch.tensor([0, 2, 4, 1]), torch.tensor([4, 0, 3, 2])
+    flipped = torch.tensor([False, True, True, False])
+    mean, std = torch.tensor([10.0, 20, 30]).reshape(1, 3, 1, 1), torch.tensor([2.0, 3, 4]).reshape(1, 3, 1, 1)
+    padded = torch.nn.functional.pad(source[idx], (2, 2, 2, 2)).float()
+    expected = torch.stack([padded[i, :, dy[i] : dy[i] + 5, dx[i] : dx[i] + 6] for i in range(4)])
+    expected = torch.where(flipped[:, None, None, None], expected.flip(3), expected)
+    expected = (expected - mean) / std
+    plain = augment(source, idx, dy, dx, flipped, None, mean, std, 2, torch.float32)
+    torch.testing.assert_close(plain, expected, rtol=0, atol=1e-6)
+    lam = torch.tensor(0.3)
+    mixed = augment(source, idx, dy, dx, flipped, lam, mean, std, 2, torch.float32)
+    torch.testing.assert_close(mixed, 0.3 * expected + 0.7 * expected.roll(1, 0), rtol=0, atol=1e-5)

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from synthetic_law import Law, draw
 
 from mlpgrid import frontier
 from mlpgrid.frontier import FitError, Point
+from synthetic_law import Law, draw
 
 LAW = Law()
 

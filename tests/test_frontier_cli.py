@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
-from synthetic_law import Law
 
 from mlpgrid import spec, tracking
 from mlpgrid.cli import cli
+from synthetic_law import Law
 
 GRID = """name: synthetic
 base: {optimizer: adamw, lr: 1.0e-3}

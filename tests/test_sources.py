@@ -40,8 +40,12 @@ def test_cifar10_layout_round_trips(tmp_path):
     np.testing.assert_array_equal(loaded.train_images, np.concatenate([x for x, _ in batches[:5]]))
     np.testing.assert_array_equal(loaded.train_labels, np.concatenate([y for _, y in batches[:5]]))
     np.testing.assert_array_equal(loaded.test_images, batches[5][0])
-    assert loaded.classes == data.CIFAR10_CLASSES and loaded.image_shape == (3, 32, 32)
-    assert data.load("cifar-10", str(tmp_path / "cifar-10-batches-py"), resolution=64).image_shape == (3, 64, 64)
+    assert loaded.classes == data.CIFAR10_CLASSES and loaded.train_images.shape[1:] == (3, 32, 32)
+    assert data.load("cifar-10", str(tmp_path / "cifar-10-batches-py"), resolution=64).train_images.shape[1:] == (
+        3,
+        64,
+        64,
+    )
 
 
 def test_cifar100_uses_fine_labels(tmp_path):

@@ -101,7 +101,10 @@ def test_unknown_model(write_grid):
 
 def test_unknown_dataset(write_grid):
     message = refused(write_grid, "base: {model: B-1/Wi-8, epochs: 1, dataset: imagenet42}\n")
-    assert "base.dataset: unknown dataset 'imagenet42'; allowed: fashion-mnist" in message
+    assert (
+        "base.dataset: unknown dataset 'imagenet42'; built in: fashion-mnist, cifar-10" in message
+        and "mlpgrid data prepare" in message
+    )
 
 
 def test_unknown_optimizer(write_grid):

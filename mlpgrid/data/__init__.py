@@ -1,11 +1,15 @@
 """Datasets: where they live, how to read them, and their shape before anything is loaded.
 
-A dataset loads into an :class:`ImageArrays`: uint8 images (N, C, H, W) and int64 labels
-for the train and test split, plus per-channel mean and std of the training images.
+A dataset is one of the built-in sources (:data:`DATASETS`, read from their distribution
+layout) or a prepared dataset (see :mod:`mlpgrid.data.prepared`) known by its name: found
+under ``$MLPGRID_DATA`` (default ``data/prepared``) or where a grid's ``data:`` section says.
+It loads into an :class:`ImageArrays`: uint8 images (N, C, H, W) and int64 labels for the
+train and test split, plus per-channel mean and std of the training images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,21 +19,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlpgrid.data import cifar, stl10
+from mlpgrid.data import cifar, prepared, stl10
 from mlpgrid.data.idx import find_idx, read_idx
 
 
 @dataclass(frozen=True)
 class ImageArrays:
-    train_images: np.ndarray  # uint8 (N, C, H, W)
+    train_images: np.ndarray | None  # uint8 (N, C, H, W), possibly memory-mapped; None when in .beton files
     train_labels: np.ndarray  # int64 (N,)
-    test_images: np.ndarray
+    test_images: np.ndarray | None
     test_labels: np.ndarray
     classes: tuple[str, ...]
+    mean: tuple[float, ...] = ()  # per channel, 0..1 scale, of the training images
+    std: tuple[float, ...] = ()
+    beton: dict[str, Path] | None = None  # split -> FFCV file, for datasets prepared in that format
 
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train_images.shape[1:])
+    def with_stats(self) -> ImageArrays:
+        mean, std = channel_stats(self.train_images)
+        return dataclasses.replace(self, mean=tuple(mean), std=tuple(std))
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,7 @@ class DatasetInfo:
     train_size: int
     test_size: int
     default_root: str
-    env_var: str  # overrides default_root
+    env_var: str | None  # overrides default_root
     locate: Callable[[Path], dict[str, Path]]  # the files a root must hold; FileNotFoundError if not
     read: Callable[[Path], ImageArrays]
 
@@ -53,7 +60,7 @@ class DatasetInfo:
 
     def root(self, configured: str | None = None) -> Path:
         """Where to read from: the grid's setting, else the environment, else the default."""
-        return Path(configured or os.environ.get(self.env_var) or self.default_root)
+        return Path(configured or (self.env_var and os.environ.get(self.env_var)) or self.default_root)
 
 
 FASHION_MNIST_CLASSES = (
@@ -157,11 +164,75 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+_PREPARED: dict[str, DatasetInfo] = {}
+
+
+def _prepared_info(name: str, root: Path) -> DatasetInfo:
+    manifest = prepared.read_manifest(root)
+    if manifest["name"] != name:
+        raise ValueError(f"{root}: holds the prepared dataset {manifest['name']!r}, not {name!r}")
+    splits = manifest["splits"]
+    if "test" not in splits:
+        raise ValueError(f"{root}: {name} has no test split; prepare it with --holdout to carve one from train")
+    return DatasetInfo(
+        name=name,
+        classes=tuple(manifest["classes"]),
+        channels=manifest["channels"],
+        resolution=manifest["resolution"],
+        train_size=splits["train"]["count"],
+        test_size=splits["test"]["count"],
+        default_root=str(root),
+        env_var=None,
+        locate=prepared.locate,
+        read=_read_prepared,
+    )
+
+
+def _read_prepared(root: Path) -> ImageArrays:
+    manifest = prepared.read_manifest(root)
+    prepared.locate(root)
+    (train_x, train_y), (test_x, test_y) = (prepared.load_split(root, s) for s in ("train", "test"))
+    beton = {s: root / f"{s}.beton" for s in ("train", "test")} if manifest["format"] == "beton" else None
+    return ImageArrays(
+        train_x, train_y, test_x, test_y, tuple(manifest["classes"]), tuple(manifest["mean"]), tuple(manifest["std"]),
+        beton,
+    )  # fmt: skip
+
+
+def register(name: str, root: str | Path) -> None:
+    """Make the prepared dataset in ``root`` known as ``name`` (built-in names need no registering)."""
+    if name not in DATASETS:
+        _PREPARED[name] = _prepared_info(name, Path(root))
+
+
 def info(name: str) -> DatasetInfo:
-    try:
+    """A built-in dataset, a registered prepared one, or one prepared under :func:`prepared.home`."""
+    if name in DATASETS:
         return DATASETS[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
+    if name not in _PREPARED:
+        root = prepared.home() / name
+        if not (root / prepared.MANIFEST).is_file():
+            found = [m["name"] for _, m in prepared.find_all(prepared.home())]
+            raise ValueError(
+                f"unknown dataset {name!r}; built in: {', '.join(DATASETS)}; prepared in {prepared.home()}: "
+                f"{', '.join(found) or 'none'} (make one with `mlpgrid data prepare`)"
+            )
+        register(name, root)
+    return _PREPARED[name]
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 (N, C, H, W) images on the 0..1 scale (float64, in chunks)."""
+    total = np.zeros(images.shape[1])
+    squares = np.zeros(images.shape[1])
+    for start in range(0, len(images), 4096):
+        chunk = np.asarray(images[start : start + 4096], dtype=np.float64) / 255
+        total += chunk.sum(axis=(0, 2, 3))
+        squares += (chunk**2).sum(axis=(0, 2, 3))
+    n = len(images) * images.shape[2] * images.shape[3]
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean**2, 0) * n / max(1, n - 1))
+    return mean.tolist(), std.tolist()
 
 
 def resize(images: np.ndarray, resolution: int, channels: int) -> np.ndarray:
@@ -176,7 +247,7 @@ def resize(images: np.ndarray, resolution: int, channels: int) -> np.ndarray:
             raise ValueError(f"cannot turn {c}-channel images into {channels} channels")
         images = np.repeat(images, channels, axis=1)
     if (h, w) == (resolution, resolution):
-        return np.ascontiguousarray(images)
+        return images  # unchanged, so a memory-mapped array stays mapped
     mode = "area" if resolution < min(h, w) else "bilinear"
     out = np.empty((n, channels, resolution, resolution), dtype=np.uint8)
     for start in range(0, n, 4096):  # bounded memory for large sets
@@ -196,12 +267,18 @@ def load(name: str, root: str | None = None, resolution: int | None = None, chan
                 f"{dataset.root(root)}: {split} labels span {labels.min()}..{labels.max()};"
                 f" {name} has {dataset.num_classes} classes"
             )
+    if arrays.beton is not None:
+        if (resolution or dataset.resolution, channels or dataset.channels) != (dataset.resolution, dataset.channels):
+            raise ValueError(
+                f"{name} is stored as FFCV files at {dataset.resolution}px; it cannot be resized per trial"
+            )
+        return arrays
     resolution = resolution or dataset.resolution
     channels = channels or dataset.channels
-    return ImageArrays(
-        resize(arrays.train_images, resolution, channels),
-        arrays.train_labels,
-        resize(arrays.test_images, resolution, channels),
-        arrays.test_labels,
-        arrays.classes,
+    resized = dataclasses.replace(
+        arrays,
+        train_images=resize(arrays.train_images, resolution, channels),
+        test_images=resize(arrays.test_images, resolution, channels),
     )
+    unchanged = resized.train_images is arrays.train_images and arrays.mean
+    return resized if unchanged else resized.with_stats()

@@ -1,19 +1,32 @@
-"""A loader that keeps the (subset of the) dataset on the training device as uint8.
+"""Loaders: batches of (augmented, normalised) images on the training device.
 
-Every batch is cut, cropped, flipped, normalised and mixed with batched tensor ops on the
-device. All randomness of step ``s`` of epoch ``e`` comes from generators seeded by
-``(seed, e)`` (the order) and ``(seed, e, s)`` (the augmentation), so a run that restarts
-at any step sees exactly the batches an uninterrupted run would have seen.
+Every loader hands the same kind of uint8 images to one augmentation function,
+:func:`augment`, which gathers the batch, crops (from zero-padded images), flips, normalises
+and mixes in one pass on the device; on CUDA it is compiled into a single fused kernel that
+writes bf16. Where the uint8 images come from is what differs:
+
+- :class:`DeviceLoader` keeps the (subset of the) dataset on the device: nothing moves per step.
+- :class:`StreamingLoader` gathers each batch from host memory or a memory-mapped file in a
+  background thread and copies it to the GPU on a side stream, overlapping the previous step.
+- :class:`mlpgrid.data.beton.FfcvLoader` reads an FFCV ``.beton`` file with FFCV's pipeline.
+
+All randomness of step ``s`` of epoch ``e`` comes from generators seeded by ``(seed, e)``
+(the order, the MixUp weights) and ``(seed, e, s)`` (crops and flips), so a run that restarts
+at any step sees exactly the batches an uninterrupted run would have seen. The device and the
+streaming loader yield identical batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def derive_seed(*parts: int) -> int:
@@ -30,91 +43,241 @@ class Augmentation:
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # float32 (B, C, H, W), normalised
+    images: torch.Tensor  # (B, C, H, W), normalised; bf16 from a compiled CUDA loader, else float32
     labels: torch.Tensor  # int64 (B,)
     mixed_labels: torch.Tensor  # labels of the examples mixed in (== labels without MixUp)
-    lam: float  # weight of ``labels`` in the loss
+    lam: torch.Tensor | None  # weight of ``labels`` in the loss (a 0-d device tensor); None without MixUp
 
 
-class DeviceLoader:
+def augment(
+    source: torch.Tensor,
+    idx: torch.Tensor,
+    dy: torch.Tensor,
+    dx: torch.Tensor,
+    flipped: torch.Tensor,
+    lam: torch.Tensor | None,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    padding: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``source[idx]`` cropped, flipped, normalised and mixed, as one gather and one elementwise pass.
+
+    ``dy``/``dx`` (B,) are crop offsets in ``0..2*padding`` into the zero-padded image and
+    ``flipped`` (B,) mirrors the crop window; pixels falling in the padding read as 0 before
+    normalisation. With ``lam``, example i becomes ``lam * x_i + (1 - lam) * x_{i-1}``: the batch
+    order is random, so its roll by one is a random partner. ``mean``/``std`` are (1, C, 1, 1)
+    on the 0..255 scale.
+    """
+    _, c, h, w = source.shape
+    rows = torch.arange(h, device=source.device) + dy[:, None] - padding  # (B, H)
+    cols = torch.arange(w, device=source.device) + dx[:, None] - padding  # (B, W)
+    cols = torch.where(flipped[:, None], cols.flip(1), cols)
+    inside = ((rows >= 0) & (rows < h))[:, None, :, None] & ((cols >= 0) & (cols < w))[:, None, None, :]
+    channel = torch.arange(c, device=source.device)[None, :, None, None]
+    pixels = source[
+        idx[:, None, None, None],
+        channel,
+        rows.clamp(0, h - 1)[:, None, :, None],
+        cols.clamp(0, w - 1)[:, None, None, :],
+    ]
+    x = (torch.where(inside, pixels, 0).float() - mean) / std
+    if lam is not None:
+        x = lam * x + (1 - lam) * x.roll(1, dims=0)
+    return x.to(out_dtype)
+
+
+_compiled_augment: Callable[..., torch.Tensor] | None = None
+
+
+def _fused_augment() -> Callable[..., torch.Tensor]:
+    global _compiled_augment
+    if _compiled_augment is None:
+        _compiled_augment = torch.compile(augment, dynamic=False)
+    return _compiled_augment
+
+
+class _Loader:
+    """What all loaders share: the order, the random augmentation parameters, :func:`augment`."""
+
     def __init__(
         self,
-        images: np.ndarray,
-        labels: np.ndarray,
+        size: int,
         batch_size: int,
         *,
-        mean: torch.Tensor,
-        std: torch.Tensor,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
         device: torch.device,
         seed: int = 0,
         augmentation: Augmentation = Augmentation(),
         shuffle: bool = True,
+        compile: bool = False,
     ):
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-        self.labels = torch.from_numpy(np.ascontiguousarray(labels)).to(device)
+        self.size = size
         self.batch_size = batch_size
         self.device = device
         self.seed = seed
         self.aug = augmentation
         self.shuffle = shuffle
         shape = (1, -1, 1, 1)
-        self.mean = (mean * 255).reshape(shape).to(device)
-        self.std = (std * 255).reshape(shape).to(device)
+        self.mean = (torch.tensor(mean) * 255).reshape(shape).to(device)
+        self.std = (torch.tensor(std) * 255).reshape(shape).to(device)
+        fused = compile and device.type == "cuda"
+        self._augment = _fused_augment() if fused else augment
+        self.out_dtype = torch.bfloat16 if fused else torch.float32
 
     def __len__(self) -> int:
         """Steps per epoch: every example once, the last batch possibly smaller."""
-        return -(-len(self.labels) // self.batch_size)
+        return -(-self.size // self.batch_size)
 
     def order(self, epoch: int) -> torch.Tensor:
+        """Positions 0..size-1 in the order epoch ``epoch`` visits them (on the CPU)."""
         if not self.shuffle:
-            return torch.arange(len(self.labels), device=self.device)
+            return torch.arange(self.size)
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
-        return torch.randperm(len(self.labels), generator=g).to(self.device)
+        return torch.randperm(self.size, generator=g)
+
+    def mixup_weights(self, epoch: int) -> torch.Tensor | None:
+        """The MixUp weight of every step of the epoch, on the device: one copy per epoch, none per step."""
+        if self.aug.mixup <= 0:
+            return None
+        a = self.aug.mixup
+        lams = [np.random.default_rng(derive_seed(self.seed, epoch, s)).beta(a, a) for s in range(len(self))]
+        return torch.tensor(lams, dtype=torch.float32).to(self.device)
+
+    def batch(
+        self,
+        source: torch.Tensor,
+        idx: torch.Tensor,
+        labels: torch.Tensor,
+        epoch: int,
+        step: int,
+        lams: torch.Tensor | None,
+    ) -> Batch:
+        """Augment ``source[idx]`` as step ``step`` of ``epoch``; ``labels`` are already in batch order."""
+        b = len(idx)
+        zeros = torch.zeros(b, dtype=torch.long, device=self.device)
+        dy = dx = zeros
+        flipped = torch.zeros(b, dtype=torch.bool, device=self.device)
+        if self.aug.flip or self.aug.crop_padding:
+            g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, epoch, step))
+            span = 2 * self.aug.crop_padding + 1
+            if self.aug.crop_padding:
+                dy = torch.randint(0, span, (b,), device=self.device, generator=g)
+                dx = torch.randint(0, span, (b,), device=self.device, generator=g)
+            if self.aug.flip:
+                flipped = torch.rand(b, device=self.device, generator=g) < 0.5
+        lam = None if lams is None else lams[step]
+        x = self._augment(source, idx, dy, dx, flipped, lam, self.mean, self.std, self.aug.crop_padding, self.out_dtype)
+        return Batch(x, labels, labels if lam is None else labels.roll(1, dims=0), lam)
+
+
+class DeviceLoader(_Loader):
+    """The whole (subset of the) dataset on the device as uint8; a batch is one fused gather."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, **kwargs):
+        super().__init__(len(labels), batch_size, **kwargs)
+        self.images = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(self.device)
+        self.labels = torch.from_numpy(np.ascontiguousarray(labels)).to(self.device)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch`` from step ``start_step`` on."""
-        order = self.order(epoch)
+        order = self.order(epoch).to(self.device)
+        lams = self.mixup_weights(epoch)
         for step in range(start_step, len(self)):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-            yield self._batch(idx, epoch, step)
-
-    def _batch(self, idx: torch.Tensor, epoch: int, step: int) -> Batch:
-        x, y = self.images[idx], self.labels[idx]
-        step_seed = derive_seed(self.seed, epoch, step)
-        if self.aug.flip or self.aug.crop_padding:
-            g = torch.Generator(device=self.device).manual_seed(step_seed)
-            x = crop_and_flip(x, self.aug.crop_padding, self.aug.flip, g)
-        x = (x.float() - self.mean) / self.std
-        if self.aug.mixup <= 0:
-            return Batch(x, y, y, 1.0)
-        lam = float(np.random.default_rng(step_seed).beta(self.aug.mixup, self.aug.mixup))
-        # The batch is already in random order, so its roll by one is a random partner.
-        x = lam * x + (1 - lam) * x.roll(1, dims=0)
-        return Batch(x, y, y.roll(1, dims=0), lam)
+            yield self.batch(self.images, idx, self.labels[idx], epoch, step, lams)
 
 
-def crop_and_flip(x: torch.Tensor, padding: int, flip: bool, g: torch.Generator) -> torch.Tensor:
-    """Per-example random crops of the zero-padded images and random horizontal flips.
+class StreamingLoader(_Loader):
+    """Batches gathered on the host (RAM or a memory-mapped file) and sent to the device ahead of use.
 
-    One gather does both: the flip reverses the column indices of the crop window.
+    ``images`` may be a whole memory-mapped split; ``subset`` picks the examples of this trial.
+    A background thread gathers each batch in sorted index order (sequential reads from the
+    file; ``threads`` copy parts of it at once) into pinned memory and starts its copy on a side
+    CUDA stream; the batch is put back in visiting order by the gather inside :func:`augment`.
     """
-    b, c, h, w = x.shape
-    dev = x.device
-    rows = torch.arange(h, device=dev).expand(b, h)
-    cols = torch.arange(w, device=dev).expand(b, w)
-    if padding:
-        x = F.pad(x, (padding, padding, padding, padding))
-        rows = rows + torch.randint(0, 2 * padding + 1, (b, 1), device=dev, generator=g)
-        cols = cols + torch.randint(0, 2 * padding + 1, (b, 1), device=dev, generator=g)
-    if flip:
-        flipped = torch.rand(b, 1, device=dev, generator=g) < 0.5
-        cols = torch.where(flipped, cols.flip(1), cols)
-    batch = torch.arange(b, device=dev)[:, None, None]
-    out = x.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2)
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, subset: np.ndarray | None = None,
+                 prefetch: int = 3, threads: int | None = None, **kwargs):  # fmt: skip
+        subset = np.arange(len(labels)) if subset is None else np.asarray(subset)
+        super().__init__(len(subset), batch_size, **kwargs)
+        self.images = images
+        self.subset = subset
+        self.labels = torch.from_numpy(np.ascontiguousarray(labels[subset])).to(self.device)
+        self.prefetch = prefetch
+        self.threads = threads or min(8, os.cpu_count() or 1)
+        self.cuda = self.device.type == "cuda"
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        order = self.order(epoch)
+        order_on_device = order.to(self.device)  # for the labels: no host-to-device copy per step
+        lams = self.mixup_weights(epoch)
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(order, start_step, ready, stop), daemon=True)
+        thread.start()
+        try:
+            for step in range(start_step, len(self)):
+                item = ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                source, where, copied = item
+                if copied is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(copied)
+                    source.record_stream(current)
+                    where.record_stream(current)
+                positions = order_on_device[step * self.batch_size : (step + 1) * self.batch_size]
+                yield self.batch(source, where, self.labels[positions], epoch, step, lams)
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    ready.get_nowait()
+                except queue.Empty:
+                    thread.join(0.01)
+
+    def _gather(self, rows: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor) -> None:
+        """``out[:] = images[rows]``, in ``threads`` parts at once (numpy copies without holding the GIL)."""
+        parts = [p for p in np.array_split(np.arange(len(rows)), self.threads) if len(p)]
+        list(pool.map(lambda p: np.take(self.images, rows[p], axis=0, out=out[p[0] : p[-1] + 1]), parts))
+
+    def _produce(self, order: torch.Tensor, start_step: int, ready: queue.Queue, stop: threading.Event) -> None:
+        stream = torch.cuda.Stream(self.device) if self.cuda else None
+        pool = ThreadPoolExecutor(self.threads)
+        try:
+            for step in range(start_step, len(self)):
+                if stop.is_set():
+                    return
+                positions = order[step * self.batch_size : (step + 1) * self.batch_size]
+                rows = self.subset[positions.numpy()]
+                sort = np.argsort(rows, kind="stable")
+                gathered = torch.empty((len(rows), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=self.cuda)
+                self._gather(rows[sort], gathered.numpy(), pool)
+                where = torch.from_numpy(np.argsort(sort))  # visiting position -> row of ``gathered``
+                copied = None
+                if self.cuda:
+                    where = where.pin_memory()
+                    with torch.cuda.stream(stream):
+                        gathered = gathered.to(self.device, non_blocking=True)
+                        where = where.to(self.device, non_blocking=True)
+                        copied = torch.cuda.Event()
+                        copied.record(stream)
+                ready.put((gathered, where, copied))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            ready.put(e)
+        finally:
+            pool.shutdown()
 
 
-def channel_stats(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of uint8 images, on the 0..1 scale."""
-    x = torch.from_numpy(images).float().div_(255)
-    return x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+def make_loader(
+    images: np.ndarray, labels: np.ndarray, subset: np.ndarray | None, batch_size: int, *, budget_bytes: float, **kwargs
+) -> DeviceLoader | StreamingLoader:
+    """A :class:`DeviceLoader` when the selected images fit in ``budget_bytes``, else a :class:`StreamingLoader`."""
+    count = len(labels) if subset is None else len(subset)
+    needed = count * int(np.prod(images.shape[1:]))
+    if needed <= budget_bytes:
+        chosen = images if subset is None else images[np.asarray(subset)]
+        return DeviceLoader(chosen, labels if subset is None else labels[subset], batch_size, **kwargs)
+    return StreamingLoader(images, labels, batch_size, subset=subset, **kwargs)
