@@ -28,10 +28,32 @@ storage_option = click.option(
 
 
 def _load_grid(path: str) -> GridSpec:
+    """The grid file, reduced by the command's --scale and --only (see :func:`_reduce_options`)."""
+    meta = click.get_current_context().meta
     try:
-        return spec.load(path)
+        only = tuple(tuple(o.split("=", 1)) for o in meta.get("only", ()))
+        if any(len(o) != 2 for o in only):
+            raise SpecError(f"--only takes FIELD=VALUE, got {' '.join(meta['only'])}")
+        return spec.reduce(spec.load(path), meta.get("scale"), only)  # type: ignore[arg-type]
     except SpecError as e:
         raise click.ClickException(str(e)) from None
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    ctx.meta[param.name] = value
+    return value
+
+
+def _reduce_options(command: Any) -> Any:
+    """--scale and --only, shared by every command that reads a grid file."""
+    command = click.option(
+        "--scale", type=click.FloatRange(0, 1, min_open=True), expose_value=False, callback=_remember,
+        help="Try the grid small first: N, T, stage epochs and TTA crops times this (a grid of its own name).",
+    )(command)  # fmt: skip
+    return click.option(
+        "--only", multiple=True, metavar="FIELD=VALUE", expose_value=False, callback=_remember,
+        help="Only the trials with this setting, e.g. --only dataset=cifar-10; repeatable.",
+    )(command)  # fmt: skip
 
 
 def _millions(n: float) -> str:
@@ -93,7 +115,10 @@ tracking_option = click.option(
     envvar="MLFLOW_TRACKING_URI",
     help="MLflow tracking URI (env MLFLOW_TRACKING_URI); default: SQLite under --storage.",
 )
-grid_argument = click.argument("grid_file", type=click.Path(exists=True, dir_okay=False))
+
+
+def grid_argument(command: Any) -> Any:
+    return _reduce_options(click.argument("grid_file", type=click.Path(exists=True, dir_okay=False))(command))
 
 
 @click.group()
@@ -249,10 +274,13 @@ positive = click.FloatRange(min=0, min_open=True)
 
 @cli.command()
 @click.argument("grid_file", required=False, type=click.Path(exists=True, dir_okay=False))
+@_reduce_options
 @click.option("--from-csv", "csv_file", type=click.Path(exists=True, dir_okay=False),
               help="Read points from a CSV (compute,error,params,examples,epochs[,model,trial_id,lr,batch_size]) "
                    "instead of MLflow.")  # fmt: skip
-@click.option("--metric", default=DEFAULT_METRIC, show_default=True, help="The trials' metric to use as the error.")
+@click.option(
+    "--metric", help=f"The trials' metric to use as the error; default: the grid's metric, else {DEFAULT_METRIC}."
+)
 @click.option("--budget", "budgets", type=positive, multiple=True, help="Compute to query, e.g. 1e18; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option("--plot-dir", type=click.Path(file_okay=False, path_type=Path), help="Write the figures here too.")
@@ -269,7 +297,7 @@ positive = click.FloatRange(min=0, min_open=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Grid file --propose writes.")
 @storage_option
 @tracking_option
-def frontier(grid_file: str | None, csv_file: str | None, metric: str, budgets: tuple[float, ...], as_json: bool,
+def frontier(grid_file: str | None, csv_file: str | None, metric: str | None, budgets: tuple[float, ...], as_json: bool,
              plot_dir: Path | None, repeats: int, level: float, fit_space: str, holdout: float | None,
              propose: float | None, out: Path | None, storage: Path, tracking_uri: str | None) -> None:  # fmt: skip
     """Fit the compute-optimal frontier of GRID_FILE's finished trials and query it.
@@ -295,6 +323,7 @@ def frontier(grid_file: str | None, csv_file: str | None, metric: str, budgets: 
     if propose and (grid_file is None or out is None):
         raise click.UsageError("--propose needs a GRID_FILE (its settings and family) and --out FILE")
     grid = _load_grid(grid_file) if grid_file else None
+    metric = metric or (grid.metric if grid else DEFAULT_METRIC)
     uri = tracking.tracking_uri(storage, tracking_uri)
     grid_run = None
     if csv_file:
@@ -473,6 +502,48 @@ def model_info(name: str, resolution: int, channels: int, classes: int, as_json:
             f"{info['name']}: {_millions(info['params'])} parameters,"
             f" {_millions(info['forward_flops'])} FLOPs per forward"
         )
+
+
+@cli.group("bench")
+def bench_group() -> None:
+    """Measure models on this machine."""
+
+
+@bench_group.command("models")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--resolution", default=64, show_default=True, help="Image side in pixels.")
+@click.option("--channels", default=3, show_default=True, help="Image channels.")
+@click.option("--classes", default=1000, show_default=True, help="Output classes.")
+@click.option("--batch", "batch_sizes", type=click.IntRange(min=1), multiple=True,
+              help="Batch sizes to try for throughput; default 256..16384 on a GPU, 16..256 on a CPU.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def bench_models(names: tuple[str, ...], resolution: int, channels: int, classes: int, batch_sizes: tuple[int, ...],
+                 as_json: bool) -> None:  # fmt: skip
+    """The paper's Table 7 for NAMES on this device: parameters, latency at batch 1,
+    throughput at the best batch, FLOPs per forward.
+
+    \b
+    Example:
+      mlpgrid bench models B-6/Wi-1024 B-12/Wi-768 B-12/Wi-1024
+    """
+    import torch
+
+    from mlpgrid.bench import efficiency
+    from mlpgrid.train import pick_device
+
+    device = pick_device()
+    batch_sizes = batch_sizes or ((256, 1024, 4096, 16384) if device.type == "cuda" else (16, 64, 256))
+    try:
+        rows = [efficiency(n, resolution, channels, classes, device, batch_sizes) for n in names]
+    except (ValueError, torch.cuda.OutOfMemoryError) as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    table = [[r["model"], _millions(r["params"]), f"{r['latency_ms']:.2f}", f"{r['images_per_s']:,.0f}",
+              r["best_batch"], _millions(r["forward_flops"])] for r in rows]  # fmt: skip
+    _print_table(table, ["model", "params", "latency ms (batch 1)", "images/s", "at batch", "FLOPs/forward"])
+    click.echo(f"{rows[0]['device']}, {resolution}x{resolution}x{channels} inputs, {classes} classes")
 
 
 @cli.group("data")

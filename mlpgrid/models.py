@@ -134,8 +134,12 @@ class MLP(nn.Module):
         self.blocks = nn.Sequential(*[Block(cfg) for _ in range(cfg.depth)])
         self.head = nn.Linear(cfg.width, cfg.num_classes)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation the head reads (what a linear probe trains on)."""
+        return self.blocks(self.embed(x.flatten(1)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.embed(x.flatten(1))))
+        return self.head(self.features(x))
 
 
 def _block_linears(cfg: MLPConfig) -> list[tuple[int, int]]:

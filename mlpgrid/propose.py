@@ -43,7 +43,7 @@ def spend(budget: float, model: str, template: TrialConfig) -> TrialConfig:
     """The template with ``model``, and the N and T that make its compute closest to ``budget``."""
     cfg = dataclasses.replace(template, model=model)
     seen = budget / (3 * models.forward_flops(cfg.model_config()))
-    most = cfg.dataset_info.train_size
+    most = cfg.pool_size  # what pre-training may draw from
     epochs = max(1, round(seen / most))
     examples = min(most, max(1, round(seen / epochs)))
     return dataclasses.replace(cfg, examples=examples, epochs=epochs)

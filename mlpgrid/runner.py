@@ -37,7 +37,7 @@ class TrialTask:
 
     trial: Trial
     checkpoint_dir: str
-    data_root: str
+    data_roots: dict[str, str]  # every dataset the trial reads
     options: RunOptions
     grid_run: GridRun
 
@@ -53,7 +53,7 @@ class RayOptions:
 
 def check_data(grid: GridSpec) -> None:
     """Fail before any trial starts when a dataset the grid uses cannot be found."""
-    for name in sorted({t.config.dataset for t in grid.trials}):
+    for name in sorted({ds for t in grid.trials for ds in t.config.datasets}):
         info = data.info(name)
         try:
             info.locate(grid.data_root(name))
@@ -75,7 +75,7 @@ def pending_tasks(grid: GridSpec, storage: Path, grid_run: GridRun) -> list[Tria
             trial=t,
             checkpoint_dir=str(checkpoint_dir(storage, grid, t)),
             # Resolved here: on a cluster, workers do not see this process's environment.
-            data_root=str(grid.data_root(t.config.dataset)),
+            data_roots={ds: str(grid.data_root(ds)) for ds in t.config.datasets},
             options=grid.run,
             grid_run=grid_run,
         )
@@ -99,7 +99,8 @@ def execute(
     training step is logged as ``startup_seconds``.
     """
     launched_at = launched_at or time.time()
-    data.register(task.trial.config.dataset, task.data_root)  # a worker process knows only what the task says
+    for name, root in task.data_roots.items():  # a worker process knows only what the task says
+        data.register(name, root)
     run = TrialRun.open(task.grid_run, task.trial, tags)
     first = True
 
@@ -115,14 +116,15 @@ def execute(
 
     try:
         with exclusive(Path(task.checkpoint_dir).parent):
-            run_trial(
+            result = run_trial(
                 task.trial.config,
                 CheckpointDir(task.checkpoint_dir),
-                data_root=task.data_root,
+                data_roots=task.data_roots,
                 checkpoint_every_steps=task.options.checkpoint_every_steps,
                 data_budget_bytes=None if task.options.data_budget_gb is None else task.options.data_budget_gb * 2**30,
                 on_epoch=on_epoch,
                 on_resume=run.log_epochs,
+                on_stages=run.log_stages,
                 device=device,
             )
     except TrialDiverged as e:
@@ -131,6 +133,7 @@ def execute(
     except Exception:
         run.finish(FAILED, error=traceback.format_exc())
         raise
+    run.client.log_artifact(run.run_id, result["first_layer"])
     run.finish(FINISHED, checkpoint=task.checkpoint_dir)
     return FINISHED
 

@@ -96,14 +96,48 @@ class TrialConfig:
         default=None, metadata=_opt("residual connection around each block; null = family default")
     )
     dropout: float = field(default=0.0, metadata=_opt("dropout in B-MLP blocks", min=0, lt=1))
+    # Stages after pre-training. Compute C counts pre-training only; these record their own.
+    probe_datasets: tuple[str, ...] = field(
+        default=(), metadata=_opt("datasets to linear-probe the trained body on (a list)", parse=data.info)
+    )
+    probe_epochs: int = field(default=50, metadata=_opt("linear-probe epochs (Lion on frozen features)", min=1))
+    probe_lr: float = field(default=1e-5, metadata=_opt("linear-probe learning rate", gt=0))
+    probe_examples: int | None = field(
+        default=None, metadata=_opt("at most this many probe training examples; null = all", min=1)
+    )
+    finetune_datasets: tuple[str, ...] = field(
+        default=(), metadata=_opt("datasets to fine-tune the trained model on (a list)", parse=data.info)
+    )
+    finetune_epochs: int = field(default=50, metadata=_opt("fine-tuning epochs (SGD with momentum)", min=1))
+    finetune_lr_head: float = field(default=0.01, metadata=_opt("fine-tuning learning rate of the new head", gt=0))
+    finetune_lr_body: float = field(default=0.001, metadata=_opt("fine-tuning learning rate of the body", gt=0))
+    tta: int = field(
+        default=0, metadata=_opt("test-time augmentation: average the logits of K random crops; 0 = off", min=0)
+    )
 
     @property
     def dataset_info(self) -> data.DatasetInfo:
         return data.info(self.dataset)
 
     @property
+    def datasets(self) -> tuple[str, ...]:
+        """Every dataset the trial reads: pre-training's first, then the stages'."""
+        return tuple(dict.fromkeys((self.dataset, *self.probe_datasets, *self.finetune_datasets)))
+
+    @property
+    def probes_itself(self) -> bool:
+        """Whether a linear probe runs on the pre-training dataset; its ``probe_examples`` are then
+        held out of pre-training (see :func:`mlpgrid.data.subset.split_off`)."""
+        return self.dataset in self.probe_datasets
+
+    @property
+    def pool_size(self) -> int:
+        """Training images pre-training may draw from."""
+        return self.dataset_info.train_size - (self.probe_examples or 0 if self.probes_itself else 0)
+
+    @property
     def num_examples(self) -> int:
-        return self.examples or self.dataset_info.train_size
+        return self.examples or self.pool_size
 
     def model_config(self) -> models.MLPConfig:
         ds = self.dataset_info
@@ -163,6 +197,7 @@ class GridSpec:
     data_roots: dict[str, str]
     run: RunOptions
     trials: list[Trial]
+    metric: str = "test_error"  # the error the frontier uses
 
     def data_root(self, dataset: str) -> Path:
         """Where ``dataset`` is read from: the grid's ``data`` entry, else its env var or default."""
@@ -222,9 +257,22 @@ def _allowed_values(name: str) -> str:
     return meta["help"]
 
 
+def _is_list_field(name: str) -> bool:
+    return typing.get_origin(_TYPES[name]) is tuple
+
+
 def _check_value(name: str, value: Any) -> str | None:
     """What is wrong with ``value`` for field ``name``, or None."""
     meta = FIELDS[name].metadata
+    if _is_list_field(name):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return f"expected a list of names, got {value!r} ({meta['help']})"
+        for v in value:
+            try:
+                meta["parse"](v)
+            except ValueError as e:
+                return str(e)
+        return None if len(set(value)) == len(value) else f"a name is listed twice in {value!r}"
     kinds = [t for t in typing.get_args(_TYPES[name]) or (_TYPES[name],) if t is not type(None)]
     if value is None:
         return None if type(None) in typing.get_args(_TYPES[name]) else f"must be set ({meta['help']})"
@@ -254,6 +302,8 @@ def _normalise(name: str, value: Any) -> Any:
     """Whole numbers given for float fields become floats, so ``lr: 1`` and ``lr: 1.0`` are one trial."""
     if _TYPES[name] is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if _is_list_field(name):
+        return tuple(value)
     return value
 
 
@@ -322,6 +372,47 @@ def _expand(base: dict, grid: dict, zips: list[dict]) -> list[dict[str, tuple[st
     return settings
 
 
+def _data_section(raw: Any, path: Path, errors: _Errors) -> dict[str, str]:
+    """``{dataset: directory}``; registers prepared datasets and declares not-yet-prepared ones.
+
+    An entry is a directory (a built-in dataset's files, or a prepared dataset), or a mapping
+    ``{path, classes, train, test, resolution[, channels]}`` for a dataset to be prepared there.
+    """
+    if not isinstance(raw, dict):
+        errors.add("data", "expected a mapping of dataset name: directory")
+        return {}
+    roots = {}
+    for ds, entry in raw.items():
+        where = f"data.{ds}"
+        facts = entry if isinstance(entry, dict) else {"path": entry}
+        if not isinstance(facts.get("path"), str):
+            errors.add(where, f"expected a directory path (or a mapping with path), got {entry!r}")
+            continue
+        root = str((path.parent / facts["path"]).resolve())
+        numbers = {k: v for k, v in facts.items() if k != "path"}
+        unknown = [k for k in numbers if k not in data.DECLARED_FACTS]
+        bad = [k for k, v in numbers.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+        if unknown or bad:
+            errors.add(where, _unknown_key(unknown[0], ["path", *data.DECLARED_FACTS]) if unknown
+                       else f"{bad[0]} must be a whole number, got {numbers[bad[0]]!r}")  # fmt: skip
+            continue
+        try:
+            if ds in data.DATASETS:
+                pass  # a built-in dataset's own files
+            elif isinstance(entry, dict):
+                missing = [k for k in ("classes", "train", "test", "resolution") if k not in numbers]
+                if missing:
+                    raise ValueError(f"declaring a dataset needs {', '.join(missing)} too")
+                data.declare(ds, root, numbers)
+            else:  # a prepared dataset: its manifest says what the trials need to know
+                data.register(ds, root)
+        except (OSError, ValueError) as e:
+            errors.add(where, f"{e} (or a built-in dataset: {', '.join(data.DATASETS)})")
+            continue
+        roots[ds] = root
+    return roots
+
+
 def parse(text: str, path: Path) -> GridSpec:
     """Validate a grid file's text; raises :class:`SpecError` listing every problem."""
     errors = _Errors(path)
@@ -334,7 +425,7 @@ def parse(text: str, path: Path) -> GridSpec:
     if not isinstance(doc, dict):
         raise SpecError(f"{path}: a grid file is a mapping with keys name, data, run, base, grid, zip")
 
-    top = ["name", "description", "data", "run", "base", "grid", "zip"]
+    top = ["name", "description", "metric", "data", "run", "base", "grid", "zip"]
     for key in doc:
         if key not in top:
             errors.add(str(key), _unknown_key(key, top))
@@ -343,19 +434,7 @@ def parse(text: str, path: Path) -> GridSpec:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         errors.add("name", f"expected letters, digits, '.', '_' or '-', got {name!r}")
 
-    data_roots = doc.get("data") or {}
-    if not isinstance(data_roots, dict):
-        errors.add("data", "expected a mapping of dataset name: directory")
-        data_roots = {}
-    for ds, root in data_roots.items():
-        if not isinstance(root, str):
-            errors.add(f"data.{ds}", f"expected a directory path, got {root!r}")
-    data_roots = {ds: str((path.parent / root).resolve()) for ds, root in data_roots.items() if isinstance(root, str)}
-    for ds, root in data_roots.items():
-        try:  # a prepared dataset: its manifest says what the trials need to know
-            data.register(ds, root)
-        except (OSError, ValueError) as e:
-            errors.add(f"data.{ds}", f"{e} (or a built-in dataset: {', '.join(data.DATASETS)})")
+    data_roots = _data_section(doc.get("data") or {}, path, errors)
 
     run_raw = doc.get("run") or {}
     run_fields = {f.name: f for f in dataclasses.fields(RunOptions)}
@@ -382,7 +461,7 @@ def parse(text: str, path: Path) -> GridSpec:
             errors.add(f"base.{key}", _unknown_key(key, list(FIELDS)))
             continue
         base[key] = (f"base.{key}", value)
-        if isinstance(value, list):
+        if isinstance(value, list) and not _is_list_field(key):
             errors.add(f"base.{key}", "base holds single values; put lists under grid or zip")
         elif problem := _check_value(key, value):
             errors.add(f"base.{key}", problem)
@@ -416,10 +495,14 @@ def parse(text: str, path: Path) -> GridSpec:
         config = TrialConfig(**{k: _normalise(k, v) for k, (_, v) in setting.items()})
         where = {k: p for k, (p, _) in setting.items()}
         ds = config.dataset_info
-        if config.examples is not None and config.examples > ds.train_size:
+        if config.probes_itself and not config.probe_examples:
+            errors.add(where["probe_datasets"], f"probing {ds.name}, the pre-training dataset, holds out "
+                       "probe_examples of its training images from pre-training: set probe_examples")  # fmt: skip
+        elif config.examples is not None and config.examples > config.pool_size:
+            held = f" ({ds.train_size} less {config.probe_examples} held out to probe)" if config.probes_itself else ""
             errors.add(
                 where["examples"],
-                f"{config.examples} examples requested but {ds.name} has {ds.train_size} training images",
+                f"{config.examples} examples requested but {ds.name} has {config.pool_size} training images{held}",
             )
         if config.channels == 1 and ds.channels == 3:
             errors.add(where["channels"], f"{ds.name} has 3 channels; channels may be 3 or null")
@@ -430,8 +513,53 @@ def parse(text: str, path: Path) -> GridSpec:
             continue
         origin[tid] = label or "base"
         trials.append(Trial(tid, config))
+    metric = doc.get("metric", "test_error")
+    if trials and metric not in (allowed := metrics(trials)):
+        errors.add("metric", f"{metric!r} is not measured by every trial; allowed: {', '.join(allowed)}")
     errors.raise_if_any()
-    return GridSpec(name=name, path=path, data_roots=data_roots, run=RunOptions(**run_options), trials=trials)
+    return GridSpec(name, path, data_roots, RunOptions(**run_options), trials, metric)
+
+
+def metrics(trials: list[Trial]) -> list[str]:
+    """The errors every one of ``trials`` reports, by MLflow metric name."""
+    common = None
+    for t in trials:
+        c = t.config
+        names = {"test_error", *(["test_error_tta"] if c.tta else [])}
+        names |= {f"{d}.linear_probe.error" for d in c.probe_datasets} | {
+            f"{d}.finetune.error" for d in c.finetune_datasets
+        }
+        common = names if common is None else common & names
+    return sorted(common or [])
+
+
+def reduce(grid: GridSpec, scale: float | None = None, only: tuple[tuple[str, str], ...] = ()) -> GridSpec:
+    """A smaller version of ``grid`` to try a pipeline first: the trials matching every
+    ``(field, value)`` of ``only``, with N, T and the stages' epochs (and TTA crops) times
+    ``scale``. A scaled grid gets its own name, so its runs never mix with the full grid's."""
+    trials = grid.trials
+    for name, value in only:
+        if name not in FIELDS:
+            raise SpecError(f"--only {name}={value}: {_unknown_key(name, list(FIELDS))}")
+        trials = [t for t in trials if str(getattr(t.config, name)) == value]
+        if not trials:
+            raise SpecError(f"{grid.path}: no trial has {name}={value}")
+    if not scale:
+        return dataclasses.replace(grid, trials=trials)
+
+    def shrink(n: int) -> int:
+        return max(1, round(n * scale))
+
+    reduced: dict[str, Trial] = {}
+    for t in trials:
+        c = t.config
+        small = dataclasses.replace(
+            c, examples=shrink(c.num_examples), epochs=shrink(c.epochs), probe_epochs=shrink(c.probe_epochs),
+            finetune_epochs=shrink(c.finetune_epochs), tta=c.tta and shrink(c.tta),
+            probe_examples=c.probe_examples and shrink(c.probe_examples),
+        )  # fmt: skip
+        reduced.setdefault(trial_id(small), Trial(trial_id(small), small))  # trials may collapse into one
+    return dataclasses.replace(grid, name=f"{grid.name}-scale{scale:g}", trials=list(reduced.values()))
 
 
 def load(path: str | Path) -> GridSpec:

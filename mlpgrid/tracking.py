@@ -160,6 +160,14 @@ class TrialRun:
             self.client.log_batch(self.run_id, metrics=metrics)
             self.logged_epochs |= {m["epoch"] for m in history}
 
+    def log_stages(self, metrics: dict[str, float]) -> None:
+        """The metrics of the stages after pre-training, each logged once."""
+        logged = self.client.get_run(self.run_id).data.metrics
+        now = int(time.time() * 1000)
+        new = [Metric(k, float(v), now, 0) for k, v in metrics.items() if k not in logged]
+        if new:
+            self.client.log_batch(self.run_id, metrics=new)
+
     def log_startup(self, seconds: float) -> None:
         """Seconds from the runner's launch of this attempt to its first training step."""
         attempt = len(self.client.get_metric_history(self.run_id, "startup_seconds"))

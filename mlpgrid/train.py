@@ -11,21 +11,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from lion_pytorch import Lion
 
-from mlpgrid import data
+from mlpgrid import data, plots
 from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.data.beton import FfcvLoader
 from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, derive_seed, make_loader
-from mlpgrid.data.subset import proportional_subset
+from mlpgrid.data.subset import proportional_subset, split_off
 from mlpgrid.models import MLP
 from mlpgrid.spec import TrialConfig
+from mlpgrid.stages import StageDir, run_stages
+from mlpgrid.step import evaluate, train_step
 
 EVAL_BATCH = 2048
 
@@ -72,13 +74,14 @@ def default_data_budget(device: torch.device) -> float:
 
 
 def make_loaders(
-    cfg: TrialConfig, data_root: str | Path | None, device: torch.device, budget_bytes: float | None
+    cfg: TrialConfig, data_root: str | Path | None, device: torch.device, budget_bytes: float
 ) -> tuple[Loader, Loader]:
     """The trial's training loader (its class-proportional subset, augmented) and test loader."""
-    if data_root is not None:
-        data.register(cfg.dataset, data_root)
     arrays = data.load(cfg.dataset, None if data_root is None else str(data_root), cfg.resolution, cfg.channels)
-    subset = proportional_subset(arrays.train_labels, cfg.num_examples, cfg.seed)
+    pool = np.arange(len(arrays.train_labels))
+    if cfg.probes_itself:  # the probe's examples stay unseen
+        pool, _ = split_off(arrays.train_labels, cfg.probe_examples)
+    subset = pool[proportional_subset(arrays.train_labels[pool], cfg.num_examples, cfg.seed)]
     common = dict(mean=arrays.mean, std=arrays.std, device=device, compile=device.type == "cuda")
     augmentation = Augmentation(flip=cfg.flip, crop_padding=cfg.crop_padding, mixup=cfg.mixup)
     if arrays.beton is not None:
@@ -86,31 +89,11 @@ def make_loaders(
                            augmentation=augmentation, **common)  # fmt: skip
         test = FfcvLoader(arrays.beton["test"], arrays.test_labels, EVAL_BATCH, shuffle=False, **common)
         return train, test
-    budget = default_data_budget(device) if budget_bytes is None else budget_bytes
-    train = make_loader(arrays.train_images, arrays.train_labels, subset, cfg.batch_size, budget_bytes=budget,
+    train = make_loader(arrays.train_images, arrays.train_labels, subset, cfg.batch_size, budget_bytes=budget_bytes,
                         seed=cfg.seed, augmentation=augmentation, **common)  # fmt: skip
-    test = make_loader(arrays.test_images, arrays.test_labels, None, EVAL_BATCH, budget_bytes=budget, shuffle=False,
-                       **common)  # fmt: skip
+    test = make_loader(arrays.test_images, arrays.test_labels, None, EVAL_BATCH, budget_bytes=budget_bytes,
+                       shuffle=False, **common)  # fmt: skip
     return train, test
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Loader) -> tuple[float, float]:
-    """(mean cross-entropy, top-1 error) over the loader's examples."""
-    model.eval()
-    loss_sum = torch.zeros((), device=loader.device)
-    wrong = torch.zeros((), device=loader.device, dtype=torch.long)
-    for batch in loader.epoch(0):
-        with _autocast(loader.device):
-            logits = model(batch.images)
-        loss_sum += F.cross_entropy(logits.float(), batch.labels, reduction="sum")
-        wrong += (logits.argmax(1) != batch.labels).sum()
-    n = loader.size
-    return loss_sum.item() / n, wrong.item() / n
-
-
-def _autocast(device: torch.device) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -126,29 +109,47 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _differs(saved: dict[str, Any], config: dict[str, Any]) -> bool:
+    """Whether a checkpoint's config is another trial's. A setting added since the checkpoint was
+    written counts as its default, as in the trial id."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrialConfig)}
+
+    def plain(v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+    return any(plain(v) != plain(saved.get(k, defaults[k])) for k, v in config.items())
+
+
 def run_trial(
     cfg: TrialConfig,
     checkpoints: CheckpointDir,
     *,
-    data_root: str | Path | None = None,
+    data_roots: Mapping[str, str | Path] | None = None,
     checkpoint_every_steps: int = 0,
     data_budget_bytes: float | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_stages: Callable[[dict[str, float]], None] | None = None,
     on_resume: Callable[[list[dict[str, Any]]], None] | None = None,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` to the end (resuming from ``checkpoints``) and return its results.
 
-    The training set is kept on ``device`` when it fits in ``data_budget_bytes`` (default
-    :func:`default_data_budget`), else streamed to it; both give the same batches.
+    ``data_roots`` says where each dataset the trial uses lives (default: each one's own default).
+    After pre-training, the stages ``cfg`` declares run (see :mod:`mlpgrid.stages`) and
+    ``on_stages`` receives their metrics. The training set is kept on ``device`` when it fits in
+    ``data_budget_bytes`` (default :func:`default_data_budget`), else streamed to it; both give
+    the same batches.
     ``on_epoch`` is called with each finished epoch's metrics, after its checkpoint is saved;
     ``on_resume`` with the metrics of the epochs a checkpoint already holds, when resuming.
     Raises :class:`TrialDiverged` when the training loss becomes NaN or infinite.
     """
     device = device or pick_device()
     config_dict = dataclasses.asdict(cfg)
-
-    train, test = make_loaders(cfg, data_root, device, data_budget_bytes)
+    roots = dict(data_roots or {})
+    for name, root in roots.items():
+        data.register(name, root)
+    budget = default_data_budget(device) if data_budget_bytes is None else data_budget_bytes
+    train, test = make_loaders(cfg, roots.get(cfg.dataset), device, budget)
 
     torch.manual_seed(derive_seed(cfg.seed, _INIT_STREAM))
     model = MLP(cfg.model_config()).to(device)
@@ -159,7 +160,7 @@ def run_trial(
     loss_sum, seen = torch.zeros((), device=device), 0
     state = checkpoints.latest()
     if state is not None:
-        if state["config"] != config_dict:
+        if _differs(state["config"], config_dict):
             raise ValueError(f"{checkpoints.path}: checkpoint belongs to another trial config")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -188,19 +189,9 @@ def run_trial(
             lr = lr_at(cfg, epoch * steps + step, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with _autocast(device):
-                logits = model(batch.images).float()
-            loss = F.cross_entropy(logits, batch.labels, label_smoothing=cfg.label_smoothing)
-            if batch.lam is not None:
-                mixed = F.cross_entropy(logits, batch.mixed_labels, label_smoothing=cfg.label_smoothing)
-                loss = batch.lam * loss + (1 - batch.lam) * mixed
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
+            loss = train_step(model, optimizer, batch, cfg.label_smoothing, cfg.clip_grad)
             n = len(batch.labels)
-            loss_sum += loss.detach() * n
+            loss_sum += loss * n
             seen += n
             images += n
             if checkpoint_every_steps and (step + 1) % checkpoint_every_steps == 0 and step + 1 < steps:
@@ -227,8 +218,16 @@ def run_trial(
         if on_epoch:
             on_epoch(metrics)
 
+    stage_dir = StageDir(checkpoints.path.parent / "stages")
+    stage_metrics = run_stages(model, cfg, roots, stage_dir, device, budget, on_stages)
+    mc = cfg.model_config()
+    side = cfg.resolution or cfg.dataset_info.resolution
+    weight = model.embed.weight.detach().float().cpu().numpy()
+    filters = plots.first_layer_filters(weight, mc.in_features // side**2, side, stage_dir.path / "first_layer.png")
     final = history[-1]
     return {
+        "stages": stage_metrics,
+        "first_layer": str(filters),
         "status": "finished",
         "seed": cfg.seed,
         "device": str(device),

@@ -23,7 +23,9 @@ TINY = dict(model="B-1/Wi-32", examples=2000, epochs=2, batch_size=100)
 def test_a_trial_learns_and_checkpoints(tmp_path, fashion_mnist):
     cfg = TrialConfig(**TINY, optimizer="adamw", lr=1e-3, flip=True, crop_padding=2, mixup=0.2, label_smoothing=0.1)
     seen = []
-    result = run_trial(cfg, CheckpointDir(tmp_path / "ckpt"), data_root=fashion_mnist, on_epoch=seen.append)
+    result = run_trial(
+        cfg, CheckpointDir(tmp_path / "ckpt"), data_roots={"fashion-mnist": fashion_mnist}, on_epoch=seen.append
+    )
     assert [m["epoch"] for m in seen] == [1, 2] and result["history"] == seen
     assert result["status"] == "finished" and result["seed"] == 0
     assert result["test_error"] < 0.4, "well below the 0.9 of chance"
@@ -34,27 +36,33 @@ def test_a_trial_learns_and_checkpoints(tmp_path, fashion_mnist):
 @pytest.mark.parametrize("optimizer,lr", [("lion", 3e-4), ("sgd", 0.05)])
 def test_each_optimizer_trains(tmp_path, fashion_mnist, optimizer, lr):
     cfg = TrialConfig(**{**TINY, "epochs": 1}, optimizer=optimizer, lr=lr, weight_decay=1e-3, clip_grad=1.0)
-    result = run_trial(cfg, CheckpointDir(tmp_path), data_root=fashion_mnist)
+    result = run_trial(cfg, CheckpointDir(tmp_path), data_roots={"fashion-mnist": fashion_mnist})
     assert result["test_error"] < 0.5
 
 
 def test_finished_trial_is_not_trained_again(tmp_path, fashion_mnist):
     cfg = TrialConfig(**TINY)
-    first = run_trial(cfg, CheckpointDir(tmp_path), data_root=fashion_mnist)
-    again = run_trial(cfg, CheckpointDir(tmp_path), data_root=fashion_mnist)
+    first = run_trial(cfg, CheckpointDir(tmp_path), data_roots={"fashion-mnist": fashion_mnist})
+    again = run_trial(cfg, CheckpointDir(tmp_path), data_roots={"fashion-mnist": fashion_mnist})
     assert again["history"] == first["history"] and again["resumed_from"] == []
 
 
 def test_checkpoint_of_another_config_is_refused(tmp_path, fashion_mnist):
-    run_trial(TrialConfig(**{**TINY, "epochs": 1}), CheckpointDir(tmp_path), data_root=fashion_mnist)
+    run_trial(
+        TrialConfig(**{**TINY, "epochs": 1}), CheckpointDir(tmp_path), data_roots={"fashion-mnist": fashion_mnist}
+    )
     with pytest.raises(ValueError, match="belongs to another trial config"):
-        run_trial(TrialConfig(**{**TINY, "epochs": 1}, seed=1), CheckpointDir(tmp_path), data_root=fashion_mnist)
+        run_trial(
+            TrialConfig(**{**TINY, "epochs": 1}, seed=1),
+            CheckpointDir(tmp_path),
+            data_roots={"fashion-mnist": fashion_mnist},
+        )
 
 
 def test_diverging_trial_is_detected(tmp_path, fashion_mnist):
     cfg = TrialConfig(**{**TINY, "epochs": 1}, optimizer="sgd", lr=1e12)
     with pytest.raises(TrialDiverged, match="training loss is (nan|inf)"):
-        run_trial(cfg, CheckpointDir(tmp_path), data_root=fashion_mnist)
+        run_trial(cfg, CheckpointDir(tmp_path), data_roots={"fashion-mnist": fashion_mnist})
 
 
 def test_warmup_then_cosine():

@@ -205,6 +205,37 @@ def register(name: str, root: str | Path) -> None:
         _PREPARED[name] = _prepared_info(name, Path(root))
 
 
+DECLARED_FACTS = ("classes", "train", "test", "resolution", "channels")
+
+
+def declare(name: str, root: str | Path, facts: dict[str, int]) -> None:
+    """Make ``name`` known from the facts a grid file states about it (``classes``, ``train``,
+    ``test``, ``resolution``, ``channels``), so its trials can be planned before it is prepared.
+    Once prepared at ``root``, its manifest must agree with them."""
+    root = Path(root)
+    if (root / prepared.MANIFEST).is_file():
+        register(name, root)
+        found = _PREPARED[name]
+        actual = {"classes": found.num_classes, "train": found.train_size, "test": found.test_size,
+                  "resolution": found.resolution, "channels": found.channels}  # fmt: skip
+        wrong = [f"{k} {facts[k]} (it has {actual[k]})" for k in DECLARED_FACTS if facts.get(k, actual[k]) != actual[k]]
+        if wrong:
+            raise ValueError(f"{root}: the prepared dataset differs from what is declared: {', '.join(wrong)}")
+        return
+    _PREPARED[name] = DatasetInfo(
+        name=name,
+        classes=tuple(str(i) for i in range(facts["classes"])),
+        channels=facts.get("channels", 3),
+        resolution=facts["resolution"],
+        train_size=facts["train"],
+        test_size=facts["test"],
+        default_root=str(root),
+        env_var=None,
+        locate=prepared.locate,
+        read=_read_prepared,
+    )
+
+
 def info(name: str) -> DatasetInfo:
     """A built-in dataset, a registered prepared one, or one prepared under :func:`prepared.home`."""
     if name in DATASETS:

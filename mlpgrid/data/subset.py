@@ -29,6 +29,20 @@ def proportional_order(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.lexsort((tiebreak, keys))
 
 
+HELD_OUT_SEED = 2**31 - 1  # one held-out split per dataset, whatever a trial's seed
+
+
+def split_off(labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the rest, a class-proportional held-out split of ``size`` examples), sorted indices.
+
+    The split depends on the labels alone, so every trial of a grid holds out the same examples.
+    """
+    if not 0 < size < len(labels):
+        raise ValueError(f"a held-out split of {size} from {len(labels)} examples leaves nothing on one side")
+    order = proportional_order(labels, HELD_OUT_SEED)
+    return np.sort(order[size:]), np.sort(order[:size])
+
+
 def proportional_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Indices of a class-proportional subset of size ``n`` (nested across ``n``)."""
     if not 0 < n <= len(labels):

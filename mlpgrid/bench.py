@@ -1,0 +1,49 @@
+"""Table 7 of the paper on the current device: parameters, latency at batch 1, throughput at the
+best batch size, and FLOPs per forward, for models at a given input size."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from mlpgrid import models
+from mlpgrid.step import autocast
+
+
+def _seconds(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Median seconds of one forward pass of ``x``."""
+    times = []
+    with torch.no_grad(), autocast(x.device):
+        for _ in range(3):  # warm-up: kernels chosen, memory allocated
+            model(x)
+        for _ in range(repeats):
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            started = time.perf_counter()
+            model(x)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def efficiency(name: str, resolution: int, channels: int, classes: int, device: torch.device,
+               batch_sizes: tuple[int, ...], repeats: int = 20) -> dict[str, float | str]:  # fmt: skip
+    """Inference figures of one model (bf16 autocast on a GPU, float32 on the CPU)."""
+    cfg = models.config_for(name, channels * resolution * resolution, classes)
+    model = models.MLP(cfg).to(device).eval()
+    shape = (channels, resolution, resolution)
+    latency = _seconds(model, torch.randn(1, *shape, device=device), repeats)
+    rates = {b: b / _seconds(model, torch.randn(b, *shape, device=device), repeats) for b in batch_sizes}
+    best = max(rates, key=rates.get)
+    return {
+        "model": cfg.name,
+        "params": models.count_params(cfg),
+        "forward_flops": models.forward_flops(cfg),
+        "latency_ms": 1e3 * latency,
+        "images_per_s": rates[best],
+        "best_batch": best,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }

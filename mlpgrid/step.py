@@ -1,0 +1,45 @@
+"""One optimizer step and one evaluation pass: what pre-training and fine-tuning share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on a GPU (fp32 master weights); full precision on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Any, label_smoothing: float,
+               clip_grad: float) -> torch.Tensor:  # fmt: skip
+    """One optimizer step on ``batch`` (MixUp-weighted when mixed); returns the loss, on the device."""
+    with autocast(batch.labels.device):
+        logits = model(batch.images).float()
+    loss = F.cross_entropy(logits, batch.labels, label_smoothing=label_smoothing)
+    if batch.lam is not None:
+        mixed = F.cross_entropy(logits, batch.mixed_labels, label_smoothing=label_smoothing)
+        loss = batch.lam * loss + (1 - batch.lam) * mixed
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Any) -> tuple[float, float]:
+    """(mean cross-entropy, top-1 error) over the loader's examples."""
+    model.eval()
+    loss_sum = torch.zeros((), device=loader.device)
+    wrong = torch.zeros((), device=loader.device, dtype=torch.long)
+    for batch in loader.epoch(0):
+        with autocast(loader.device):
+            logits = model(batch.images)
+        loss_sum += F.cross_entropy(logits.float(), batch.labels, reduction="sum")
+        wrong += (logits.argmax(1) != batch.labels).sum()
+    n = loader.size
+    return loss_sum.item() / n, wrong.item() / n

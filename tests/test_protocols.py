@@ -1,0 +1,139 @@
+"""The paper's protocols: grid files, --scale/--only, stages after pre-training, weight pictures, Table 7."""
+
+import dataclasses
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from conftest import REPO, mlpgrid_command
+from mlpgrid import spec
+from mlpgrid.checkpoint import CheckpointDir
+from mlpgrid.cli import cli
+from mlpgrid.data.subset import split_off
+from mlpgrid.spec import SpecError, TrialConfig
+from mlpgrid.stages import probe_examples
+from mlpgrid.train import run_trial
+from test_sources import write_cifar10
+
+GRIDS = sorted((REPO / "grids").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=[g.stem for g in GRIDS])
+def test_every_grid_file_plans_its_trials(grid):
+    result = CliRunner().invoke(cli, ["run", str(grid), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert " trials, total compute C = " in result.output
+    header = grid.read_text().splitlines()[0]
+    assert header.startswith("# "), "each grid file says what it reproduces"
+
+
+def test_grid_metric_must_be_measured_by_every_trial(write_grid):
+    base = "base: {model: B-1/Wi-8, epochs: 1, probe_datasets: [cifar-10]}\n"
+    assert spec.load(write_grid("metric: cifar-10.linear_probe.error\n" + base)).metric == "cifar-10.linear_probe.error"
+    with pytest.raises(
+        SpecError, match="metric: 'cifar-100.linear_probe.error' is not measured by every trial; allowed"
+    ):
+        spec.load(write_grid("metric: cifar-100.linear_probe.error\n" + base))
+    with pytest.raises(SpecError, match="probe_datasets: unknown dataset 'cifar-1000'"):
+        spec.load(write_grid("base: {model: B-1/Wi-8, epochs: 1, probe_datasets: [cifar-1000]}\n"))
+
+
+def test_declared_datasets_plan_before_they_are_prepared(write_grid, tmp_path):
+    grid = write_grid(
+        "data:\n  in1k: {path: nowhere, classes: 1000, train: 1281167, test: 50000, resolution: 64}\n"
+        "base: {dataset: in1k, model: B-12/Wi-1024, epochs: 1}\n"
+    )
+    loaded = spec.load(grid)
+    assert loaded.trials[0].config.num_examples == 1281167 and loaded.trials[0].params == 114_358_248
+    with pytest.raises(SpecError, match="data.bad: declaring a dataset needs test, resolution too"):
+        spec.load(write_grid("data:\n  bad: {path: x, classes: 3, train: 9}\nbase: {model: B-1/Wi-8, epochs: 1}\n"))
+
+
+def test_scale_and_only_reduce_a_grid():
+    grid = spec.load(REPO / "grids" / "scratch.yaml")
+    small = spec.reduce(grid, 0.001, (("dataset", "cifar-10"),))
+    assert small.name == "scratch-scale0.001" and {t.config.dataset for t in small.trials} == {"cifar-10"}
+    assert sorted({(t.config.epochs, t.config.mixup) for t in small.trials}) == [(1, 0.0), (1, 0.8), (5, 0.8)]
+    assert all(t.config.examples == 50 for t in small.trials)
+    with pytest.raises(SpecError, match="no trial has dataset=mnist"):
+        spec.reduce(grid, None, (("dataset", "mnist"),))
+
+
+def test_probe_on_the_pretraining_dataset_uses_a_split_pretraining_never_draws_from(write_grid):
+    labels = np.repeat(np.arange(10), 100)
+    cfg = TrialConfig(model="B-1/Wi-8", epochs=1, examples=300, probe_datasets=("fashion-mnist",), probe_examples=500)
+    held_out = probe_examples(cfg, "fashion-mnist", labels)
+    pool, _ = split_off(labels, 500)
+    assert not set(held_out) & set(pool) and len(pool) + len(held_out) == 1000
+    assert np.bincount(labels[held_out]).tolist() == [50] * 10
+    assert np.array_equal(held_out, probe_examples(dataclasses.replace(cfg, seed=3), "fashion-mnist", labels))
+    with pytest.raises(SpecError, match="holds out probe_examples of its training images from pre-training"):
+        spec.load(write_grid("base: {model: B-1/Wi-8, epochs: 1, probe_datasets: [fashion-mnist]}\n"))
+    with pytest.raises(SpecError, match="has 50000 training images \\(60000 less 10000 held out to probe\\)"):
+        spec.load(write_grid("base: {model: B-1/Wi-8, epochs: 1, examples: 50001, probe_datasets: [fashion-mnist],"
+                             " probe_examples: 10000}\n"))  # fmt: skip
+
+
+def test_stages_run_once_and_resume(fashion_mnist, tmp_path):
+    """Pre-train, probe, fine-tune and evaluate with TTA; a second call finds every stage done."""
+    cfg = TrialConfig(model="B-1/Wi-32", epochs=1, examples=2000, batch_size=200, lr=1e-3, flip=True, crop_padding=2,
+                      probe_datasets=("fashion-mnist",), probe_examples=2000, probe_epochs=20, probe_lr=3e-3,
+                      finetune_datasets=("fashion-mnist",), finetune_epochs=1, tta=2)  # fmt: skip
+    logged = []
+    roots = {"fashion-mnist": fashion_mnist}
+    result = run_trial(cfg, CheckpointDir(tmp_path / "ckpt"), data_roots=roots, on_stages=logged.append)
+    metrics = result["stages"]
+    assert 0 < metrics["fashion-mnist.linear_probe.error"] < 0.7, "far better than chance (0.9)"
+    assert metrics["fashion-mnist.linear_probe.examples"] == 2000
+    assert 0 < metrics["fashion-mnist.finetune.error"] < 0.5 and 0 < metrics["test_error_tta"] < 0.5
+    assert metrics["fashion-mnist.finetune.compute"] > 0 and logged == [metrics]
+    stages = tmp_path / "stages" / "stages.json"
+    written = stages.stat().st_mtime_ns
+    again = run_trial(cfg, CheckpointDir(tmp_path / "ckpt"), data_roots=roots)
+    assert again["stages"] == metrics and stages.stat().st_mtime_ns == written
+    assert (tmp_path / "stages" / "first_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def run_cli(*args, env=None, timeout=600):
+    return subprocess.run(mlpgrid_command(*args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def test_quickstart_transfer_runs_reduced_and_reports_the_probe(tmp_path):
+    storage = tmp_path / "s"
+    done = run_cli("run", "grids/quickstart-transfer.yaml", "--scale", "0.1", "--only", "model=B-2/Wi-64",
+                   "--in-process", "--storage", str(storage))  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 trials: 3 finished" in done.stdout
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("quickstart-transfer-scale0.1")
+    runs = client.search_runs([experiment.experiment_id], "tags.status = 'finished'")
+    assert len(runs) == 3
+    for run in runs:
+        assert 0 < run.data.metrics["fashion-mnist.linear_probe.error"] < 1
+        assert "first_layer.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    status = run_cli("status", "grids/quickstart-transfer.yaml", "--scale", "0.1", "--storage", str(storage), "--json")
+    report = json.loads(status.stdout)
+    assert report["grid"] == "quickstart-transfer-scale0.1" and report["totals"]["finished"] == 3
+
+
+def test_scratch_runs_reduced_on_a_cifar_format_set(tmp_path):
+    write_cifar10(tmp_path / "cifar", np.random.default_rng(0), per_batch=40, test=20)
+    done = run_cli("run", "grids/scratch.yaml", "--scale", "0.001", "--only", "dataset=cifar-10", "--only",
+                   "model=B-6/Wi-1024", "--in-process", "--storage", str(tmp_path / "s"),
+                   env={"MLPGRID_CIFAR10": str(tmp_path / "cifar")})  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 trials: 3 finished" in done.stdout
+
+
+def test_bench_models_prints_table7_columns():
+    result = CliRunner().invoke(cli, ["bench", "models", "B-12/Wi-768", "--batch", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output)[0]
+    assert row["params"] == 66_894_568 and row["forward_flops"] == 66_874_368
+    assert row["latency_ms"] > 0 and row["images_per_s"] > 0 and row["best_batch"] == 8
