@@ -68,6 +68,11 @@ def test_beton_order_is_a_function_of_seed_and_epoch_and_resumes_mid_epoch(anima
     assert len(resumed) == len(again) - 2
     for a, b in zip(again[2:], resumed, strict=True):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.lam, b.lam)
+    reused = ffcv_loader(arrays, None, augmentation=aug)  # one FFCV Loader serves every epoch and resume
+    list(reused.epoch(2, start_step=1))
+    for a, b in zip(again[2:], reused.epoch(1, start_step=2), strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert all(torch.equal(a.labels, b.labels) for a, b in zip(again, reused.epoch(1), strict=True))
 
 
 def test_missing_ffcv_is_named_with_how_to_install(tmp_path):

@@ -63,13 +63,22 @@ def write(images_path: Path, labels_path: Path, out: Path, workers: int = -1) ->
     DatasetWriter(str(out), fields, num_workers=workers).from_indexed_dataset(dataset)
 
 
-class _SkipStart:
-    """Wraps FFCV's traversal order to drop the first ``skip`` positions of the epoch (a resume)."""
+class _EpochOrder:
+    """FFCV's traversal order as a pure function of (seed, epoch), minus the first ``skip`` positions.
 
-    def __init__(self, order, skip: int):
-        self.order, self.skip = order, skip
+    FFCV's quasi-random order shuffles its page table in place, so on a reused Loader an epoch's
+    order would depend on the epochs drawn before it, and a resumed run would see another order.
+    The table is put back as it was before every draw.
+    """
+
+    def __init__(self, order):
+        self.order, self.skip = order, 0
+        table = getattr(order, "page_to_samples_array", None)  # quasi-random order only
+        self.pristine = None if table is None else table.copy()
 
     def sample_order(self, epoch: int):
+        if self.pristine is not None:
+            self.order.page_to_samples_array[:] = self.pristine
         return self.order.sample_order(epoch)[self.skip :]
 
 
@@ -83,8 +92,16 @@ class FfcvLoader(_Loader):
         super().__init__(len(self.indices), batch_size, **kwargs)
         self.path = path
         self.workers = workers
+        self._loader = None  # built at the first epoch, reused after: FFCV compiles its pipeline once per Loader
 
     def _ffcv_loader(self, epoch: int, start_step: int):
+        if self._loader is None:
+            self._loader = self._build()
+        self._loader.next_epoch = epoch
+        self._loader.traversal_order.skip = start_step * self.batch_size
+        return self._loader
+
+    def _build(self):
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
@@ -105,9 +122,7 @@ class FfcvLoader(_Loader):
                 "label": [IntDecoder(), ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=cuda)],
             },
         )  # fmt: skip
-        loader.next_epoch = epoch
-        if start_step:
-            loader.traversal_order = _SkipStart(loader.traversal_order, start_step * self.batch_size)
+        loader.traversal_order = _EpochOrder(loader.traversal_order)
         return loader
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
