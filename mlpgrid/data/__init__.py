@@ -167,6 +167,22 @@ DATASETS: dict[str, DatasetInfo] = {
 _PREPARED: dict[str, DatasetInfo] = {}
 
 
+def _prepared_dataset(name: str, root: Path, classes: tuple[str, ...], facts: dict[str, int]) -> DatasetInfo:
+    """A dataset read from a prepared directory, described by ``facts`` (see :data:`DECLARED_FACTS`)."""
+    return DatasetInfo(
+        name=name,
+        classes=classes,
+        channels=facts.get("channels", 3),
+        resolution=facts["resolution"],
+        train_size=facts["train"],
+        test_size=facts["test"],
+        default_root=str(root),
+        env_var=None,
+        locate=prepared.locate,
+        read=_read_prepared,
+    )
+
+
 def _prepared_info(name: str, root: Path) -> DatasetInfo:
     manifest = prepared.read_manifest(root)
     if manifest["name"] != name:
@@ -174,18 +190,9 @@ def _prepared_info(name: str, root: Path) -> DatasetInfo:
     splits = manifest["splits"]
     if "test" not in splits:
         raise ValueError(f"{root}: {name} has no test split; prepare it with --holdout to carve one from train")
-    return DatasetInfo(
-        name=name,
-        classes=tuple(manifest["classes"]),
-        channels=manifest["channels"],
-        resolution=manifest["resolution"],
-        train_size=splits["train"]["count"],
-        test_size=splits["test"]["count"],
-        default_root=str(root),
-        env_var=None,
-        locate=prepared.locate,
-        read=_read_prepared,
-    )
+    facts = {"classes": len(manifest["classes"]), "train": splits["train"]["count"], "test": splits["test"]["count"],
+             "resolution": manifest["resolution"], "channels": manifest["channels"]}  # fmt: skip
+    return _prepared_dataset(name, root, tuple(manifest["classes"]), facts)
 
 
 def _read_prepared(root: Path) -> ImageArrays:
@@ -213,27 +220,16 @@ def declare(name: str, root: str | Path, facts: dict[str, int]) -> None:
     ``test``, ``resolution``, ``channels``), so its trials can be planned before it is prepared.
     Once prepared at ``root``, its manifest must agree with them."""
     root = Path(root)
-    if (root / prepared.MANIFEST).is_file():
-        register(name, root)
-        found = _PREPARED[name]
-        actual = {"classes": found.num_classes, "train": found.train_size, "test": found.test_size,
-                  "resolution": found.resolution, "channels": found.channels}  # fmt: skip
-        wrong = [f"{k} {facts[k]} (it has {actual[k]})" for k in DECLARED_FACTS if facts.get(k, actual[k]) != actual[k]]
-        if wrong:
-            raise ValueError(f"{root}: the prepared dataset differs from what is declared: {', '.join(wrong)}")
+    if not (root / prepared.MANIFEST).is_file():
+        _PREPARED[name] = _prepared_dataset(name, root, tuple(str(i) for i in range(facts["classes"])), facts)
         return
-    _PREPARED[name] = DatasetInfo(
-        name=name,
-        classes=tuple(str(i) for i in range(facts["classes"])),
-        channels=facts.get("channels", 3),
-        resolution=facts["resolution"],
-        train_size=facts["train"],
-        test_size=facts["test"],
-        default_root=str(root),
-        env_var=None,
-        locate=prepared.locate,
-        read=_read_prepared,
-    )
+    register(name, root)
+    found = _PREPARED[name]
+    actual = {"classes": found.num_classes, "train": found.train_size, "test": found.test_size,
+              "resolution": found.resolution, "channels": found.channels}  # fmt: skip
+    wrong = [f"{k} {facts[k]} (it has {actual[k]})" for k in DECLARED_FACTS if facts.get(k, actual[k]) != actual[k]]
+    if wrong:
+        raise ValueError(f"{root}: the prepared dataset differs from what is declared: {', '.join(wrong)}")
 
 
 def info(name: str) -> DatasetInfo:
