@@ -55,11 +55,24 @@ class StageDir:
         os.replace(tmp, self.file)
 
 
-def _load(dataset: str, roots: Mapping[str, str | Path], cfg: TrialConfig) -> data.ImageArrays:
+Datasets = Callable[[str], data.ImageArrays]
+
+
+def _datasets(cfg: TrialConfig, roots: Mapping[str, str | Path], loaded: dict[str, data.ImageArrays]) -> Datasets:
+    """A dataset by name at the pre-training resolution and channels, each read once."""
     side = cfg.resolution or cfg.dataset_info.resolution
     channels = cfg.channels or cfg.dataset_info.channels
-    root = roots.get(dataset)
-    return data.load(dataset, None if root is None else str(root), side, channels)
+
+    def get(name: str) -> data.ImageArrays:
+        if name not in loaded:
+            root = roots.get(name)
+            loaded[name] = data.load(name, None if root is None else str(root), side, channels)
+        if loaded[name].beton is not None:
+            raise ValueError(f"{name} is stored as FFCV files; probes, fine-tuning and TTA read arrays: prepare it "
+                             "with --format npy")  # fmt: skip
+        return loaded[name]
+
+    return get
 
 
 @torch.no_grad()
@@ -83,14 +96,14 @@ def probe_examples(cfg: TrialConfig, dataset: str, labels: np.ndarray) -> np.nda
     return np.sort(order[: cfg.probe_examples or len(order)])
 
 
-def linear_probe(model: models.MLP, cfg: TrialConfig, dataset: str, roots: Mapping[str, str | Path],
-                 stage_dir: StageDir, device: torch.device) -> dict[str, float]:  # fmt: skip
+def linear_probe(model: models.MLP, cfg: TrialConfig, dataset: str, datasets: Datasets, stage_dir: StageDir,
+                 device: torch.device) -> dict[str, float]:  # fmt: skip
     """Train a linear classifier (Lion, ``probe_lr``, ``probe_epochs``) on frozen features."""
     cache = stage_dir.path / f"features-{dataset}.pt"
     if cache.is_file():
         train_x, train_y, test_x, test_y = torch.load(cache, map_location=device).values()
     else:
-        arrays = _load(dataset, roots, cfg)
+        arrays = datasets(dataset)
         chosen = probe_examples(cfg, dataset, arrays.train_labels)
         train_x = _features(model, arrays.train_images[chosen], arrays, device)
         test_x = _features(model, arrays.test_images, arrays, device)
@@ -145,14 +158,14 @@ def finetune(
     model: models.MLP,
     cfg: TrialConfig,
     dataset: str,
-    roots: Mapping[str, str | Path],
+    datasets: Datasets,
     stage_dir: StageDir,
     device: torch.device,
     budget_bytes: float,
 ) -> dict[str, float]:
     """Fine-tune a copy of the model with a new head: SGD with momentum, ``finetune_lr_head`` for
     the head and ``finetune_lr_body`` for the rest, cosine decay, the trial's flips and crops."""
-    arrays = _load(dataset, roots, cfg)
+    arrays = datasets(dataset)
     target = data.info(dataset)
     torch.manual_seed(derive_seed(cfg.seed, _FINETUNE_STREAM))
     net = models.MLP(dataclasses.replace(cfg.model_config(), num_classes=target.num_classes))
@@ -204,20 +217,25 @@ def run_stages(
     device: torch.device,
     budget_bytes: float,
     on_metrics: Callable[[dict[str, float]], None] | None = None,
+    loaded: dict[str, data.ImageArrays] | None = None,
 ) -> dict[str, float]:
     """Every stage ``cfg`` declares that ``stage_dir`` does not hold yet; returns all their metrics
-    (``test_error_tta``, ``<dataset>.linear_probe.error``, ``<dataset>.finetune.error``, ...)."""
+    (``test_error_tta``, ``<dataset>.linear_probe.error``, ``<dataset>.finetune.error``, ...).
+    ``loaded`` holds datasets already read at the pre-training resolution (not read again)."""
+    datasets = _datasets(cfg, roots, dict(loaded or {}))
     plan: list[tuple[str, Callable[[], dict[str, float]]]] = []
     if cfg.tta:
 
         def tta() -> dict[str, float]:
-            return {"error": evaluate_tta(model, _load(cfg.dataset, roots, cfg), cfg, device, budget_bytes)}
+            return {"error": evaluate_tta(model, datasets(cfg.dataset), cfg, device, budget_bytes)}
 
         plan.append(("tta", tta))
     for ds in cfg.probe_datasets:
-        plan.append((f"{ds}.linear_probe", lambda ds=ds: linear_probe(model, cfg, ds, roots, stage_dir, device)))
+        plan.append((f"{ds}.linear_probe", lambda ds=ds: linear_probe(model, cfg, ds, datasets, stage_dir, device)))
     for ds in cfg.finetune_datasets:
-        plan.append((f"{ds}.finetune", lambda ds=ds: finetune(model, cfg, ds, roots, stage_dir, device, budget_bytes)))
+        plan.append(
+            (f"{ds}.finetune", lambda ds=ds: finetune(model, cfg, ds, datasets, stage_dir, device, budget_bytes))
+        )
     for name, run in plan:
         if name not in stage_dir.results():
             stage_dir.record(name, run())

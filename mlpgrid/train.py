@@ -74,10 +74,9 @@ def default_data_budget(device: torch.device) -> float:
 
 
 def make_loaders(
-    cfg: TrialConfig, data_root: str | Path | None, device: torch.device, budget_bytes: float
+    arrays: data.ImageArrays, cfg: TrialConfig, device: torch.device, budget_bytes: float
 ) -> tuple[Loader, Loader]:
     """The trial's training loader (its class-proportional subset, augmented) and test loader."""
-    arrays = data.load(cfg.dataset, None if data_root is None else str(data_root), cfg.resolution, cfg.channels)
     pool = np.arange(len(arrays.train_labels))
     if cfg.probes_itself:  # the probe's examples stay unseen
         pool, _ = split_off(arrays.train_labels, cfg.probe_examples)
@@ -149,7 +148,13 @@ def run_trial(
     for name, root in roots.items():
         data.register(name, root)
     budget = default_data_budget(device) if data_budget_bytes is None else data_budget_bytes
-    train, test = make_loaders(cfg, roots.get(cfg.dataset), device, budget)
+    root = roots.get(cfg.dataset)
+    arrays = data.load(cfg.dataset, None if root is None else str(root), cfg.resolution, cfg.channels)
+    train, test = make_loaders(arrays, cfg, device, budget)
+    # Kept for the stages that read the pre-training dataset again; otherwise let it go.
+    reread = cfg.tta or cfg.dataset in (*cfg.probe_datasets, *cfg.finetune_datasets)
+    loaded = {cfg.dataset: arrays} if reread else {}
+    del arrays
 
     torch.manual_seed(derive_seed(cfg.seed, _INIT_STREAM))
     model = MLP(cfg.model_config()).to(device)
@@ -219,7 +224,7 @@ def run_trial(
             on_epoch(metrics)
 
     stage_dir = StageDir(checkpoints.path.parent / "stages")
-    stage_metrics = run_stages(model, cfg, roots, stage_dir, device, budget, on_stages)
+    stage_metrics = run_stages(model, cfg, roots, stage_dir, device, budget, on_stages, loaded)
     mc = cfg.model_config()
     side = cfg.resolution or cfg.dataset_info.resolution
     weight = model.embed.weight.detach().float().cpu().numpy()
