@@ -3,6 +3,7 @@
 Files are named ``epoch-EEEE-step-SSSSSS.pt`` after the position training continues from,
 so the latest is found by name alone. A checkpoint is written to a temporary file and
 renamed, so a process killed while saving never leaves a half-written checkpoint behind.
+:class:`BackgroundSaver` writes them on a thread, so training does not wait for the disk.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import fcntl
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,6 +55,58 @@ class CheckpointDir:
         if not positions:
             return None
         return torch.load(self.file(*positions[-1]), map_location="cpu", weights_only=True)
+
+
+def _host_copy(value: Any) -> Any:
+    """``value`` with every tensor copied to host memory and every container rebuilt."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(v) for v in value)
+    return value
+
+
+class BackgroundSaver:
+    """Saves to a :class:`CheckpointDir` on a thread while training goes on.
+
+    ``save`` copies the state to host memory at once (training keeps changing the tensors) and
+    writes the copy in the background. While the previous checkpoint is still being written a
+    new one is skipped rather than waited for, unless it is ``required`` (the last of a
+    trial): checkpoints come as often as the disk allows, and the GPU never waits for it.
+    Every checkpoint is a valid place to resume from, so which ones exist does not change
+    results. ``wait`` blocks until the write in flight is done and raises its error.
+    """
+
+    def __init__(self, checkpoints: CheckpointDir):
+        self.checkpoints = checkpoints
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict[str, Any], epoch: int, step: int, *, required: bool = False) -> bool:
+        """Start writing ``state``; False when skipped because a write is still in flight."""
+        if self._thread is not None and self._thread.is_alive() and not required:
+            return False
+        self.wait()
+        snapshot = _host_copy(state)
+        self._thread = threading.Thread(target=self._write, args=(snapshot, epoch, step), daemon=True)
+        self._thread.start()
+        return True
+
+    def _write(self, state: dict[str, Any], epoch: int, step: int) -> None:
+        try:
+            self.checkpoints.save(state, epoch, step)
+        except BaseException as e:  # noqa: BLE001 - raised in the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 @contextmanager

@@ -142,15 +142,16 @@ def cli() -> None:
 @tracking_option
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster address (env RAY_ADDRESS); default: local Ray.")
 @click.option("--max-concurrent", type=click.IntRange(min=1), help="Trials at a time; default: as resources allow.")
-@click.option("--gpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="GPUs per trial; a fraction packs several trials on one GPU.")  # fmt: skip
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0, max=1, min_open=True),
+              help="Share of a GPU per trial, e.g. 0.5: two trials per GPU. Default: the grid's run.gpus_per_trial, "
+                   "else 0.25 for small models and 0.5 for the rest.")  # fmt: skip
 @click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="CPU cores per trial when there is no GPU.")  # fmt: skip
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Restarts of a failed trial, each from its last checkpoint.")  # fmt: skip
 @click.option("--in-process", is_flag=True, help="Run the trials one by one in this process, without Ray.")
 def run(grid_file: str, dry_run: bool, storage: Path, tracking_uri: str | None, address: str | None,
-        max_concurrent: int | None, gpus_per_trial: float, cpus_per_trial: float, retries: int,
+        max_concurrent: int | None, gpus_per_trial: float | None, cpus_per_trial: float, retries: int,
         in_process: bool) -> None:  # fmt: skip
     """Run every trial of GRID_FILE that has not ended yet.
 

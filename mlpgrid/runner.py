@@ -6,6 +6,12 @@ metrics reach Tune through ``TuneReportCallback``. Either way a trial runs throu
 :func:`execute`, which opens the trial's MLflow run, trains (resuming from the trial's
 checkpoint directory) and records how the trial ended.
 
+Trials share GPUs: by default two (four when small) trials run on each GPU at once, so the
+start-up of one (worker processes, CUDA, data, compilation: half a minute) overlaps the
+training of another, and small models, which cannot keep a GPU busy alone, fill it together.
+The driver loads each in-memory dataset once and hands it to every trial through Ray's object
+store.
+
 Resuming a grid needs no Ray state: MLflow says which trials are done, and each trial's
 checkpoint directory (under ``--storage``, which must be shared by all nodes of a cluster)
 says where an unfinished one stands. Re-running a grid file therefore also picks up trials
@@ -14,6 +20,7 @@ added to it since.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import time
@@ -23,12 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mlpgrid import data
 from mlpgrid.checkpoint import CheckpointDir, exclusive
 from mlpgrid.progress import Progress
 from mlpgrid.spec import GridSpec, RunOptions, Trial
 from mlpgrid.tracking import DIVERGED, DONE, FAILED, FINISHED, GridRun, TrialRun, trial_runs
-from mlpgrid.train import TrialDiverged, run_trial
+from mlpgrid.train import TrialDiverged, default_data_budget, pick_device, run_trial
+
+# A step of fewer hardware FLOPs than this leaves a GPU mostly waiting for kernel launches
+# (about 5 ms of an H100): four such trials share a GPU by default, larger ones two.
+SMALL_STEP_FLOPS = 2e12
 
 
 @dataclass(frozen=True)
@@ -46,9 +59,17 @@ class TrialTask:
 class RayOptions:
     address: str | None = None  # None: a local Ray instance (or RAY_ADDRESS)
     max_concurrent: int | None = None  # None: as many as the resources allow
-    gpus_per_trial: float = 1.0  # fractions pack several small trials on one GPU
+    gpus_per_trial: float | None = None  # fractions pack trials on one GPU; None: the grid's, else by model size
     cpus_per_trial: float = 1.0  # used when the cluster has no GPU
     retries: int = 2  # a failed trial restarts from its last checkpoint this many times
+
+
+def gpu_share(trial: Trial, chosen: float | None = None) -> float:
+    """The share of a GPU ``trial`` runs on: ``chosen`` if given, else by the size of its step."""
+    if chosen is not None:
+        return chosen
+    step_flops = 2 * 3 * trial.forward_flops * trial.config.batch_size
+    return 0.25 if step_flops < SMALL_STEP_FLOPS else 0.5
 
 
 def check_data(grid: GridSpec) -> None:
@@ -91,14 +112,22 @@ def execute(
     tags: dict[str, str] | None = None,
     device: Any = None,
     launched_at: float | None = None,
+    arrays: data.ImageArrays | None = None,
+    gpu_share: float = 1.0,
 ) -> str:
     """Run one trial with its MLflow run; returns finished or diverged, raises on failure.
 
     ``tags`` are set on the trial's run for this attempt (where it runs). ``launched_at`` (a
     ``time.time()``) is when the runner asked for the trial; the time from then to the first
-    training step is logged as ``startup_seconds``.
+    training step is logged as ``startup_seconds``. ``arrays`` are the pre-training data when
+    the runner shares it; ``gpu_share`` is the part of the GPU the trial has (its default data
+    budget scales with it).
     """
     launched_at = launched_at or time.time()
+    device = device or pick_device()
+    options = task.options
+    chosen_budget = options.data_budget_gb
+    budget = default_data_budget(device, gpu_share) if chosen_budget is None else chosen_budget * 2**30
     for name, root in task.data_roots.items():  # a worker process knows only what the task says
         data.register(name, root)
     run = TrialRun.open(task.grid_run, task.trial, tags)
@@ -108,7 +137,7 @@ def execute(
         nonlocal first
         if first:
             metrics = {**metrics, "startup_seconds": time.time() - metrics["epoch_seconds"] - launched_at}
-            run.log_startup(metrics["startup_seconds"])
+            run.log_attempt(metrics)
             first = False
         run.log_epochs([metrics])
         if report:
@@ -120,8 +149,10 @@ def execute(
                 task.trial.config,
                 CheckpointDir(task.checkpoint_dir),
                 data_roots=task.data_roots,
-                checkpoint_every_steps=task.options.checkpoint_every_steps,
-                data_budget_bytes=None if task.options.data_budget_gb is None else task.options.data_budget_gb * 2**30,
+                checkpoint_every_steps=options.checkpoint_every_steps,
+                data_budget_bytes=budget,
+                compile=options.compile,
+                arrays=arrays,
                 on_epoch=on_epoch,
                 on_resume=run.log_epochs,
                 on_stages=run.log_stages,
@@ -161,39 +192,51 @@ def _train_worker(config: dict[str, Any]) -> None:
     import torch
 
     context = ray.get_runtime_context()
+    granted = context.get_assigned_resources()
     # As many threads as cores granted: CPU results depend on the thread count, so a trial is
     # reproducible given its config and its --cpus-per-trial.
-    torch.set_num_threads(max(1, int(context.get_assigned_resources().get("CPU", 1))))
+    torch.set_num_threads(max(1, int(granted.get("CPU", 1))))
+    shared = config["arrays"]
     status = execute(
         config["task"],
         report=ray.train.report,
         tags={
+            "data_from": "object store" if shared is not None else "loaded by the trial",
             "ray_trial_id": config["ray_trial_id"],
             "ray_node_id": context.get_node_id(),
             "torch_threads": str(torch.get_num_threads()),
         },
         device=ray.train.torch.get_device(),
         launched_at=config["launched_at"],
+        arrays=None if shared is None else ray.get(shared),
+        gpu_share=granted.get("GPU", 1.0),
     )
     ray.train.report({"status": status})  # lets the live view tell finished from diverged
 
 
-def _tune_trial(config: dict[str, Any], tasks: dict[str, TrialTask], scaling: Any, storage: str) -> None:
-    """The Tune trial: builds and fits a one-worker TorchTrainer for one grid trial."""
+def _tune_trial(config: dict[str, Any], tasks: dict[str, TrialTask], workers: dict[str, dict[str, float]],
+                arrays: dict[tuple, Any], storage: str) -> None:  # fmt: skip
+    """The Tune trial: builds and fits a one-worker TorchTrainer for one grid trial.
+
+    ``workers`` holds each trial's worker resources, ``arrays`` the object-store references of
+    the datasets the driver shares, by :func:`_dataset_key`.
+    """
     from ray import tune
-    from ray.train import RunConfig
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     task = tasks[config["trial_id"]]
+    resources = workers[task.trial.id]
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
             "task": task,
             "ray_trial_id": tune.get_context().get_trial_id(),
             "launched_at": time.time(),
+            "arrays": arrays.get(_dataset_key(task.trial)),
         },
-        scaling_config=scaling,
+        scaling_config=ScalingConfig(num_workers=1, use_gpu="GPU" in resources, resources_per_worker=resources),
         # Retries happen at the Tune level (a new trainer resumes from the trial's checkpoint),
         # which also covers losing the node this function runs on.
         run_config=RunConfig(name=f"trial-{task.trial.id}", storage_path=storage, callbacks=[TuneReportCallback()]),
@@ -201,17 +244,42 @@ def _tune_trial(config: dict[str, Any], tasks: dict[str, TrialTask], scaling: An
     trainer.fit()
 
 
-def _slots(resources: dict[str, float], use_gpu: bool, opts: RayOptions) -> int:
-    per_trial = opts.gpus_per_trial if use_gpu else opts.cpus_per_trial
-    available = resources.get("GPU" if use_gpu else "CPU", 0)
-    return max(1, math.floor(available / per_trial + 1e-9))
+def _dataset_key(trial: Trial) -> tuple[str, int | None, int | None]:
+    cfg = trial.config
+    return cfg.dataset, cfg.resolution, cfg.channels
+
+
+def _share_datasets(tasks: list[TrialTask]) -> dict[tuple, Any]:
+    """Load each in-memory pre-training dataset once and put it in Ray's object store.
+
+    Workers on a node then read one shared copy instead of each loading (and resizing) the
+    dataset again. Memory-mapped (prepared) datasets are left out: the page cache already
+    shares them, and the store is no place for datasets larger than memory. So is a dataset
+    that would take more than a quarter of the store.
+    """
+    import ray
+
+    room = ray.available_resources().get("object_store_memory", 0) / 4
+    shared = {}
+    for task in tasks:
+        key = _dataset_key(task.trial)
+        if key in shared:
+            continue
+        name, resolution, channels = key
+        info = data.info(name)
+        side, depth = resolution or info.resolution, channels or info.channels
+        if (info.train_size + info.test_size) * depth * side**2 > room:
+            continue
+        arrays = data.load(name, task.data_roots[name], resolution, channels)
+        if arrays.beton is None and not isinstance(arrays.train_images, np.memmap):
+            shared[key] = ray.put(arrays)
+    return shared
 
 
 def run_on_ray(tasks: list[TrialTask], grid: GridSpec, storage: Path, opts: RayOptions, progress: Progress) -> None:
     """Run the tasks as one Ray Tune experiment."""
     import ray
     from ray import tune
-    from ray.train import ScalingConfig
 
     # Health checks every 0.2 s instead of the default: each report otherwise waits ~1.7 s.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -230,28 +298,38 @@ def run_on_ray(tasks: list[TrialTask], grid: GridSpec, storage: Path, opts: RayO
             runtime_env={"env_vars": forwarded},
         )
     resources = ray.cluster_resources()
-    use_gpu = resources.get("GPU", 0) > 0
-    worker = {"GPU": opts.gpus_per_trial} if use_gpu else {"CPU": opts.cpus_per_trial}
-    scaling = ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=worker)
+    kind = "GPU" if resources.get("GPU", 0) > 0 else "CPU"
+    chosen = opts.gpus_per_trial if opts.gpus_per_trial is not None else grid.run.gpus_per_trial
+    workers = {
+        t.trial.id: {"GPU": gpu_share(t.trial, chosen)} if kind == "GPU" else {"CPU": opts.cpus_per_trial}
+        for t in tasks
+    }
     # The Tune function only waits on its trainer: it takes no CPU, else on a CPU-only
     # cluster the Tune trials would hold every CPU and the Train workers could never start.
     trainable = tune.with_resources(
         tune.with_parameters(
-            _tune_trial, tasks={t.trial.id: t for t in tasks}, scaling=scaling, storage=str(storage.resolve() / "ray")
+            _tune_trial,
+            tasks={t.trial.id: t for t in tasks},
+            workers=workers,
+            arrays=_share_datasets(tasks),
+            storage=str(storage.resolve() / "ray"),
         ),
         {"cpu": 0, "memory": 1},
     )
-    slots = _slots(resources, use_gpu, opts)
+    # Enough Tune trials at once to fill every slot; Ray starts each worker when its share is free.
+    shares = collections.Counter(w[kind] for w in workers.values())
+    slots = max(1, math.floor(resources.get(kind, 0) / min(shares) + 1e-9))
     concurrent = min(opts.max_concurrent or slots, slots, len(tasks))
+    each = ", ".join(f"{n} on {share:g} {kind}" for share, n in sorted(shares.items()))
     progress.note(
-        f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; {concurrent} trials at a time, "
-        f"each on {worker}"
+        f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; up to {concurrent} trials at a "
+        f"time ({each})"
     )
     by_id = {t.trial.id: t.trial for t in tasks}
     tuner = tune.Tuner(
         trainable,
         param_space={"trial_id": tune.grid_search([t.trial.id for t in tasks])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=False),
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(storage.resolve() / "ray"),

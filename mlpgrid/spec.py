@@ -8,6 +8,8 @@ A grid file::
     run:                        # optional: how trials run (does not change their results)
       checkpoint_every_steps: 100
       data_budget_gb: 16        # keep up to this much of the images on the GPU; stream the rest
+      gpus_per_trial: 0.5       # pack trials on a GPU; default auto (by model size)
+      compile: true             # torch.compile the model; default auto (long GPU trials)
     base:                       # settings shared by every trial
       optimizer: lion
       lr: 3.0e-4
@@ -167,6 +169,8 @@ class RunOptions:
 
     checkpoint_every_steps: int = 0  # 0 = at epoch ends only
     data_budget_gb: float | None = None  # images a trial may keep on its device; more are streamed. None = auto
+    gpus_per_trial: float | None = None  # a fraction packs trials on a GPU. None = auto, by model size
+    compile: bool | None = None  # torch.compile the model. None = auto, where it pays
 
 
 @dataclass(frozen=True)
@@ -443,12 +447,11 @@ def parse(text: str, path: Path) -> GridSpec:
         errors.add("run", "expected a mapping")
         run_raw = {}
     for key, value in run_raw.items():
-        kind = int if key == "checkpoint_every_steps" else float
         if key not in run_fields:
             errors.add(f"run.{key}", _unknown_key(key, list(run_fields)))
-        elif isinstance(value, bool) or not isinstance(value, (int, kind)) or value < 0:
-            errors.add(f"run.{key}", f"expected a {'whole ' if kind is int else ''}number >= 0, got {value!r}")
-        else:
+        elif (problem := _run_option_problem(key, value)) is not None:
+            errors.add(f"run.{key}", f"{problem}, got {value!r}")
+        elif value != "auto":
             run_options[key] = value
 
     base_raw = doc.get("base") or {}
@@ -560,6 +563,21 @@ def reduce(grid: GridSpec, scale: float | None = None, only: tuple[tuple[str, st
         )  # fmt: skip
         reduced.setdefault(trial_id(small), Trial(trial_id(small), small))  # trials may collapse into one
     return dataclasses.replace(grid, name=f"{grid.name}-scale{scale:g}", trials=list(reduced.values()))
+
+
+def _run_option_problem(key: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for ``run.<key>``, or None."""
+    auto = "" if key == "checkpoint_every_steps" else " or auto"
+    if value == "auto" and auto:
+        return None
+    if key == "compile":
+        return None if isinstance(value, bool) else "expected true, false or auto"
+    kind = int if key == "checkpoint_every_steps" else float
+    if isinstance(value, bool) or not isinstance(value, (int, kind)):
+        return f"expected a {'whole ' if kind is int else ''}number{auto}"
+    if key == "gpus_per_trial" and not 0 < value <= 1:
+        return "expected the share of one GPU a trial takes (0 < x <= 1) or auto"
+    return "expected a number >= 0" if value < 0 else None
 
 
 def load(path: str | Path) -> GridSpec:

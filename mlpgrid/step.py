@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -11,6 +12,25 @@ import torch.nn.functional as F
 def autocast(device: torch.device) -> torch.autocast:
     """bf16 autocast on a GPU (fp32 master weights); full precision on the CPU."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def compile_for_training(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, float]:
+    """``torch.compile(model)`` for batches shaped like ``example``, compiled now; returns it
+    and the seconds compiling took.
+
+    Compiling here, on one forward and backward pass whose gradients are then dropped, keeps
+    compile time out of the first epoch's speed. Shapes are static: a batch of another shape
+    (an epoch's last, smaller one) should go through ``model`` itself rather than trigger a
+    second compilation.
+    """
+    started = time.perf_counter()
+    compiled = torch.compile(model, dynamic=False)
+    with autocast(example.device):
+        compiled(example).float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    if example.device.type == "cuda":
+        torch.cuda.synchronize(example.device)
+    return compiled, time.perf_counter() - started
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Any, label_smoothing: float,

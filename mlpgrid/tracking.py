@@ -29,6 +29,8 @@ from mlpgrid.spec import GridSpec, Trial
 RUNNING, FINISHED, FAILED, DIVERGED = "running", "finished", "failed", "diverged"
 DONE = (FINISHED, DIVERGED)  # never run again: a diverged trial would diverge again
 EPOCH_METRICS = ("epoch", "train_loss", "test_loss", "test_error", "lr", "images_per_s", "epoch_seconds")
+HARDWARE_METRICS = ("tflops", "mfu")  # per epoch, where measured (MFU on GPUs only)
+ATTEMPT_METRICS = ("startup_seconds", "compile_seconds")  # once per attempt at a trial
 
 
 def tracking_uri(storage: Path, override: str | None = None) -> str:
@@ -154,7 +156,8 @@ class TrialRun:
             Metric(key, float(m[key]), now, m["epoch"])
             for m in history
             if m["epoch"] not in self.logged_epochs
-            for key in EPOCH_METRICS
+            for key in EPOCH_METRICS + HARDWARE_METRICS
+            if key in m
         ]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
@@ -168,10 +171,13 @@ class TrialRun:
         if new:
             self.client.log_batch(self.run_id, metrics=new)
 
-    def log_startup(self, seconds: float) -> None:
-        """Seconds from the runner's launch of this attempt to its first training step."""
+    def log_attempt(self, metrics: dict[str, float]) -> None:
+        """What this attempt at the trial took before training: ``startup_seconds`` from the
+        runner's launch to the first step, ``compile_seconds`` of it compiling the model."""
         attempt = len(self.client.get_metric_history(self.run_id, "startup_seconds"))
-        self.client.log_metric(self.run_id, "startup_seconds", seconds, step=attempt)
+        now = int(time.time() * 1000)
+        chosen = [Metric(k, float(metrics[k]), now, attempt) for k in ATTEMPT_METRICS if k in metrics]
+        self.client.log_batch(self.run_id, metrics=chosen)
 
     def finish(self, status: str, *, error: str | None = None, checkpoint: str | None = None) -> None:
         tags = {"status": status} | ({"error": error[-4000:]} if error else {})

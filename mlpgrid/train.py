@@ -17,19 +17,26 @@ from typing import Any
 
 import numpy as np
 import torch
-from lion_pytorch import Lion
 
-from mlpgrid import data, plots
-from mlpgrid.checkpoint import CheckpointDir
+from mlpgrid import data, models, plots
+from mlpgrid.bench import matmul_peak_tflops
+from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir
 from mlpgrid.data.beton import FfcvLoader
 from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, derive_seed, make_loader
 from mlpgrid.data.subset import proportional_subset, split_off
 from mlpgrid.models import MLP
+from mlpgrid.optim import CompiledLion, make_optimizer
 from mlpgrid.spec import TrialConfig
 from mlpgrid.stages import StageDir, run_stages
-from mlpgrid.step import evaluate, train_step
+from mlpgrid.step import compile_for_training, evaluate, train_step
 
 EVAL_BATCH = 2048
+# Per-epoch timings: they differ between runs of the same trial, unlike everything else.
+TIMING_METRICS = ("images_per_s", "epoch_seconds", "tflops", "mfu", "compile_seconds")
+# torch.compile takes tens of seconds for a model shape it has not seen (seconds once
+# Inductor's on-disk cache holds it) and saves 10-20% of every step on a GPU: it pays from
+# about this much training compute (hardware FLOPs; a minute or two of an H100).
+COMPILE_PAYS_FLOPS = 2e16
 
 # Separate seed streams, so adding randomness in one place never shifts another.
 _INIT_STREAM, _DROPOUT_STREAM = 1, 2
@@ -43,12 +50,15 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def make_optimizer(cfg: TrialConfig, params: Any, device: torch.device) -> torch.optim.Optimizer:
-    if cfg.optimizer == "lion":
-        return Lion(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def hardware_flops(cfg: TrialConfig) -> float:
+    """FLOPs the hardware executes to pre-train ``cfg`` (two per multiply-add)."""
+    per_forward = models.forward_flops(cfg.model_config())
+    return models.HARDWARE_FLOPS_PER_MAC * models.compute(per_forward, cfg.num_examples, cfg.epochs)
+
+
+def compile_pays(cfg: TrialConfig, device: torch.device) -> bool:
+    """Whether compiling the model is worth its time for this trial (never on the CPU)."""
+    return device.type == "cuda" and hardware_flops(cfg) >= COMPILE_PAYS_FLOPS
 
 
 def lr_at(cfg: TrialConfig, step: int, steps_per_epoch: int) -> float:
@@ -66,10 +76,11 @@ def lr_at(cfg: TrialConfig, step: int, steps_per_epoch: int) -> float:
 Loader = DeviceLoader | StreamingLoader | FfcvLoader
 
 
-def default_data_budget(device: torch.device) -> float:
-    """Bytes of images a trial may keep on ``device``: 40% of a GPU's memory, 8 GiB of host RAM on CPU."""
+def default_data_budget(device: torch.device, gpu_share: float = 1.0) -> float:
+    """Bytes of images a trial may keep on ``device``: 40% of its share of a GPU's memory, 8 GiB
+    of host RAM on CPU."""
     if device.type == "cuda":
-        return 0.4 * torch.cuda.get_device_properties(device).total_memory
+        return 0.4 * gpu_share * torch.cuda.get_device_properties(device).total_memory
     return 8 * 2**30
 
 
@@ -126,6 +137,8 @@ def run_trial(
     data_roots: Mapping[str, str | Path] | None = None,
     checkpoint_every_steps: int = 0,
     data_budget_bytes: float | None = None,
+    compile: bool | None = None,
+    arrays: data.ImageArrays | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_stages: Callable[[dict[str, float]], None] | None = None,
     on_resume: Callable[[list[dict[str, Any]]], None] | None = None,
@@ -137,8 +150,12 @@ def run_trial(
     After pre-training, the stages ``cfg`` declares run (see :mod:`mlpgrid.stages`) and
     ``on_stages`` receives their metrics. The training set is kept on ``device`` when it fits in
     ``data_budget_bytes`` (default :func:`default_data_budget`), else streamed to it; both give
-    the same batches.
-    ``on_epoch`` is called with each finished epoch's metrics, after its checkpoint is saved;
+    the same batches. ``compile`` (default: :func:`compile_pays`) trains through
+    ``torch.compile(model)``. ``arrays`` are the pre-training dataset's arrays when the caller
+    has them already (shared by the trials of a node), else they are loaded.
+    Checkpoints are written in the background (:class:`BackgroundSaver`): at each epoch end
+    and every ``checkpoint_every_steps`` unless the previous one is still being written, and
+    always after the last epoch. ``on_epoch`` is called with each finished epoch's metrics;
     ``on_resume`` with the metrics of the epochs a checkpoint already holds, when resuming.
     Raises :class:`TrialDiverged` when the training loss becomes NaN or infinite.
     """
@@ -149,7 +166,8 @@ def run_trial(
         data.register(name, root)
     budget = default_data_budget(device) if data_budget_bytes is None else data_budget_bytes
     root = roots.get(cfg.dataset)
-    arrays = data.load(cfg.dataset, None if root is None else str(root), cfg.resolution, cfg.channels)
+    if arrays is None:
+        arrays = data.load(cfg.dataset, None if root is None else str(root), cfg.resolution, cfg.channels)
     train, test = make_loaders(arrays, cfg, device, budget)
     # Kept for the stages that read the pre-training dataset again; otherwise let it go.
     reread = cfg.tta or cfg.dataset in (*cfg.probe_datasets, *cfg.finetune_datasets)
@@ -158,7 +176,21 @@ def run_trial(
 
     torch.manual_seed(derive_seed(cfg.seed, _INIT_STREAM))
     model = MLP(cfg.model_config()).to(device)
-    optimizer = make_optimizer(cfg, model.parameters(), device)
+    mc = cfg.model_config()
+    side = cfg.resolution or cfg.dataset_info.resolution
+    shape = (mc.in_features // side**2, side, side)
+    compiled, compile_seconds = None, None
+    if compile_pays(cfg, device) if compile is None else compile:
+        # Before the dropout stream is seeded: this pass draws dropout masks too.
+        example = torch.zeros((cfg.batch_size, *shape), dtype=train.out_dtype, device=device)
+        compiled, compile_seconds = compile_for_training(model, example)
+    optimizer = make_optimizer(cfg, model.parameters(), device, compiled is not None)
+    if isinstance(optimizer, CompiledLion):
+        started = time.perf_counter()
+        optimizer.compile_now()
+        compile_seconds += time.perf_counter() - started
+    flops_per_image = models.HARDWARE_FLOPS_PER_MAC * models.compute(models.forward_flops(mc), 1, 1)
+    peak = matmul_peak_tflops(device) if device.type == "cuda" else None
     torch.manual_seed(derive_seed(cfg.seed, _DROPOUT_STREAM))
 
     epoch, start_step, history, resumed_from = 0, 0, [], []
@@ -176,14 +208,16 @@ def run_trial(
         if on_resume:
             on_resume(history)
 
+    saver = BackgroundSaver(checkpoints)
+
     def save(epoch: int, step: int) -> None:
-        checkpoints.save(
+        saver.save(
             {
                 "config": config_dict, "epoch": epoch, "step": step,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
                 "history": history, "loss_sum": loss_sum.cpu(), "seen": seen, "resumed_from": resumed_from,
             },
-            epoch, step,
+            epoch, step, required=epoch == cfg.epochs,
         )  # fmt: skip
 
     steps = len(train)
@@ -194,13 +228,16 @@ def run_trial(
             lr = lr_at(cfg, epoch * steps + step, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = train_step(model, optimizer, batch, cfg.label_smoothing, cfg.clip_grad)
             n = len(batch.labels)
+            net = compiled if compiled is not None and n == cfg.batch_size else model
+            loss = train_step(net, optimizer, batch, cfg.label_smoothing, cfg.clip_grad)
             loss_sum += loss * n
             seen += n
             images += n
             if checkpoint_every_steps and (step + 1) % checkpoint_every_steps == 0 and step + 1 < steps:
                 save(epoch, step + 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the loop only queues work; wait for it to be done
         train_seconds = time.perf_counter() - started
 
         train_loss = loss_sum.item() / seen
@@ -214,21 +251,25 @@ def run_trial(
             "test_error": test_error,
             "lr": lr,
             "images_per_s": images / train_seconds,
+            "tflops": flops_per_image * images / train_seconds / 1e12,
             "epoch_seconds": time.perf_counter() - started,
         }
+        if peak:
+            metrics["mfu"] = metrics["tflops"] / peak
+        if compile_seconds is not None:  # once per attempt, with its first epoch
+            metrics["compile_seconds"], compile_seconds = compile_seconds, None
         history.append(metrics)
         epoch, start_step = epoch + 1, 0
         loss_sum, seen = torch.zeros((), device=device), 0
         save(epoch, 0)
         if on_epoch:
             on_epoch(metrics)
+    saver.wait()  # the last checkpoint is on disk before the trial counts as trained
 
     stage_dir = StageDir(checkpoints.path.parent / "stages")
     stage_metrics = run_stages(model, cfg, roots, stage_dir, device, budget, on_stages, loaded)
-    mc = cfg.model_config()
-    side = cfg.resolution or cfg.dataset_info.resolution
     weight = model.embed.weight.detach().float().cpu().numpy()
-    filters = plots.first_layer_filters(weight, mc.in_features // side**2, side, stage_dir.path / "first_layer.png")
+    filters = plots.first_layer_filters(weight, shape[0], side, stage_dir.path / "first_layer.png")
     final = history[-1]
     return {
         "stages": stage_metrics,
@@ -242,5 +283,6 @@ def run_trial(
         "test_error": final["test_error"],
         "best_test_error": min(h["test_error"] for h in history),
         "resumed_from": resumed_from,
+        "compiled": compiled is not None,
         "history": history,
     }

@@ -18,6 +18,7 @@ from conftest import REPO, mlpgrid_command
 from mlpgrid import spec, tracking
 from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.runner import execute, pending_tasks
+from mlpgrid.train import TIMING_METRICS
 
 SMALL = "base: {model: B-1/Wi-16, examples: 1000, batch_size: 50}\n"
 BASE = "base: {model: B-1/Wi-16, examples: 1000, batch_size: 50, optimizer: adamw, lr: 1.0e-3}\n"
@@ -62,8 +63,9 @@ def test_grid_runs_on_ray_once_per_trial_and_resumes_only_new_trials(tmp_path, w
         assert tags["status"] == "finished" and run.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_error")]
         assert steps == list(range(1, trial.config.epochs + 1)), "one value per epoch, no gaps"
-        for key in ("train_loss", "images_per_s", "lr", "startup_seconds"):
+        for key in ("train_loss", "images_per_s", "tflops", "lr", "startup_seconds"):
             assert key in run.data.metrics
+        assert tags["data_from"] == "object store", "the driver shares the dataset with every trial"
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
         assert "trial_config.json" in artifacts and tags["checkpoint"].endswith("checkpoints")
 
@@ -224,7 +226,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_
     finally:
         torch.set_num_threads(threads)
     expected = torch.load(CheckpointDir(task.checkpoint_dir).file(4, 0), weights_only=True)
-    timing = {"images_per_s", "epoch_seconds"}
+    timing = set(TIMING_METRICS)
     strip = lambda history: [{k: v for k, v in m.items() if k not in timing} for m in history]  # noqa: E731
     assert strip(state["history"]) == strip(expected["history"])
     for name, tensor in expected["model"].items():

@@ -205,3 +205,13 @@ def test_cli_reports_spec_errors_without_traceback(write_grid):
     assert result.exit_code == 1
     assert "Error:" in result.output and "did you mean 'optimizer'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_run_options_take_auto_or_a_value(write_grid):
+    grid = spec.load(write_grid("run: {compile: true, gpus_per_trial: 0.5, data_budget_gb: auto}\n" + VALID))
+    assert (grid.run.compile, grid.run.gpus_per_trial, grid.run.data_budget_gb) == (True, 0.5, None)
+    assert spec.load(write_grid("run: {compile: auto, gpus_per_trial: auto}\n" + VALID)).run == spec.RunOptions()
+    message = refused(write_grid, "run: {compile: 1, gpus_per_trial: 2, checkpoint_every_steps: auto}\n" + VALID)
+    assert "run.compile: expected true, false or auto, got 1" in message
+    assert "run.gpus_per_trial: expected the share of one GPU a trial takes (0 < x <= 1) or auto, got 2" in message
+    assert "run.checkpoint_every_steps: expected a whole number, got 'auto'" in message

@@ -1,0 +1,198 @@
+"""Grid efficiency on a GPU: how much of a grid's wall time the GPU spends training.
+
+    python benchmarks/grid_overhead.py                         # 24 trials, packing chosen by mlpgrid
+    python benchmarks/grid_overhead.py --trials 8 --scale 0.3 --packing 1 --packing 0.5 --packing 0.25
+
+The grid: B-6/Wi-256 ... B-12/Wi-1024 on a CIFAR-10-sized dataset (random pixels in CIFAR-10's
+file layout, at 64x64) with the paper's recipe at batch 4096, each model at four epoch counts
+chosen so its pure training time is about 10, 15, 20 and 40 s (times ``--scale``), from the
+model's step rate measured here first. Each packing runs the whole grid through the real
+``mlpgrid run`` (local Ray, one Ray Train worker per trial, MLflow on SQLite), from a fresh
+storage directory, while ``nvidia-smi`` samples the GPU's utilisation every 200 ms.
+
+Per packing it prints: wall time; the GPU's mean utilisation over it (NVML: the share of time a
+kernel was running); the share of wall time during which at least one trial was training
+(from the trials' epoch timestamps in MLflow); per-trial GPU-idle overhead = idle wall time /
+trials; the median start-up (runner launch to first step) and compile seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from mlflow import MlflowClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from synthetic import write_cifar10  # noqa: E402
+from trial_step import RECIPE, bare_step  # noqa: E402
+
+MODELS = ("B-6/Wi-256", "B-6/Wi-512", "B-6/Wi-1024", "B-12/Wi-512", "B-12/Wi-768", "B-12/Wi-1024")
+TARGET_SECONDS = (10, 15, 20, 40)
+BATCH, TRAIN = 4096, 50_000
+
+
+def grid_file(path: Path, root: Path, rates: dict[str, float], scale: float, trials: int) -> list[dict]:
+    """Write the grid; returns its trials with their estimated pure training seconds."""
+    plan = [
+        {"model": m, "epochs": max(1, round(t * scale * rates[m] / TRAIN))} for t in TARGET_SECONDS for m in MODELS
+    ][:trials]
+    for p in plan:
+        p["estimated_s"] = p["epochs"] * TRAIN / rates[p["model"]]
+    doc = {
+        "name": "overhead",
+        "data": {"cifar-10": str(root)},
+        "base": {"dataset": "cifar-10", "resolution": 64, "examples": TRAIN, "batch_size": BATCH, **RECIPE},
+        "zip": {"model": [p["model"] for p in plan], "epochs": [p["epochs"] for p in plan]},
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return plan
+
+
+class GpuSampler:
+    """``nvidia-smi`` utilisation samples (time, percent) in a background thread."""
+
+    def __init__(self, period_ms: int = 200):
+        cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-lms={period_ms}"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        self.samples: list[tuple[float, float]] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            first = line.split(",")[0].strip()
+            if first.isdigit():
+                self.samples.append((time.time(), float(first)))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def training_intervals(storage: Path) -> list[dict]:
+    """Per trial: when its training ran (from its epoch timestamps), start-up and compile seconds."""
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("overhead")
+    trials = []
+    for run in client.search_runs([experiment.experiment_id], "tags.mlpgrid_role = 'trial'"):
+        epochs = client.get_metric_history(run.info.run_id, "epoch_seconds")
+        if not epochs:
+            continue
+        first, last = min(epochs, key=lambda m: m.step), max(epochs, key=lambda m: m.step)
+        trials.append({
+            "model": run.data.params.get("model"),
+            "epochs": len(epochs),
+            "start": first.timestamp / 1e3 - first.value,
+            "end": last.timestamp / 1e3,
+            "train_s": sum(m.value for m in epochs),
+            "startup_s": run.data.metrics.get("startup_seconds"),
+            "compile_s": run.data.metrics.get("compile_seconds", 0.0),
+            "status": run.data.tags.get("status"),
+        })  # fmt: skip
+    return trials
+
+
+def covered(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of the intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def run_grid(grid: Path, storage: Path, packing: str, timeout: float | None = None) -> dict:
+    command = [sys.executable, "-m", "mlpgrid", "run", str(grid), "--storage", str(storage)]
+    if packing != "auto":
+        command += ["--gpus-per-trial", packing]
+    sampler = GpuSampler()
+    started = time.time()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # measure what finished; the rest counts as not finished
+        proc.terminate()
+        stdout, stderr = proc.communicate()
+    ended = time.time()
+    sampler.stop()
+    if proc.returncode != 0:
+        print(stdout[-3000:], stderr[-3000:], sep="\n")
+    trials = training_intervals(storage)
+    wall = ended - started
+    util = [u for t, u in sampler.samples if started <= t <= ended]
+    busy = statistics.mean(util) / 100 if util else float("nan")
+    training = covered([(t["start"], t["end"]) for t in trials]) / wall
+    return {
+        "packing": packing,
+        "returncode": proc.returncode,
+        "trials": len(trials),
+        "finished": sum(t["status"] == "finished" for t in trials),
+        "wall_s": wall,
+        "train_s": sum(t["train_s"] for t in trials),
+        "gpu_util": busy,
+        "training_share": training,
+        "idle_per_trial_s": wall * (1 - busy) / max(1, len(trials)),
+        "startup_median_s": statistics.median(t["startup_s"] for t in trials) if trials else None,
+        "compile_median_s": statistics.median(t["compile_s"] for t in trials) if trials else None,
+        "per_trial": trials,
+        "progress": [line for line in (stdout + stderr).splitlines() if line.startswith("Ray:")],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--packing", action="append", help="GPUs per trial (e.g. 1, 0.5, 0.25) or auto; repeatable")
+    parser.add_argument("--trials", type=int, default=24, help="the first this many trials of the grid")
+    parser.add_argument("--scale", type=float, default=1.0, help="training time targets times this")
+    parser.add_argument("--timeout", type=float, help="stop a grid after this many seconds")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("grid_overhead.py measures GPU time; no CUDA device here")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        root = write_cifar10(work / "cifar-10-batches-py", train=TRAIN)
+        rates = {m: bare_step(m, BATCH, compiled=False, steps=10)["images_per_s"] for m in MODELS}
+        torch.cuda.empty_cache()
+        plan = grid_file(work / "overhead.yaml", root, rates, args.scale, args.trials)
+        print(f"{torch.cuda.get_device_name()}; {len(plan)} trials at batch {BATCH}, estimated pure training "
+              f"{min(p['estimated_s'] for p in plan):.0f}-{max(p['estimated_s'] for p in plan):.0f} s each, "
+              f"{sum(p['estimated_s'] for p in plan):.0f} s in all")  # fmt: skip
+        for m in MODELS:
+            print(f"  {m:>13}: bare eager step {rates[m]:>12,.0f} img/s; epochs "
+                  f"{[p['epochs'] for p in plan if p['model'] == m]}")  # fmt: skip
+        results = []
+        for packing in args.packing or ["auto"]:
+            result = run_grid(work / "overhead.yaml", work / f"storage-{packing}", packing, args.timeout)
+            results.append(result)
+            print(f"  packing {packing}: {result['finished']}/{len(plan)} finished in {result['wall_s']:.0f} s "
+                  f"{result['progress']}", flush=True)  # fmt: skip
+
+    print()
+    print(f"{'packing':>8} {'trials':>6} {'wall s':>7} {'train s':>8} {'GPU util':>8} {'training':>8} "
+          f"{'idle/trial s':>12} {'start-up s':>10} {'compile s':>9}")  # fmt: skip
+    for r in results:
+        print(f"{r['packing']:>8} {r['finished']:>6} {r['wall_s']:>7.0f} {r['train_s']:>8.0f} {r['gpu_util']:>8.1%} "
+              f"{r['training_share']:>8.1%} {r['idle_per_trial_s']:>12.1f} {r['startup_median_s']:>10.1f} "
+              f"{r['compile_median_s']:>9.1f}")  # fmt: skip
+    print("(train s: the trials' own training seconds, summed; start-up and compile: medians per trial)")
+    if args.json:
+        args.json.write_text(json.dumps({"plan": plan, "rates": rates, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

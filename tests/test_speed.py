@@ -1,0 +1,80 @@
+"""What makes trials fast on a GPU, checked on the CPU: the compiled model and Lion, the
+background checkpoint writer, the default packing of trials on GPUs."""
+
+import threading
+
+import pytest
+import torch
+from lion_pytorch import Lion
+
+from mlpgrid import spec
+from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir
+from mlpgrid.optim import CompiledLion
+from mlpgrid.runner import gpu_share
+from mlpgrid.spec import TrialConfig
+from mlpgrid.train import run_trial
+
+
+def test_compiled_lion_is_lion_pytorch_step_for_step():
+    torch.manual_seed(0)
+    reference = [torch.randn(48, 24, requires_grad=True), torch.randn(24, requires_grad=True)]
+    ours = [p.detach().clone().requires_grad_() for p in reference]
+    a, b = Lion(reference, lr=1e-2, weight_decay=0.1), CompiledLion(ours, lr=1e-2, weight_decay=0.1)
+    b.compile_now()
+    assert all(torch.equal(p, q) for p, q in zip(reference, ours, strict=True)), "compiling changes nothing"
+    for step in range(4):
+        for p, q in zip(reference, ours, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        for group in a.param_groups + b.param_groups:
+            group["lr"] = 1e-2 / (step + 1)  # a new rate every step, as the schedule does
+        a.step()
+        b.step()
+        assert all(torch.equal(p, q) for p, q in zip(reference, ours, strict=True)), step
+    a.load_state_dict(b.state_dict())  # checkpoints move between the two
+    assert torch.equal(a.state[reference[0]]["exp_avg"], b.state[ours[0]]["exp_avg"])
+
+
+def test_compiled_trial_reports_compile_time_and_matches_eager(tmp_path, fashion_mnist):
+    # 1050 examples at batch 100: the last batch of each epoch (50) goes through the eager model.
+    cfg = TrialConfig(model="B-1/Wi-32", examples=1050, epochs=2, batch_size=100, optimizer="adamw", lr=1e-3)
+    roots = {"fashion-mnist": fashion_mnist}
+    compiled = run_trial(cfg, CheckpointDir(tmp_path / "compiled"), data_roots=roots, compile=True)
+    eager = run_trial(cfg, CheckpointDir(tmp_path / "eager"), data_roots=roots, compile=False)
+    assert compiled["compiled"] and not eager["compiled"]
+    first, second = compiled["history"]
+    assert first["compile_seconds"] > 0 and "compile_seconds" not in second
+    assert "compile_seconds" not in eager["history"][0] and first["tflops"] > 0
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-3)
+
+
+def test_background_saver_skips_while_writing_and_waits_for_the_last(tmp_path):
+    checkpoints = CheckpointDir(tmp_path)
+    release = threading.Event()
+    save = checkpoints.save
+    checkpoints.save = lambda *args: (release.wait(10), save(*args))[1]  # a slow disk
+    saver = BackgroundSaver(checkpoints)
+    weights = torch.zeros(3)
+    assert saver.save({"w": weights}, 1, 0)
+    weights += 1  # training goes on changing the tensors
+    assert not saver.save({"w": weights}, 2, 0), "skipped: the first is still being written"
+    release.set()
+    assert saver.save({"w": weights}, 3, 0, required=True)
+    saver.wait()
+    assert checkpoints.positions() == [(1, 0), (3, 0)]
+    assert torch.equal(torch.load(checkpoints.file(1, 0))["w"], torch.zeros(3)), "a copy taken at save time"
+
+
+def test_background_saver_raises_a_failed_write(tmp_path):
+    (tmp_path / "file").write_text("")
+    saver = BackgroundSaver(CheckpointDir(tmp_path / "file" / "checkpoints"))  # cannot be a directory
+    saver.save({"w": torch.zeros(1)}, 1, 0)
+    with pytest.raises(OSError):
+        saver.wait()
+
+
+def test_small_trials_share_a_gpu_more(write_grid):
+    grid = spec.load(write_grid("base: {dataset: fashion-mnist, batch_size: 4096, examples: 8192, epochs: 1}\ngrid:\n"
+                                "  model: [B-2/Wi-64, B-12/Wi-1024]\n"))  # fmt: skip
+    small, large = grid.trials
+    assert (gpu_share(small), gpu_share(large), gpu_share(large, 1.0)) == (0.25, 0.5, 1.0)
