@@ -2,15 +2,20 @@
 
 Files are named ``epoch-EEEE-step-SSSSSS.pt`` after the position training continues from,
 so the latest is found by name alone. A checkpoint is written to a temporary file and
-renamed, so a process killed while saving never leaves a half-written checkpoint behind.
-:class:`BackgroundSaver` writes them on a thread, so training does not wait for the disk.
+renamed, so a process killed while saving never leaves a half-written checkpoint behind, and
+its SHA-256 is kept beside it (``.sha256``), so one damaged later (a truncated copy, a bad
+disk) is recognised: the newest checkpoint that checks out is used, and the ones passed over
+are reported. :class:`BackgroundSaver` writes them on a thread, so training does not wait for
+the disk.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -21,13 +26,30 @@ from typing import Any
 
 import torch
 
+from mlpgrid.data.files import sha256
+
 _NAME = re.compile(r"^epoch-(\d{4})-step-(\d{6})\.pt$")
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written."""
+
+
+_NEARLY_FULL = 1 << 20  # bytes free on a disk that just refused a write
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return _NEARLY_FULL
 
 
 class CheckpointDir:
     def __init__(self, path: str | Path, keep: int = 2):
         self.path = Path(path)
         self.keep = keep
+        self.problems: list[str] = []  # checkpoints :meth:`latest` passed over, and why
 
     def positions(self) -> list[tuple[int, int]]:
         """(epoch, step) of every checkpoint present, oldest first."""
@@ -40,21 +62,51 @@ class CheckpointDir:
         return self.path / f"epoch-{epoch:04d}-step-{step:06d}.pt"
 
     def save(self, state: dict[str, Any], epoch: int, step: int) -> Path:
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Write a checkpoint; :class:`CheckpointError` (the older ones left intact) if the disk refuses."""
         target = self.file(epoch, step)
-        tmp = target.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, target)
+        tmp, checksum = target.with_suffix(".tmp"), target.with_suffix(".sha256")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            torch.save(state, tmp)
+            checksum.with_suffix(".sha256tmp").write_text(sha256(tmp))
+            os.replace(checksum.with_suffix(".sha256tmp"), checksum)
+            os.replace(tmp, target)
+        except (OSError, RuntimeError) as e:
+            # torch.save reports a full disk only as "unexpected pos": ask the disk itself.
+            full = getattr(e, "errno", None) == errno.ENOSPC or _free_bytes(self.path) < _NEARLY_FULL
+            for leftover in (tmp, checksum.with_suffix(".sha256tmp"), checksum):
+                leftover.unlink(missing_ok=True)
+            reason = "no space left on the device" if full else str(e)
+            raise CheckpointError(f"{target}: could not write the checkpoint: {reason}. Earlier checkpoints in "
+                                  f"{self.path} are intact.") from e  # fmt: skip
         for old in self.positions()[: -self.keep]:
             self.file(*old).unlink(missing_ok=True)
+            self.file(*old).with_suffix(".sha256").unlink(missing_ok=True)
         return target
 
+    def _load(self, epoch: int, step: int) -> dict[str, Any]:
+        """One checkpoint's state; ValueError saying what is wrong with it."""
+        path = self.file(epoch, step)
+        checksum = path.with_suffix(".sha256")
+        if checksum.exists() and sha256(path) != checksum.read_text().strip():
+            raise ValueError(f"{path}: damaged (its SHA-256 does not match {checksum.name})")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a damaged checkpoint
+            raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
     def latest(self) -> dict[str, Any] | None:
-        """The newest checkpoint's state, or None when there is none."""
-        positions = self.positions()
-        if not positions:
-            return None
-        return torch.load(self.file(*positions[-1]), map_location="cpu", weights_only=True)
+        """The newest checkpoint that checks out, or None when there is none.
+
+        Damaged ones are skipped and listed in :attr:`problems`.
+        """
+        self.problems = []
+        for position in reversed(self.positions()):
+            try:
+                return self._load(*position)
+            except ValueError as e:
+                self.problems.append(str(e))
+        return None
 
 
 def _host_copy(value: Any) -> Any:

@@ -165,6 +165,8 @@ def execute(
         run.finish(FAILED, error=traceback.format_exc())
         raise
     run.client.log_artifact(run.run_id, result["first_layer"])
+    if result["checkpoint_problems"]:
+        run.client.set_tag(run.run_id, "checkpoint_problems", "\n".join(result["checkpoint_problems"])[-4000:])
     run.finish(FINISHED, checkpoint=task.checkpoint_dir)
     return FINISHED
 

@@ -1,16 +1,22 @@
 """MLflow records of a grid: one experiment per grid, a parent run, one run per trial.
 
 A trial's run is found again by its ``trial_id`` tag whenever the trial runs again (resume,
-retry), so a trial never has two runs. Epoch metrics are logged with ``step = epoch``; on
-resume the run is reconciled with the history stored in the checkpoint, so an epoch whose
-metrics were lost between checkpoint and logging is filled in and none is logged twice.
+retry), so a trial never has two runs. Metrics logged while a trial trains go through an
+:class:`Outbox`: a thread sends them and, while the tracking server cannot be reached, keeps
+them and tries again, so training neither waits for the server nor loses what it measured.
+Epoch metrics are logged with ``step = epoch``; on resume the run is reconciled with the
+history stored in the checkpoint, so an epoch whose metrics were lost between checkpoint and
+logging is filled in and none is logged twice.
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +30,8 @@ from mlflow.entities import Metric, Param, RunTag
 
 from mlpgrid.frontier import Point
 from mlpgrid.spec import GridSpec, Trial
+
+log = logging.getLogger(__name__)
 
 # Run states, kept in the run's ``status`` tag.
 RUNNING, FINISHED, FAILED, DIVERGED = "running", "finished", "failed", "diverged"
@@ -114,13 +122,78 @@ def trial_tags(trial: Trial) -> dict[str, str]:
     }
 
 
+# Answers that no retry would change.
+_REFUSED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
+
+
+class Outbox:
+    """Metrics on their way to a run, sent in order by a background thread.
+
+    A batch the server does not take is kept and sent again (every ``retry_s``) until it is:
+    nothing is lost while the server is away, and nothing is doubled when it returns — a
+    metric is stored once per (key, step, timestamp, value), and a resent batch repeats those
+    exactly.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, retry_s: float = 2.0):
+        self.client, self.run_id, self.retry_s = client, run_id, retry_s
+        self._pending: collections.deque[list[Metric]] = collections.deque()
+        self._changed = threading.Condition()
+        threading.Thread(target=self._send_forever, daemon=True).start()
+
+    def put(self, metrics: list[Metric] | None) -> None:
+        """Queue ``metrics`` for sending; None ends the sending thread once the queue is empty."""
+        with self._changed:
+            self._pending.append(metrics)
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        self.put(None)
+
+    def _send_forever(self) -> None:
+        while True:
+            with self._changed:
+                while not self._pending:
+                    self._changed.wait()
+                batch = self._pending[0]
+            if batch is None:
+                return
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as e:  # noqa: BLE001 - whatever the failure, nothing is dropped unless refused
+                if getattr(e, "error_code", None) not in _REFUSED:  # away or busy: keep it, try again
+                    log.warning("tracking server did not take %d metrics (%s); retrying", len(batch), e)
+                    time.sleep(self.retry_s)
+                    continue
+                log.error("tracking server refused %d metrics for good: %s", len(batch), e)
+            with self._changed:
+                self._pending.popleft()
+                self._changed.notify_all()
+
+    def flush(self, timeout_s: float) -> None:
+        """Wait until everything put so far has arrived; TimeoutError if it has not by then."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while self._pending and self._pending[0] is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{sum(map(len, self._pending))} metrics not delivered to the tracking server")
+                self._changed.wait(left)
+
+
 class TrialRun:
     """The single MLflow run of one trial."""
+
+    # How long the end of a trial waits for the tracking server to take its last metrics. If it
+    # never does, the trial fails; its retry logs them again from the checkpoint's history.
+    FLUSH_TIMEOUT_S = float(os.environ.get("MLPGRID_TRACKING_WAIT_S", 600))
 
     def __init__(self, client: MlflowClient, run_id: str):
         self.client = client
         self.run_id = run_id
         self.logged_epochs = {m.step for m in client.get_metric_history(run_id, "test_error")}
+        self.attempt = len(client.get_metric_history(run_id, "startup_seconds"))
+        self.outbox = Outbox(client, run_id)
 
     @classmethod
     def open(cls, grid_run: GridRun, trial: Trial, tags: dict[str, str] | None = None) -> TrialRun:
@@ -160,11 +233,12 @@ class TrialRun:
             if key in m
         ]
         if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
+            self.outbox.put(metrics)
             self.logged_epochs |= {m["epoch"] for m in history}
 
     def log_stages(self, metrics: dict[str, float]) -> None:
         """The metrics of the stages after pre-training, each logged once."""
+        self.outbox.flush(self.FLUSH_TIMEOUT_S)
         logged = self.client.get_run(self.run_id).data.metrics
         now = int(time.time() * 1000)
         new = [Metric(k, float(v), now, 0) for k, v in metrics.items() if k not in logged]
@@ -174,12 +248,13 @@ class TrialRun:
     def log_attempt(self, metrics: dict[str, float]) -> None:
         """What this attempt at the trial took before training: ``startup_seconds`` from the
         runner's launch to the first step, ``compile_seconds`` of it compiling the model."""
-        attempt = len(self.client.get_metric_history(self.run_id, "startup_seconds"))
         now = int(time.time() * 1000)
-        chosen = [Metric(k, float(metrics[k]), now, attempt) for k in ATTEMPT_METRICS if k in metrics]
-        self.client.log_batch(self.run_id, metrics=chosen)
+        self.outbox.put([Metric(k, float(metrics[k]), now, self.attempt) for k in ATTEMPT_METRICS if k in metrics])
 
     def finish(self, status: str, *, error: str | None = None, checkpoint: str | None = None) -> None:
+        """Deliver what is still in the outbox, then record how the trial ended."""
+        self.outbox.flush(self.FLUSH_TIMEOUT_S)
+        self.outbox.close()
         tags = {"status": status} | ({"error": error[-4000:]} if error else {})
         tags |= {"checkpoint": checkpoint} if checkpoint else {}
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])

@@ -9,6 +9,7 @@ RNG state, and the same position in the same data order.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +30,8 @@ from mlpgrid.optim import CompiledLion, make_optimizer
 from mlpgrid.spec import TrialConfig
 from mlpgrid.stages import StageDir, run_stages
 from mlpgrid.step import compile_for_training, evaluate, train_step
+
+log = logging.getLogger(__name__)
 
 EVAL_BATCH = 2048
 # Per-epoch timings: they differ between runs of the same trial, unlike everything else.
@@ -196,6 +199,8 @@ def run_trial(
     epoch, start_step, history, resumed_from = 0, 0, [], []
     loss_sum, seen = torch.zeros((), device=device), 0
     state = checkpoints.latest()
+    for problem in checkpoints.problems:
+        log.warning("%s; passed over for an earlier checkpoint", problem)
     if state is not None:
         if _differs(state["config"], config_dict):
             raise ValueError(f"{checkpoints.path}: checkpoint belongs to another trial config")
@@ -284,5 +289,6 @@ def run_trial(
         "best_test_error": min(h["test_error"] for h in history),
         "resumed_from": resumed_from,
         "compiled": compiled is not None,
+        "checkpoint_problems": checkpoints.problems,
         "history": history,
     }

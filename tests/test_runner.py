@@ -4,17 +4,14 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import REPO, mlpgrid_command
+from conftest import REPO, free_port, mlpgrid_command
 from mlpgrid import spec, tracking
 from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.runner import execute, pending_tasks
@@ -91,39 +88,6 @@ def test_grid_runs_on_ray_once_per_trial_and_resumes_only_new_trials(tmp_path, w
     assert "3 finished" in second.stdout and "1 diverged" in second.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real ``mlflow server`` on 127.0.0.1, stopped (with its workers) afterwards."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "art")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()
-                assert time.monotonic() < deadline, "mlflow server did not come up"
-                time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
 def test_grid_against_a_real_mlflow_server(tmp_path, write_grid, mlflow_server, fashion_mnist):
     path, storage = write_grid(BASE + "grid:\n  epochs: [1]\n"), tmp_path / "store"
     result = mlpgrid("run", str(path), "--storage", str(storage), "--tracking-uri", mlflow_server)
@@ -139,7 +103,7 @@ def test_unreachable_tracking_server_fails_before_any_trial(tmp_path, write_grid
     path = write_grid(BASE + "grid:\n  epochs: [1]\n")
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     result = subprocess.run(
-        mlpgrid_command("run", str(path), "--storage", str(tmp_path / "s"), "--tracking-uri", f"http://127.0.0.1:{_free_port()}"),
+        mlpgrid_command("run", str(path), "--storage", str(tmp_path / "s"), "--tracking-uri", f"http://127.0.0.1:{free_port()}"),
         cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert result.returncode == 1 and "cannot use MLflow tracking URI http://127.0.0.1:" in result.stderr

@@ -1,8 +1,18 @@
-"""Checks shared by the dataset layouts."""
+"""File checks shared by the dataset layouts, prepared datasets and checkpoints."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+
+
+def sha256(path: Path) -> str:
+    """The file's SHA-256, hex, read in 16 MiB pieces."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def require(root: Path, names: tuple[str, ...]) -> dict[str, Path]:

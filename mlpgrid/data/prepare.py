@@ -25,6 +25,7 @@ import numpy as np
 
 from mlpgrid import data
 from mlpgrid.data import beton, imagefolder, prepared
+from mlpgrid.data.files import sha256
 from mlpgrid.data.subset import proportional_order
 
 LAYOUTS = ("idx", "cifar-10", "cifar-100", "stl-10", "image-folder")
@@ -161,7 +162,7 @@ def _describe(partial: Path, split: str, fmt: str) -> dict[str, Any]:
     names = [f"{split}_labels.npy", f"{split}.beton" if fmt == "beton" else f"{split}_images.npy"]
     return {
         "count": len(labels),
-        "files": {n: {"bytes": (partial / n).stat().st_size, "sha256": prepared.sha256(partial / n)} for n in names},
+        "files": {n: {"bytes": (partial / n).stat().st_size, "sha256": sha256(partial / n)} for n in names},
     }
 
 

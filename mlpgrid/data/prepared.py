@@ -13,13 +13,14 @@ The manifest is written last, so a directory with one is complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mlpgrid.data.files import sha256
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -63,14 +64,6 @@ def locate(root: Path) -> dict[str, Path]:
             raise ValueError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {entry['bytes']}; re-prepare it")
         found[name] = path
     return found
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify(root: Path) -> list[str]:

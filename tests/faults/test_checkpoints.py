@@ -1,0 +1,74 @@
+"""Damaged checkpoints and a full disk: detected, said so, nothing finished lost."""
+
+import subprocess
+
+import pytest
+import torch
+
+from mlpgrid.checkpoint import CheckpointDir, CheckpointError
+from mlpgrid.spec import TrialConfig
+from mlpgrid.train import TIMING_METRICS, run_trial
+
+CFG = TrialConfig(model="B-1/Wi-32", examples=1000, epochs=3, batch_size=100, optimizer="adamw", lr=1e-3)
+
+
+def strip(history):
+    return [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in history]
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, still a zip archive to a casual reader
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [truncate, flip_a_byte])
+def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(tmp_path, fashion_mnist, damage):
+    roots = {"fashion-mnist": fashion_mnist}
+    reference = run_trial(CFG, CheckpointDir(tmp_path / "reference"), data_roots=roots)
+    checkpoints = CheckpointDir(tmp_path / "ckpt")
+    run_trial(CFG, checkpoints, data_roots=roots)
+    assert checkpoints.positions() == [(2, 0), (3, 0)]
+    damage(checkpoints.file(3, 0))
+
+    resumed = run_trial(CFG, checkpoints, data_roots=roots)
+    (problem,) = resumed["checkpoint_problems"]
+    assert str(checkpoints.file(3, 0)) in problem and ("SHA-256" in problem or "unreadable" in problem)
+    assert resumed["resumed_from"] == [[2, 0]], "continued from the last good checkpoint"
+    assert strip(resumed["history"]) == strip(reference["history"]), "and ended where an unbroken run ends"
+    assert checkpoints.latest()["epoch"] == 3 and checkpoints.problems == []
+
+
+def test_a_full_disk_fails_the_trial_clearly_and_keeps_earlier_checkpoints(tmp_path, fashion_mnist):
+    roots = {"fashion-mnist": fashion_mnist}
+    probe = CheckpointDir(tmp_path / "probe")
+    run_trial(TrialConfig(**{**CFG.__dict__, "epochs": 1}), probe, data_roots=roots)
+    size = probe.file(1, 0).stat().st_size
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # Room for two checkpoints and their checksums, not for a third being written.
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 2.6) // 4096 * 4096}", "tmpfs",
+                              str(disk)], capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        checkpoints = CheckpointDir(disk / "ckpt")
+        with pytest.raises(CheckpointError, match="no space left on the device. Earlier checkpoints .* are intact"):
+            run_trial(TrialConfig(**{**CFG.__dict__, "epochs": 6}), checkpoints, data_roots=roots)
+        kept = checkpoints.positions()
+        assert kept, "the checkpoints written before the disk filled are still there"
+        assert all(checkpoints._load(*p)["epoch"] == p[0] for p in kept)
+        assert not list((disk / "ckpt").glob("*.tmp")), "no half-written file left behind"
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)  # the failed write's traceback may hold a file
+
+
+def test_a_checkpoint_without_a_checksum_still_loads(tmp_path):
+    checkpoints = CheckpointDir(tmp_path)
+    checkpoints.save({"epoch": 1, "w": torch.ones(2)}, 1, 0)
+    checkpoints.file(1, 0).with_suffix(".sha256").unlink()  # written before checksums were kept
+    assert checkpoints.latest()["epoch"] == 1 and checkpoints.problems == []
