@@ -27,11 +27,12 @@ storage_option = click.option(
 )
 
 
-def _load_grid(path: str) -> GridSpec:
-    """The grid file, reduced by the command's --scale and --only (see :func:`_reduce_options`)."""
+def _load_grid(path: str, filtered: bool = True) -> GridSpec:
+    """The grid file, reduced by the command's --scale and (when ``filtered``) --only (see
+    :func:`_reduce_options`)."""
     meta = click.get_current_context().meta
     try:
-        only = tuple(tuple(o.split("=", 1)) for o in meta.get("only", ()))
+        only = tuple(tuple(o.split("=", 1)) for o in meta.get("only", ()) if filtered)
         if any(len(o) != 2 for o in only):
             raise SpecError(f"--only takes FIELD=VALUE, got {' '.join(meta['only'])}")
         return spec.reduce(spec.load(path), meta.get("scale"), only)  # type: ignore[arg-type]
@@ -150,9 +151,11 @@ def cli() -> None:
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Restarts of a failed trial, each from its last checkpoint.")  # fmt: skip
 @click.option("--in-process", is_flag=True, help="Run the trials one by one in this process, without Ray.")
+@click.option("--allow-changes", is_flag=True,
+              help="Run the file as it is now even if an edit left trials that already ended out of it.")  # fmt: skip
 def run(grid_file: str, dry_run: bool, storage: Path, tracking_uri: str | None, address: str | None,
         max_concurrent: int | None, gpus_per_trial: float | None, cpus_per_trial: float, retries: int,
-        in_process: bool) -> None:  # fmt: skip
+        in_process: bool, allow_changes: bool) -> None:  # fmt: skip
     """Run every trial of GRID_FILE that has not ended yet.
 
     Each trial is a Ray Tune trial running a one-worker Ray Train job on one GPU (or CPU cores
@@ -179,6 +182,14 @@ def run(grid_file: str, dry_run: bool, storage: Path, tracking_uri: str | None, 
     except FileNotFoundError as e:
         raise click.ClickException(str(e)) from None
     grid_run = _tracking(grid, storage, tracking_uri)
+    changed = [] if allow_changes else tracking.changed_trials(_load_grid(grid_file, filtered=False), grid_run)
+    if changed:
+        shown = "\n  ".join(changed[:5]) + (f"\n  ... and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise click.ClickException(
+            f"{grid_file} changed since its trials ran: {len(changed)} ended trials are no longer in it. "
+            f"As run -> in the file now:\n  {shown}\nPut the setting back, give the grid a new name, or pass "
+            f"--allow-changes to run the file as it is (the ended trials stay in MLflow)."
+        )
     tasks = runner.pending_tasks(grid, storage, grid_run)
     if not tasks:
         click.echo(f"Nothing to do: all {len(grid.trials)} trials of {grid.name} have already ended.")

@@ -205,6 +205,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         tags={
             "data_from": "object store" if shared is not None else "loaded by the trial",
             "ray_trial_id": config["ray_trial_id"],
+            "worker_pid": str(os.getpid()),
             "ray_node_id": context.get_node_id(),
             "torch_threads": str(torch.get_num_threads()),
         },

@@ -389,7 +389,7 @@ def _data_section(raw: Any, path: Path, errors: _Errors) -> dict[str, str]:
     for ds, entry in raw.items():
         where = f"data.{ds}"
         facts = entry if isinstance(entry, dict) else {"path": entry}
-        if not isinstance(facts.get("path"), str):
+        if not isinstance(facts.get("path"), str) or not facts["path"] or "\0" in facts["path"]:
             errors.add(where, f"expected a directory path (or a mapping with path), got {entry!r}")
             continue
         root = str((path.parent / facts["path"]).resolve())

@@ -12,6 +12,7 @@ logging is filled in and none is logged twice.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag
 
 from mlpgrid.frontier import Point
-from mlpgrid.spec import GridSpec, Trial
+from mlpgrid.spec import GridSpec, Trial, TrialConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class GridRun:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    grid_file: str = ""  # the file run now; each trial's run records the file that first ran it
 
 
 def _parent_run_id(client: MlflowClient, experiment_id: str) -> str | None:
@@ -69,7 +71,7 @@ def find_grid(grid: GridSpec, uri: str) -> GridRun | None:
     if experiment is None:
         return None
     parent_id = _parent_run_id(client, experiment.experiment_id)
-    return GridRun(uri, experiment.experiment_id, parent_id) if parent_id else None
+    return GridRun(uri, experiment.experiment_id, parent_id, str(grid.path.resolve())) if parent_id else None
 
 
 def open_grid(grid: GridSpec, uri: str, storage: Path) -> GridRun:
@@ -89,7 +91,7 @@ def open_grid(grid: GridSpec, uri: str, storage: Path) -> GridRun:
         parent = client.create_run(experiment_id, run_name=grid.name, tags={"mlpgrid_role": "grid"})
         parent_id = parent.info.run_id
         client.log_text(parent_id, Path(grid.path).read_text(), "grid.yaml")
-    return GridRun(uri, experiment_id, parent_id)
+    return GridRun(uri, experiment_id, parent_id, str(grid.path.resolve()))
 
 
 def trial_runs(grid_run: GridRun) -> dict[str, Any]:
@@ -105,6 +107,28 @@ def trial_runs(grid_run: GridRun) -> dict[str, Any]:
         if not token:
             break
     return {run.data.tags["trial_id"]: run for run in runs}
+
+
+def changed_trials(grid: GridSpec, grid_run: GridRun) -> list[str]:
+    """The ended trials this grid file ran that it no longer holds, each as
+    ``<trial id>: field <as run> -> <in the file>, ...`` against the file's most similar trial.
+
+    A trial is named by a hash of its settings, so editing a setting does not change a trial,
+    it makes another one: these are the trials an edit would leave behind. Trials other files
+    ran into the same experiment (proposals from ``frontier --propose``) are not this file's.
+    """
+    defaults = {f.name: str(f.default) for f in dataclasses.fields(TrialConfig)}
+    current = [{k: str(v) for k, v in t.config_dict().items()} for t in grid.trials]
+    lines = []
+    for trial_id, run in sorted(trial_runs(grid_run).items()):
+        mine = run.data.tags.get("grid_file") == grid_run.grid_file
+        if not mine or run.data.tags.get("status") not in DONE or any(t.id == trial_id for t in grid.trials):
+            continue
+        ran = {**defaults, **run.data.params}  # settings added since the run took their defaults
+        nearest = min(current, key=lambda now: sum(ran.get(k) != v for k, v in now.items()))
+        changes = ", ".join(f"{k} {ran.get(k)} -> {v}" for k, v in nearest.items() if ran.get(k) != v)
+        lines.append(f"{trial_id}: {changes}")
+    return lines
 
 
 def trial_tags(trial: Trial) -> dict[str, str]:
@@ -210,7 +234,8 @@ class TrialRun:
                 client.delete_tag(run.info.run_id, "error")
         else:
             cfg = trial.config
-            identity = {**trial_tags(trial), "mlflow.parentRunId": grid_run.parent_run_id}
+            parent = {"mlflow.parentRunId": grid_run.parent_run_id, "grid_file": grid_run.grid_file}
+            identity = {**trial_tags(trial), **parent}
             name = f"{cfg.model} N={cfg.num_examples} T={cfg.epochs} {trial.id[:6]}"
             run = client.create_run(grid_run.experiment_id, run_name=name, tags=identity)
         run_id = run.info.run_id

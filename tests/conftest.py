@@ -1,3 +1,4 @@
+import contextlib
 import gzip
 import os
 import signal
@@ -46,6 +47,19 @@ def write_grid(tmp_path):
 
 def mlpgrid_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "mlpgrid", *args]
+
+
+def start_driver(path: Path, storage: Path) -> subprocess.Popen:
+    """``mlpgrid run`` on Ray in a session of its own, so whatever Ray leaves behind can be stopped."""
+    return subprocess.Popen(
+        mlpgrid_command("run", str(path), "--storage", str(storage)),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def free_port() -> int:

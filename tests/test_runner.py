@@ -1,6 +1,5 @@
 """The grid runner on a real local Ray, with a real MLflow store (and server)."""
 
-import contextlib
 import json
 import os
 import signal
@@ -11,7 +10,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import REPO, free_port, mlpgrid_command
+from conftest import REPO, free_port, mlpgrid_command, start_driver, stop_group
 from mlpgrid import spec, tracking
 from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.runner import execute, pending_tasks
@@ -119,26 +118,13 @@ zip:
 """
 
 
-def _driver(path, storage):
-    """``mlpgrid run`` in a session of its own, so whatever Ray leaves behind can be stopped."""
-    return subprocess.Popen(
-        mlpgrid_command("run", str(path), "--storage", str(storage)),
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-
-
-def _stop_group(process):
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-
-
 def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_grid, fashion_mnist):
     path, storage = write_grid(KILL_GRID), tmp_path / "store"
     grid = spec.load(path)
     quick, long, _ = grid.trials
     long_ckpt = CheckpointDir(storage / grid.name / long.id / "checkpoints")
 
-    driver = _driver(path, storage)
+    driver = start_driver(path, storage)
     try:
         deadline = time.monotonic() + 240
         # Kill once the quick trial has finished and the long one is past its first epoch.
@@ -154,15 +140,15 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
     finally:
-        _stop_group(driver)
+        stop_group(driver)
     before = runs_of(path, storage)
     assert before[long.id].data.tags["status"] == "running", "cut off mid-trial"
 
-    resumed = _driver(path, storage)
+    resumed = start_driver(path, storage)
     try:
         out, _ = resumed.communicate(timeout=300)
     finally:
-        _stop_group(resumed)
+        stop_group(resumed)
     assert resumed.returncode == 0, out
     assert f"start  {quick.id}" not in out, "a finished trial is not run again"
     after = runs_of(path, storage)

@@ -1,0 +1,72 @@
+"""`mlpgrid run` killed with SIGKILL at random points, several times in a row, then run to the
+end: every trial finishes once, with one MLflow run, and ends as an uninterrupted run ends."""
+
+import os
+import random
+import signal
+import subprocess
+import time
+
+import torch
+from mlflow import MlflowClient
+
+from conftest import REPO, mlpgrid_command
+from mlpgrid import spec, tracking
+from mlpgrid.checkpoint import CheckpointDir
+
+GRID = """
+run: {checkpoint_every_steps: 10}
+base: {model: B-1/Wi-16, examples: 3000, batch_size: 50, optimizer: adamw, lr: 1.0e-3}
+grid:
+  epochs: [4, 6, 8]
+"""
+KILLS = 3
+
+
+def run_grid(path, storage):
+    return subprocess.Popen(mlpgrid_command("run", str(path), "--in-process", "--storage", str(storage)), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def final_state(storage, grid, trial):
+    checkpoints = CheckpointDir(storage / grid.name / trial.id / "checkpoints")
+    assert checkpoints.positions()[-1] == (trial.config.epochs, 0)
+    return checkpoints.latest()
+
+
+def test_driver_killed_again_and_again_loses_and_repeats_nothing(tmp_path, write_grid, fashion_mnist):
+    path, storage, reference = write_grid(GRID), tmp_path / "store", tmp_path / "reference"
+    grid = spec.load(path)
+    uninterrupted = run_grid(path, reference)
+    assert uninterrupted.wait(timeout=600) == 0, uninterrupted.stderr.read()
+
+    def epochs_done():
+        dirs = [CheckpointDir(storage / grid.name / t.id / "checkpoints") for t in grid.trials]
+        return sum(max((p[0] for p in d.positions()), default=0) for d in dirs)
+
+    rng = random.Random(0)
+    for target in sorted(rng.sample(range(1, 18), KILLS)):  # of the 18 epochs in the grid
+        driver = run_grid(path, storage)
+        while epochs_done() < target:
+            assert driver.poll() is None, driver.stderr.read()
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 0.5))  # then wherever it is: training, logging, checkpointing
+        os.kill(driver.pid, signal.SIGKILL)
+        assert driver.wait() == -signal.SIGKILL
+    last = run_grid(path, storage)
+    out, err = last.communicate(timeout=600)
+    assert last.returncode == 0, out + err
+
+    grid_run = tracking.find_grid(grid, tracking.tracking_uri(storage))
+    client = MlflowClient(grid_run.tracking_uri)
+    runs = client.search_runs([grid_run.experiment_id], "tags.mlpgrid_role = 'trial'")
+    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(t.id for t in grid.trials), "one run per trial"
+    for run in runs:
+        trial = next(t for t in grid.trials if t.id == run.data.tags["trial_id"])
+        assert run.data.tags["status"] == "finished"
+        errors = client.get_metric_history(run.info.run_id, "test_error")
+        assert sorted(m.step for m in errors) == list(range(1, trial.config.epochs + 1)), "every epoch once"
+        state, expected = final_state(storage, grid, trial), final_state(reference, grid, trial)
+        assert state["history"][-1]["test_error"] == expected["history"][-1]["test_error"]
+        for name, tensor in expected["model"].items():
+            assert torch.equal(state["model"][name], tensor), (trial.id, name)

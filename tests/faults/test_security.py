@@ -1,0 +1,42 @@
+"""A grid writes only under its storage directory, and tracking credentials never reach a log."""
+
+import os
+import subprocess
+
+from mlflow import MlflowClient
+
+from conftest import mlpgrid_command
+from mlpgrid import spec, tracking
+
+SECRET = "pa55-9f8e7d6c5b4a"
+GRID = """
+base: {model: B-1/Wi-16, examples: 500, batch_size: 50, epochs: 1, optimizer: adamw, lr: 1.0e-3}
+grid:
+  seed: [0, 1]
+"""
+
+
+def files_under(root):
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def test_writes_stay_in_storage_and_credentials_stay_out_of_logs(tmp_path, write_grid, fashion_mnist):
+    path, storage, cwd = write_grid(GRID), tmp_path / "store", tmp_path / "cwd"
+    cwd.mkdir()
+    before = files_under(tmp_path)
+    env = {**os.environ, "MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": SECRET}
+    result = subprocess.run(mlpgrid_command("run", str(path), "--in-process", "--storage", str(storage)), cwd=cwd,
+                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in result.stdout + result.stderr
+
+    written = files_under(tmp_path) - before
+    assert written and all(storage in p.parents for p in written), sorted(map(str, written - files_under(storage)))
+
+    grid_run = tracking.find_grid(spec.load(path), tracking.tracking_uri(storage))
+    client = MlflowClient(grid_run.tracking_uri)
+    for run in client.search_runs([grid_run.experiment_id]):
+        recorded = {**run.data.params, **run.data.tags, **{k: str(v) for k, v in run.data.metrics.items()}}
+        assert not any(SECRET in f"{k}={v}" for k, v in recorded.items())
+    assert not any(SECRET.encode() in p.read_bytes() for p in files_under(storage) if p.suffix != ".db")
+    assert SECRET.encode() not in (storage / "mlflow.db").read_bytes()

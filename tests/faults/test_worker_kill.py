@@ -1,0 +1,48 @@
+"""A trial's Ray Train worker process killed mid-epoch: the trial is retried and continues
+from its last checkpoint, in the same MLflow run."""
+
+import os
+import signal
+import time
+
+from mlflow import MlflowClient
+
+from conftest import start_driver, stop_group
+from mlpgrid import spec, tracking
+from mlpgrid.checkpoint import CheckpointDir
+
+GRID = """
+run: {checkpoint_every_steps: 10}
+base: {model: B-1/Wi-16, examples: 3000, batch_size: 50, epochs: 10, optimizer: adamw, lr: 1.0e-3}
+"""
+
+
+def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, write_grid, fashion_mnist):
+    path, storage = write_grid(GRID), tmp_path / "store"
+    grid = spec.load(path)
+    (trial,) = grid.trials
+    checkpoints = CheckpointDir(storage / grid.name / trial.id / "checkpoints")
+    uri = tracking.tracking_uri(storage)
+    driver = start_driver(path, storage)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(epoch >= 1 and step > 0 for epoch, step in checkpoints.positions()):  # mid-epoch 2
+            assert driver.poll() is None, driver.stdout.read()
+            assert time.monotonic() < deadline, "the trial did not get far enough"
+            time.sleep(0.1)
+        (run,) = tracking.trial_runs(tracking.find_grid(grid, uri)).values()
+        victim = int(run.data.tags["worker_pid"])
+        os.kill(victim, signal.SIGKILL)
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        stop_group(driver)
+    assert driver.returncode == 0, out
+
+    (run,) = tracking.trial_runs(tracking.find_grid(grid, uri)).values()
+    assert run.data.tags["status"] == "finished" and int(run.data.tags["worker_pid"]) != victim
+    assert "retry  " in out and "restarts from its last checkpoint" in out
+    history = MlflowClient(uri).get_metric_history(run.info.run_id, "test_error")
+    assert sorted(m.step for m in history) == list(range(1, 11)), "every epoch once"
+    # The checkpoint counts the attempts: each retry adds the position it resumed from.
+    ((epoch, step),) = checkpoints.latest()["resumed_from"]
+    assert epoch >= 1 and step > 0, "one retry, continued from the mid-epoch checkpoint, not from scratch"
