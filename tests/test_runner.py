@@ -16,6 +16,8 @@ from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.runner import execute, pending_tasks
 from mlpgrid.train import TIMING_METRICS
 
+pytestmark = pytest.mark.slow
+
 SMALL = "base: {model: B-1/Wi-16, examples: 1000, batch_size: 50}\n"
 BASE = "base: {model: B-1/Wi-16, examples: 1000, batch_size: 50, optimizer: adamw, lr: 1.0e-3}\n"
 

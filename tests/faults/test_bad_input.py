@@ -60,3 +60,16 @@ def test_any_text_parses_or_is_refused_with_a_message(text):
 def test_fields_with_values_of_any_type(base, axis, values):
     document = {"base": {"model": "B-1/Wi-8", "examples": 100, "epochs": 1, **base}, "grid": {axis: values}}
     parse(yaml.safe_dump(document))
+
+
+def test_a_dataset_directory_of_another_layout_is_refused_before_training(tmp_path, fashion_mnist):
+    from click.testing import CliRunner
+
+    from mlpgrid.cli import cli
+
+    path = tmp_path / "grid.yaml"  # CIFAR-10 pointed at Fashion-MNIST's idx files
+    path.write_text(f"data:\n  cifar-10: {fashion_mnist}\nbase: {{dataset: cifar-10, model: B-1/Wi-16, epochs: 1}}\n")
+    result = CliRunner().invoke(cli, ["run", str(path), "--storage", str(tmp_path / "s")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "dataset cifar-10:" in result.output and "missing data_batch_1" in result.output
+    assert not (tmp_path / "s").exists(), "nothing written"

@@ -7,12 +7,15 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 from mlflow import MlflowClient
 
 from conftest import REPO, mlpgrid_command
 from mlpgrid import spec, tracking
 from mlpgrid.checkpoint import CheckpointDir
+
+pytestmark = pytest.mark.slow
 
 GRID = """
 run: {checkpoint_every_steps: 10}

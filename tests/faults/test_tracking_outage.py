@@ -5,11 +5,14 @@ import os
 import subprocess
 import time
 
+import pytest
 from mlflow import MlflowClient
 
 from conftest import REPO, mlpgrid_command
 from mlpgrid import spec
 from mlpgrid.checkpoint import CheckpointDir
+
+pytestmark = pytest.mark.slow
 
 GRID = """
 base: {model: B-1/Wi-16, examples: 2000, batch_size: 50, epochs: 30, optimizer: adamw, lr: 1.0e-3}

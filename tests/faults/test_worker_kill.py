@@ -5,11 +5,14 @@ import os
 import signal
 import time
 
+import pytest
 from mlflow import MlflowClient
 
 from conftest import start_driver, stop_group
 from mlpgrid import spec, tracking
 from mlpgrid.checkpoint import CheckpointDir
+
+pytestmark = pytest.mark.slow
 
 GRID = """
 run: {checkpoint_every_steps: 10}
