@@ -65,16 +65,17 @@ class CheckpointDir:
         """Write a checkpoint; :class:`CheckpointError` (the older ones left intact) if the disk refuses."""
         target = self.file(epoch, step)
         tmp, checksum = target.with_suffix(".tmp"), target.with_suffix(".sha256")
+        checksum_tmp = target.with_suffix(".sha256tmp")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             torch.save(state, tmp)
-            checksum.with_suffix(".sha256tmp").write_text(sha256(tmp))
-            os.replace(checksum.with_suffix(".sha256tmp"), checksum)
+            checksum_tmp.write_text(sha256(tmp))
+            os.replace(checksum_tmp, checksum)
             os.replace(tmp, target)
         except (OSError, RuntimeError) as e:
             # torch.save reports a full disk only as "unexpected pos": ask the disk itself.
             full = getattr(e, "errno", None) == errno.ENOSPC or _free_bytes(self.path) < _NEARLY_FULL
-            for leftover in (tmp, checksum.with_suffix(".sha256tmp"), checksum):
+            for leftover in (tmp, checksum_tmp, checksum):
                 leftover.unlink(missing_ok=True)
             reason = "no space left on the device" if full else str(e)
             raise CheckpointError(f"{target}: could not write the checkpoint: {reason}. Earlier checkpoints in "

@@ -172,3 +172,8 @@ def forward_flops(cfg: MLPConfig) -> int:
 def compute(flops_per_forward: int, examples: int, epochs: int) -> float:
     """Training compute C = FLOP(f) x 3 x N x T (forward plus a backward of twice its cost)."""
     return float(flops_per_forward) * 3 * examples * epochs
+
+
+def hardware_training_flops(cfg: MLPConfig, images: int) -> float:
+    """FLOPs the hardware executes to train on ``images`` examples (two per multiply-add)."""
+    return HARDWARE_FLOPS_PER_MAC * compute(forward_flops(cfg), images, 1)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from mlpgrid import data
+from mlpgrid import data, models
 from mlpgrid.checkpoint import CheckpointDir, exclusive
 from mlpgrid.progress import Progress
 from mlpgrid.spec import GridSpec, RunOptions, Trial
@@ -68,7 +68,7 @@ def gpu_share(trial: Trial, chosen: float | None = None) -> float:
     """The share of a GPU ``trial`` runs on: ``chosen`` if given, else by the size of its step."""
     if chosen is not None:
         return chosen
-    step_flops = 2 * 3 * trial.forward_flops * trial.config.batch_size
+    step_flops = models.hardware_training_flops(trial.config.model_config(), trial.config.batch_size)
     return 0.25 if step_flops < SMALL_STEP_FLOPS else 0.5
 
 

@@ -119,10 +119,11 @@ def changed_trials(grid: GridSpec, grid_run: GridRun) -> list[str]:
     """
     defaults = {f.name: str(f.default) for f in dataclasses.fields(TrialConfig)}
     current = [{k: str(v) for k, v in t.config_dict().items()} for t in grid.trials]
+    in_file = {t.id for t in grid.trials}
     lines = []
     for trial_id, run in sorted(trial_runs(grid_run).items()):
         mine = run.data.tags.get("grid_file") == grid_run.grid_file
-        if not mine or run.data.tags.get("status") not in DONE or any(t.id == trial_id for t in grid.trials):
+        if not mine or run.data.tags.get("status") not in DONE or trial_id in in_file:
             continue
         ran = {**defaults, **run.data.params}  # settings added since the run took their defaults
         nearest = min(current, key=lambda now: sum(ran.get(k) != v for k, v in now.items()))

@@ -53,15 +53,10 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def hardware_flops(cfg: TrialConfig) -> float:
-    """FLOPs the hardware executes to pre-train ``cfg`` (two per multiply-add)."""
-    per_forward = models.forward_flops(cfg.model_config())
-    return models.HARDWARE_FLOPS_PER_MAC * models.compute(per_forward, cfg.num_examples, cfg.epochs)
-
-
 def compile_pays(cfg: TrialConfig, device: torch.device) -> bool:
     """Whether compiling the model is worth its time for this trial (never on the CPU)."""
-    return device.type == "cuda" and hardware_flops(cfg) >= COMPILE_PAYS_FLOPS
+    images = cfg.num_examples * cfg.epochs
+    return device.type == "cuda" and models.hardware_training_flops(cfg.model_config(), images) >= COMPILE_PAYS_FLOPS
 
 
 def lr_at(cfg: TrialConfig, step: int, steps_per_epoch: int) -> float:
@@ -178,8 +173,8 @@ def run_trial(
     del arrays
 
     torch.manual_seed(derive_seed(cfg.seed, _INIT_STREAM))
-    model = MLP(cfg.model_config()).to(device)
     mc = cfg.model_config()
+    model = MLP(mc).to(device)
     side = cfg.resolution or cfg.dataset_info.resolution
     shape = (mc.in_features // side**2, side, side)
     compiled, compile_seconds = None, None
@@ -192,7 +187,7 @@ def run_trial(
         started = time.perf_counter()
         optimizer.compile_now()
         compile_seconds += time.perf_counter() - started
-    flops_per_image = models.HARDWARE_FLOPS_PER_MAC * models.compute(models.forward_flops(mc), 1, 1)
+    flops_per_image = models.hardware_training_flops(mc, 1)
     peak = matmul_peak_tflops(device) if device.type == "cuda" else None
     torch.manual_seed(derive_seed(cfg.seed, _DROPOUT_STREAM))
 
