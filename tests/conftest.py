@@ -49,6 +49,24 @@ def mlpgrid_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "mlpgrid", *args]
 
 
+def without_timing(history: list[dict]) -> list[dict]:
+    """Epoch metrics less the timings, which differ between runs of the same trial."""
+    from mlpgrid.train import TIMING_METRICS
+
+    return [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in history]
+
+
+def final_checkpoint(storage: Path, grid, trial) -> dict:
+    """The state a finished trial of ``grid`` left under ``storage``: its checkpoint after the last epoch."""
+    import torch
+
+    from mlpgrid.checkpoint import CheckpointDir
+
+    checkpoints = CheckpointDir(storage / grid.name / trial.id / "checkpoints")
+    assert checkpoints.positions()[-1] == (trial.config.epochs, 0)
+    return torch.load(checkpoints.file(trial.config.epochs, 0), weights_only=True)
+
+
 def start_driver(path: Path, storage: Path) -> subprocess.Popen:
     """``mlpgrid run`` on Ray in a session of its own, so whatever Ray leaves behind can be stopped."""
     return subprocess.Popen(

@@ -10,11 +10,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import REPO, free_port, mlpgrid_command, start_driver, stop_group
+from conftest import REPO, free_port, mlpgrid_command, start_driver, stop_group, without_timing
 from mlpgrid import spec, tracking
 from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.runner import execute, pending_tasks
-from mlpgrid.train import TIMING_METRICS
 
 pytestmark = pytest.mark.slow
 
@@ -178,9 +177,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_
     finally:
         torch.set_num_threads(threads)
     expected = torch.load(CheckpointDir(task.checkpoint_dir).file(4, 0), weights_only=True)
-    timing = set(TIMING_METRICS)
-    strip = lambda history: [{k: v for k, v in m.items() if k not in timing} for m in history]  # noqa: E731
-    assert strip(state["history"]) == strip(expected["history"])
+    assert without_timing(state["history"]) == without_timing(expected["history"])
     for name, tensor in expected["model"].items():
         assert torch.equal(state["model"][name], tensor), name
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import REPO, mlpgrid_command
+from conftest import REPO, final_checkpoint, mlpgrid_command, without_timing
 from mlpgrid import spec
 from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.cli import cli
 from mlpgrid.spec import TrialConfig
-from mlpgrid.train import TIMING_METRICS, TrialDiverged, lr_at, run_trial
+from mlpgrid.train import TrialDiverged, lr_at, run_trial
 
 TINY = dict(model="B-1/Wi-32", examples=2000, epochs=2, batch_size=100)
 
@@ -104,12 +104,6 @@ def _run_trial_process(grid, trial_id, storage):
     )  # fmt: skip
 
 
-def _final_state(storage, grid, trial):
-    ckpt = CheckpointDir(storage / grid.name / trial.id / "checkpoints")
-    assert ckpt.positions()[-1] == (trial.config.epochs, 0)
-    return torch.load(ckpt.file(*ckpt.positions()[-1]), weights_only=True)
-
-
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, write_grid, fashion_mnist):
     path = write_grid(RESUME_GRID)
     grid = spec.load(path)
@@ -133,13 +127,11 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, write_grid, fa
     resumed = _run_trial_process(path, trial.id, storage)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
 
-    final, final_ref = _final_state(storage, grid, trial), _final_state(tmp_path / "reference", grid, trial)
+    final, final_ref = final_checkpoint(storage, grid, trial), final_checkpoint(tmp_path / "reference", grid, trial)
     (epoch, step), *_ = final["resumed_from"]
     assert epoch == 1 and 0 < step < 375, "resumed from a checkpoint in the middle of an epoch"
-    timing = set(TIMING_METRICS)
-    strip = lambda history: [{k: v for k, v in m.items() if k not in timing} for m in history]  # noqa: E731
     assert len(final["history"]) == 3
-    assert strip(final["history"]) == strip(final_ref["history"])
+    assert without_timing(final["history"]) == without_timing(final_ref["history"])
     for name, tensor in final_ref["model"].items():
         assert torch.equal(final["model"][name], tensor), name
     for key, state in final_ref["optimizer"]["state"].items():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import REPO, mlpgrid_command
+from conftest import REPO, final_checkpoint, mlpgrid_command
 from mlpgrid import spec, tracking
 from mlpgrid.checkpoint import CheckpointDir
 
@@ -29,12 +29,6 @@ KILLS = 3
 def run_grid(path, storage):
     return subprocess.Popen(mlpgrid_command("run", str(path), "--in-process", "--storage", str(storage)), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-
-
-def final_state(storage, grid, trial):
-    checkpoints = CheckpointDir(storage / grid.name / trial.id / "checkpoints")
-    assert checkpoints.positions()[-1] == (trial.config.epochs, 0)
-    return checkpoints.latest()
 
 
 def test_driver_killed_again_and_again_loses_and_repeats_nothing(tmp_path, write_grid, fashion_mnist):
@@ -69,7 +63,7 @@ def test_driver_killed_again_and_again_loses_and_repeats_nothing(tmp_path, write
         assert run.data.tags["status"] == "finished"
         errors = client.get_metric_history(run.info.run_id, "test_error")
         assert sorted(m.step for m in errors) == list(range(1, trial.config.epochs + 1)), "every epoch once"
-        state, expected = final_state(storage, grid, trial), final_state(reference, grid, trial)
+        state, expected = final_checkpoint(storage, grid, trial), final_checkpoint(reference, grid, trial)
         assert state["history"][-1]["test_error"] == expected["history"][-1]["test_error"]
         for name, tensor in expected["model"].items():
             assert torch.equal(state["model"][name], tensor), (trial.id, name)
