@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,14 +44,15 @@ BATCH, TRAIN = 4096, 50_000
 
 
 def grid_file(path: Path, root: Path, rates: dict[str, float], scale: float, trials: int) -> list[dict]:
-    """Write the grid; returns its trials with their estimated pure training seconds."""
-    plan = [
-        {"model": m, "epochs": max(1, round(t * scale * rates[m] / TRAIN))} for t in TARGET_SECONDS for m in MODELS
-    ][:trials]
+    """Write the grid (named after the file) of the models in ``rates``; returns its trials with
+    their estimated pure training seconds."""
+    plan = [{"model": m, "epochs": max(1, round(t * scale * rates[m] / TRAIN))} for t in TARGET_SECONDS for m in rates][
+        :trials
+    ]
     for p in plan:
         p["estimated_s"] = p["epochs"] * TRAIN / rates[p["model"]]
     doc = {
-        "name": "overhead",
+        "name": path.stem,
         "data": {"cifar-10": str(root)},
         "base": {"dataset": "cifar-10", "resolution": 64, "examples": TRAIN, "batch_size": BATCH, **RECIPE},
         "zip": {"model": [p["model"] for p in plan], "epochs": [p["epochs"] for p in plan]},
@@ -60,30 +62,36 @@ def grid_file(path: Path, root: Path, rates: dict[str, float], scale: float, tri
 
 
 class GpuSampler:
-    """``nvidia-smi`` utilisation samples (time, percent) in a background thread."""
+    """``nvidia-smi`` utilisation samples of every GPU (time, GPU index, percent) in a background thread."""
 
     def __init__(self, period_ms: int = 200):
-        cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-lms={period_ms}"]
+        query = "--query-gpu=index,utilization.gpu"
+        cmd = ["nvidia-smi", query, "--format=csv,noheader,nounits", f"-lms={period_ms}"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, int, float]] = []
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            first = line.split(",")[0].strip()
-            if first.isdigit():
-                self.samples.append((time.time(), float(first)))
+            fields = [f.strip() for f in line.split(",")]
+            if len(fields) == 2 and all(f.isdigit() for f in fields):
+                self.samples.append((time.time(), int(fields[0]), float(fields[1])))
+
+    def busy(self, gpu: int, start: float, end: float) -> float:
+        """The GPU's mean utilisation between ``start`` and ``end``, as a fraction."""
+        util = [u for t, i, u in self.samples if i == gpu and start <= t <= end]
+        return statistics.mean(util) / 100 if util else float("nan")
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait()
 
 
-def training_intervals(storage: Path) -> list[dict]:
+def training_intervals(storage: Path, grid_name: str) -> list[dict]:
     """Per trial: when its training ran (from its epoch timestamps), start-up and compile seconds."""
     client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("overhead")
+    experiment = client.get_experiment_by_name(grid_name)
     trials = []
     for run in client.search_runs([experiment.experiment_id], "tags.mlpgrid_role = 'trial'"):
         epochs = client.get_metric_history(run.info.run_id, "epoch_seconds")
@@ -113,13 +121,19 @@ def covered(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def run_grid(grid: Path, storage: Path, packing: str, timeout: float | None = None) -> dict:
+def run_grid(grid: Path, storage: Path, packing: str, timeout: float | None = None, gpus: int | None = None) -> dict:
+    """Run the grid through ``mlpgrid run``; ``gpus``: make only the first this many GPUs visible."""
     command = [sys.executable, "-m", "mlpgrid", "run", str(grid), "--storage", str(storage)]
     if packing != "auto":
         command += ["--gpus-per-trial", packing]
+    visible = range(gpus if gpus is not None else torch.cuda.device_count())
+    # nvidia-smi numbers GPUs in PCI order; so must CUDA, for its indexes to match.
+    env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, visible))
     sampler = GpuSampler()
     started = time.time()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -130,13 +144,15 @@ def run_grid(grid: Path, storage: Path, packing: str, timeout: float | None = No
     sampler.stop()
     if proc.returncode != 0:
         print(stdout[-3000:], stderr[-3000:], sep="\n")
-    trials = training_intervals(storage)
+    trials = training_intervals(storage, yaml.safe_load(grid.read_text())["name"])
     wall = ended - started
-    util = [u for t, u in sampler.samples if started <= t <= ended]
-    busy = statistics.mean(util) / 100 if util else float("nan")
+    per_gpu = [sampler.busy(i, started, ended) for i in visible]
+    busy = statistics.mean(per_gpu)
     training = covered([(t["start"], t["end"]) for t in trials]) / wall
     return {
         "packing": packing,
+        "gpus": len(visible),
+        "gpu_util_each": per_gpu,
         "returncode": proc.returncode,
         "trials": len(trials),
         "finished": sum(t["status"] == "finished" for t in trials),
@@ -152,6 +168,23 @@ def run_grid(grid: Path, storage: Path, packing: str, timeout: float | None = No
     }
 
 
+def prepare_grid(work: Path, name: str, models: tuple[str, ...], scale: float, trials: int) -> tuple[Path, list[dict]]:
+    """Write the dataset and the grid file ``work/<name>.yaml`` (epochs from each model's bare
+    eager step rate, measured here) and print the plan; returns the file and its trials."""
+    root = write_cifar10(work / "cifar-10-batches-py", train=TRAIN)
+    rates = {m: bare_step(m, BATCH, compiled=False, steps=10)["images_per_s"] for m in models}
+    torch.cuda.empty_cache()
+    path = work / f"{name}.yaml"
+    plan = grid_file(path, root, rates, scale, trials)
+    print(f"{torch.cuda.get_device_name()}; {len(plan)} trials at batch {BATCH}, estimated pure training "
+          f"{min(p['estimated_s'] for p in plan):.0f}-{max(p['estimated_s'] for p in plan):.0f} s each, "
+          f"{sum(p['estimated_s'] for p in plan):.0f} s in all")  # fmt: skip
+    for m in models:
+        print(f"  {m:>13}: bare eager step {rates[m]:>12,.0f} img/s; epochs "
+              f"{[p['epochs'] for p in plan if p['model'] == m]}")  # fmt: skip
+    return path, plan
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--packing", action="append", help="GPUs per trial (e.g. 1, 0.5, 0.25) or auto; repeatable")
@@ -165,19 +198,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        root = write_cifar10(work / "cifar-10-batches-py", train=TRAIN)
-        rates = {m: bare_step(m, BATCH, compiled=False, steps=10)["images_per_s"] for m in MODELS}
-        torch.cuda.empty_cache()
-        plan = grid_file(work / "overhead.yaml", root, rates, args.scale, args.trials)
-        print(f"{torch.cuda.get_device_name()}; {len(plan)} trials at batch {BATCH}, estimated pure training "
-              f"{min(p['estimated_s'] for p in plan):.0f}-{max(p['estimated_s'] for p in plan):.0f} s each, "
-              f"{sum(p['estimated_s'] for p in plan):.0f} s in all")  # fmt: skip
-        for m in MODELS:
-            print(f"  {m:>13}: bare eager step {rates[m]:>12,.0f} img/s; epochs "
-                  f"{[p['epochs'] for p in plan if p['model'] == m]}")  # fmt: skip
+        grid, plan = prepare_grid(work, "overhead", MODELS, args.scale, args.trials)
         results = []
         for packing in args.packing or ["auto"]:
-            result = run_grid(work / "overhead.yaml", work / f"storage-{packing}", packing, args.timeout)
+            result = run_grid(grid, work / f"storage-{packing}", packing, args.timeout)
             results.append(result)
             print(f"  packing {packing}: {result['finished']}/{len(plan)} finished in {result['wall_s']:.0f} s "
                   f"{result['progress']}", flush=True)  # fmt: skip
@@ -191,7 +215,7 @@ def main() -> None:
               f"{r['compile_median_s']:>9.1f}")  # fmt: skip
     print("(train s: the trials' own training seconds, summed; start-up and compile: medians per trial)")
     if args.json:
-        args.json.write_text(json.dumps({"plan": plan, "rates": rates, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"plan": plan, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

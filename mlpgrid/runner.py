@@ -9,8 +9,10 @@ checkpoint directory) and records how the trial ended.
 Trials share GPUs: by default two (four when small) trials run on each GPU at once, so the
 start-up of one (worker processes, CUDA, data, compilation: half a minute) overlaps the
 training of another, and small models, which cannot keep a GPU busy alone, fill it together.
-The driver loads each in-memory dataset once and hands it to every trial through Ray's object
-store.
+A grid with too few trials to fill every GPU that way gets larger shares (see
+:func:`gpu_shares`). The most expensive trials start first, so that the grid does not end
+with one long trial on an otherwise idle cluster. The driver loads each in-memory dataset once
+and hands it to every trial through Ray's object store.
 
 Resuming a grid needs no Ray state: MLflow says which trials are done, and each trial's
 checkpoint directory (under ``--storage``, which must be shared by all nodes of a cluster)
@@ -64,12 +66,32 @@ class RayOptions:
     retries: int = 2  # a failed trial restarts from its last checkpoint this many times
 
 
-def gpu_share(trial: Trial, chosen: float | None = None) -> float:
-    """The share of a GPU ``trial`` runs on: ``chosen`` if given, else by the size of its step."""
-    if chosen is not None:
-        return chosen
+def gpu_share(trial: Trial) -> float:
+    """The share of a GPU ``trial`` runs on by default, by the size of its step."""
     step_flops = models.hardware_training_flops(trial.config.model_config(), trial.config.batch_size)
     return 0.25 if step_flops < SMALL_STEP_FLOPS else 0.5
+
+
+def gpu_shares(trials: list[Trial], gpus: float, chosen: float | None = None) -> dict[str, float]:
+    """Each trial's share of a GPU on a cluster of ``gpus`` GPUs: ``chosen`` if given.
+
+    Otherwise :func:`gpu_share`, raised where the trials are too few to put one on every GPU:
+    Ray places fractional shares on as few GPUs as it can, so eight quarter-GPU trials on eight
+    GPUs would all run on two of them. With at least ``k`` trials per GPU no share is below
+    ``1/k``, so the shares add up to every GPU.
+    """
+    if chosen is not None:
+        return {t.id: chosen for t in trials}
+    per_gpu = max(1, math.floor(len(trials) / gpus + 1e-9)) if gpus > 0 else 1
+    return {t.id: max(gpu_share(t), 1 / per_gpu) for t in trials}
+
+
+def launch_order(trials: list[Trial]) -> list[Trial]:
+    """The trials, largest training compute first (grid order among equals).
+
+    Started last, a long trial would keep one GPU busy after the rest of the grid is done.
+    """
+    return sorted(trials, key=lambda trial: -trial.compute)
 
 
 def check_data(grid: GridSpec) -> None:
@@ -303,10 +325,16 @@ def run_on_ray(tasks: list[TrialTask], grid: GridSpec, storage: Path, opts: RayO
     resources = ray.cluster_resources()
     kind = "GPU" if resources.get("GPU", 0) > 0 else "CPU"
     chosen = opts.gpus_per_trial if opts.gpus_per_trial is not None else grid.run.gpus_per_trial
-    workers = {
-        t.trial.id: {"GPU": gpu_share(t.trial, chosen)} if kind == "GPU" else {"CPU": opts.cpus_per_trial}
-        for t in tasks
-    }
+    if kind == "GPU":
+        shares = gpu_shares([t.trial for t in tasks], resources["GPU"], chosen)
+        workers = {trial_id: {"GPU": share} for trial_id, share in shares.items()}
+        if chosen is not None and len(tasks) * chosen < resources["GPU"]:
+            progress.note(
+                f"{len(tasks)} trials on {chosen:g} GPU each fill {math.ceil(len(tasks) * chosen - 1e-9)} of "
+                f"{resources['GPU']:g} GPUs: Ray packs shares onto as few GPUs as it can"
+            )
+    else:
+        workers = {t.trial.id: {"CPU": opts.cpus_per_trial} for t in tasks}
     # The Tune function only waits on its trainer: it takes no CPU, else on a CPU-only
     # cluster the Tune trials would hold every CPU and the Train workers could never start.
     trainable = tune.with_resources(
@@ -320,10 +348,10 @@ def run_on_ray(tasks: list[TrialTask], grid: GridSpec, storage: Path, opts: RayO
         {"cpu": 0, "memory": 1},
     )
     # Enough Tune trials at once to fill every slot; Ray starts each worker when its share is free.
-    shares = collections.Counter(w[kind] for w in workers.values())
-    slots = max(1, math.floor(resources.get(kind, 0) / min(shares) + 1e-9))
+    counts = collections.Counter(w[kind] for w in workers.values())
+    slots = max(1, math.floor(resources.get(kind, 0) / min(counts) + 1e-9))
     concurrent = min(opts.max_concurrent or slots, slots, len(tasks))
-    each = ", ".join(f"{n} on {share:g} {kind}" for share, n in sorted(shares.items()))
+    each = ", ".join(f"{n} on {share:.3g} {kind}" for share, n in sorted(counts.items()))
     progress.note(
         f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; up to {concurrent} trials at a "
         f"time ({each})"
@@ -331,7 +359,7 @@ def run_on_ray(tasks: list[TrialTask], grid: GridSpec, storage: Path, opts: RayO
     by_id = {t.trial.id: t.trial for t in tasks}
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial_id": tune.grid_search([t.trial.id for t in tasks])},
+        param_space={"trial_id": tune.grid_search([t.id for t in launch_order([t.trial for t in tasks])])},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -1,5 +1,5 @@
 """What makes trials fast on a GPU, checked on the CPU: the compiled model and Lion, the
-background checkpoint writer, the default packing of trials on GPUs."""
+background checkpoint writer, the default packing of trials on GPUs and their order."""
 
 import threading
 
@@ -10,7 +10,7 @@ from lion_pytorch import Lion
 from mlpgrid import spec
 from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir
 from mlpgrid.optim import CompiledLion
-from mlpgrid.runner import gpu_share
+from mlpgrid.runner import gpu_share, gpu_shares, launch_order
 from mlpgrid.spec import TrialConfig
 from mlpgrid.train import run_trial
 
@@ -77,4 +77,60 @@ def test_small_trials_share_a_gpu_more(write_grid):
     grid = spec.load(write_grid("base: {dataset: fashion-mnist, batch_size: 4096, examples: 8192, epochs: 1}\ngrid:\n"
                                 "  model: [B-2/Wi-64, B-12/Wi-1024]\n"))  # fmt: skip
     small, large = grid.trials
-    assert (gpu_share(small), gpu_share(large), gpu_share(large, 1.0)) == (0.25, 0.5, 1.0)
+    assert (gpu_share(small), gpu_share(large)) == (0.25, 0.5)
+
+
+EIGHT_TRIALS = (
+    "base: {dataset: fashion-mnist, batch_size: 4096, examples: 8192}\n"
+    "grid:\n  model: [B-2/Wi-64, B-12/Wi-1024]\n  epochs: [1, 4, 2, 3]\n"
+)
+
+
+def test_shares_are_raised_until_the_trials_cover_every_gpu(write_grid):
+    trials = spec.load(write_grid(EIGHT_TRIALS)).trials
+    by_size = {t.id: gpu_share(t) for t in trials}
+    assert sorted(by_size.values()) == [0.25] * 4 + [0.5] * 4
+    assert gpu_shares(trials, 1) == gpu_shares(trials, 2) == by_size  # 8 and 4 trials per GPU
+    assert set(gpu_shares(trials, 3).values()) == {0.5}  # 2 per GPU
+    assert set(gpu_shares(trials, 4).values()) == {0.5}
+    assert set(gpu_shares(trials, 8).values()) == set(gpu_shares(trials, 16).values()) == {1.0}
+    for gpus in (1, 2, 3, 4, 5, 8, 16):
+        assert sum(gpu_shares(trials, gpus).values()) >= min(gpus, len(trials)) - 1e-9
+    assert set(gpu_shares(trials, 8, chosen=0.25).values()) == {0.25}  # the user's choice stands
+
+
+def test_a_small_grid_gets_a_gpu_per_trial_from_ray(write_grid):
+    """Ray places each trial's worker as Ray Train does (a placement group of its share): the
+    eight trials of a grid on eight GPUs land on eight different GPUs."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    class Worker:
+        def gpu(self) -> list:
+            return ray.get_gpu_ids()
+
+    shares = gpu_shares(spec.load(write_grid(EIGHT_TRIALS)).trials, 8)
+    ray.init(num_cpus=1, num_gpus=8, include_dashboard=False, logging_level="ERROR")
+    try:
+        groups = [placement_group([{"GPU": share}]) for share in shares.values()]
+        ray.get([g.ready() for g in groups], timeout=60)
+        workers = [
+            Worker.options(num_gpus=share, scheduling_strategy=PlacementGroupSchedulingStrategy(g)).remote()
+            for share, g in zip(shares.values(), groups, strict=True)
+        ]
+        placed = ray.get([w.gpu.remote() for w in workers], timeout=60)
+        for g in groups:
+            remove_placement_group(g)
+    finally:
+        ray.shutdown()
+    assert sorted(int(ids[0]) for ids in placed) == list(range(8))
+
+
+def test_the_largest_trials_start_first(write_grid):
+    trials = spec.load(write_grid(EIGHT_TRIALS)).trials
+    order = launch_order(trials)
+    assert [t.compute for t in order] == sorted((t.compute for t in trials), reverse=True)
+    assert (order[0].config.model, order[0].config.epochs) == ("B-12/Wi-1024", 4)
+    assert (order[-1].config.model, order[-1].config.epochs) == ("B-2/Wi-64", 1)
