@@ -127,8 +127,10 @@ def run_grid(grid: Path, storage: Path, packing: str, timeout: float | None = No
     if packing != "auto":
         command += ["--gpus-per-trial", packing]
     visible = range(gpus if gpus is not None else torch.cuda.device_count())
-    # nvidia-smi numbers GPUs in PCI order; so must CUDA, for its indexes to match.
-    env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    # nvidia-smi numbers GPUs in PCI order; so must CUDA, for its indexes to match. NVLink
+    # multicast stays off: no trial needs it, and on a shared host it can disable the GPUs.
+    no_multicast = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    env = {**no_multicast, **os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, visible))
     sampler = GpuSampler()

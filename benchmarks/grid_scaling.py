@@ -2,6 +2,7 @@
 
     python benchmarks/grid_scaling.py                       # 1, 2, 4, 8 GPUs, as many as there are
     python benchmarks/grid_scaling.py --gpus 1 --gpus 2 --scale 0.3 --timeout 480
+    python benchmarks/grid_scaling.py --gpus 1 --packing 0.125    # eight trials on each GPU
 
 The grid: 32 trials, B-6, B-8, B-10 and B-12 at widths 512 and 1024 on a CIFAR-10-sized dataset
 (random pixels in CIFAR-10's file layout, at 64x64), the paper's recipe at batch 4096, each
@@ -38,6 +39,7 @@ TRIALS = 32
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, action="append", help="GPUs visible to the grid; repeatable")
+    parser.add_argument("--packing", default="auto", help="GPUs per trial (e.g. 0.5, 0.125); auto: mlpgrid's choice")
     parser.add_argument("--scale", type=float, default=1.0, help="training time targets times this")
     parser.add_argument("--timeout", type=float, help="stop a grid after this many seconds")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -54,7 +56,7 @@ def main() -> None:
         grid, plan = prepare_grid(work, "scaling", MODELS, args.scale, TRIALS)
         results = []
         for n in counts:
-            result = run_grid(grid, work / f"storage-{n}", "auto", args.timeout, gpus=n)
+            result = run_grid(grid, work / f"storage-{n}", args.packing, args.timeout, gpus=n)
             results.append(result)
             print(f"  {n} GPU(s): {result['finished']}/{len(plan)} finished in {result['wall_s']:.0f} s "
                   f"{result['progress']}", flush=True)  # fmt: skip

@@ -145,7 +145,8 @@ def cli() -> None:
 @click.option("--max-concurrent", type=click.IntRange(min=1), help="Trials at a time; default: as resources allow.")
 @click.option("--gpus-per-trial", type=click.FloatRange(min=0, max=1, min_open=True),
               help="Share of a GPU per trial, e.g. 0.5: two trials per GPU. Default: the grid's run.gpus_per_trial, "
-                   "else 0.25 for small models and 0.5 for the rest.")  # fmt: skip
+                   "else 0.125 for small models and 0.5 for the rest, more where the trials are too few to "
+                   "cover every GPU.")  # fmt: skip
 @click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="CPU cores per trial when there is no GPU.")  # fmt: skip
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,

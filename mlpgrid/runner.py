@@ -6,9 +6,9 @@ metrics reach Tune through ``TuneReportCallback``. Either way a trial runs throu
 :func:`execute`, which opens the trial's MLflow run, trains (resuming from the trial's
 checkpoint directory) and records how the trial ended.
 
-Trials share GPUs: by default two (four when small) trials run on each GPU at once, so the
+Trials share GPUs: by default two (eight when small) trials run on each GPU at once, so the
 start-up of one (worker processes, CUDA, data, compilation: half a minute) overlaps the
-training of another, and small models, which cannot keep a GPU busy alone, fill it together.
+training of others, and small models, which cannot keep a GPU busy alone, fill it together.
 A grid with too few trials to fill every GPU that way gets larger shares (see
 :func:`gpu_shares`). The most expensive trials start first, so that the grid does not end
 with one long trial on an otherwise idle cluster. The driver loads each in-memory dataset once
@@ -41,9 +41,11 @@ from mlpgrid.spec import GridSpec, RunOptions, Trial
 from mlpgrid.tracking import DIVERGED, DONE, FAILED, FINISHED, GridRun, TrialRun, trial_runs
 from mlpgrid.train import TrialDiverged, default_data_budget, pick_device, run_trial
 
-# A step of fewer hardware FLOPs than this leaves a GPU mostly waiting for kernel launches
-# (about 5 ms of an H100): four such trials share a GPU by default, larger ones two.
-SMALL_STEP_FLOPS = 2e12
+# A step of fewer hardware FLOPs than this (about 5 ms of an H100) leaves a GPU waiting for
+# kernel launches, and idle through a trial's start-up: eight such trials share a GPU by
+# default, larger ones two. On a grid of 32 such trials on an H100, eight to a GPU did 27% more
+# training per second than four (two for the larger half) did (benchmarks/grid_scaling.py).
+SMALL_STEP_FLOPS = 4e12
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class RayOptions:
 def gpu_share(trial: Trial) -> float:
     """The share of a GPU ``trial`` runs on by default, by the size of its step."""
     step_flops = models.hardware_training_flops(trial.config.model_config(), trial.config.batch_size)
-    return 0.25 if step_flops < SMALL_STEP_FLOPS else 0.5
+    return 0.125 if step_flops < SMALL_STEP_FLOPS else 0.5
 
 
 def gpu_shares(trials: list[Trial], gpus: float, chosen: float | None = None) -> dict[str, float]:

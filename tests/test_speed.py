@@ -74,14 +74,14 @@ def test_background_saver_raises_a_failed_write(tmp_path):
 
 
 def test_small_trials_share_a_gpu_more(write_grid):
-    grid = spec.load(write_grid("base: {dataset: fashion-mnist, batch_size: 4096, examples: 8192, epochs: 1}\ngrid:\n"
+    grid = spec.load(write_grid("base: {dataset: fashion-mnist, batch_size: 8192, examples: 8192, epochs: 1}\ngrid:\n"
                                 "  model: [B-2/Wi-64, B-12/Wi-1024]\n"))  # fmt: skip
     small, large = grid.trials
-    assert (gpu_share(small), gpu_share(large)) == (0.25, 0.5)
+    assert (gpu_share(small), gpu_share(large)) == (0.125, 0.5)
 
 
 EIGHT_TRIALS = (
-    "base: {dataset: fashion-mnist, batch_size: 4096, examples: 8192}\n"
+    "base: {dataset: fashion-mnist, batch_size: 8192, examples: 8192}\n"
     "grid:\n  model: [B-2/Wi-64, B-12/Wi-1024]\n  epochs: [1, 4, 2, 3]\n"
 )
 
@@ -89,8 +89,9 @@ EIGHT_TRIALS = (
 def test_shares_are_raised_until_the_trials_cover_every_gpu(write_grid):
     trials = spec.load(write_grid(EIGHT_TRIALS)).trials
     by_size = {t.id: gpu_share(t) for t in trials}
-    assert sorted(by_size.values()) == [0.25] * 4 + [0.5] * 4
-    assert gpu_shares(trials, 1) == gpu_shares(trials, 2) == by_size  # 8 and 4 trials per GPU
+    assert sorted(by_size.values()) == [0.125] * 4 + [0.5] * 4
+    assert gpu_shares(trials, 1) == by_size  # 8 trials per GPU
+    assert sorted(gpu_shares(trials, 2).values()) == [0.25] * 4 + [0.5] * 4  # 4 per GPU
     assert set(gpu_shares(trials, 3).values()) == {0.5}  # 2 per GPU
     assert set(gpu_shares(trials, 4).values()) == {0.5}
     assert set(gpu_shares(trials, 8).values()) == set(gpu_shares(trials, 16).values()) == {1.0}
