@@ -44,7 +44,7 @@ from mlpgrid.train import TrialDiverged, default_data_budget, pick_device, run_t
 # A step of fewer hardware FLOPs than this (about 5 ms of an H100) leaves a GPU waiting for
 # kernel launches, and idle through a trial's start-up: eight such trials share a GPU by
 # default, larger ones two. On a grid of 32 such trials on an H100, eight to a GPU did 27% more
-# training per second than four (two for the larger half) did (benchmarks/grid_scaling.py).
+# training per second than four (two for its largest models) did (benchmarks/grid_scaling.py).
 SMALL_STEP_FLOPS = 4e12
 
 
@@ -329,7 +329,9 @@ def run_on_ray(tasks: list[TrialTask], grid: GridSpec, storage: Path, opts: RayO
     chosen = opts.gpus_per_trial if opts.gpus_per_trial is not None else grid.run.gpus_per_trial
     if kind == "GPU":
         shares = gpu_shares([t.trial for t in tasks], resources["GPU"], chosen)
-        workers = {trial_id: {"GPU": share} for trial_id, share in shares.items()}
+        # And a core each: a trial's host thread launches its kernels, so trials beyond the
+        # node's cores would only wait for each other (and take a few GB of RAM each).
+        workers = {trial_id: {"GPU": share, "CPU": 1} for trial_id, share in shares.items()}
         if chosen is not None and len(tasks) * chosen < resources["GPU"]:
             progress.note(
                 f"{len(tasks)} trials on {chosen:g} GPU each fill {math.ceil(len(tasks) * chosen - 1e-9)} of "
@@ -352,6 +354,8 @@ def run_on_ray(tasks: list[TrialTask], grid: GridSpec, storage: Path, opts: RayO
     # Enough Tune trials at once to fill every slot; Ray starts each worker when its share is free.
     counts = collections.Counter(w[kind] for w in workers.values())
     slots = max(1, math.floor(resources.get(kind, 0) / min(counts) + 1e-9))
+    if kind == "GPU":
+        slots = min(slots, max(1, math.floor(resources.get("CPU", 1))))
     concurrent = min(opts.max_concurrent or slots, slots, len(tasks))
     each = ", ".join(f"{n} on {share:.3g} {kind}" for share, n in sorted(counts.items()))
     progress.note(
