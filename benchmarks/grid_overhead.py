@@ -166,7 +166,10 @@ def run_grid(grid: Path, storage: Path, packing: str, timeout: float | None = No
         "startup_median_s": statistics.median(t["startup_s"] for t in trials) if trials else None,
         "compile_median_s": statistics.median(t["compile_s"] for t in trials) if trials else None,
         "per_trial": trials,
-        "progress": [line for line in (stdout + stderr).splitlines() if line.startswith("Ray:")],
+        # mlpgrid's notes on how it placed the trials ("[summary] Ray: ... trials at a time ...")
+        "progress": [
+            line.split("] ", 1)[-1] for line in stdout.splitlines() if "] Ray: " in line or "Ray packs" in line
+        ],
     }
 
 
