@@ -47,8 +47,9 @@ def main() -> None:
     available = torch.cuda.device_count()
     if available == 0:
         sys.exit("grid_scaling.py measures GPU time; no CUDA device here")
-    counts = [n for n in args.gpus or [1, 2, 4, 8] if n <= available]
-    if missing := sorted(set(args.gpus or [1, 2, 4, 8]) - set(counts)):
+    wanted = args.gpus or [1, 2, 4, 8]
+    counts = [n for n in wanted if n <= available]
+    if missing := sorted(set(wanted) - set(counts)):
         print(f"this machine has {available} GPU(s): not measured with {missing}")
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -271,6 +271,13 @@ def _tune_trial(config: dict[str, Any], tasks: dict[str, TrialTask], workers: di
     trainer.fit()
 
 
+def _slots(resources: dict[str, float], workers: list[dict[str, float]]) -> int:
+    """How many workers fit at once: per resource they ask for, the cluster's total over the
+    smallest request; the scarcest resource decides."""
+    fits = [math.floor(resources.get(r, 0) / min(w[r] for w in workers) + 1e-9) for r in workers[0]]
+    return max(1, min(fits))
+
+
 def _dataset_key(trial: Trial) -> tuple[str, int | None, int | None]:
     cfg = trial.config
     return cfg.dataset, cfg.resolution, cfg.channels
@@ -352,10 +359,8 @@ def run_on_ray(tasks: list[TrialTask], grid: GridSpec, storage: Path, opts: RayO
         {"cpu": 0, "memory": 1},
     )
     # Enough Tune trials at once to fill every slot; Ray starts each worker when its share is free.
+    slots = _slots(resources, list(workers.values()))
     counts = collections.Counter(w[kind] for w in workers.values())
-    slots = max(1, math.floor(resources.get(kind, 0) / min(counts) + 1e-9))
-    if kind == "GPU":
-        slots = min(slots, max(1, math.floor(resources.get("CPU", 1))))
     concurrent = min(opts.max_concurrent or slots, slots, len(tasks))
     each = ", ".join(f"{n} on {share:.3g} {kind}" for share, n in sorted(counts.items()))
     progress.note(

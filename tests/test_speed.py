@@ -73,22 +73,16 @@ def test_background_saver_raises_a_failed_write(tmp_path):
         saver.wait()
 
 
-def test_small_trials_share_a_gpu_more(write_grid):
-    grid = spec.load(write_grid("base: {dataset: fashion-mnist, batch_size: 8192, examples: 8192, epochs: 1}\ngrid:\n"
-                                "  model: [B-2/Wi-64, B-12/Wi-1024]\n"))  # fmt: skip
-    small, large = grid.trials
-    assert (gpu_share(small), gpu_share(large)) == (0.125, 0.5)
-
-
 EIGHT_TRIALS = (
     "base: {dataset: fashion-mnist, batch_size: 8192, examples: 8192}\n"
     "grid:\n  model: [B-2/Wi-64, B-12/Wi-1024]\n  epochs: [1, 4, 2, 3]\n"
 )
 
 
-def test_shares_are_raised_until_the_trials_cover_every_gpu(write_grid):
+def test_small_trials_share_a_gpu_more_and_shares_grow_until_the_trials_cover_every_gpu(write_grid):
     trials = spec.load(write_grid(EIGHT_TRIALS)).trials
     by_size = {t.id: gpu_share(t) for t in trials}
+    assert {t.config.model: gpu_share(t) for t in trials} == {"B-2/Wi-64": 0.125, "B-12/Wi-1024": 0.5}
     assert sorted(by_size.values()) == [0.125] * 4 + [0.5] * 4
     assert gpu_shares(trials, 1) == by_size  # 8 trials per GPU
     assert sorted(gpu_shares(trials, 2).values()) == [0.25] * 4 + [0.5] * 4  # 4 per GPU
