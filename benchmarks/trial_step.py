@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from synthetic import write_cifar10  # noqa: E402
 
 from mlpgrid import data, models  # noqa: E402
-from mlpgrid.bench import matmul_peak_tflops  # noqa: E402
-from mlpgrid.checkpoint import CheckpointDir  # noqa: E402
+from mlpgrid.hardware import matmul_peak_tflops  # noqa: E402
+from mlpgrid.layout import TrialLayout  # noqa: E402
 from mlpgrid.spec import TrialConfig  # noqa: E402
 from mlpgrid.step import autocast  # noqa: E402
-from mlpgrid.train import run_trial  # noqa: E402
+from mlpgrid.train import TrialOptions, run_trial  # noqa: E402
 
 SIDE, CLASSES = 64, 10
 RECIPE = dict(optimizer="lion", lr=1e-4, weight_decay=1e-4, label_smoothing=0.3, flip=True, crop_padding=4,
@@ -84,14 +84,16 @@ def trial_step(name: str, batch: int, compiled: bool, epochs: int, arrays: data.
     """Images/s and TFLOP/s that ``run_trial`` logs, epochs after the first; its compile seconds."""
     cfg = TrialConfig(model=name, dataset="cifar-10", resolution=SIDE, examples=len(arrays.train_labels),
                       epochs=epochs, batch_size=batch, **RECIPE)  # fmt: skip
-    ckpt = Path(tempfile.mkdtemp(dir=work))
-    result = run_trial(cfg, CheckpointDir(ckpt), data_roots={"cifar-10": root}, compile=compiled, arrays=arrays)
-    later = result["history"][1:]
+    datasets = data.Datasets({"cifar-10": root})
+    datasets.keep(cfg.dataset, cfg.resolution, cfg.channels, arrays)
+    layout = TrialLayout(Path(tempfile.mkdtemp(dir=work)))
+    result = run_trial(cfg, layout, TrialOptions(compile=compiled), datasets=datasets)
+    later = result.history[1:]
     return {
         "images_per_s": statistics.mean(m["images_per_s"] for m in later),
         "tflops": statistics.mean(m["tflops"] for m in later),
         "mfu": statistics.mean(m["mfu"] for m in later),
-        "compile_seconds": result["history"][0].get("compile_seconds", 0.0),
+        "compile_seconds": result.history[0].get("compile_seconds", 0.0),
     }
 
 

@@ -1,11 +1,8 @@
-"""Hardware figures: Table 7 of the paper on the current device (parameters, latency at batch 1,
-throughput at the best batch size, FLOPs per forward) and the GPU's bf16 matmul rate, the
-yardstick of a trial's model FLOPs utilisation (MFU)."""
+"""The paper's Table 7 on the current device: parameters, latency at batch 1, throughput at the
+best batch size, FLOPs per forward."""
 
 from __future__ import annotations
 
-import functools
-import math
 import statistics
 import time
 
@@ -50,23 +47,3 @@ def efficiency(name: str, resolution: int, channels: int, classes: int, device: 
         "best_batch": best,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
-
-
-@functools.cache
-def matmul_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
-    """The bf16 rate (TFLOP/s) of an ``n``-square matrix multiply on a CUDA ``device``.
-
-    The fastest of ``repeats`` timed multiplies: a GPU shared with other trials still runs
-    some of them alone, so the figure stays the hardware's, not what is left of it.
-    """
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    a @ b  # warm-up: cuBLAS picks its kernel
-    best = math.inf
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return 2 * n**3 / best / 1e12

@@ -163,13 +163,14 @@ class BackgroundSaver:
 
 
 @contextmanager
-def exclusive(directory: str | Path, wait_s: float = 60.0) -> Iterator[None]:
-    """Hold ``directory/lock`` while a trial writes there, so two attempts of one trial never
-    overlap (a worker left over by a crashed driver may still be finishing).
+def exclusive(path: str | Path, wait_s: float = 60.0) -> Iterator[None]:
+    """Hold the lock file ``path`` (a trial's :attr:`~mlpgrid.layout.TrialLayout.lock`) while a
+    trial writes its directory, so two attempts of one trial never overlap (a worker left over
+    by a crashed driver may still be finishing).
 
     The lock is an OS file lock, released when its process dies however it dies.
     """
-    path = Path(directory) / "lock"
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         deadline = time.monotonic() + wait_s

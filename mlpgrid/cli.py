@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import click
 
-from mlpgrid import models, spec
+from mlpgrid import metrics, models, spec
 from mlpgrid.data.prepare import FORMATS, LAYOUTS
+from mlpgrid.layout import StorageLayout
 from mlpgrid.spec import GridSpec, SpecError
-
-DEFAULT_METRIC = "test_error"  # the final epoch's test error
 
 storage_option = click.option(
     "--storage",
@@ -23,6 +21,7 @@ storage_option = click.option(
     default=".mlpgrid",
     envvar="MLPGRID_STORAGE",
     show_default=True,
+    callback=lambda ctx, param, value: StorageLayout(value),
     help="Directory for checkpoints and results (env MLPGRID_STORAGE).",
 )
 
@@ -82,7 +81,7 @@ def _print_plan(grid: GridSpec) -> None:
     click.echo(f"{len(grid.trials)} trials, total compute C = {total:.3e} FLOPs (C = FLOP(f) x 3 x N x T)")
 
 
-def _tracking(grid: GridSpec, storage: Path, uri: str | None) -> Any:
+def _tracking(grid: GridSpec, storage: StorageLayout, uri: str | None) -> Any:
     """The grid's MLflow experiment and parent run, or a clear error before any trial starts."""
     from mlpgrid import tracking
 
@@ -154,7 +153,7 @@ def cli() -> None:
 @click.option("--in-process", is_flag=True, help="Run the trials one by one in this process, without Ray.")
 @click.option("--allow-changes", is_flag=True,
               help="Run the file as it is now even if an edit left trials that already ended out of it.")  # fmt: skip
-def run(grid_file: str, dry_run: bool, storage: Path, tracking_uri: str | None, address: str | None,
+def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str | None, address: str | None,
         max_concurrent: int | None, gpus_per_trial: float | None, cpus_per_trial: float, retries: int,
         in_process: bool, allow_changes: bool) -> None:  # fmt: skip
     """Run every trial of GRID_FILE that has not ended yet.
@@ -200,8 +199,10 @@ def run(grid_file: str, dry_run: bool, storage: Path, tracking_uri: str | None, 
             if in_process:
                 runner.run_in_process(tasks, progress)
             else:
-                opts = runner.RayOptions(address, max_concurrent, gpus_per_trial, cpus_per_trial, retries)
-                runner.run_on_ray(tasks, grid, storage, opts, progress)
+                from mlpgrid import ray_runner
+
+                opts = ray_runner.RayOptions(address, max_concurrent, gpus_per_trial, cpus_per_trial, retries)
+                ray_runner.run_on_ray(tasks, grid, storage, opts, progress)
         finally:
             progress.close()
     rows = tracking.grid_status(grid, grid_run)
@@ -223,7 +224,7 @@ def run(grid_file: str, dry_run: bool, storage: Path, tracking_uri: str | None, 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @storage_option
 @tracking_option
-def status(grid_file: str, as_json: bool, storage: Path, tracking_uri: str | None) -> None:
+def status(grid_file: str, as_json: bool, storage: StorageLayout, tracking_uri: str | None) -> None:
     """What is done, running, failed or pending in GRID_FILE; works while it runs.
 
     \b
@@ -250,7 +251,7 @@ def status(grid_file: str, as_json: bool, storage: Path, tracking_uri: str | Non
 @click.option("--trial", "trial_id", required=True, help="Trial id (or a unique prefix) from --dry-run.")
 @storage_option
 @tracking_option
-def trial(grid_file: str, trial_id: str, storage: Path, tracking_uri: str | None) -> None:
+def trial(grid_file: str, trial_id: str, storage: StorageLayout, tracking_uri: str | None) -> None:
     """Run one trial of GRID_FILE in this process, without Ray (for debugging).
 
     It resumes and records in MLflow exactly as `run` does.
@@ -292,7 +293,7 @@ positive = click.FloatRange(min=0, min_open=True)
               help="Read points from a CSV (compute,error,params,examples,epochs[,model,trial_id,lr,batch_size]) "
                    "instead of MLflow.")  # fmt: skip
 @click.option(
-    "--metric", help=f"The trials' metric to use as the error; default: the grid's metric, else {DEFAULT_METRIC}."
+    "--metric", help=f"The trials' metric to use as the error; default: the grid's metric, else {metrics.TEST_ERROR}."
 )
 @click.option("--budget", "budgets", type=positive, multiple=True, help="Compute to query, e.g. 1e18; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
@@ -312,7 +313,8 @@ positive = click.FloatRange(min=0, min_open=True)
 @tracking_option
 def frontier(grid_file: str | None, csv_file: str | None, metric: str | None, budgets: tuple[float, ...], as_json: bool,
              plot_dir: Path | None, repeats: int, level: float, fit_space: str, holdout: float | None,
-             propose: float | None, out: Path | None, storage: Path, tracking_uri: str | None) -> None:  # fmt: skip
+             propose: float | None, out: Path | None, storage: StorageLayout,
+             tracking_uri: str | None) -> None:  # fmt: skip
     """Fit the compute-optimal frontier of GRID_FILE's finished trials and query it.
 
     Takes the best setting per (model, N, T), the lower envelope of error vs compute, fits
@@ -328,110 +330,23 @@ def frontier(grid_file: str | None, csv_file: str | None, metric: str | None, bu
       mlpgrid frontier grids/quickstart.yaml --propose 1e13 --out next.yaml
       mlpgrid frontier --from-csv results.csv --budget 1e18
     """
-    from mlpgrid import frontier as fr
-    from mlpgrid import plots, tracking
+    from mlpgrid import report
 
-    if grid_file is None and csv_file is None:
-        raise click.UsageError("give a GRID_FILE, --from-csv FILE, or both")
-    if propose and (grid_file is None or out is None):
-        raise click.UsageError("--propose needs a GRID_FILE (its settings and family) and --out FILE")
-    grid = _load_grid(grid_file) if grid_file else None
-    metric = metric or (grid.metric if grid else DEFAULT_METRIC)
-    uri = tracking.tracking_uri(storage, tracking_uri)
-    grid_run = None
-    if csv_file:
-        try:
-            points, left_out = fr.read_csv(csv_file), {}
-        except fr.FitError as e:
-            raise click.ClickException(str(e)) from None
-    else:
-        try:
-            grid_run = tracking.find_grid(grid, uri)
-            points, left_out = tracking.finished_points(grid_run, metric) if grid_run else ([], {})
-        except Exception as e:  # noqa: BLE001 - e.g. an unreachable server
-            raise click.ClickException(f"cannot read MLflow tracking URI {uri}: {e}") from None
-        if not points:
-            found = ", ".join(f"{n} {why}" for why, n in left_out.items() if n) or "no trial runs"
-            raise click.ClickException(f"{grid_file}: no finished trial with metric {metric!r} in {uri} ({found})")
+    request = report.FrontierRequest(
+        grid=_load_grid(grid_file) if grid_file else None, csv_file=Path(csv_file) if csv_file else None,
+        metric=metric, budgets=budgets, repeats=repeats, level=level, fit_space=fit_space, holdout=holdout,
+        propose=propose, out=out, plot_dir=plot_dir,
+    )  # fmt: skip
     try:
-        analysis = fr.analyse(points, space=fit_space)
-    except fr.FitError as e:
-        raise click.ClickException(f"{csv_file or grid_file}: cannot fit the frontier: {e}") from None
-    boot = fr.bootstrap(points, repeats, level, space=fit_space)
-    excluded = sum(n for why, n in left_out.items() if why != "running")
-    report = {"excluded": excluded, "left_out": left_out} | fr.summary(analysis, boot)
-    report["queries"] = [_query(fr.query(analysis, boot, b), grid, analysis) for b in budgets]
-    if holdout:
-        try:
-            report["holdout"] = {"fraction": holdout, "points": fr.holdout(points, holdout, fit_space)}
-        except fr.FitError as e:
-            report["holdout"] = {"fraction": holdout, "error": str(e)}
-    if grid_run:
-        report["proposals"] = _proposal_results(tracking.proposals(grid_run), points)
-    if propose:
-        if grid_run is None:
-            grid_run = _tracking(grid, storage, tracking_uri)
-        report["proposed"] = _propose(grid, grid_run, analysis, boot, propose, out)
-    with tempfile.TemporaryDirectory() as tmp:
-        figures = plots.draw_all(analysis, boot, list(budgets), plot_dir or Path(tmp))
-        if grid_run:
-            tracking.log_files(grid_run, figures, "frontier")
-            tracking.log_artifacts(grid_run, {"frontier/frontier.json": json.dumps(report, indent=2)})
-    report["plots"] = [str(p) for p in figures] if plot_dir else []
+        result = report.frontier_report(request, storage, tracking_uri)
+    except report.RequestError as e:
+        raise click.UsageError(str(e)) from None
+    except report.ReportError as e:
+        raise click.ClickException(str(e)) from None
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(result, indent=2))
     else:
-        _print_frontier(report, csv_file or grid_file)
-
-
-def _query(answer: dict[str, Any], grid: GridSpec | None, analysis: Any) -> dict[str, Any]:
-    """A query's answer plus, with a grid, the nearest model of its family with N and T."""
-    from mlpgrid import propose
-
-    if grid is None or "params" not in answer:
-        return answer
-    return answer | propose.recommend(grid, analysis.frontier, answer["budget"], answer["params"])
-
-
-def _propose(grid: GridSpec, grid_run: Any, analysis: Any, boot: Any, budget: float, out: Path) -> dict[str, Any]:
-    from mlpgrid import propose, tracking
-
-    if analysis.allocation is None:
-        raise click.ClickException("cannot propose trials: " + "; ".join(analysis.notes))
-    params = float(analysis.allocation.params(budget))
-    base = propose.template(grid, analysis.frontier, budget)
-    configs = propose.iso_compute(budget, params, base, propose.family_depths(grid, base.model[0]))
-    fit = analysis.fit
-    header = (
-        f"Proposed by `mlpgrid frontier {grid.path} --propose {budget:g}`: trials that each spend C = {budget:.3g},\n"
-        f"with models around the fitted P*(C) = {params:.3g} parameters. If the fit is right, the one nearest\n"
-        f"P* reaches the lowest error, about E(C) = {fit(budget):.4f}. It runs under the grid's name, so\n"
-        f"`mlpgrid frontier {grid.path}` reports predicted vs measured error once these have finished.\n"
-        "\n"
-        f"  mlpgrid run {out}"
-    )
-    proposed = propose.write_grid(out, grid, configs, header)
-    record = {
-        "file": str(out), "budget": budget, "params": params, "fit": fit.as_dict(),
-        "trials": [
-            {"trial_id": t.id, "model": t.config.model, "examples": t.config.num_examples, "epochs": t.config.epochs,
-             "compute": t.compute, "predicted_error": float(fit(t.compute)),
-             "predicted_error_ci": boot.error_ci(t.compute)}
-            for t in proposed.trials
-        ],
-    }  # fmt: skip
-    tracking.log_artifacts(grid_run, {f"proposals/{out.stem}.json": json.dumps(record, indent=2),
-                                      f"proposals/{out.name}": out.read_text()})  # fmt: skip
-    return record
-
-
-def _proposal_results(records: list[dict[str, Any]], points: list[Any]) -> list[dict[str, Any]]:
-    """Each recorded proposal with the measured error of its trials that have finished."""
-    measured = {p.trial_id: p.error for p in points}
-    return [
-        record | {"trials": [t | {"measured_error": measured.get(t["trial_id"])} for t in record["trials"]]}
-        for record in records
-    ]
+        _print_frontier(result, request.source)
 
 
 def _interval(ci: list[float] | None, fmt: str = "{:.4f}") -> str:
@@ -542,7 +457,7 @@ def bench_models(names: tuple[str, ...], resolution: int, channels: int, classes
     import torch
 
     from mlpgrid.bench import efficiency
-    from mlpgrid.train import pick_device
+    from mlpgrid.hardware import pick_device
 
     device = pick_device()
     batch_sizes = batch_sizes or ((256, 1024, 4096, 16384) if device.type == "cuda" else (16, 64, 256))

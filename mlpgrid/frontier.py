@@ -32,44 +32,17 @@ from typing import Any
 import numpy as np
 from scipy.optimize import curve_fit
 
+from mlpgrid.points import Point
+
 MIN_FRONTIER_POINTS = 5  # E(C) has 4 parameters: at least one point more to judge the fit
 MIN_ALLOCATION_BINS = 3  # a line through log C needs more than 2 points to mean anything
 MIN_LAW_POINTS = 3
 MAX_ALPHA = 4.0  # an exponent at this bound means the frontier does not constrain it
 CSV_COLUMNS = ("compute", "error", "params", "examples", "epochs")
-CSV_OPTIONAL = ("model", "trial_id", "lr", "batch_size")
 
 
 class FitError(ValueError):
     """The points cannot support the fit; the message says what is missing."""
-
-
-@dataclass(frozen=True)
-class Point:
-    """One trial's result: its compute C = FLOP(f) 3 N T, error, P, N and T."""
-
-    compute: float
-    error: float
-    params: float
-    examples: float
-    epochs: float
-    model: str = ""
-    trial_id: str = ""
-    settings: tuple[tuple[str, str], ...] = ()  # swept settings other than model, N, T and seed
-
-    @property
-    def examples_seen(self) -> float:
-        return self.examples * self.epochs
-
-    def key(self) -> tuple:
-        """What a point of the compute plot stands for: a (model, N, T)."""
-        return (self.model or self.params, self.examples, self.epochs)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "compute": self.compute, "error": self.error, "params": self.params, "examples": self.examples,
-            "epochs": self.epochs, "model": self.model, "trial_id": self.trial_id, "settings": dict(self.settings),
-        }  # fmt: skip
 
 
 def read_csv(path: str | Path) -> list[Point]:

@@ -145,19 +145,3 @@ def draw_all(analysis: Analysis, boot: Bootstrap, budgets: list[float], folder: 
         bottlenecks(analysis, folder / "bottlenecks.png"),
     ]
     return [p for p in paths if p is not None]
-
-
-def first_layer_filters(weight: np.ndarray, channels: int, side: int, path: Path, count: int = 25) -> Path:
-    """The first ``count`` rows of the embedding (width x C*R*R) as R x R images, the maximum over
-    channels, as in the paper's appendix C: what the first layer responds to."""
-    rows = weight[:count].reshape(-1, channels, side, side).max(axis=1)
-    n = int(np.ceil(np.sqrt(len(rows))))
-    fig, axes = plt.subplots(n, n, figsize=(1.2 * n, 1.2 * n))
-    for ax, image in zip(np.ravel(axes), list(rows) + [None] * (n * n - len(rows)), strict=True):
-        ax.axis("off")
-        if image is not None:
-            ax.imshow(image, cmap="viridis")
-    fig.suptitle("first layer, max over channels", fontsize=8)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path

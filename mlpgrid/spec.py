@@ -1,27 +1,11 @@
 """Grid files: YAML in, validated :class:`Trial` list out.
 
-A grid file::
-
-    name: quickstart            # optional, defaults to the file's stem
-    data:                       # optional: where each dataset lives
-      fashion-mnist: /usr/share/datasets/fashion-mnist
-    run:                        # optional: how trials run (does not change their results)
-      checkpoint_every_steps: 100
-      data_budget_gb: 16        # keep up to this much of the images on the GPU; stream the rest
-      gpus_per_trial: 0.5       # pack trials on a GPU; default auto (by model size)
-      compile: true             # torch.compile the model; default auto (long GPU trials)
-    base:                       # settings shared by every trial
-      optimizer: lion
-      lr: 3.0e-4
-    grid:                       # cartesian product of these axes
-      model: [B-2/Wi-64, B-4/Wi-128]
-      examples: [6000, 60000]
-    zip:                        # axes varied together (equal lengths); a list of such groups too
-      lr: [1.0e-4, 3.0e-4]
-      batch_size: [128, 512]
-
-Every field of :class:`TrialConfig` may appear in ``base``, ``grid`` or ``zip``. Every mistake
-is reported with the file, the field's path and what is allowed, before anything runs.
+A grid file has the sections ``name``, ``description``, ``metric``, ``data``, ``run``,
+``base``, ``grid`` and ``zip``; the README's "Grid files" section is their reference. Its
+tables of fields are made by :func:`reference` from the metadata of :class:`TrialConfig` and
+:class:`RunOptions`, which are also the one source of the checks, the messages and the trial
+ids. :func:`parse` reads one section at a time and reports every mistake with the file, the
+field's path and what is allowed, before anything runs.
 """
 
 from __future__ import annotations
@@ -39,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from mlpgrid import data, models
+from mlpgrid import data, metrics, models
 
 OPTIMIZERS = ("lion", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -80,9 +64,7 @@ class TrialConfig:
     schedule: str = field(default="cosine", metadata=_opt("learning-rate decay after warm-up", choices=SCHEDULES))
     seed: int = field(default=0, metadata=_opt("seed of the subset, initialisation, order and augmentation", min=0))
     resolution: int | None = field(default=None, metadata=_opt("image side in pixels; null = the dataset's", min=1))
-    channels: int | None = field(
-        default=None, metadata=_opt("1 or 3 image channels; null = the dataset's", choices=(1, 3))
-    )
+    channels: int | None = field(default=None, metadata=_opt("image channels; null = the dataset's", choices=(1, 3)))
     expansion: int | None = field(
         default=None, metadata=_opt("block expansion k (0 = one m->m layer); null = family default", min=0)
     )
@@ -167,10 +149,22 @@ _REQUIRED = [f.name for f in FIELDS.values() if f.default is dataclasses.MISSING
 class RunOptions:
     """How trials run; none of it changes a trial's result, so none of it is in its id."""
 
-    checkpoint_every_steps: int = 0  # 0 = at epoch ends only
-    data_budget_gb: float | None = None  # images a trial may keep on its device; more are streamed. None = auto
-    gpus_per_trial: float | None = None  # a fraction packs trials on a GPU. None = auto, by model size
-    compile: bool | None = None  # torch.compile the model. None = auto, where it pays
+    checkpoint_every_steps: int = field(
+        default=0, metadata=_opt("a checkpoint every this many steps besides each epoch's end; 0 = epoch ends only")
+    )
+    data_budget_gb: float | None = field(
+        default=None,
+        metadata=_opt(
+            "keep at most this many GiB of images on the device, stream the rest; auto = 40% "
+            "of the trial's share of GPU memory, 8 on a CPU"
+        ),  # fmt: skip
+    )
+    gpus_per_trial: float | None = field(
+        default=None, metadata=_opt("share of a GPU per trial (0.5: two per GPU); auto = by the step's size")
+    )
+    compile: bool | None = field(
+        default=None, metadata=_opt("torch.compile the model; auto = on GPU trials of at least 2e16 FLOPs")
+    )
 
 
 @dataclass(frozen=True)
@@ -193,6 +187,11 @@ class Trial:
     def compute(self) -> float:
         return models.compute(self.forward_flops, self.config.num_examples, self.config.epochs)
 
+    @property
+    def step_flops(self) -> float:
+        """Hardware FLOPs of one training step (a full batch)."""
+        return models.hardware_training_flops(self.config.model_config(), self.config.batch_size)
+
 
 @dataclass(frozen=True)
 class GridSpec:
@@ -201,7 +200,7 @@ class GridSpec:
     data_roots: dict[str, str]
     run: RunOptions
     trials: list[Trial]
-    metric: str = "test_error"  # the error the frontier uses
+    metric: str = metrics.TEST_ERROR  # the error the frontier uses
 
     def data_root(self, dataset: str) -> Path:
         """Where ``dataset`` is read from: the grid's ``data`` entry, else its env var or default."""
@@ -376,50 +375,13 @@ def _expand(base: dict, grid: dict, zips: list[dict]) -> list[dict[str, tuple[st
     return settings
 
 
-def _data_section(raw: Any, path: Path, errors: _Errors) -> dict[str, str]:
-    """``{dataset: directory}``; registers prepared datasets and declares not-yet-prepared ones.
+# --- sections ----------------------------------------------------------------------------
 
-    An entry is a directory (a built-in dataset's files, or a prepared dataset), or a mapping
-    ``{path, classes, train, test, resolution[, channels]}`` for a dataset to be prepared there.
-    """
-    if not isinstance(raw, dict):
-        errors.add("data", "expected a mapping of dataset name: directory")
-        return {}
-    roots = {}
-    for ds, entry in raw.items():
-        where = f"data.{ds}"
-        facts = entry if isinstance(entry, dict) else {"path": entry}
-        if not isinstance(facts.get("path"), str) or not facts["path"] or "\0" in facts["path"]:
-            errors.add(where, f"expected a directory path (or a mapping with path), got {entry!r}")
-            continue
-        root = str((path.parent / facts["path"]).resolve())
-        numbers = {k: v for k, v in facts.items() if k != "path"}
-        unknown = [k for k in numbers if k not in data.DECLARED_FACTS]
-        bad = [k for k, v in numbers.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
-        if unknown or bad:
-            errors.add(where, _unknown_key(unknown[0], ["path", *data.DECLARED_FACTS]) if unknown
-                       else f"{bad[0]} must be a whole number, got {numbers[bad[0]]!r}")  # fmt: skip
-            continue
-        try:
-            if ds in data.DATASETS:
-                pass  # a built-in dataset's own files
-            elif isinstance(entry, dict):
-                missing = [k for k in ("classes", "train", "test", "resolution") if k not in numbers]
-                if missing:
-                    raise ValueError(f"declaring a dataset needs {', '.join(missing)} too")
-                data.declare(ds, root, numbers)
-            else:  # a prepared dataset: its manifest says what the trials need to know
-                data.register(ds, root)
-        except (OSError, ValueError) as e:
-            errors.add(where, f"{e} (or a built-in dataset: {', '.join(data.DATASETS)})")
-            continue
-        roots[ds] = root
-    return roots
+_TOP_KEYS = ("name", "description", "metric", "data", "run", "base", "grid", "zip")
 
 
-def parse(text: str, path: Path) -> GridSpec:
-    """Validate a grid file's text; raises :class:`SpecError` listing every problem."""
-    errors = _Errors(path)
+def _document(text: str, path: Path) -> dict:
+    """The file's YAML as a mapping; malformed YAML is named by line and column."""
     try:
         doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as e:
@@ -428,38 +390,104 @@ def parse(text: str, path: Path) -> GridSpec:
         raise SpecError(f"{path}: {where}: malformed YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(doc, dict):
         raise SpecError(f"{path}: a grid file is a mapping with keys name, data, run, base, grid, zip")
+    return doc
 
-    top = ["name", "description", "metric", "data", "run", "base", "grid", "zip"]
+
+def _name_section(doc: dict, path: Path, errors: _Errors) -> str:
     for key in doc:
-        if key not in top:
-            errors.add(str(key), _unknown_key(key, top))
-
+        if key not in _TOP_KEYS:
+            errors.add(str(key), _unknown_key(key, list(_TOP_KEYS)))
     name = doc.get("name", path.stem)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         errors.add("name", f"expected letters, digits, '.', '_' or '-', got {name!r}")
+    return name
 
-    data_roots = _data_section(doc.get("data") or {}, path, errors)
 
-    run_raw = doc.get("run") or {}
-    run_fields = {f.name: f for f in dataclasses.fields(RunOptions)}
-    run_options = {}
-    if not isinstance(run_raw, dict):
+@dataclass(frozen=True)
+class _DataEntry:
+    """One entry of the ``data`` section: where a dataset lives and, for one not prepared yet,
+    what the file declares about it."""
+
+    name: str
+    where: str  # the field's path, for messages
+    root: str
+    declared: dict[str, int] | None  # None: a directory to read as it is
+
+
+def _data_section(raw: Any, path: Path, errors: _Errors) -> list[_DataEntry]:
+    """The entries of ``data``, their form checked.
+
+    An entry is a directory (a built-in dataset's files, or a prepared dataset), or a mapping
+    ``{path, classes, train, test, resolution[, channels]}`` for a dataset to be prepared there.
+    """
+    if not isinstance(raw, dict):
+        errors.add("data", "expected a mapping of dataset name: directory")
+        return []
+    entries = []
+    for ds, entry in raw.items():
+        where = f"data.{ds}"
+        facts = entry if isinstance(entry, dict) else {"path": entry}
+        if not isinstance(facts.get("path"), str) or not facts["path"] or "\0" in facts["path"]:
+            errors.add(where, f"expected a directory path (or a mapping with path), got {entry!r}")
+            continue
+        numbers = {k: v for k, v in facts.items() if k != "path"}
+        unknown = [k for k in numbers if k not in data.DECLARED_FACTS]
+        bad = [k for k, v in numbers.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+        if unknown or bad:
+            errors.add(where, _unknown_key(unknown[0], ["path", *data.DECLARED_FACTS]) if unknown
+                       else f"{bad[0]} must be a whole number, got {numbers[bad[0]]!r}")  # fmt: skip
+            continue
+        root = str((path.parent / facts["path"]).resolve())
+        entries.append(_DataEntry(ds, where, root, numbers if isinstance(entry, dict) else None))
+    return entries
+
+
+def _use_datasets(entries: list[_DataEntry], errors: _Errors) -> dict[str, str]:
+    """Make each dataset of ``data`` known to :mod:`mlpgrid.data` (a prepared one from its manifest,
+    a declared one from what the file says, checked against its manifest once prepared), so
+    that the trials can be checked against its size; returns ``{dataset: directory}``."""
+    roots = {}
+    for entry in entries:
+        try:
+            if entry.name in data.DATASETS:
+                pass  # a built-in dataset's own files
+            elif entry.declared is not None:
+                missing = [k for k in ("classes", "train", "test", "resolution") if k not in entry.declared]
+                if missing:
+                    raise ValueError(f"declaring a dataset needs {', '.join(missing)} too")
+                data.declare(entry.name, entry.root, entry.declared)
+            else:  # a prepared dataset: its manifest says what the trials need to know
+                data.register(entry.name, entry.root)
+        except (OSError, ValueError) as e:
+            errors.add(entry.where, f"{e} (or a built-in dataset: {', '.join(data.DATASETS)})")
+            continue
+        roots[entry.name] = entry.root
+    return roots
+
+
+def _run_section(raw: Any, errors: _Errors) -> RunOptions:
+    if not isinstance(raw, dict):
         errors.add("run", "expected a mapping")
-        run_raw = {}
-    for key, value in run_raw.items():
+        return RunOptions()
+    run_fields = [f.name for f in dataclasses.fields(RunOptions)]
+    options = {}
+    for key, value in raw.items():
         if key not in run_fields:
-            errors.add(f"run.{key}", _unknown_key(key, list(run_fields)))
+            errors.add(f"run.{key}", _unknown_key(key, run_fields))
         elif (problem := _run_option_problem(key, value)) is not None:
             errors.add(f"run.{key}", f"{problem}, got {value!r}")
         elif value != "auto":
-            run_options[key] = value
+            options[key] = value
+    return RunOptions(**options)
 
-    base_raw = doc.get("base") or {}
-    base: dict[str, tuple[str, Any]] = {}
-    if not isinstance(base_raw, dict):
-        errors.add("base", f"expected a mapping of field: value, got {type(base_raw).__name__}")
-        base_raw = {}
-    for key, value in base_raw.items():
+
+def _base_section(raw: Any, errors: _Errors) -> dict[str, tuple[str, Any]]:
+    """``{field: (path, value)}`` of ``base``, values checked."""
+    if not isinstance(raw, dict):
+        errors.add("base", f"expected a mapping of field: value, got {type(raw).__name__}")
+        return {}
+    base = {}
+    for key, value in raw.items():
         if key not in FIELDS:
             errors.add(f"base.{key}", _unknown_key(key, list(FIELDS)))
             continue
@@ -468,21 +496,27 @@ def parse(text: str, path: Path) -> GridSpec:
             errors.add(f"base.{key}", "base holds single values; put lists under grid or zip")
         elif problem := _check_value(key, value):
             errors.add(f"base.{key}", problem)
+    return base
 
-    grid = _axis_values("grid", doc.get("grid") or {}, errors)
-    zip_raw = doc.get("zip") or []
-    zip_groups = zip_raw if isinstance(zip_raw, list) else [zip_raw]
+
+def _zip_section(raw: Any, errors: _Errors) -> list[tuple[str, dict[str, list[tuple[str, Any]]]]]:
+    """``zip`` as ``[(section path, axes)]``: one group, or a list of groups of equal-length axes."""
+    groups = raw if isinstance(raw, list) else [raw]
     zips = []
-    for i, group in enumerate(zip_groups):
-        section = "zip" if isinstance(zip_raw, dict) else f"zip[{i}]"
+    for i, group in enumerate(groups):
+        section = "zip" if isinstance(raw, dict) else f"zip[{i}]"
         axes = _axis_values(section, group, errors)
         lengths = {k: len(v) for k, v in axes.items()}
         if len(set(lengths.values())) > 1:
             errors.add(section, f"zipped axes need equal lengths, got {lengths}")
         zips.append((section, axes))
+    return zips
 
+
+def _check_fields_set_once(base: dict, sections: list[tuple[str, dict]], errors: _Errors) -> None:
+    """Each field in one place only, and every required field somewhere."""
     seen: dict[str, str] = {key: where for key, (where, _) in base.items()}
-    for section, axes in [("grid", grid), *zips]:
+    for section, axes in sections:
         for key in axes:
             if key in seen:
                 errors.add(f"{section}.{key}", f"{key} is already set in {seen[key]}; set each field in one place")
@@ -490,11 +524,13 @@ def parse(text: str, path: Path) -> GridSpec:
     for key in _REQUIRED:
         if key not in seen:
             errors.add(key, f"required field missing: set {key} in base, grid or zip ({_allowed_values(key)})")
-    errors.raise_if_any()
 
+
+def _trials(base: dict, grid: dict, zips: list[dict], errors: _Errors) -> list[Trial]:
+    """The trials the axes expand to, each checked against its dataset; duplicates refused."""
     trials: list[Trial] = []
     origin: dict[str, str] = {}
-    for setting in _expand(base, grid, [axes for _, axes in zips if axes]):
+    for setting in _expand(base, grid, zips):
         config = TrialConfig(**{k: _normalise(k, v) for k, (_, v) in setting.items()})
         where = {k: p for k, (p, _) in setting.items()}
         ds = config.dataset_info
@@ -516,22 +552,38 @@ def parse(text: str, path: Path) -> GridSpec:
             continue
         origin[tid] = label or "base"
         trials.append(Trial(tid, config))
-    metric = doc.get("metric", "test_error")
-    if trials and metric not in (allowed := metrics(trials)):
-        errors.add("metric", f"{metric!r} is not measured by every trial; allowed: {', '.join(allowed)}")
+    return trials
+
+
+def _metric_section(raw: Any, trials: list[Trial], errors: _Errors) -> str:
+    if trials and raw not in (allowed := errors_every_trial_reports(trials)):
+        errors.add("metric", f"{raw!r} is not measured by every trial; allowed: {', '.join(allowed)}")
+    return raw
+
+
+def parse(text: str, path: Path) -> GridSpec:
+    """Validate a grid file's text; raises :class:`SpecError` listing every problem."""
+    errors = _Errors(path)
+    doc = _document(text, path)
+    name = _name_section(doc, path, errors)
+    data_roots = _use_datasets(_data_section(doc.get("data") or {}, path, errors), errors)
+    run_options = _run_section(doc.get("run") or {}, errors)
+    base = _base_section(doc.get("base") or {}, errors)
+    grid = _axis_values("grid", doc.get("grid") or {}, errors)
+    zips = _zip_section(doc.get("zip") or [], errors)
+    _check_fields_set_once(base, [("grid", grid), *zips], errors)
     errors.raise_if_any()
-    return GridSpec(name, path, data_roots, RunOptions(**run_options), trials, metric)
+    trials = _trials(base, grid, [axes for _, axes in zips if axes], errors)
+    metric = _metric_section(doc.get("metric", metrics.TEST_ERROR), trials, errors)
+    errors.raise_if_any()
+    return GridSpec(name, path, data_roots, run_options, trials, metric)
 
 
-def metrics(trials: list[Trial]) -> list[str]:
+def errors_every_trial_reports(trials: list[Trial]) -> list[str]:
     """The errors every one of ``trials`` reports, by MLflow metric name."""
     common = None
     for t in trials:
-        c = t.config
-        names = {"test_error", *(["test_error_tta"] if c.tta else [])}
-        names |= {f"{d}.linear_probe.error" for d in c.probe_datasets} | {
-            f"{d}.finetune.error" for d in c.finetune_datasets
-        }
+        names = metrics.errors_reported(t.config)
         common = names if common is None else common & names
     return sorted(common or [])
 
@@ -580,6 +632,29 @@ def _run_option_problem(key: str, value: Any) -> str | None:
     return "expected a number >= 0" if value < 0 else None
 
 
+def _shown(value: Any) -> str:
+    """A default as it is written in a grid file."""
+    if value is dataclasses.MISSING:
+        return "required"
+    return f"`{json.dumps(list(value) if isinstance(value, tuple) else value)}`"
+
+
+def reference() -> str:
+    """The grid file's fields as Markdown tables, made from :class:`TrialConfig` and
+    :class:`RunOptions` (the README's copy is checked against it: ``python -m mlpgrid.spec``)."""
+    lines = ["Trial settings (any of them in `base`, `grid` or `zip`):", "",
+             "| field | meaning | default |", "|---|---|---|"]  # fmt: skip
+    for f in FIELDS.values():
+        allowed = f" ({', '.join(map(str, f.metadata['choices']))})" if "choices" in f.metadata else ""
+        lines.append(f"| `{f.name}` | {f.metadata['help']}{allowed} | {_shown(f.default)} |")
+    lines += ["", "Run options (under `run`; they never change a trial's result, so they are not in its id):", "",
+              "| field | meaning | default |", "|---|---|---|"]  # fmt: skip
+    for f in dataclasses.fields(RunOptions):
+        default = "auto" if f.default is None else _shown(f.default)
+        lines.append(f"| `{f.name}` | {f.metadata['help']} | {default} |")
+    return "\n".join(lines) + "\n"
+
+
 def load(path: str | Path) -> GridSpec:
     """Read and validate a grid file."""
     path = Path(path)
@@ -588,3 +663,7 @@ def load(path: str | Path) -> GridSpec:
     except OSError as e:
         raise SpecError(f"{path}: cannot read grid file ({e.strerror})") from None
     return parse(text, path)
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +23,15 @@ import torch
 import torch.nn.functional as F
 from lion_pytorch import Lion
 
-from mlpgrid import data, models
+from mlpgrid import data, metrics, models
 from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.data.loader import Augmentation, derive_seed, make_loader
 from mlpgrid.data.subset import proportional_order, split_off
 from mlpgrid.spec import TrialConfig
-from mlpgrid.step import autocast, evaluate, train_step
+from mlpgrid.step import EVAL_BATCH, autocast, cosine, evaluate, train_step
 
 PROBE_BATCH = 1024
 FINETUNE_BATCH = 512
-EVAL_BATCH = 2048
 TTA_PADDING = 4  # crops for test-time augmentation when the trial itself used none
 _PROBE_STREAM, _FINETUNE_STREAM, _TTA_STREAM = 11, 12, 13
 
@@ -55,24 +54,14 @@ class StageDir:
         os.replace(tmp, self.file)
 
 
-Datasets = Callable[[str], data.ImageArrays]
-
-
-def _datasets(cfg: TrialConfig, roots: Mapping[str, str | Path], loaded: dict[str, data.ImageArrays]) -> Datasets:
-    """A dataset by name at the pre-training resolution and channels, each read once."""
-    side = cfg.resolution or cfg.dataset_info.resolution
-    channels = cfg.channels or cfg.dataset_info.channels
-
-    def get(name: str) -> data.ImageArrays:
-        if name not in loaded:
-            root = roots.get(name)
-            loaded[name] = data.load(name, None if root is None else str(root), side, channels)
-        if loaded[name].beton is not None:
-            raise ValueError(f"{name} is stored as FFCV files; probes, fine-tuning and TTA read arrays: prepare it "
-                             "with --format npy")  # fmt: skip
-        return loaded[name]
-
-    return get
+def _stage_arrays(cfg: TrialConfig, datasets: data.Datasets, name: str) -> data.ImageArrays:
+    """A dataset at the pre-training resolution and channels (each read once per trial)."""
+    pretraining = cfg.dataset_info
+    arrays = datasets.load(name, cfg.resolution or pretraining.resolution, cfg.channels or pretraining.channels)
+    if arrays.beton is not None:
+        raise ValueError(f"{name} is stored as FFCV files; probes, fine-tuning and TTA read arrays: prepare it "
+                         "with --format npy")  # fmt: skip
+    return arrays
 
 
 @torch.no_grad()
@@ -96,14 +85,14 @@ def probe_examples(cfg: TrialConfig, dataset: str, labels: np.ndarray) -> np.nda
     return np.sort(order[: cfg.probe_examples or len(order)])
 
 
-def linear_probe(model: models.MLP, cfg: TrialConfig, dataset: str, datasets: Datasets, stage_dir: StageDir,
+def linear_probe(model: models.MLP, cfg: TrialConfig, dataset: str, datasets: data.Datasets, stage_dir: StageDir,
                  device: torch.device) -> dict[str, float]:  # fmt: skip
     """Train a linear classifier (Lion, ``probe_lr``, ``probe_epochs``) on frozen features."""
     cache = stage_dir.path / f"features-{dataset}.pt"
     if cache.is_file():
         train_x, train_y, test_x, test_y = torch.load(cache, map_location=device).values()
     else:
-        arrays = datasets(dataset)
+        arrays = _stage_arrays(cfg, datasets, dataset)
         chosen = probe_examples(cfg, dataset, arrays.train_labels)
         train_x = _features(model, arrays.train_images[chosen], arrays, device)
         test_x = _features(model, arrays.test_images, arrays, device)
@@ -158,14 +147,14 @@ def finetune(
     model: models.MLP,
     cfg: TrialConfig,
     dataset: str,
-    datasets: Datasets,
+    datasets: data.Datasets,
     stage_dir: StageDir,
     device: torch.device,
     budget_bytes: float,
 ) -> dict[str, float]:
     """Fine-tune a copy of the model with a new head: SGD with momentum, ``finetune_lr_head`` for
     the head and ``finetune_lr_body`` for the rest, cosine decay, the trial's flips and crops."""
-    arrays = datasets(dataset)
+    arrays = _stage_arrays(cfg, datasets, dataset)
     target = data.info(dataset)
     torch.manual_seed(derive_seed(cfg.seed, _FINETUNE_STREAM))
     net = models.MLP(dataclasses.replace(cfg.model_config(), num_classes=target.num_classes))
@@ -190,7 +179,7 @@ def finetune(
     while epoch < cfg.finetune_epochs:
         net.train()
         for i, batch in enumerate(loader.epoch(epoch)):
-            factor = 0.5 * (1 + math.cos(math.pi * (epoch * len(loader) + i) / total))
+            factor = cosine((epoch * len(loader) + i) / total)
             for group, lr in zip(optimizer.param_groups, base, strict=True):
                 group["lr"] = lr * factor
             loss = train_step(net, optimizer, batch, cfg.label_smoothing, cfg.clip_grad)
@@ -212,37 +201,34 @@ def finetune(
 def run_stages(
     model: models.MLP,
     cfg: TrialConfig,
-    roots: Mapping[str, str | Path],
+    datasets: data.Datasets,
     stage_dir: StageDir,
     device: torch.device,
     budget_bytes: float,
     on_metrics: Callable[[dict[str, float]], None] | None = None,
-    loaded: dict[str, data.ImageArrays] | None = None,
 ) -> dict[str, float]:
     """Every stage ``cfg`` declares that ``stage_dir`` does not hold yet; returns all their metrics
-    (``test_error_tta``, ``<dataset>.linear_probe.error``, ``<dataset>.finetune.error``, ...).
-    ``loaded`` holds datasets already read at the pre-training resolution (not read again)."""
-    datasets = _datasets(cfg, roots, dict(loaded or {}))
+    (``test_error_tta``, ``<dataset>.linear_probe.error``, ``<dataset>.finetune.error``, ...)."""
     plan: list[tuple[str, Callable[[], dict[str, float]]]] = []
     if cfg.tta:
 
         def tta() -> dict[str, float]:
-            return {"error": evaluate_tta(model, datasets(cfg.dataset), cfg, device, budget_bytes)}
+            return {"error": evaluate_tta(model, _stage_arrays(cfg, datasets, cfg.dataset), cfg, device, budget_bytes)}
 
-        plan.append(("tta", tta))
+        plan.append((metrics.TTA_STAGE, tta))
     for ds in cfg.probe_datasets:
-        plan.append((f"{ds}.linear_probe", lambda ds=ds: linear_probe(model, cfg, ds, datasets, stage_dir, device)))
+        plan.append((metrics.probe_stage(ds), lambda ds=ds: linear_probe(model, cfg, ds, datasets, stage_dir, device)))
     for ds in cfg.finetune_datasets:
         plan.append(
-            (f"{ds}.finetune", lambda ds=ds: finetune(model, cfg, ds, datasets, stage_dir, device, budget_bytes))
-        )
+            (metrics.finetune_stage(ds),
+             lambda ds=ds: finetune(model, cfg, ds, datasets, stage_dir, device, budget_bytes))
+        )  # fmt: skip
     for name, run in plan:
         if name not in stage_dir.results():
             stage_dir.record(name, run())
-    metrics = {}
+    logged = {}
     for name, result in stage_dir.results().items():
-        prefix = "test_error_tta" if name == "tta" else name
-        metrics |= {prefix: result["error"]} if name == "tta" else {f"{prefix}.{k}": v for k, v in result.items()}
+        logged |= metrics.stage_metrics(name, result)
     if on_metrics:
-        on_metrics(metrics)
-    return metrics
+        on_metrics(logged)
+    return logged

@@ -1,17 +1,26 @@
-"""One optimizer step and one evaluation pass: what pre-training and fine-tuning share."""
+"""One optimizer step, one evaluation pass and the learning-rate decay: what pre-training and
+fine-tuning share."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+EVAL_BATCH = 2048  # evaluation keeps no activations for a backward pass: larger batches fit
+
 
 def autocast(device: torch.device) -> torch.autocast:
     """bf16 autocast on a GPU (fp32 master weights); full precision on the CPU."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def cosine(progress: float) -> float:
+    """The cosine decay's factor of the peak learning rate, ``progress`` from 0 (start) to 1 (end)."""
+    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def compile_for_training(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, float]:

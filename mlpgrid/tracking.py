@@ -29,7 +29,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag
 
-from mlpgrid.frontier import Point
+from mlpgrid import metrics
+from mlpgrid.layout import StorageLayout
+from mlpgrid.points import Point
 from mlpgrid.spec import GridSpec, Trial, TrialConfig
 
 log = logging.getLogger(__name__)
@@ -37,14 +39,11 @@ log = logging.getLogger(__name__)
 # Run states, kept in the run's ``status`` tag.
 RUNNING, FINISHED, FAILED, DIVERGED = "running", "finished", "failed", "diverged"
 DONE = (FINISHED, DIVERGED)  # never run again: a diverged trial would diverge again
-EPOCH_METRICS = ("epoch", "train_loss", "test_loss", "test_error", "lr", "images_per_s", "epoch_seconds")
-HARDWARE_METRICS = ("tflops", "mfu")  # per epoch, where measured (MFU on GPUs only)
-ATTEMPT_METRICS = ("startup_seconds", "compile_seconds")  # once per attempt at a trial
 
 
-def tracking_uri(storage: Path, override: str | None = None) -> str:
+def tracking_uri(storage: StorageLayout, override: str | None = None) -> str:
     """The given URI, else a SQLite store in the storage directory."""
-    return override or f"sqlite:///{storage.resolve() / 'mlflow.db'}"
+    return override or f"sqlite:///{storage.mlflow_db}"
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ def find_grid(grid: GridSpec, uri: str) -> GridRun | None:
     return GridRun(uri, experiment.experiment_id, parent_id, str(grid.path.resolve())) if parent_id else None
 
 
-def open_grid(grid: GridSpec, uri: str, storage: Path) -> GridRun:
+def open_grid(grid: GridSpec, uri: str, storage: StorageLayout) -> GridRun:
     """The grid's experiment and parent run, created on first use."""
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(grid.name)
@@ -82,7 +81,7 @@ def open_grid(grid: GridSpec, uri: str, storage: Path) -> GridRun:
         # An explicit artifact location: otherwise artifacts land in ./mlruns of whichever
         # process creates the experiment. A server decides for itself.
         local = uri.startswith("sqlite:") or uri.startswith("file:")
-        artifacts = (storage.resolve() / "mlartifacts").as_uri() if local else None
+        artifacts = storage.artifacts.as_uri() if local else None
         experiment_id = client.create_experiment(grid.name, artifact_location=artifacts)
     else:
         experiment_id = experiment.experiment_id
@@ -166,10 +165,10 @@ class Outbox:
         self._changed = threading.Condition()
         threading.Thread(target=self._send_forever, daemon=True).start()
 
-    def put(self, metrics: list[Metric] | None) -> None:
-        """Queue ``metrics`` for sending; None ends the sending thread once the queue is empty."""
+    def put(self, batch: list[Metric] | None) -> None:
+        """Queue ``batch`` for sending; None ends the sending thread once the queue is empty."""
         with self._changed:
-            self._pending.append(metrics)
+            self._pending.append(batch)
             self._changed.notify_all()
 
     def close(self) -> None:
@@ -216,7 +215,7 @@ class TrialRun:
     def __init__(self, client: MlflowClient, run_id: str):
         self.client = client
         self.run_id = run_id
-        self.logged_epochs = {m.step for m in client.get_metric_history(run_id, "test_error")}
+        self.logged_epochs = {m.step for m in client.get_metric_history(run_id, metrics.TEST_ERROR)}
         self.attempt = len(client.get_metric_history(run_id, "startup_seconds"))
         self.outbox = Outbox(client, run_id)
 
@@ -251,38 +250,46 @@ class TrialRun:
     def log_epochs(self, history: list[dict[str, Any]]) -> None:
         """Log the epochs of ``history`` this run does not hold yet."""
         now = int(time.time() * 1000)
-        metrics = [
+        batch = [
             Metric(key, float(m[key]), now, m["epoch"])
             for m in history
             if m["epoch"] not in self.logged_epochs
-            for key in EPOCH_METRICS + HARDWARE_METRICS
+            for key in metrics.EPOCH + metrics.HARDWARE
             if key in m
         ]
-        if metrics:
-            self.outbox.put(metrics)
+        if batch:
+            self.outbox.put(batch)
             self.logged_epochs |= {m["epoch"] for m in history}
 
-    def log_stages(self, metrics: dict[str, float]) -> None:
+    def log_stages(self, values: dict[str, float]) -> None:
         """The metrics of the stages after pre-training, each logged once."""
         self.outbox.flush(self.FLUSH_TIMEOUT_S)
         logged = self.client.get_run(self.run_id).data.metrics
         now = int(time.time() * 1000)
-        new = [Metric(k, float(v), now, 0) for k, v in metrics.items() if k not in logged]
+        new = [Metric(k, float(v), now, 0) for k, v in values.items() if k not in logged]
         if new:
             self.client.log_batch(self.run_id, metrics=new)
 
-    def log_attempt(self, metrics: dict[str, float]) -> None:
+    def log_attempt(self, values: dict[str, float]) -> None:
         """What this attempt at the trial took before training: ``startup_seconds`` from the
         runner's launch to the first step, ``compile_seconds`` of it compiling the model."""
         now = int(time.time() * 1000)
-        self.outbox.put([Metric(k, float(metrics[k]), now, self.attempt) for k in ATTEMPT_METRICS if k in metrics])
+        self.outbox.put([Metric(k, float(values[k]), now, self.attempt) for k in metrics.ATTEMPT if k in values])
 
-    def finish(self, status: str, *, error: str | None = None, checkpoint: str | None = None) -> None:
-        """Deliver what is still in the outbox, then record how the trial ended."""
+    def log_file(self, path: str | Path) -> None:
+        """A file the trial made (its first-layer picture), as an artifact of its run."""
+        self.client.log_artifact(self.run_id, str(path))
+
+    def finish(self, status: str, *, error: str | None = None, checkpoint: str | None = None,
+               problems: list[str] | None = None) -> None:  # fmt: skip
+        """Deliver what is still in the outbox, then record how the trial ended: ``status``, the
+        ``error`` that ended it, its final ``checkpoint`` directory, and the damaged checkpoints
+        it passed over (``problems``)."""
         self.outbox.flush(self.FLUSH_TIMEOUT_S)
         self.outbox.close()
         tags = {"status": status} | ({"error": error[-4000:]} if error else {})
         tags |= {"checkpoint": checkpoint} if checkpoint else {}
+        tags |= {"checkpoint_problems": "\n".join(problems)[-4000:]} if problems else {}
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         if error:
             self.client.log_text(self.run_id, error, "error.txt")
@@ -302,11 +309,11 @@ def grid_status(grid: GridSpec, grid_run: GridRun | None) -> list[dict[str, Any]
             "test_error": None, "best_test_error": None, "startup_seconds": None, "error": None, "run_id": None,
         }  # fmt: skip
         if run is not None:
-            errors = [m.value for m in client.get_metric_history(run.info.run_id, "test_error")]
+            errors = [m.value for m in client.get_metric_history(run.info.run_id, metrics.TEST_ERROR)]
             row |= {
                 "state": run.data.tags.get("status", RUNNING),
                 "last_epoch": int(run.data.metrics.get("epoch", 0)),
-                "test_error": run.data.metrics.get("test_error"),
+                "test_error": run.data.metrics.get(metrics.TEST_ERROR),
                 "best_test_error": min(errors) if errors else None,
                 "startup_seconds": run.data.metrics.get("startup_seconds"),
                 "error": run.data.tags.get("error"),

@@ -1,9 +1,17 @@
-"""One trial, top to bottom: data, model, optimizer, the epoch loop, checkpoints.
+"""One trial, top to bottom: set up, resume, train epoch after epoch, finish.
 
-``run_trial`` is the function every runner calls, in-process or inside a Ray worker. It
-resumes from the newest checkpoint in its directory, so calling it again after a crash
-continues the trial exactly where the checkpoint left it: same weights, optimizer state,
-RNG state, and the same position in the same data order.
+:func:`run_trial` is the function every runner calls, in-process or inside a Ray worker. It
+composes four parts, each a function of its own:
+
+1. :func:`set_up` builds the trial's components (loaders, model, its compiled form, optimizer)
+   from the config, seeded so that they are the same every time;
+2. :func:`resume` restores the newest checkpoint of the trial's directory into them, so
+   calling ``run_trial`` again after a crash continues exactly where the checkpoint left off:
+   same weights, optimizer state, RNG state, and the same position in the same data order;
+3. :func:`train_epoch` trains one epoch (or the rest of one) and returns its metrics;
+4. :func:`finish` runs the stages after pre-training and draws the first layer.
+
+The result is a :class:`TrialResult`.
 """
 
 from __future__ import annotations
@@ -12,30 +20,28 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from mlpgrid import data, models, plots
-from mlpgrid.bench import matmul_peak_tflops
+from mlpgrid import data, models, pictures
 from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir
 from mlpgrid.data.beton import FfcvLoader
 from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, derive_seed, make_loader
 from mlpgrid.data.subset import proportional_subset, split_off
+from mlpgrid.hardware import default_data_budget, matmul_peak_tflops, pick_device
+from mlpgrid.layout import TrialLayout
 from mlpgrid.models import MLP
 from mlpgrid.optim import CompiledLion, make_optimizer
 from mlpgrid.spec import TrialConfig
 from mlpgrid.stages import StageDir, run_stages
-from mlpgrid.step import compile_for_training, evaluate, train_step
+from mlpgrid.step import EVAL_BATCH, compile_for_training, cosine, evaluate, train_step
 
 log = logging.getLogger(__name__)
 
-EVAL_BATCH = 2048
-# Per-epoch timings: they differ between runs of the same trial, unlike everything else.
-TIMING_METRICS = ("images_per_s", "epoch_seconds", "tflops", "mfu", "compile_seconds")
 # torch.compile takes tens of seconds for a model shape it has not seen (seconds once
 # Inductor's on-disk cache holds it) and saves 10-20% of every step on a GPU: it pays from
 # about this much training compute (hardware FLOPs; a minute or two of an H100).
@@ -44,13 +50,47 @@ COMPILE_PAYS_FLOPS = 2e16
 # Separate seed streams, so adding randomness in one place never shifts another.
 _INIT_STREAM, _DROPOUT_STREAM = 1, 2
 
+Loader = DeviceLoader | StreamingLoader | FfcvLoader
+
 
 class TrialDiverged(RuntimeError):
     """The training loss stopped being finite."""
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass(frozen=True)
+class TrialOptions:
+    """How a trial runs; none of it changes its result."""
+
+    checkpoint_every_steps: int = 0  # besides the checkpoint at each epoch's end; 0 = none
+    data_budget_bytes: float | None = None  # images kept on the device; None: default_data_budget
+    compile: bool | None = None  # torch.compile the model; None: where compile_pays
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the caller of :func:`run_trial` hears while the trial runs."""
+
+    resumed: Callable[[list[dict[str, Any]]], None] | None = None  # the epochs a checkpoint already holds
+    epoch: Callable[[dict[str, Any]], None] | None = None  # each epoch's metrics as it ends
+    stages: Callable[[dict[str, float]], None] | None = None  # the stages' metrics
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    status: str  # finished (a trial that diverges raises TrialDiverged instead)
+    seed: int
+    device: str
+    epochs: int
+    train_loss: float
+    test_loss: float
+    test_error: float
+    best_test_error: float
+    history: list[dict[str, Any]]  # every epoch's metrics
+    resumed_from: list[list[int]]  # [epoch, step] of each resume that had training left
+    compiled: bool
+    checkpoint_problems: list[str]  # damaged checkpoints passed over, and why
+    stages: dict[str, float]
+    first_layer: str  # the picture of the first layer (a PNG)
 
 
 def compile_pays(cfg: TrialConfig, device: torch.device) -> bool:
@@ -67,19 +107,7 @@ def lr_at(cfg: TrialConfig, step: int, steps_per_epoch: int) -> float:
         return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "constant":
         return cfg.lr
-    progress = (step - warmup) / max(1, total - warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-Loader = DeviceLoader | StreamingLoader | FfcvLoader
-
-
-def default_data_budget(device: torch.device, gpu_share: float = 1.0) -> float:
-    """Bytes of images a trial may keep on ``device``: 40% of its share of a GPU's memory, 8 GiB
-    of host RAM on CPU."""
-    if device.type == "cuda":
-        return 0.4 * gpu_share * torch.cuda.get_device_properties(device).total_memory
-    return 8 * 2**30
+    return cfg.lr * cosine((step - warmup) / max(1, total - warmup))
 
 
 def make_loaders(
@@ -102,6 +130,96 @@ def make_loaders(
     test = make_loader(arrays.test_images, arrays.test_labels, None, EVAL_BATCH, budget_bytes=budget_bytes,
                        shuffle=False, **common)  # fmt: skip
     return train, test
+
+
+# --- 1. set-up ----------------------------------------------------------------------------
+
+
+@dataclass
+class Components:
+    """What training a trial is made of, built by :func:`set_up`."""
+
+    device: torch.device
+    budget_bytes: float  # images the loaders may keep on the device
+    train: Loader
+    test: Loader
+    model: MLP
+    compiled: torch.nn.Module | None  # the model through torch.compile, for full batches
+    optimizer: torch.optim.Optimizer
+    image_shape: tuple[int, int, int]  # (channels, side, side)
+    flops_per_image: float  # hardware FLOPs of training on one image
+    peak_tflops: float | None  # the GPU's bf16 matmul rate, for MFU
+    compile_seconds: float | None  # spent compiling in this attempt, until logged
+
+
+def data_budget(options: TrialOptions, device: torch.device) -> float:
+    """Bytes of images the trial's loaders may keep on ``device``."""
+    return default_data_budget(device) if options.data_budget_bytes is None else options.data_budget_bytes
+
+
+def load_data(cfg: TrialConfig, datasets: data.Datasets, device: torch.device, budget: float) -> tuple[Loader, Loader]:
+    """The trial's loaders (see :func:`make_loaders`) on its pre-training dataset."""
+    # Kept for the stages that read the pre-training dataset again; otherwise let go once loaded.
+    reread = bool(cfg.tta) or cfg.dataset in (*cfg.probe_datasets, *cfg.finetune_datasets)
+    arrays = datasets.load(cfg.dataset, cfg.resolution, cfg.channels, keep=reread)
+    return make_loaders(arrays, cfg, device, budget)
+
+
+def image_shape(cfg: TrialConfig) -> tuple[int, int, int]:
+    """(channels, side, side) of the trial's input images."""
+    side = cfg.resolution or cfg.dataset_info.resolution
+    return cfg.model_config().in_features // side**2, side, side
+
+
+Model = tuple[MLP, torch.nn.Module | None, torch.optim.Optimizer, float | None]
+
+
+def make_model(cfg: TrialConfig, options: TrialOptions, device: torch.device, input_dtype: torch.dtype) -> Model:
+    """The trial's model, seeded, its compiled form (None when not compiled), its optimizer, and
+    the seconds compiling took (None when nothing was compiled). Seeds the dropout stream last."""
+    torch.manual_seed(derive_seed(cfg.seed, _INIT_STREAM))
+    model = MLP(cfg.model_config()).to(device)
+    compiled, compile_seconds = None, None
+    if compile_pays(cfg, device) if options.compile is None else options.compile:
+        # Before the dropout stream is seeded: this pass draws dropout masks too.
+        example = torch.zeros((cfg.batch_size, *image_shape(cfg)), dtype=input_dtype, device=device)
+        compiled, compile_seconds = compile_for_training(model, example)
+    optimizer = make_optimizer(cfg, model.parameters(), device, compiled is not None)
+    if isinstance(optimizer, CompiledLion):
+        started = time.perf_counter()
+        optimizer.compile_now()
+        compile_seconds += time.perf_counter() - started
+    if device.type == "cuda":
+        matmul_peak_tflops(device)  # measured once per process, drawing random matrices: before the seed
+    torch.manual_seed(derive_seed(cfg.seed, _DROPOUT_STREAM))
+    return model, compiled, optimizer, compile_seconds
+
+
+def set_up(cfg: TrialConfig, options: TrialOptions, datasets: data.Datasets, device: torch.device) -> Components:
+    budget = data_budget(options, device)
+    train, test = load_data(cfg, datasets, device, budget)
+    model, compiled, optimizer, compile_seconds = make_model(cfg, options, device, train.out_dtype)
+    return Components(
+        device=device, budget_bytes=budget, train=train, test=test, model=model, compiled=compiled,
+        optimizer=optimizer, image_shape=image_shape(cfg),
+        flops_per_image=models.hardware_training_flops(cfg.model_config(), 1),
+        peak_tflops=matmul_peak_tflops(device) if device.type == "cuda" else None, compile_seconds=compile_seconds,
+    )  # fmt: skip
+
+
+# --- 2. resume ----------------------------------------------------------------------------
+
+
+@dataclass
+class Position:
+    """Where training stands: what a checkpoint holds besides the model and optimizer."""
+
+    epoch: int = 0  # epochs done
+    step: int = 0  # steps done of the epoch under way
+    history: list[dict[str, Any]] = field(default_factory=list)
+    loss_sum: torch.Tensor | None = None  # of the epoch under way, on the device
+    seen: int = 0  # images of the epoch under way
+    resumed_from: list[list[int]] = field(default_factory=list)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -128,162 +246,148 @@ def _differs(saved: dict[str, Any], config: dict[str, Any]) -> bool:
     return any(plain(v) != plain(saved.get(k, defaults[k])) for k, v in config.items())
 
 
-def run_trial(
-    cfg: TrialConfig,
-    checkpoints: CheckpointDir,
-    *,
-    data_roots: Mapping[str, str | Path] | None = None,
-    checkpoint_every_steps: int = 0,
-    data_budget_bytes: float | None = None,
-    compile: bool | None = None,
-    arrays: data.ImageArrays | None = None,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    on_stages: Callable[[dict[str, float]], None] | None = None,
-    on_resume: Callable[[list[dict[str, Any]]], None] | None = None,
-    device: torch.device | None = None,
-) -> dict[str, Any]:
-    """Train ``cfg`` to the end (resuming from ``checkpoints``) and return its results.
-
-    ``data_roots`` says where each dataset the trial uses lives (default: each one's own default).
-    After pre-training, the stages ``cfg`` declares run (see :mod:`mlpgrid.stages`) and
-    ``on_stages`` receives their metrics. The training set is kept on ``device`` when it fits in
-    ``data_budget_bytes`` (default :func:`default_data_budget`), else streamed to it; both give
-    the same batches. ``compile`` (default: :func:`compile_pays`) trains through
-    ``torch.compile(model)``. ``arrays`` are the pre-training dataset's arrays when the caller
-    has them already (shared by the trials of a node), else they are loaded.
-    Checkpoints are written in the background (:class:`BackgroundSaver`): at each epoch end
-    and every ``checkpoint_every_steps`` unless the previous one is still being written, and
-    always after the last epoch. ``on_epoch`` is called with each finished epoch's metrics;
-    ``on_resume`` with the metrics of the epochs a checkpoint already holds, when resuming.
-    Raises :class:`TrialDiverged` when the training loss becomes NaN or infinite.
-    """
-    device = device or pick_device()
-    config_dict = dataclasses.asdict(cfg)
-    roots = dict(data_roots or {})
-    for name, root in roots.items():
-        data.register(name, root)
-    budget = default_data_budget(device) if data_budget_bytes is None else data_budget_bytes
-    root = roots.get(cfg.dataset)
-    if arrays is None:
-        arrays = data.load(cfg.dataset, None if root is None else str(root), cfg.resolution, cfg.channels)
-    train, test = make_loaders(arrays, cfg, device, budget)
-    # Kept for the stages that read the pre-training dataset again; otherwise let it go.
-    reread = cfg.tta or cfg.dataset in (*cfg.probe_datasets, *cfg.finetune_datasets)
-    loaded = {cfg.dataset: arrays} if reread else {}
-    del arrays
-
-    torch.manual_seed(derive_seed(cfg.seed, _INIT_STREAM))
-    mc = cfg.model_config()
-    model = MLP(mc).to(device)
-    side = cfg.resolution or cfg.dataset_info.resolution
-    shape = (mc.in_features // side**2, side, side)
-    compiled, compile_seconds = None, None
-    if compile_pays(cfg, device) if compile is None else compile:
-        # Before the dropout stream is seeded: this pass draws dropout masks too.
-        example = torch.zeros((cfg.batch_size, *shape), dtype=train.out_dtype, device=device)
-        compiled, compile_seconds = compile_for_training(model, example)
-    optimizer = make_optimizer(cfg, model.parameters(), device, compiled is not None)
-    if isinstance(optimizer, CompiledLion):
-        started = time.perf_counter()
-        optimizer.compile_now()
-        compile_seconds += time.perf_counter() - started
-    flops_per_image = models.hardware_training_flops(mc, 1)
-    peak = matmul_peak_tflops(device) if device.type == "cuda" else None
-    torch.manual_seed(derive_seed(cfg.seed, _DROPOUT_STREAM))
-
-    epoch, start_step, history, resumed_from = 0, 0, [], []
-    loss_sum, seen = torch.zeros((), device=device), 0
+def resume(cfg: TrialConfig, parts: Components, checkpoints: CheckpointDir) -> Position:
+    """The position of the newest good checkpoint, its state loaded into ``parts``; the start
+    when there is none."""
     state = checkpoints.latest()
     for problem in checkpoints.problems:
         log.warning("%s; passed over for an earlier checkpoint", problem)
-    if state is not None:
-        if _differs(state["config"], config_dict):
-            raise ValueError(f"{checkpoints.path}: checkpoint belongs to another trial config")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"], device)
-        epoch, start_step, history = state["epoch"], state["step"], state["history"]
-        loss_sum, seen = state["loss_sum"].to(device), state["seen"]
-        resumed_from = state["resumed_from"] + ([[epoch, start_step]] if epoch < cfg.epochs else [])
-        if on_resume:
-            on_resume(history)
+    if state is None:
+        return Position(loss_sum=torch.zeros((), device=parts.device))
+    if _differs(state["config"], dataclasses.asdict(cfg)):
+        raise ValueError(f"{checkpoints.path}: checkpoint belongs to another trial config")
+    parts.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"], parts.device)
+    epoch, step = state["epoch"], state["step"]
+    return Position(
+        epoch=epoch, step=step, history=state["history"], loss_sum=state["loss_sum"].to(parts.device),
+        seen=state["seen"], resumed_from=state["resumed_from"] + ([[epoch, step]] if epoch < cfg.epochs else []),
+    )  # fmt: skip
 
-    saver = BackgroundSaver(checkpoints)
 
-    def save(epoch: int, step: int) -> None:
-        saver.save(
-            {
-                "config": config_dict, "epoch": epoch, "step": step,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
-                "history": history, "loss_sum": loss_sum.cpu(), "seen": seen, "resumed_from": resumed_from,
-            },
-            epoch, step, required=epoch == cfg.epochs,
-        )  # fmt: skip
-
-    steps = len(train)
-    while epoch < cfg.epochs:
-        model.train()
-        started, images = time.perf_counter(), 0
-        for step, batch in enumerate(train.epoch(epoch, start_step), start=start_step):
-            lr = lr_at(cfg, epoch * steps + step, steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            n = len(batch.labels)
-            net = compiled if compiled is not None and n == cfg.batch_size else model
-            loss = train_step(net, optimizer, batch, cfg.label_smoothing, cfg.clip_grad)
-            loss_sum += loss * n
-            seen += n
-            images += n
-            if checkpoint_every_steps and (step + 1) % checkpoint_every_steps == 0 and step + 1 < steps:
-                save(epoch, step + 1)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the loop only queues work; wait for it to be done
-        train_seconds = time.perf_counter() - started
-
-        train_loss = loss_sum.item() / seen
-        if not math.isfinite(train_loss):
-            raise TrialDiverged(f"training loss is {train_loss} in epoch {epoch + 1} (lr {cfg.lr})")
-        test_loss, test_error = evaluate(model, test)
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss,
-            "test_loss": test_loss,
-            "test_error": test_error,
-            "lr": lr,
-            "images_per_s": images / train_seconds,
-            "tflops": flops_per_image * images / train_seconds / 1e12,
-            "epoch_seconds": time.perf_counter() - started,
-        }
-        if peak:
-            metrics["mfu"] = metrics["tflops"] / peak
-        if compile_seconds is not None:  # once per attempt, with its first epoch
-            metrics["compile_seconds"], compile_seconds = compile_seconds, None
-        history.append(metrics)
-        epoch, start_step = epoch + 1, 0
-        loss_sum, seen = torch.zeros((), device=device), 0
-        save(epoch, 0)
-        if on_epoch:
-            on_epoch(metrics)
-    saver.wait()  # the last checkpoint is on disk before the trial counts as trained
-
-    stage_dir = StageDir(checkpoints.path.parent / "stages")
-    stage_metrics = run_stages(model, cfg, roots, stage_dir, device, budget, on_stages, loaded)
-    weight = model.embed.weight.detach().float().cpu().numpy()
-    filters = plots.first_layer_filters(weight, shape[0], side, stage_dir.path / "first_layer.png")
-    final = history[-1]
+def checkpoint_state(cfg: TrialConfig, model: dict[str, Any], optimizer: dict[str, Any], position: Position,
+                     device: torch.device) -> dict[str, Any]:  # fmt: skip
+    """What a trial's checkpoint holds: its config, position, model and optimizer state, RNG state."""
     return {
-        "stages": stage_metrics,
-        "first_layer": str(filters),
-        "status": "finished",
-        "seed": cfg.seed,
-        "device": str(device),
-        "epochs": len(history),
-        "train_loss": final["train_loss"],
-        "test_loss": final["test_loss"],
-        "test_error": final["test_error"],
-        "best_test_error": min(h["test_error"] for h in history),
-        "resumed_from": resumed_from,
-        "compiled": compiled is not None,
-        "checkpoint_problems": checkpoints.problems,
-        "history": history,
+        "config": dataclasses.asdict(cfg), "epoch": position.epoch, "step": position.step, "model": model,
+        "optimizer": optimizer, "rng": _rng_state(device), "history": position.history,
+        "loss_sum": position.loss_sum.cpu(), "seen": position.seen, "resumed_from": position.resumed_from,
+    }  # fmt: skip
+
+
+def save(cfg: TrialConfig, parts: Components, position: Position, saver: BackgroundSaver) -> None:
+    """Checkpoint the trial at ``position`` (in the background; the last one always)."""
+    state = checkpoint_state(cfg, parts.model.state_dict(), parts.optimizer.state_dict(), position, parts.device)
+    saver.save(state, position.epoch, position.step, required=position.epoch == cfg.epochs)
+
+
+# --- 3. one epoch -------------------------------------------------------------------------
+
+
+def train_epoch(cfg: TrialConfig, parts: Components, position: Position, saver: BackgroundSaver,
+                checkpoint_every_steps: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Train from ``position`` to the end of its epoch, checkpoint, and return the epoch's metrics
+    (also appended to the position's history). Raises :class:`TrialDiverged` on a non-finite loss."""
+    device, optimizer = parts.device, parts.optimizer
+    parts.model.train()
+    steps = len(parts.train)
+    started, images = time.perf_counter(), 0
+    for step, batch in enumerate(parts.train.epoch(position.epoch, position.step), start=position.step):
+        lr = lr_at(cfg, position.epoch * steps + step, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        n = len(batch.labels)
+        net = parts.compiled if parts.compiled is not None and n == cfg.batch_size else parts.model
+        loss = train_step(net, optimizer, batch, cfg.label_smoothing, cfg.clip_grad)
+        position.loss_sum += loss * n
+        position.seen += n
+        images += n
+        if checkpoint_every_steps and (step + 1) % checkpoint_every_steps == 0 and step + 1 < steps:
+            position.step = step + 1
+            save(cfg, parts, position, saver)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the loop only queues work; wait for it to be done
+    train_seconds = time.perf_counter() - started
+
+    train_loss = position.loss_sum.item() / position.seen
+    if not math.isfinite(train_loss):
+        raise TrialDiverged(f"training loss is {train_loss} in epoch {position.epoch + 1} (lr {cfg.lr})")
+    test_loss, test_error = evaluate(parts.model, parts.test)
+    metrics = {
+        "epoch": position.epoch + 1,
+        "train_loss": train_loss,
+        "test_loss": test_loss,
+        "test_error": test_error,
+        "lr": lr,
+        "images_per_s": images / train_seconds,
+        "tflops": parts.flops_per_image * images / train_seconds / 1e12,
+        "epoch_seconds": time.perf_counter() - started,
     }
+    if parts.peak_tflops:
+        metrics["mfu"] = metrics["tflops"] / parts.peak_tflops
+    if parts.compile_seconds is not None:  # once per attempt, with its first epoch
+        metrics["compile_seconds"], parts.compile_seconds = parts.compile_seconds, None
+    position.history.append(metrics)
+    position.epoch, position.step = position.epoch + 1, 0
+    position.loss_sum, position.seen = torch.zeros((), device=device), 0
+    save(cfg, parts, position, saver)
+    return metrics
+
+
+# --- 4. finish ----------------------------------------------------------------------------
+
+
+def finish(cfg: TrialConfig, parts: Components, position: Position, layout: TrialLayout, datasets: data.Datasets,
+           checkpoint_problems: list[str], hooks: Hooks) -> TrialResult:  # fmt: skip
+    """The stages after pre-training, the first layer's picture, and the trial's result."""
+    stage_dir = StageDir(layout.stages)
+    stage_metrics = run_stages(parts.model, cfg, datasets, stage_dir, parts.device, parts.budget_bytes, hooks.stages)
+    weight = parts.model.embed.weight.detach().float().cpu().numpy()
+    channels, side, _ = parts.image_shape
+    picture = pictures.first_layer(weight, channels, side, stage_dir.path / "first_layer.png")
+    history = position.history
+    final = history[-1]
+    return TrialResult(
+        status="finished", seed=cfg.seed, device=str(parts.device), epochs=len(history),
+        train_loss=final["train_loss"], test_loss=final["test_loss"], test_error=final["test_error"],
+        best_test_error=min(h["test_error"] for h in history), history=history, resumed_from=position.resumed_from,
+        compiled=parts.compiled is not None, checkpoint_problems=checkpoint_problems, stages=stage_metrics,
+        first_layer=str(picture),
+    )  # fmt: skip
+
+
+def run_trial(
+    cfg: TrialConfig,
+    layout: TrialLayout,
+    options: TrialOptions = TrialOptions(),
+    *,
+    datasets: data.Datasets | None = None,
+    hooks: Hooks = Hooks(),
+    device: torch.device | None = None,
+) -> TrialResult:
+    """Train ``cfg`` to the end in the trial directory ``layout`` (resuming from its checkpoints),
+    run the stages ``cfg`` declares (see :mod:`mlpgrid.stages`) and return the result.
+
+    ``datasets`` says where each dataset lives and may already hold the pre-training arrays
+    (default: every dataset from its default place). The training set is kept on ``device`` when
+    it fits in the options' data budget, else streamed to it; both give the same batches.
+    Checkpoints are written in the background (:class:`BackgroundSaver`): at each epoch end and
+    every ``options.checkpoint_every_steps`` unless the previous one is still being written,
+    and always after the last epoch. Raises :class:`TrialDiverged` when the training loss
+    becomes NaN or infinite.
+    """
+    device = device or pick_device()
+    datasets = datasets or data.Datasets()
+    checkpoints = CheckpointDir(layout.checkpoints)
+    parts = set_up(cfg, options, datasets, device)
+    position = resume(cfg, parts, checkpoints)
+    if position.history and hooks.resumed:
+        hooks.resumed(position.history)
+    saver = BackgroundSaver(checkpoints)
+    while position.epoch < cfg.epochs:
+        metrics = train_epoch(cfg, parts, position, saver, options.checkpoint_every_steps)
+        if hooks.epoch:
+            hooks.epoch(metrics)
+    saver.wait()  # the last checkpoint is on disk before the trial counts as trained
+    return finish(cfg, parts, position, layout, datasets, checkpoints.problems, hooks)

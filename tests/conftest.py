@@ -51,9 +51,9 @@ def mlpgrid_command(*args: str) -> list[str]:
 
 def without_timing(history: list[dict]) -> list[dict]:
     """Epoch metrics less the timings, which differ between runs of the same trial."""
-    from mlpgrid.train import TIMING_METRICS
+    from mlpgrid import metrics
 
-    return [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in history]
+    return [{k: v for k, v in m.items() if k not in metrics.TIMING} for m in history]
 
 
 def final_checkpoint(storage: Path, grid, trial) -> dict:

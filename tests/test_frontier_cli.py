@@ -12,8 +12,9 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from mlpgrid import spec, tracking
+from mlpgrid import metrics, spec, tracking
 from mlpgrid.cli import cli
+from mlpgrid.layout import StorageLayout
 from synthetic_law import Law
 
 GRID = """name: synthetic
@@ -29,8 +30,8 @@ def record(grid_run, trial, status="finished", error=None):
     """A trial run as the trainer leaves it: params, tags, epoch metrics, final state."""
     run = tracking.TrialRun.open(grid_run, trial)
     if error is not None:
-        metrics = dict.fromkeys(tracking.EPOCH_METRICS, 1.0) | {"epoch": trial.config.epochs, "test_error": error}
-        run.log_epochs([metrics])
+        values = dict.fromkeys(metrics.EPOCH, 1.0) | {"epoch": trial.config.epochs, "test_error": error}
+        run.log_epochs([values])
     if status != "running":
         run.finish(status, error="boom" if status != "finished" else None)
 
@@ -45,7 +46,7 @@ def recorded_grid(tmp_path, write_grid):
     """A 32-trial grid whose runs all finished, but one failed, one diverged and one running."""
     path, storage = write_grid(GRID), tmp_path / "store"
     grid = spec.load(path)
-    grid_run = tracking.open_grid(grid, tracking.tracking_uri(storage), storage)
+    grid_run = tracking.open_grid(grid, tracking.tracking_uri(StorageLayout(storage)), StorageLayout(storage))
     rng = np.random.default_rng(0)
     for i, trial in enumerate(grid.trials):
         status = {0: "failed", 1: "diverged", 2: "running"}.get(i, "finished")

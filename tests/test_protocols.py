@@ -12,12 +12,13 @@ from mlflow import MlflowClient
 
 from conftest import REPO, mlpgrid_command
 from mlpgrid import spec
-from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.cli import cli
+from mlpgrid.data import Datasets
 from mlpgrid.data.subset import split_off
+from mlpgrid.layout import TrialLayout
 from mlpgrid.spec import SpecError, TrialConfig
 from mlpgrid.stages import probe_examples
-from mlpgrid.train import run_trial
+from mlpgrid.train import Hooks, run_trial
 from test_sources import write_cifar10
 
 GRIDS = sorted((REPO / "grids").glob("*.yaml"))
@@ -86,16 +87,16 @@ def test_stages_run_once_and_resume(fashion_mnist, tmp_path):
                       finetune_datasets=("fashion-mnist",), finetune_epochs=1, tta=2)  # fmt: skip
     logged = []
     roots = {"fashion-mnist": fashion_mnist}
-    result = run_trial(cfg, CheckpointDir(tmp_path / "ckpt"), data_roots=roots, on_stages=logged.append)
-    metrics = result["stages"]
+    result = run_trial(cfg, TrialLayout(tmp_path), datasets=Datasets(roots), hooks=Hooks(stages=logged.append))
+    metrics = result.stages
     assert 0 < metrics["fashion-mnist.linear_probe.error"] < 0.7, "far better than chance (0.9)"
     assert metrics["fashion-mnist.linear_probe.examples"] == 2000
     assert 0 < metrics["fashion-mnist.finetune.error"] < 0.5 and 0 < metrics["test_error_tta"] < 0.5
     assert metrics["fashion-mnist.finetune.compute"] > 0 and logged == [metrics]
     stages = tmp_path / "stages" / "stages.json"
     written = stages.stat().st_mtime_ns
-    again = run_trial(cfg, CheckpointDir(tmp_path / "ckpt"), data_roots=roots)
-    assert again["stages"] == metrics and stages.stat().st_mtime_ns == written
+    again = run_trial(cfg, TrialLayout(tmp_path), datasets=Datasets(roots))
+    assert again.stages == metrics and stages.stat().st_mtime_ns == written
     assert (tmp_path / "stages" / "first_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from conftest import REPO, free_port, mlpgrid_command, start_driver, stop_group, without_timing
 from mlpgrid import spec, tracking
 from mlpgrid.checkpoint import CheckpointDir
+from mlpgrid.layout import StorageLayout
 from mlpgrid.runner import execute, pending_tasks
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,7 @@ def mlpgrid(*args, timeout=300):
 
 def runs_of(path, storage, uri=None):
     grid = spec.load(path)
-    grid_run = tracking.find_grid(grid, tracking.tracking_uri(storage, uri))
+    grid_run = tracking.find_grid(grid, tracking.tracking_uri(StorageLayout(storage), uri))
     return tracking.trial_runs(grid_run) if grid_run else {}
 
 
@@ -42,7 +43,7 @@ def test_grid_runs_on_ray_once_per_trial_and_resumes_only_new_trials(tmp_path, w
     grid = spec.load(path)
     runs = runs_of(path, storage)
     assert set(runs) == {t.id for t in grid.trials}, "exactly one run per trial"
-    client = MlflowClient(tracking.tracking_uri(storage))
+    client = MlflowClient(tracking.tracking_uri(StorageLayout(storage)))
     for trial in grid.trials:
         run = runs[trial.id]
         tags = run.data.tags
@@ -158,7 +159,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_
     assert after[quick.id].info.end_time == before[quick.id].info.end_time
     assert after[long.id].info.run_id == before[long.id].info.run_id
 
-    client = MlflowClient(tracking.tracking_uri(storage))
+    client = MlflowClient(tracking.tracking_uri(StorageLayout(storage)))
     steps = [m.step for m in client.get_metric_history(after[long.id].info.run_id, "test_error")]
     assert steps == [1, 2, 3, 4], "no epoch lost or logged twice"
     state = torch.load(long_ckpt.file(4, 0), weights_only=True)
@@ -168,15 +169,15 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_
     # thread count, ends with the same weights.
     assert after[long.id].data.tags["torch_threads"] == "1"
     reference = tmp_path / "reference"
-    grid_run = tracking.open_grid(grid, tracking.tracking_uri(reference), reference)
-    (task,) = [t for t in pending_tasks(grid, reference, grid_run) if t.trial.id == long.id]
+    grid_run = tracking.open_grid(grid, tracking.tracking_uri(StorageLayout(reference)), StorageLayout(reference))
+    (task,) = [t for t in pending_tasks(grid, StorageLayout(reference), grid_run) if t.trial.id == long.id]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         assert execute(task) == "finished"
     finally:
         torch.set_num_threads(threads)
-    expected = torch.load(CheckpointDir(task.checkpoint_dir).file(4, 0), weights_only=True)
+    expected = torch.load(CheckpointDir(task.layout.checkpoints).file(4, 0), weights_only=True)
     assert without_timing(state["history"]) == without_timing(expected["history"])
     for name, tensor in expected["model"].items():
         assert torch.equal(state["model"][name], tensor), name
@@ -197,12 +198,12 @@ def test_trials_use_both_nodes_and_survive_losing_one(tmp_path, write_grid, fash
     from ray.cluster_utils import Cluster
 
     from mlpgrid.progress import Progress
-    from mlpgrid.runner import RayOptions, run_on_ray
+    from mlpgrid.ray_runner import RayOptions, run_on_ray
 
     path, storage = write_grid(TWO_NODE_GRID), tmp_path / "store"
     grid = spec.load(path)
-    grid_run = tracking.open_grid(grid, tracking.tracking_uri(storage), storage)
-    tasks = pending_tasks(grid, storage, grid_run)
+    grid_run = tracking.open_grid(grid, tracking.tracking_uri(StorageLayout(storage)), StorageLayout(storage))
+    tasks = pending_tasks(grid, StorageLayout(storage), grid_run)
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     worker_node = cluster.add_node(num_cpus=1)
@@ -227,7 +228,11 @@ def test_trials_use_both_nodes_and_survive_losing_one(tmp_path, write_grid, fash
         ray.init(address=cluster.address)
         watcher.start()
         run_on_ray(
-            tasks, grid, storage, RayOptions(address=cluster.address, retries=2), Progress([t.trial for t in tasks])
+            tasks,
+            grid,
+            StorageLayout(storage),
+            RayOptions(address=cluster.address, retries=2),
+            Progress([t.trial for t in tasks]),
         )
     finally:
         ray.shutdown()

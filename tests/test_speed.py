@@ -9,10 +9,12 @@ from lion_pytorch import Lion
 
 from mlpgrid import spec
 from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir
+from mlpgrid.data import Datasets
+from mlpgrid.layout import TrialLayout
 from mlpgrid.optim import CompiledLion
-from mlpgrid.runner import gpu_share, gpu_shares, launch_order
+from mlpgrid.placement import gpu_share, gpu_shares, launch_order
 from mlpgrid.spec import TrialConfig
-from mlpgrid.train import run_trial
+from mlpgrid.train import TrialOptions, run_trial
 
 
 def test_compiled_lion_is_lion_pytorch_step_for_step():
@@ -39,13 +41,14 @@ def test_compiled_trial_reports_compile_time_and_matches_eager(tmp_path, fashion
     # 1050 examples at batch 100: the last batch of each epoch (50) goes through the eager model.
     cfg = TrialConfig(model="B-1/Wi-32", examples=1050, epochs=2, batch_size=100, optimizer="adamw", lr=1e-3)
     roots = {"fashion-mnist": fashion_mnist}
-    compiled = run_trial(cfg, CheckpointDir(tmp_path / "compiled"), data_roots=roots, compile=True)
-    eager = run_trial(cfg, CheckpointDir(tmp_path / "eager"), data_roots=roots, compile=False)
-    assert compiled["compiled"] and not eager["compiled"]
-    first, second = compiled["history"]
+    datasets = Datasets(roots)
+    compiled = run_trial(cfg, TrialLayout(tmp_path / "compiled"), TrialOptions(compile=True), datasets=datasets)
+    eager = run_trial(cfg, TrialLayout(tmp_path / "eager"), TrialOptions(compile=False), datasets=datasets)
+    assert compiled.compiled and not eager.compiled
+    first, second = compiled.history
     assert first["compile_seconds"] > 0 and "compile_seconds" not in second
-    assert "compile_seconds" not in eager["history"][0] and first["tflops"] > 0
-    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-3)
+    assert "compile_seconds" not in eager.history[0] and first["tflops"] > 0
+    assert compiled.train_loss == pytest.approx(eager.train_loss, rel=1e-3)
 
 
 def test_background_saver_skips_while_writing_and_waits_for_the_last(tmp_path):

@@ -14,8 +14,10 @@ from conftest import REPO, final_checkpoint, mlpgrid_command, without_timing
 from mlpgrid import spec
 from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.cli import cli
+from mlpgrid.data import Datasets
+from mlpgrid.layout import TrialLayout
 from mlpgrid.spec import TrialConfig
-from mlpgrid.train import TrialDiverged, lr_at, run_trial
+from mlpgrid.train import Hooks, TrialDiverged, lr_at, run_trial
 
 TINY = dict(model="B-1/Wi-32", examples=2000, epochs=2, batch_size=100)
 
@@ -23,46 +25,41 @@ TINY = dict(model="B-1/Wi-32", examples=2000, epochs=2, batch_size=100)
 def test_a_trial_learns_and_checkpoints(tmp_path, fashion_mnist):
     cfg = TrialConfig(**TINY, optimizer="adamw", lr=1e-3, flip=True, crop_padding=2, mixup=0.2, label_smoothing=0.1)
     seen = []
-    result = run_trial(
-        cfg, CheckpointDir(tmp_path / "ckpt"), data_roots={"fashion-mnist": fashion_mnist}, on_epoch=seen.append
-    )
-    assert [m["epoch"] for m in seen] == [1, 2] and result["history"] == seen
-    assert result["status"] == "finished" and result["seed"] == 0
-    assert result["test_error"] < 0.4, "well below the 0.9 of chance"
+    layout = TrialLayout(tmp_path / "trial")
+    result = run_trial(cfg, layout, datasets=Datasets({"fashion-mnist": fashion_mnist}), hooks=Hooks(epoch=seen.append))
+    assert [m["epoch"] for m in seen] == [1, 2] and result.history == seen
+    assert result.status == "finished" and result.seed == 0
+    assert result.test_error < 0.4, "well below the 0.9 of chance"
     assert seen[1]["train_loss"] < seen[0]["train_loss"]
-    assert CheckpointDir(tmp_path / "ckpt").positions() == [(1, 0), (2, 0)]
+    assert CheckpointDir(layout.checkpoints).positions() == [(1, 0), (2, 0)]
 
 
 @pytest.mark.parametrize("optimizer,lr", [("lion", 3e-4), ("sgd", 0.05)])
 def test_each_optimizer_trains(tmp_path, fashion_mnist, optimizer, lr):
     cfg = TrialConfig(**{**TINY, "epochs": 1}, optimizer=optimizer, lr=lr, weight_decay=1e-3, clip_grad=1.0)
-    result = run_trial(cfg, CheckpointDir(tmp_path), data_roots={"fashion-mnist": fashion_mnist})
-    assert result["test_error"] < 0.5
+    result = run_trial(cfg, TrialLayout(tmp_path), datasets=Datasets({"fashion-mnist": fashion_mnist}))
+    assert result.test_error < 0.5
 
 
 def test_finished_trial_is_not_trained_again(tmp_path, fashion_mnist):
     cfg = TrialConfig(**TINY)
-    first = run_trial(cfg, CheckpointDir(tmp_path), data_roots={"fashion-mnist": fashion_mnist})
-    again = run_trial(cfg, CheckpointDir(tmp_path), data_roots={"fashion-mnist": fashion_mnist})
-    assert again["history"] == first["history"] and again["resumed_from"] == []
+    datasets = Datasets({"fashion-mnist": fashion_mnist})
+    first = run_trial(cfg, TrialLayout(tmp_path), datasets=datasets)
+    again = run_trial(cfg, TrialLayout(tmp_path), datasets=datasets)
+    assert again.history == first.history and again.resumed_from == []
 
 
 def test_checkpoint_of_another_config_is_refused(tmp_path, fashion_mnist):
-    run_trial(
-        TrialConfig(**{**TINY, "epochs": 1}), CheckpointDir(tmp_path), data_roots={"fashion-mnist": fashion_mnist}
-    )
+    datasets = Datasets({"fashion-mnist": fashion_mnist})
+    run_trial(TrialConfig(**{**TINY, "epochs": 1}), TrialLayout(tmp_path), datasets=datasets)
     with pytest.raises(ValueError, match="belongs to another trial config"):
-        run_trial(
-            TrialConfig(**{**TINY, "epochs": 1}, seed=1),
-            CheckpointDir(tmp_path),
-            data_roots={"fashion-mnist": fashion_mnist},
-        )
+        run_trial(TrialConfig(**{**TINY, "epochs": 1}, seed=1), TrialLayout(tmp_path), datasets=datasets)
 
 
 def test_diverging_trial_is_detected(tmp_path, fashion_mnist):
     cfg = TrialConfig(**{**TINY, "epochs": 1}, optimizer="sgd", lr=1e12)
     with pytest.raises(TrialDiverged, match="training loss is (nan|inf)"):
-        run_trial(cfg, CheckpointDir(tmp_path), data_roots={"fashion-mnist": fashion_mnist})
+        run_trial(cfg, TrialLayout(tmp_path), datasets=Datasets({"fashion-mnist": fashion_mnist}))
 
 
 def test_warmup_then_cosine():
@@ -190,16 +187,16 @@ def test_a_trial_directory_has_one_writer_at_a_time(tmp_path):
 
     holder = subprocess.Popen(
         [sys.executable, "-c", f"from mlpgrid.checkpoint import exclusive\nimport time\n"
-         f"with exclusive({str(tmp_path)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+         f"with exclusive({str(tmp_path / 'lock')!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
         held = f"held by another process \\(pid {holder.pid} on "
-        with pytest.raises(RuntimeError, match=held), exclusive(tmp_path, wait_s=0.5):
+        with pytest.raises(RuntimeError, match=held), exclusive(tmp_path / "lock", wait_s=0.5):
             pass
     finally:
         holder.kill()
         holder.wait()
-    with exclusive(tmp_path, wait_s=5):  # the lock died with its holder
+    with exclusive(tmp_path / "lock", wait_s=5):  # the lock died with its holder
         pass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,8 +207,10 @@ def _read_prepared(root: Path) -> ImageArrays:
 
 
 def register(name: str, root: str | Path) -> None:
-    """Make the prepared dataset in ``root`` known as ``name`` (built-in names need no registering)."""
-    if name not in DATASETS:
+    """Make the prepared dataset in ``root`` known as ``name`` (built-in names need no registering;
+    one already known at ``root`` is not read again)."""
+    known = _PREPARED.get(name)
+    if name not in DATASETS and (known is None or known.default_root != str(root)):
         _PREPARED[name] = _prepared_info(name, Path(root))
 
 
@@ -246,6 +248,42 @@ def info(name: str) -> DatasetInfo:
             )
         register(name, root)
     return _PREPARED[name]
+
+
+class Datasets:
+    """The datasets one trial reads, each from where ``roots`` says (the others from their
+    defaults), each read once at a resolution and channel count.
+
+    ``roots`` holds a directory per dataset name, as a grid file's ``data:`` section resolves
+    them; the prepared ones among them are registered once here, in the process that trains.
+    """
+
+    def __init__(self, roots: Mapping[str, str | Path] | None = None):
+        self.roots = {name: str(root) for name, root in (roots or {}).items()}
+        for name, root in self.roots.items():
+            register(name, root)
+        self._kept: dict[tuple[str, int, int], ImageArrays] = {}
+
+    @staticmethod
+    def _key(name: str, resolution: int | None, channels: int | None) -> tuple[str, int, int]:
+        dataset = info(name)
+        return name, resolution or dataset.resolution, channels or dataset.channels
+
+    def keep(self, name: str, resolution: int | None, channels: int | None, arrays: ImageArrays) -> None:
+        """Hold ``arrays`` (read elsewhere, e.g. shared by the runner) as ``name`` at that shape."""
+        self._kept[self._key(name, resolution, channels)] = arrays
+
+    def load(self, name: str, resolution: int | None = None, channels: int | None = None, *,
+             keep: bool = True) -> ImageArrays:  # fmt: skip
+        """``name`` at ``resolution`` and ``channels`` (None: the dataset's own), read on first use;
+        with ``keep`` false it is handed over and not held here any longer."""
+        key = self._key(name, resolution, channels)
+        arrays = self._kept.get(key) or load(name, self.roots.get(name), resolution, channels)
+        if keep:
+            self._kept[key] = arrays
+        else:
+            self._kept.pop(key, None)
+        return arrays
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:

@@ -7,6 +7,8 @@ import torch
 
 from conftest import without_timing
 from mlpgrid.checkpoint import CheckpointDir, CheckpointError
+from mlpgrid.data import Datasets
+from mlpgrid.layout import TrialLayout
 from mlpgrid.spec import TrialConfig
 from mlpgrid.train import run_trial
 
@@ -25,26 +27,27 @@ def flip_a_byte(path):
 
 @pytest.mark.parametrize("damage", [truncate, flip_a_byte])
 def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(tmp_path, fashion_mnist, damage):
-    roots = {"fashion-mnist": fashion_mnist}
-    reference = run_trial(CFG, CheckpointDir(tmp_path / "reference"), data_roots=roots)
-    checkpoints = CheckpointDir(tmp_path / "ckpt")
-    run_trial(CFG, checkpoints, data_roots=roots)
+    datasets = Datasets({"fashion-mnist": fashion_mnist})
+    reference = run_trial(CFG, TrialLayout(tmp_path / "reference"), datasets=datasets)
+    layout = TrialLayout(tmp_path / "trial")
+    checkpoints = CheckpointDir(layout.checkpoints)
+    run_trial(CFG, layout, datasets=datasets)
     assert checkpoints.positions() == [(2, 0), (3, 0)]
     damage(checkpoints.file(3, 0))
 
-    resumed = run_trial(CFG, checkpoints, data_roots=roots)
-    (problem,) = resumed["checkpoint_problems"]
+    resumed = run_trial(CFG, layout, datasets=datasets)
+    (problem,) = resumed.checkpoint_problems
     assert str(checkpoints.file(3, 0)) in problem and ("SHA-256" in problem or "unreadable" in problem)
-    assert resumed["resumed_from"] == [[2, 0]], "continued from the last good checkpoint"
-    ended_as_unbroken = without_timing(resumed["history"]) == without_timing(reference["history"])
+    assert resumed.resumed_from == [[2, 0]], "continued from the last good checkpoint"
+    ended_as_unbroken = without_timing(resumed.history) == without_timing(reference.history)
     assert ended_as_unbroken, "and ended where an unbroken run ends"
     assert checkpoints.latest()["epoch"] == 3 and checkpoints.problems == []
 
 
 def test_a_full_disk_fails_the_trial_clearly_and_keeps_earlier_checkpoints(tmp_path, fashion_mnist):
-    roots = {"fashion-mnist": fashion_mnist}
-    probe = CheckpointDir(tmp_path / "probe")
-    run_trial(TrialConfig(**{**CFG.__dict__, "epochs": 1}), probe, data_roots=roots)
+    datasets = Datasets({"fashion-mnist": fashion_mnist})
+    probe = CheckpointDir(TrialLayout(tmp_path / "probe").checkpoints)
+    run_trial(TrialConfig(**{**CFG.__dict__, "epochs": 1}), TrialLayout(tmp_path / "probe"), datasets=datasets)
     size = probe.file(1, 0).stat().st_size
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -54,13 +57,14 @@ def test_a_full_disk_fails_the_trial_clearly_and_keeps_earlier_checkpoints(tmp_p
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
     try:
-        checkpoints = CheckpointDir(disk / "ckpt")
+        layout = TrialLayout(disk / "trial")
+        checkpoints = CheckpointDir(layout.checkpoints)
         with pytest.raises(CheckpointError, match="no space left on the device. Earlier checkpoints .* are intact"):
-            run_trial(TrialConfig(**{**CFG.__dict__, "epochs": 6}), checkpoints, data_roots=roots)
+            run_trial(TrialConfig(**{**CFG.__dict__, "epochs": 6}), layout, datasets=datasets)
         kept = checkpoints.positions()
         assert kept, "the checkpoints written before the disk filled are still there"
         assert all(checkpoints._load(*p)["epoch"] == p[0] for p in kept)
-        assert not list((disk / "ckpt").glob("*.tmp")), "no half-written file left behind"
+        assert not list(checkpoints.path.glob("*.tmp")), "no half-written file left behind"
     finally:
         subprocess.run(["umount", "--lazy", str(disk)], check=True)  # the failed write's traceback may hold a file
 

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from conftest import REPO, final_checkpoint, mlpgrid_command
 from mlpgrid import spec, tracking
 from mlpgrid.checkpoint import CheckpointDir
+from mlpgrid.layout import StorageLayout
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ def test_driver_killed_again_and_again_loses_and_repeats_nothing(tmp_path, write
     out, err = last.communicate(timeout=600)
     assert last.returncode == 0, out + err
 
-    grid_run = tracking.find_grid(grid, tracking.tracking_uri(storage))
+    grid_run = tracking.find_grid(grid, tracking.tracking_uri(StorageLayout(storage)))
     client = MlflowClient(grid_run.tracking_uri)
     runs = client.search_runs([grid_run.experiment_id], "tags.mlpgrid_role = 'trial'")
     assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(t.id for t in grid.trials), "one run per trial"

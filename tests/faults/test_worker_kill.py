@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from conftest import start_driver, stop_group
 from mlpgrid import spec, tracking
 from mlpgrid.checkpoint import CheckpointDir
+from mlpgrid.layout import StorageLayout
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, write_grid, fash
     grid = spec.load(path)
     (trial,) = grid.trials
     checkpoints = CheckpointDir(storage / grid.name / trial.id / "checkpoints")
-    uri = tracking.tracking_uri(storage)
+    uri = tracking.tracking_uri(StorageLayout(storage))
     driver = start_driver(path, storage)
     try:
         deadline = time.monotonic() + 240

@@ -1,0 +1,77 @@
+"""Every path mlpgrid writes under its storage directory, in one place.
+
+::
+
+    <storage>/
+      mlflow.db                 the default MLflow store (SQLite)
+      mlartifacts/              its artifacts
+      ray/                      Ray Tune's and Ray Train's own files
+      <grid>/<trial id>/
+        lock                    held by the one process writing this trial
+        checkpoints/            see mlpgrid.checkpoint
+        stages/                 results of the stages after pre-training, feature caches, pictures
+
+A :class:`StorageLayout` is made once from ``--storage``; it hands out a :class:`GridLayout`
+per grid and a :class:`TrialLayout` per trial. They are frozen plain data, so a trial's layout
+travels to its worker as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TrialLayout:
+    """One trial's directory."""
+
+    root: Path
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "lock"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def stages(self) -> Path:
+        return self.root / "stages"
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """One grid's directory: a directory per trial."""
+
+    root: Path
+
+    def trial(self, trial_id: str) -> TrialLayout:
+        return TrialLayout(self.root / trial_id)
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    """The storage directory (``--storage``), as an absolute path: workers on other nodes and
+    Ray's own processes do not share this process's working directory."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def ray(self) -> Path:
+        return self.root / "ray"
+
+    def grid(self, name: str) -> GridLayout:
+        return GridLayout(self.root / name)

@@ -1,0 +1,95 @@
+"""Where a grid's trials run on a Ray cluster: each trial's share of a GPU, the order they
+start in, and how many run at once.
+
+Trials share GPUs: by default two (eight when small) trials run on each GPU at once, so the
+start-up of one (worker processes, CUDA, data, compilation: half a minute) overlaps the
+training of others, and small models, which cannot keep a GPU busy alone, fill it together.
+A grid with too few trials to fill every GPU that way gets larger shares (see
+:func:`gpu_shares`). The most expensive trials start first, so that the grid does not end
+with one long trial on an otherwise idle cluster.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+
+from mlpgrid.spec import Trial
+
+# A step of fewer hardware FLOPs than this (about 5 ms of an H100) leaves a GPU waiting for
+# kernel launches, and idle through a trial's start-up: eight such trials share a GPU by
+# default, larger ones two. On a grid of 32 such trials on an H100, eight to a GPU did 27% more
+# training per second than four (two for its largest models) did (benchmarks/grid_scaling.py).
+SMALL_STEP_FLOPS = 4e12
+
+
+def gpu_share(trial: Trial) -> float:
+    """The share of a GPU ``trial`` runs on by default, by the size of its step."""
+    return 0.125 if trial.step_flops < SMALL_STEP_FLOPS else 0.5
+
+
+def gpu_shares(trials: list[Trial], gpus: float, chosen: float | None = None) -> dict[str, float]:
+    """Each trial's share of a GPU on a cluster of ``gpus`` GPUs: ``chosen`` if given.
+
+    Otherwise :func:`gpu_share`, raised where the trials are too few to put one on every GPU:
+    Ray places fractional shares on as few GPUs as it can, so eight quarter-GPU trials on eight
+    GPUs would all run on two of them. With at least ``k`` trials per GPU no share is below
+    ``1/k``, so the shares add up to every GPU.
+    """
+    if chosen is not None:
+        return {t.id: chosen for t in trials}
+    per_gpu = max(1, math.floor(len(trials) / gpus + 1e-9)) if gpus > 0 else 1
+    return {t.id: max(gpu_share(t), 1 / per_gpu) for t in trials}
+
+
+def launch_order(trials: list[Trial]) -> list[Trial]:
+    """The trials, largest training compute first (grid order among equals).
+
+    Started last, a long trial would keep one GPU busy after the rest of the grid is done.
+    """
+    return sorted(trials, key=lambda trial: -trial.compute)
+
+
+def _slots(resources: dict[str, float], workers: list[dict[str, float]]) -> int:
+    """How many workers fit at once: per resource they ask for, the cluster's total over the
+    smallest request; the scarcest resource decides."""
+    fits = [math.floor(resources.get(r, 0) / min(w[r] for w in workers) + 1e-9) for r in workers[0]]
+    return max(1, min(fits))
+
+
+@dataclass(frozen=True)
+class Placement:
+    workers: dict[str, dict[str, float]]  # each trial's worker resources, by trial id
+    concurrent: int  # trials at once
+    notes: list[str]  # what the user should know about it
+
+
+def place(trials: list[Trial], resources: dict[str, float], *, gpus_per_trial: float | None = None,
+          cpus_per_trial: float = 1.0, max_concurrent: int | None = None) -> Placement:  # fmt: skip
+    """The resources of each trial's worker on a cluster of ``resources`` (``ray.cluster_resources()``)."""
+    kind = "GPU" if resources.get("GPU", 0) > 0 else "CPU"
+    notes = []
+    if kind == "GPU":
+        shares = gpu_shares(trials, resources["GPU"], gpus_per_trial)
+        # And a core each: a trial's host thread launches its kernels, so trials beyond the
+        # node's cores would only wait for each other (and take a few GB of RAM each).
+        workers = {trial_id: {"GPU": share, "CPU": 1} for trial_id, share in shares.items()}
+        if gpus_per_trial is not None and len(trials) * gpus_per_trial < resources["GPU"]:
+            notes.append(
+                f"{len(trials)} trials on {gpus_per_trial:g} GPU each fill "
+                f"{math.ceil(len(trials) * gpus_per_trial - 1e-9)} of {resources['GPU']:g} GPUs: Ray packs shares "
+                "onto as few GPUs as it can"
+            )
+    else:
+        workers = {t.id: {"CPU": cpus_per_trial} for t in trials}
+    # Enough Tune trials at once to fill every slot; Ray starts each worker when its share is free.
+    slots = _slots(resources, list(workers.values()))
+    concurrent = min(max_concurrent or slots, slots, len(trials))
+    counts = collections.Counter(w[kind] for w in workers.values())
+    each = ", ".join(f"{n} on {share:.3g} {kind}" for share, n in sorted(counts.items()))
+    notes.append(
+        f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; up to {concurrent} trials at a "
+        f"time ({each})"
+    )
+    return Placement(workers, concurrent, notes)

@@ -1,0 +1,38 @@
+"""A finished trial as the frontier sees it: its compute, error, P, N and T.
+
+Kept apart from :mod:`mlpgrid.frontier` so that what records trials (:mod:`mlpgrid.tracking`)
+need not import the fitting code and SciPy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Point:
+    """One trial's result: its compute C = FLOP(f) 3 N T, error, P, N and T."""
+
+    compute: float
+    error: float
+    params: float
+    examples: float
+    epochs: float
+    model: str = ""
+    trial_id: str = ""
+    settings: tuple[tuple[str, str], ...] = ()  # swept settings other than model, N, T and seed
+
+    @property
+    def examples_seen(self) -> float:
+        return self.examples * self.epochs
+
+    def key(self) -> tuple:
+        """What a point of the compute plot stands for: a (model, N, T)."""
+        return (self.model or self.params, self.examples, self.epochs)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "compute": self.compute, "error": self.error, "params": self.params, "examples": self.examples,
+            "epochs": self.epochs, "model": self.model, "trial_id": self.trial_id, "settings": dict(self.settings),
+        }  # fmt: skip

@@ -1,0 +1,167 @@
+"""The frontier of a grid, as one report: what ``mlpgrid frontier`` computes, callable without the CLI.
+
+:func:`frontier_report` takes the points (a grid's finished trials from MLflow, or a CSV),
+fits the frontier (:func:`mlpgrid.frontier.analyse`) with bootstrap intervals, answers the
+budget queries with a concrete trial of the grid's family, holds out the costliest trials if
+asked, compares earlier proposals with what their trials measured, writes a new proposal if
+asked, draws the figures and logs them with the report on the grid's MLflow run. It returns
+the report as plain data (what ``--json`` prints).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlpgrid import frontier, plots, propose, tracking
+from mlpgrid.layout import StorageLayout
+from mlpgrid.points import Point
+from mlpgrid.spec import GridSpec
+
+
+class ReportError(ValueError):
+    """The report cannot be made; the message says why, for the user."""
+
+
+class RequestError(ReportError):
+    """The request itself is incomplete (what to read, or where to write, is missing)."""
+
+
+@dataclass(frozen=True)
+class FrontierRequest:
+    """What to fit and ask. ``grid`` or ``csv_file`` (or both: the grid's family, the CSV's points)."""
+
+    grid: GridSpec | None = None
+    csv_file: Path | None = None  # points from elsewhere instead of the grid's MLflow runs
+    metric: str | None = None  # the trials' metric to use as the error; None: the grid's, else test_error
+    budgets: tuple[float, ...] = ()  # compute budgets to query
+    repeats: int = 200  # bootstrap resamples; 0 = none
+    level: float = 0.95  # of the intervals
+    fit_space: str = "log"  # least squares on log error, or "linear" as the paper
+    holdout: float | None = None  # also fit without this most expensive fraction of the trials
+    propose: float | None = None  # write a grid of trials the fit calls compute-optimal at this budget ...
+    out: Path | None = None  # ... to this file
+    plot_dir: Path | None = None  # write the figures here too
+
+    @property
+    def source(self) -> str:
+        return str(self.csv_file or self.grid.path)
+
+
+def _check(request: FrontierRequest) -> None:
+    if request.grid is None and request.csv_file is None:
+        raise RequestError("give a GRID_FILE, --from-csv FILE, or both")
+    if request.propose and (request.grid is None or request.out is None):
+        raise RequestError("--propose needs a GRID_FILE (its settings and family) and --out FILE")
+
+
+def _points(request: FrontierRequest, uri: str) -> tuple[list[Point], dict[str, int], tracking.GridRun | None]:
+    """The points to fit, how many trials were left out (by why), and the grid's run if any."""
+    if request.csv_file:
+        try:
+            return frontier.read_csv(request.csv_file), {}, None
+        except frontier.FitError as e:
+            raise ReportError(str(e)) from None
+    metric = request.metric or request.grid.metric
+    try:
+        grid_run = tracking.find_grid(request.grid, uri)
+        points, left_out = tracking.finished_points(grid_run, metric) if grid_run else ([], {})
+    except Exception as e:  # noqa: BLE001 - e.g. an unreachable server
+        raise ReportError(f"cannot read MLflow tracking URI {uri}: {e}") from None
+    if not points:
+        found = ", ".join(f"{n} {why}" for why, n in left_out.items() if n) or "no trial runs"
+        raise ReportError(f"{request.grid.path}: no finished trial with metric {metric!r} in {uri} ({found})")
+    return points, left_out, grid_run
+
+
+def _query(answer: dict[str, Any], grid: GridSpec | None, analysis: frontier.Analysis) -> dict[str, Any]:
+    """A query's answer plus, with a grid, the nearest model of its family with N and T."""
+    if grid is None or "params" not in answer:
+        return answer
+    return answer | propose.recommend(grid, analysis.frontier, answer["budget"], answer["params"])
+
+
+def _proposal_results(records: list[dict[str, Any]], points: list[Point]) -> list[dict[str, Any]]:
+    """Each recorded proposal with the measured error of its trials that have finished."""
+    measured = {p.trial_id: p.error for p in points}
+    return [
+        record | {"trials": [t | {"measured_error": measured.get(t["trial_id"])} for t in record["trials"]]}
+        for record in records
+    ]
+
+
+def _propose(grid: GridSpec, grid_run: tracking.GridRun, analysis: frontier.Analysis, boot: frontier.Bootstrap,
+             budget: float, out: Path) -> dict[str, Any]:  # fmt: skip
+    """Write the proposal's grid file, record it on the grid's run, and return the record."""
+    if analysis.allocation is None:
+        raise ReportError("cannot propose trials: " + "; ".join(analysis.notes))
+    params = float(analysis.allocation.params(budget))
+    base = propose.template(grid, analysis.frontier, budget)
+    configs = propose.iso_compute(budget, params, base, propose.family_depths(grid, base.model[0]))
+    fit = analysis.fit
+    header = (
+        f"Proposed by `mlpgrid frontier {grid.path} --propose {budget:g}`: trials that each spend C = {budget:.3g},\n"
+        f"with models around the fitted P*(C) = {params:.3g} parameters. If the fit is right, the one nearest\n"
+        f"P* reaches the lowest error, about E(C) = {fit(budget):.4f}. It runs under the grid's name, so\n"
+        f"`mlpgrid frontier {grid.path}` reports predicted vs measured error once these have finished.\n"
+        "\n"
+        f"  mlpgrid run {out}"
+    )
+    proposed = propose.write_grid(out, grid, configs, header)
+    record = {
+        "file": str(out), "budget": budget, "params": params, "fit": fit.as_dict(),
+        "trials": [
+            {"trial_id": t.id, "model": t.config.model, "examples": t.config.num_examples, "epochs": t.config.epochs,
+             "compute": t.compute, "predicted_error": float(fit(t.compute)),
+             "predicted_error_ci": boot.error_ci(t.compute)}
+            for t in proposed.trials
+        ],
+    }  # fmt: skip
+    tracking.log_artifacts(grid_run, {f"proposals/{out.stem}.json": json.dumps(record, indent=2),
+                                      f"proposals/{out.name}": out.read_text()})  # fmt: skip
+    return record
+
+
+def frontier_report(request: FrontierRequest, storage: StorageLayout, tracking_uri: str | None = None) -> dict:
+    """The frontier of ``request``'s points, everything it asks, as plain data; raises
+    :class:`ReportError` with a message for the user when it cannot be made.
+
+    MLflow is the one at ``tracking_uri`` (default: the store under ``storage``); with a grid,
+    the figures and the report are logged on the grid's run there.
+    """
+    _check(request)
+    uri = tracking.tracking_uri(storage, tracking_uri)
+    points, left_out, grid_run = _points(request, uri)
+    try:
+        analysis = frontier.analyse(points, space=request.fit_space)
+    except frontier.FitError as e:
+        raise ReportError(f"{request.source}: cannot fit the frontier: {e}") from None
+    boot = frontier.bootstrap(points, request.repeats, request.level, space=request.fit_space)
+    excluded = sum(n for why, n in left_out.items() if why != "running")
+    report = {"excluded": excluded, "left_out": left_out} | frontier.summary(analysis, boot)
+    report["queries"] = [_query(frontier.query(analysis, boot, b), request.grid, analysis) for b in request.budgets]
+    if request.holdout:
+        try:
+            report["holdout"] = {"fraction": request.holdout,
+                                 "points": frontier.holdout(points, request.holdout, request.fit_space)}  # fmt: skip
+        except frontier.FitError as e:
+            report["holdout"] = {"fraction": request.holdout, "error": str(e)}
+    if grid_run:
+        report["proposals"] = _proposal_results(tracking.proposals(grid_run), points)
+    if request.propose:
+        if grid_run is None:
+            try:
+                grid_run = tracking.open_grid(request.grid, uri, storage)
+            except Exception as e:  # noqa: BLE001 - whatever stops MLflow, stop before writing
+                raise ReportError(f"cannot use MLflow tracking URI {uri}: {e}") from None
+        report["proposed"] = _propose(request.grid, grid_run, analysis, boot, request.propose, request.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = plots.draw_all(analysis, boot, list(request.budgets), request.plot_dir or Path(tmp))
+        if grid_run:
+            tracking.log_files(grid_run, figures, "frontier")
+            tracking.log_artifacts(grid_run, {"frontier/frontier.json": json.dumps(report, indent=2)})
+    report["plots"] = [str(p) for p in figures] if request.plot_dir else []
+    return report

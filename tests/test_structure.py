@@ -1,0 +1,46 @@
+"""How the code is laid out, where it matters to users: the storage layout, the grid-file
+reference in the README, and what a Ray worker has to import."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+from mlpgrid import spec
+from mlpgrid.layout import StorageLayout
+
+
+def test_storage_layout_is_absolute_and_per_trial(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    storage = StorageLayout(Path("store"))
+    assert storage.root == tmp_path / "store" and storage.mlflow_db == tmp_path / "store" / "mlflow.db"
+    trial = storage.grid("quickstart").trial("3fa2c1d0e9b8")
+    assert trial.checkpoints == tmp_path / "store" / "quickstart" / "3fa2c1d0e9b8" / "checkpoints"
+    assert {trial.lock.parent, trial.stages.parent} == {trial.root}
+    assert not (tmp_path / "store").exists(), "a layout only names paths"
+
+
+def test_the_readmes_grid_file_reference_is_made_from_the_code():
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("<!-- grid-file reference: python -m mlpgrid.spec -->\n")
+    end = readme.index("<!-- end of grid-file reference -->")
+    shown = readme[start:end].split("\n", 1)[1]
+    assert shown == spec.reference(), "regenerate it with python -m mlpgrid.spec"
+    for name in [*spec.FIELDS, "checkpoint_every_steps", "data_budget_gb", "gpus_per_trial", "compile"]:
+        assert f"| `{name}` |" in shown
+
+
+def test_a_ray_worker_needs_neither_scipy_nor_matplotlib():
+    """The module Ray imports for a worker's function imports without the frontier's and the
+    figures' libraries (MLflow imports SciPy itself where it is installed, and goes on without)."""
+    probe = (
+        "import sys\n"
+        "sys.modules.update(scipy=None, matplotlib=None)  # importing either now fails\n"
+        "import mlpgrid.ray_runner\n"
+        "print(sorted(m for m in sys.modules if m.startswith('mlpgrid.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    loaded = set(eval(out.stdout.strip().splitlines()[-1]))
+    assert "mlpgrid.runner" in loaded and "mlpgrid.train" in loaded
+    assert not loaded & {"mlpgrid.frontier", "mlpgrid.plots", "mlpgrid.report", "mlpgrid.bench", "mlpgrid.cli"}
