@@ -162,6 +162,23 @@ class BackgroundSaver:
             raise error
 
 
+# A point a fault test chooses: with MLPGRID_HOLD_AT="E:S" a trial (or group) stops once its
+# checkpoint at epoch E, step S is on disk, writes ``held`` into its directory and waits there
+# to be killed, so that the test kills it at that point and not wherever a timer lands.
+HOLD_AT = "MLPGRID_HOLD_AT"
+HOLD_S = 600  # then it gives up waiting and fails
+
+
+def hold_if_asked(saver: BackgroundSaver, epoch: int, step: int, trial_dirs: list[Path]) -> None:
+    if os.environ.get(HOLD_AT) != f"{epoch}:{step}":
+        return
+    saver.wait()
+    for directory in trial_dirs:
+        (directory / "held").write_text(f"pid {os.getpid()}")
+    time.sleep(HOLD_S)
+    raise RuntimeError(f"held at epoch {epoch}, step {step} for {HOLD_S} s ({HOLD_AT}) and not killed")
+
+
 @contextmanager
 def exclusive(path: str | Path, wait_s: float = 60.0) -> Iterator[None]:
     """Hold the lock file ``path`` (a trial's :attr:`~mlpgrid.layout.TrialLayout.lock`) while a

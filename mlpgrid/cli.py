@@ -110,6 +110,17 @@ def _totals(rows: list[dict[str, Any]]) -> dict[str, int]:
     return {state: states.count(state) for state in sorted(set(states))}
 
 
+def _group_option(value: str | None) -> str | int | None:
+    """--group: None (the grid's), "auto", or the most members (off = 1)."""
+    if value is None or value == "auto":
+        return value
+    if value == "off":
+        return 1
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise click.BadParameter(f"expected auto, off or a number of trials >= 1, got {value!r}", param_hint="--group")
+
+
 tracking_option = click.option(
     "--tracking-uri",
     envvar="MLFLOW_TRACKING_URI",
@@ -150,16 +161,21 @@ def cli() -> None:
               help="CPU cores per trial when there is no GPU.")  # fmt: skip
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Restarts of a failed trial, each from its last checkpoint.")  # fmt: skip
+@click.option("--group", metavar="auto|off|K", callback=lambda ctx, param, value: _group_option(value),
+              help="Trials trained together by one worker, on one batch stream: auto (up to 16 that can), off, or "
+                   "at most K. Default: the grid's run.group, else auto.")  # fmt: skip
 @click.option("--in-process", is_flag=True, help="Run the trials one by one in this process, without Ray.")
 @click.option("--allow-changes", is_flag=True,
               help="Run the file as it is now even if an edit left trials that already ended out of it.")  # fmt: skip
 def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str | None, address: str | None,
         max_concurrent: int | None, gpus_per_trial: float | None, cpus_per_trial: float, retries: int,
-        in_process: bool, allow_changes: bool) -> None:  # fmt: skip
+        group: str | int | None, in_process: bool, allow_changes: bool) -> None:  # fmt: skip
     """Run every trial of GRID_FILE that has not ended yet.
 
-    Each trial is a Ray Tune trial running a one-worker Ray Train job on one GPU (or CPU cores
-    when there is none), recorded as one MLflow run. Re-running the same command resumes:
+    Trials that differ only in epochs, learning rate and other optimiser settings are trained
+    together by one worker (a group: one start-up, one stream of batches). Each group is a Ray
+    Tune trial running a one-worker Ray Train job on one GPU (or CPU cores when there is none);
+    each trial is recorded as one MLflow run. Re-running the same command resumes:
     finished trials are skipped, interrupted ones continue from their last checkpoint, and
     trials added to the file since are run.
 
@@ -167,15 +183,19 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
     Examples:
       mlpgrid run grids/quickstart.yaml --dry-run
       mlpgrid run grids/quickstart.yaml
+      mlpgrid run grids/quickstart.yaml --group off
       mlpgrid run grids/quickstart.yaml --address ray://head:10001 --gpus-per-trial 0.5 \\
           --storage /shared/mlpgrid --tracking-uri http://mlflow:5000
     """
     from mlpgrid import runner, tracking
+    from mlpgrid.groups import describe, form_groups
     from mlpgrid.progress import Progress
 
     grid = _load_grid(grid_file)
+    size = grid.run.group if group is None else None if group == "auto" else group
     if dry_run:
         _print_plan(grid)
+        click.echo(describe(form_groups(grid.trials, size)))
         return
     try:
         runner.check_data(grid)
@@ -197,12 +217,14 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
         progress = Progress([t.trial for t in tasks], already_done=len(grid.trials) - len(tasks))
         try:
             if in_process:
-                runner.run_in_process(tasks, progress)
+                groups = runner.group_tasks(tasks, size)
+                progress.note(describe(groups))
+                runner.run_in_process(groups, progress)
             else:
                 from mlpgrid import ray_runner
 
                 opts = ray_runner.RayOptions(address, max_concurrent, gpus_per_trial, cpus_per_trial, retries)
-                ray_runner.run_on_ray(tasks, grid, storage, opts, progress)
+                ray_runner.run_on_ray(tasks, size, grid, storage, opts, progress)
         finally:
             progress.close()
     rows = tracking.grid_status(grid, grid_run)

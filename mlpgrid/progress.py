@@ -116,34 +116,43 @@ class Progress:
             self.out.write(f"[{self.summary()}] {text}\n")
         self.out.flush()
 
-    def tune_callback(self, by_id: dict[str, Trial]) -> Any:
-        """A Ray Tune callback feeding this view (Tune calls it with keyword arguments)."""
+    def tune_callback(self, groups: dict[str, tuple[Trial, ...]]) -> Any:
+        """A Ray Tune callback feeding this view (Tune calls it with keyword arguments); each Tune
+        trial trains one of ``groups``, by group id."""
         from ray.tune import Callback
 
         progress = self
 
         class _TuneProgress(Callback):
             def __init__(self) -> None:
-                self.status: dict[str, str] = {}
+                self.statuses: dict[str, str] = {}
 
             def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ANN001
-                progress.start(by_id[trial.config["trial_id"]])
+                for member in groups[trial.config["group_id"]]:
+                    if member.id not in self.statuses:  # a retry does not start the members that ended
+                        progress.start(member)
 
             def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
-                tid = trial.config["trial_id"]
-                if "status" in result:
-                    self.status[tid] = result["status"]
+                members = {t.id: t for t in groups[trial.config["group_id"]]}
+                if "statuses" in result:
+                    self.statuses |= result["statuses"]
+                elif "ended" in result and result["ended"] not in self.statuses:  # a member left its group
+                    self.statuses[result["ended"]] = result["status"]
+                    progress.end(members[result["ended"]], result["status"])
                 elif "test_error" in result:
-                    progress.epoch(by_id[tid], result)
+                    progress.epoch(members[result.get("member") or trial.config["group_id"]], result)
 
             def on_trial_recover(self, iteration, trials, trial, **info):  # noqa: ANN001
-                progress.note(f"retry  {trial.config['trial_id']} (restarts from its last checkpoint)")
+                progress.note(f"retry  {trial.config['group_id']} (restarts from its last checkpoint)")
 
             def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
-                tid = trial.config["trial_id"]
-                progress.end(by_id[tid], self.status.get(tid, "finished"))
+                for member in groups[trial.config["group_id"]]:
+                    if member.id in progress.running:  # not ended while its group went on
+                        progress.end(member, self.statuses.get(member.id, "finished"))
 
             def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
-                progress.end(by_id[trial.config["trial_id"]], "failed")
+                for member in groups[trial.config["group_id"]]:
+                    if member.id in progress.running:
+                        progress.end(member, "failed")
 
         return _TuneProgress()

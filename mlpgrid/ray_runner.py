@@ -11,6 +11,7 @@ This module imports only what a worker needs: Ray imports it to find the worker'
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -19,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from mlpgrid import data
+from mlpgrid.groups import describe
 from mlpgrid.layout import StorageLayout
 from mlpgrid.placement import Placement, launch_order, place
 from mlpgrid.progress import Progress
-from mlpgrid.runner import TrialTask, execute
+from mlpgrid.runner import GroupTask, TrialTask, execute_group, group_tasks
 from mlpgrid.spec import GridSpec, Trial
 
 
@@ -36,7 +38,7 @@ class RayOptions:
 
 
 def _train_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker: one trial on the device Ray assigned."""
+    """The Ray Train worker: one group of trials (often of one) on the device Ray assigned."""
     import ray
     import ray.train
     import ray.train.torch
@@ -48,8 +50,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     # reproducible given its config and its --cpus-per-trial.
     torch.set_num_threads(max(1, int(granted.get("CPU", 1))))
     shared = config["arrays"]
-    status = execute(
-        config["task"],
+    statuses = execute_group(
+        config["group"],
         report=ray.train.report,
         tags={
             "data_from": "object store" if shared is not None else "loaded by the trial",
@@ -63,12 +65,12 @@ def _train_worker(config: dict[str, Any]) -> None:
         arrays=None if shared is None else ray.get(shared),
         gpu_share=granted.get("GPU", 1.0),
     )
-    ray.train.report({"status": status})  # lets the live view tell finished from diverged
+    ray.train.report({"statuses": statuses})  # lets the live view tell finished from diverged
 
 
-def _tune_trial(config: dict[str, Any], tasks: dict[str, TrialTask], workers: dict[str, dict[str, float]],
+def _tune_trial(config: dict[str, Any], groups: dict[str, GroupTask], workers: dict[str, dict[str, float]],
                 arrays: dict[tuple, Any], storage: str) -> None:  # fmt: skip
-    """The Tune trial: builds and fits a one-worker TorchTrainer for one grid trial.
+    """The Tune trial: builds and fits a one-worker TorchTrainer for one group of grid trials.
 
     ``workers`` holds each trial's worker resources, ``arrays`` the object-store references of
     the datasets the driver shares, by :func:`_dataset_key`.
@@ -78,20 +80,20 @@ def _tune_trial(config: dict[str, Any], tasks: dict[str, TrialTask], workers: di
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    task = tasks[config["trial_id"]]
-    resources = workers[task.trial.id]
+    group = groups[config["group_id"]]
+    resources = workers[group.id]
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
-            "task": task,
+            "group": group,
             "ray_trial_id": tune.get_context().get_trial_id(),
             "launched_at": time.time(),
-            "arrays": arrays.get(_dataset_key(task.trial)),
+            "arrays": arrays.get(_dataset_key(group.trials[0])),
         },
         scaling_config=ScalingConfig(num_workers=1, use_gpu="GPU" in resources, resources_per_worker=resources),
         # Retries happen at the Tune level (a new trainer resumes from the trial's checkpoint),
         # which also covers losing the node this function runs on.
-        run_config=RunConfig(name=f"trial-{task.trial.id}", storage_path=storage, callbacks=[TuneReportCallback()]),
+        run_config=RunConfig(name=f"trial-{group.id}", storage_path=storage, callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
 
@@ -101,7 +103,7 @@ def _dataset_key(trial: Trial) -> tuple[str, int | None, int | None]:
     return cfg.dataset, cfg.resolution, cfg.channels
 
 
-def _share_datasets(tasks: list[TrialTask]) -> dict[tuple, Any]:
+def _share_datasets(groups: list[GroupTask]) -> dict[tuple, Any]:
     """Load each in-memory pre-training dataset once and put it in Ray's object store.
 
     Workers on a node then read one shared copy instead of each loading (and resizing) the
@@ -113,7 +115,7 @@ def _share_datasets(tasks: list[TrialTask]) -> dict[tuple, Any]:
 
     room = ray.available_resources().get("object_store_memory", 0) / 4
     shared = {}
-    for task in tasks:
+    for task in (group.members[0] for group in groups):
         key = _dataset_key(task.trial)
         if key in shared:
             continue
@@ -152,9 +154,9 @@ def start_ray(address: str | None) -> dict[str, float]:
     return ray.cluster_resources()
 
 
-def make_tuner(tasks: list[TrialTask], grid: GridSpec, storage: StorageLayout, placement: Placement,
+def make_tuner(groups: list[GroupTask], grid: GridSpec, storage: StorageLayout, placement: Placement,
                retries: int, progress: Progress) -> Any:  # fmt: skip
-    """The Ray Tune experiment of the tasks: one Tune trial each, largest compute first."""
+    """The Ray Tune experiment of the groups: one Tune trial each, largest compute first."""
     from ray import tune
 
     # The Tune function only waits on its trainer: it takes no CPU, else on a CPU-only
@@ -162,35 +164,39 @@ def make_tuner(tasks: list[TrialTask], grid: GridSpec, storage: StorageLayout, p
     trainable = tune.with_resources(
         tune.with_parameters(
             _tune_trial,
-            tasks={t.trial.id: t for t in tasks},
+            groups={g.id: g for g in groups},
             workers=placement.workers,
-            arrays=_share_datasets(tasks),
+            arrays=_share_datasets(groups),
             storage=str(storage.ray),
         ),
         {"cpu": 0, "memory": 1},
     )
-    by_id = {t.trial.id: t.trial for t in tasks}
     return tune.Tuner(
         trainable,
-        param_space={"trial_id": tune.grid_search([t.id for t in launch_order([t.trial for t in tasks])])},
+        param_space={"group_id": tune.grid_search([g.id for g in launch_order(groups)])},
         tune_config=tune.TuneConfig(max_concurrent_trials=placement.concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(storage.ray),
             failure_config=tune.FailureConfig(max_failures=retries),
-            callbacks=[progress.tune_callback(by_id)],
+            callbacks=[progress.tune_callback({g.id: g.trials for g in groups})],
             verbose=0,
         ),
     )
 
 
-def run_on_ray(tasks: list[TrialTask], grid: GridSpec, storage: StorageLayout, opts: RayOptions,
-               progress: Progress) -> None:  # fmt: skip
-    """Run the tasks as one Ray Tune experiment."""
+def run_on_ray(tasks: list[TrialTask], group_size: int | None, grid: GridSpec, storage: StorageLayout,
+               opts: RayOptions, progress: Progress) -> None:  # fmt: skip
+    """Run the tasks as one Ray Tune experiment, in groups of at most ``group_size`` (see
+    :func:`mlpgrid.runner.group_tasks`; None: as many as can, 1: each alone)."""
     resources = start_ray(opts.address)
+    # Groups are balanced over what runs at once: a GPU each, or the trials' CPU cores.
+    workers = int(resources.get("GPU", 0)) or math.floor(resources.get("CPU", 1) / opts.cpus_per_trial + 1e-9)
+    groups = group_tasks(tasks, group_size, max(1, min(workers, opts.max_concurrent or workers)))
+    progress.note(describe(groups))
     chosen = opts.gpus_per_trial if opts.gpus_per_trial is not None else grid.run.gpus_per_trial
-    placement = place([t.trial for t in tasks], resources, gpus_per_trial=chosen, cpus_per_trial=opts.cpus_per_trial,
+    placement = place(groups, resources, gpus_per_trial=chosen, cpus_per_trial=opts.cpus_per_trial,
                       max_concurrent=opts.max_concurrent)  # fmt: skip
     for note in placement.notes:
         progress.note(note)
-    make_tuner(tasks, grid, storage, placement, opts.retries, progress).fit()
+    make_tuner(groups, grid, storage, placement, opts.retries, progress).fit()

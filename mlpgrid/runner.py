@@ -12,6 +12,7 @@ added to it since.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 from collections.abc import Callable
@@ -20,12 +21,13 @@ from typing import Any
 
 from mlpgrid import data
 from mlpgrid.checkpoint import exclusive
+from mlpgrid.groups import form_groups, fuses
 from mlpgrid.hardware import default_data_budget, pick_device
 from mlpgrid.layout import StorageLayout, TrialLayout
 from mlpgrid.progress import Progress
 from mlpgrid.spec import GridSpec, RunOptions, Trial
 from mlpgrid.tracking import DIVERGED, DONE, FAILED, FINISHED, GridRun, TrialRun, trial_runs
-from mlpgrid.train import Hooks, TrialDiverged, TrialOptions, run_trial
+from mlpgrid.train import Hooks, TrialDiverged, TrialOptions, TrialResult, run_trial
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,62 @@ def pending_tasks(grid: GridSpec, storage: StorageLayout, grid_run: GridRun) -> 
     ]
 
 
+class _Recorder:
+    """What a trial's MLflow run hears while it trains: its epochs (the first with the attempt's
+    start-up time), its stages, and how it ended."""
+
+    def __init__(self, task: TrialTask, tags: dict[str, str] | None, launched_at: float,
+                 report: Callable[[dict[str, Any]], None] | None):  # fmt: skip
+        self.task, self.launched_at, self.report = task, launched_at, report
+        self.run = TrialRun.open(task.grid_run, task.trial, tags)
+        self.first = True
+
+    def on_epoch(self, metrics: dict[str, Any]) -> None:
+        if self.first:
+            metrics = {**metrics, "startup_seconds": time.time() - metrics["epoch_seconds"] - self.launched_at}
+            self.run.log_attempt(metrics)
+            self.first = False
+        self.run.log_epochs([metrics])
+        if self.report:
+            self.report(metrics)
+
+    def hooks(self) -> Hooks:
+        return Hooks(resumed=self.run.log_epochs, epoch=self.on_epoch, stages=self.run.log_stages)
+
+    def end(self, outcome: TrialResult | BaseException) -> str:
+        """Record how the trial ended; returns its status."""
+        if isinstance(outcome, TrialResult):
+            self.run.log_file(outcome.first_layer)
+            self.run.finish(
+                FINISHED, checkpoint=str(self.task.layout.checkpoints), problems=outcome.checkpoint_problems
+            )
+            return FINISHED
+        if isinstance(outcome, TrialDiverged):
+            self.run.finish(DIVERGED, error=str(outcome))
+            return DIVERGED
+        self.run.finish(FAILED, error="".join(traceback.format_exception(outcome)))
+        return FAILED
+
+
+def _trial_options(options: RunOptions, device: Any, gpu_share: float) -> TrialOptions:
+    chosen_budget = options.data_budget_gb
+    return TrialOptions(
+        checkpoint_every_steps=options.checkpoint_every_steps,
+        data_budget_bytes=default_data_budget(device, gpu_share) if chosen_budget is None else chosen_budget * 2**30,
+        compile=options.compile,
+    )
+
+
+def _datasets(tasks: list[TrialTask], arrays: data.ImageArrays | None) -> data.Datasets:
+    """Where the tasks' datasets are (a worker process knows only what the tasks say), with
+    the pre-training arrays the runner shared."""
+    datasets = data.Datasets({name: root for task in tasks for name, root in task.data_roots.items()})
+    if arrays is not None:
+        cfg = tasks[0].trial.config
+        datasets.keep(cfg.dataset, cfg.resolution, cfg.channels, arrays)
+    return datasets
+
+
 def execute(
     task: TrialTask,
     *,
@@ -89,51 +147,124 @@ def execute(
     """
     launched_at = launched_at or time.time()
     device = device or pick_device()
-    cfg, run_options = task.trial.config, task.options
-    chosen_budget = run_options.data_budget_gb
-    options = TrialOptions(
-        checkpoint_every_steps=run_options.checkpoint_every_steps,
-        data_budget_bytes=default_data_budget(device, gpu_share) if chosen_budget is None else chosen_budget * 2**30,
-        compile=run_options.compile,
-    )
-    datasets = data.Datasets(task.data_roots)  # a worker process knows only what the task says
-    if arrays is not None:
-        datasets.keep(cfg.dataset, cfg.resolution, cfg.channels, arrays)
-    run = TrialRun.open(task.grid_run, task.trial, tags)
-    first = True
-
-    def on_epoch(metrics: dict[str, Any]) -> None:
-        nonlocal first
-        if first:
-            metrics = {**metrics, "startup_seconds": time.time() - metrics["epoch_seconds"] - launched_at}
-            run.log_attempt(metrics)
-            first = False
-        run.log_epochs([metrics])
-        if report:
-            report(metrics)
-
-    hooks = Hooks(resumed=run.log_epochs, epoch=on_epoch, stages=run.log_stages)
+    options = _trial_options(task.options, device, gpu_share)
+    datasets = _datasets([task], arrays)
+    recorder = _Recorder(task, tags, launched_at, report)
     try:
         with exclusive(task.layout.lock):
-            result = run_trial(cfg, task.layout, options, datasets=datasets, hooks=hooks, device=device)
+            result = run_trial(task.trial.config, task.layout, options, datasets=datasets, hooks=recorder.hooks(),
+                               device=device)  # fmt: skip
     except TrialDiverged as e:
-        run.finish(DIVERGED, error=str(e))
-        return DIVERGED
-    except Exception:
-        run.finish(FAILED, error=traceback.format_exc())
+        return recorder.end(e)
+    except Exception as e:
+        recorder.end(e)
         raise
-    run.log_file(result.first_layer)
-    run.finish(FINISHED, checkpoint=str(task.layout.checkpoints), problems=result.checkpoint_problems)
-    return FINISHED
+    return recorder.end(result)
 
 
-def run_in_process(tasks: list[TrialTask], progress: Progress) -> None:
-    """Run the tasks one after another in this process; a failed trial does not stop the rest."""
-    for task in tasks:
-        progress.start(task.trial)
+@dataclass(frozen=True)
+class GroupTask:
+    """Trials one worker trains together (see :mod:`mlpgrid.groups`); of one, a trial alone."""
+
+    id: str
+    members: tuple[TrialTask, ...]
+
+    @property
+    def trials(self) -> tuple[Trial, ...]:
+        return tuple(t.trial for t in self.members)
+
+    @property
+    def compute(self) -> float:
+        return sum(t.compute for t in self.trials)
+
+    @property
+    def step_flops(self) -> float:
+        return sum(t.step_flops for t in self.trials)
+
+
+def group_tasks(tasks: list[TrialTask], size: int | None, workers: int = 1) -> list[GroupTask]:
+    """The tasks in groups of at most ``size`` trials (None: as many as can, 1: each alone), for
+    ``workers`` running at once (see :func:`mlpgrid.groups.form_groups`)."""
+    by_id = {t.trial.id: t for t in tasks}
+    groups = form_groups([t.trial for t in tasks], size, workers)
+    return [GroupTask(g.id, tuple(by_id[t.id] for t in g.trials)) for g in groups]
+
+
+def execute_group(
+    group: GroupTask,
+    *,
+    report: Callable[[dict[str, Any]], None] | None = None,
+    tags: dict[str, str] | None = None,
+    device: Any = None,
+    launched_at: float | None = None,
+    arrays: data.ImageArrays | None = None,
+    gpu_share: float = 1.0,
+) -> dict[str, str]:
+    """Run a group's trials together (:func:`mlpgrid.group_train.run_group`), each with its own
+    MLflow run tagged with the group; returns each member's status by trial id. A group of one
+    runs as :func:`execute`. Arguments as for :func:`execute`; ``report`` gets each member's
+    epochs with the trial id as ``member``."""
+    from mlpgrid.group_train import run_group
+
+    if len(group.members) == 1:
+        (task,) = group.members
+        return {task.trial.id: execute(task, report=report, tags=tags, device=device, launched_at=launched_at,
+                                       arrays=arrays, gpu_share=gpu_share)}  # fmt: skip
+    ended = {tid for tid, run in trial_runs(group.members[0].grid_run).items() if run.data.tags.get("status") in DONE}
+    if ended:  # a retry of the group: the members that ended stay as they are
+        group = GroupTask(group.id, tuple(t for t in group.members if t.trial.id not in ended))
+        if not group.members:
+            return {}
+    launched_at = launched_at or time.time()
+    device = device or pick_device()
+    lead = group.members[0]
+    fused = fuses(lead.trial.config, device.type, lead.options.fuse)
+    group_tags = {"ran_in": "group", "group_id": group.id, "group_size": str(len(group.members)),
+                  "group_steps": "fused" if fused else "one after another"}  # fmt: skip
+    recorders = []
+    for task in group.members:
+        member_report = None if report is None else (lambda m, tid=task.trial.id: report({**m, "member": tid}))
+        recorders.append(_Recorder(task, (tags or {}) | group_tags, launched_at, member_report))
+    statuses: dict[str, str] = {}
+
+    def on_end(i: int, outcome: TrialResult | BaseException) -> None:
+        trial_id = group.members[i].trial.id
+        statuses[trial_id] = recorders[i].end(outcome)
+        if report:
+            report({"ended": trial_id, "status": statuses[trial_id]})
+
+    with contextlib.ExitStack() as locks:
+        for task in group.members:
+            locks.enter_context(exclusive(task.layout.lock))
         try:
-            status = execute(task, report=lambda m, t=task.trial: progress.epoch(t, m))
+            run_group([t.trial.config for t in group.members], [t.layout for t in group.members],
+                      _trial_options(lead.options, device, gpu_share), datasets=_datasets(list(group.members), arrays),
+                      hooks=[r.hooks() for r in recorders], device=device, fuse=fused, on_end=on_end)  # fmt: skip
+        except Exception as e:
+            for i, task in enumerate(group.members):
+                if task.trial.id not in statuses:
+                    on_end(i, e)
+            raise
+    return statuses
+
+
+def run_in_process(groups: list[GroupTask], progress: Progress) -> None:
+    """Run the groups one after another in this process; a failed trial does not stop the rest."""
+    for group in groups:
+        for trial in group.trials:
+            progress.start(trial)
+        by_id = {t.id: t for t in group.trials}
+
+        def report(metrics: dict[str, Any], by_id: dict[str, Trial] = by_id, alone: str = group.id) -> None:
+            if "ended" in metrics:
+                progress.end(by_id.pop(metrics["ended"]), metrics["status"])
+            else:
+                progress.epoch(by_id[metrics.get("member", alone)], metrics)
+
+        try:
+            statuses = execute_group(group, report=report)
         except Exception as e:  # noqa: BLE001 - recorded in MLflow; the grid goes on
-            status = FAILED
-            progress.note(f"{task.trial.id} failed: {type(e).__name__}: {e}")
-        progress.end(task.trial, status)
+            statuses = {}
+            progress.note(f"{group.id} failed: {type(e).__name__}: {e}")
+        for trial in by_id.values():  # those not ended already
+            progress.end(trial, statuses.get(trial.id, FAILED))

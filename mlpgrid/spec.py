@@ -165,6 +165,19 @@ class RunOptions:
     compile: bool | None = field(
         default=None, metadata=_opt("torch.compile the model; auto = on GPU trials of at least 2e16 FLOPs")
     )
+    group: int | None = field(
+        default=None,
+        metadata=_opt(
+            'at most this many trials trained together by one worker (see "Trial groups"); auto = 16, off = 1'
+        ),  # fmt: skip
+    )
+    fuse: bool | None = field(
+        default=None,
+        metadata=_opt(
+            "step a group's members fused; auto = on a GPU where a member's step is under 3 "
+            "TFLOP, one after another otherwise"
+        ),  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)
@@ -477,7 +490,7 @@ def _run_section(raw: Any, errors: _Errors) -> RunOptions:
         elif (problem := _run_option_problem(key, value)) is not None:
             errors.add(f"run.{key}", f"{problem}, got {value!r}")
         elif value != "auto":
-            options[key] = value
+            options[key] = 1 if key == "group" and value == "off" else value
     return RunOptions(**options)
 
 
@@ -622,8 +635,13 @@ def _run_option_problem(key: str, value: Any) -> str | None:
     auto = "" if key == "checkpoint_every_steps" else " or auto"
     if value == "auto" and auto:
         return None
-    if key == "compile":
+    if key in ("compile", "fuse"):
         return None if isinstance(value, bool) else "expected true, false or auto"
+    if key == "group":
+        whole = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        return (
+            None if whole or value == "off" else "expected the most trials a worker trains together (>= 1), off or auto"
+        )
     kind = int if key == "checkpoint_every_steps" else float
     if isinstance(value, bool) or not isinstance(value, (int, kind)):
         return f"expected a {'whole ' if kind is int else ''}number{auto}"

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from mlpgrid import data, models, pictures
-from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir
+from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
 from mlpgrid.data.beton import FfcvLoader
 from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, derive_seed, make_loader
 from mlpgrid.data.subset import proportional_subset, split_off
@@ -306,6 +306,7 @@ def train_epoch(cfg: TrialConfig, parts: Components, position: Position, saver: 
         if checkpoint_every_steps and (step + 1) % checkpoint_every_steps == 0 and step + 1 < steps:
             position.step = step + 1
             save(cfg, parts, position, saver)
+            hold_if_asked(saver, position.epoch, position.step, [saver.checkpoints.path.parent])
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the loop only queues work; wait for it to be done
     train_seconds = time.perf_counter() - started

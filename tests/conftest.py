@@ -67,10 +67,10 @@ def final_checkpoint(storage: Path, grid, trial) -> dict:
     return torch.load(checkpoints.file(trial.config.epochs, 0), weights_only=True)
 
 
-def start_driver(path: Path, storage: Path) -> subprocess.Popen:
+def start_driver(path: Path, storage: Path, *options: str) -> subprocess.Popen:
     """``mlpgrid run`` on Ray in a session of its own, so whatever Ray leaves behind can be stopped."""
     return subprocess.Popen(
-        mlpgrid_command("run", str(path), "--storage", str(storage)),
+        mlpgrid_command("run", str(path), "--storage", str(storage), *options),
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
 

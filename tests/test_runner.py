@@ -229,6 +229,7 @@ def test_trials_use_both_nodes_and_survive_losing_one(tmp_path, write_grid, fash
         watcher.start()
         run_on_ray(
             tasks,
+            None,
             grid,
             StorageLayout(storage),
             RayOptions(address=cluster.address, retries=2),

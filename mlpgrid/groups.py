@@ -1,0 +1,133 @@
+"""Trial groups: trials that one worker can train together, on one stream of batches.
+
+Two trials see the same batches when they share the dataset and its shape, N, the seed, the
+batch size and the augmentation: the order, the crops and flips and MixUp are functions of
+(seed, epoch, step). If they also share the model's shape, one worker can train them side by
+side: one start-up, one copy of the data, one batch per step fed to every member. What may
+differ between members (:data:`MEMBER_FIELDS`) changes neither the model's shape nor the batches:
+
+- ``epochs``: a member ends at its own T and leaves the group;
+- ``lr``, ``warmup_epochs``, ``schedule``: each member follows its own learning-rate schedule;
+- ``weight_decay``, ``momentum``: each member's own optimizer hyperparameters;
+- ``label_smoothing``: each member's own loss;
+- ``clip_grad``: each member's gradient norm is clipped on its own.
+
+The optimizer itself is shared (one update rule for all members), and trials with dropout
+do not group: their masks would come from one random stream, so a member would no longer be
+the trial it is alone. Everything else (the model, its architecture options, the data, the
+stages after pre-training) is the group's.
+
+A group's members are stepped either fused (:mod:`mlpgrid.fused`: weights stacked, one
+batched matmul per layer for all members) or one after another on the same batch, each its
+own model and optimizer as when it runs alone (see :func:`fuses`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from mlpgrid.spec import FIELDS, Trial, TrialConfig
+
+MEMBER_FIELDS = (
+    "epochs",
+    "lr",
+    "warmup_epochs",
+    "schedule",
+    "weight_decay",
+    "momentum",
+    "label_smoothing",
+    "clip_grad",
+)
+# Fusing K small models' steps into one batched step pays up to 16 members (measured on an
+# H200: B-6/Wi-256 at batch 4096 7.24M img/s with 16 members against 759k alone, 9.5x);
+# larger groups add memory, not speed.
+MAX_MEMBERS = 16
+# Fusing pays while a member's step is small enough to leave the GPU waiting on kernel
+# launches. Measured on an H200 (bf16, compiled, members of one shape; hardware FLOPs of
+# one member's step): 0.16 TFLOP (B-6/Wi-256, batch 4096) 9.5x, 0.88 TFLOP (B-6/Wi-256, batch
+# 16384, 10,450 classes) 1.41x, 2.4 TFLOP (B-6/Wi-512) 1.19x, 7.2 TFLOP (B-6/Wi-1024) 1.0x.
+FUSE_BELOW_STEP_FLOPS = 3e12
+
+
+def group_key(cfg: TrialConfig) -> tuple | None:
+    """What a trial's group must share: every setting but :data:`MEMBER_FIELDS`; None for a
+    trial that cannot share a worker with others."""
+    if cfg.dropout > 0:
+        return None
+    return tuple((name, getattr(cfg, name)) for name in FIELDS if name not in MEMBER_FIELDS)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Trials trained by one worker; a group of one is a trial run alone."""
+
+    trials: tuple[Trial, ...]
+
+    @property
+    def id(self) -> str:
+        """A single trial's own id; else a hash of the members' ids."""
+        if len(self.trials) == 1:
+            return self.trials[0].id
+        return "g" + hashlib.sha256(",".join(sorted(t.id for t in self.trials)).encode()).hexdigest()[:11]
+
+    @property
+    def compute(self) -> float:
+        return sum(t.compute for t in self.trials)
+
+    @property
+    def step_flops(self) -> float:
+        """Hardware FLOPs of one step of every member."""
+        return sum(t.step_flops for t in self.trials)
+
+
+def form_groups(trials: Iterable[Trial], size: int | None, workers: int = 1) -> list[Group]:
+    """The trials in groups of at most ``size`` members (None: :data:`MAX_MEMBERS`; 1: none).
+
+    With ``workers`` groups running at once, no group takes more than an even share of the
+    trials' compute (unless a single trial does): a grid whose largest model and data make most
+    of its compute would otherwise train that part on one worker while the others wait. Groups
+    come in the order of their first trial; members by the compute they need, largest first.
+    """
+    trials = list(trials)
+    size = MAX_MEMBERS if size is None else size
+    most = sum(t.compute for t in trials) / workers
+    buckets: dict[object, list[Trial]] = {}
+    for trial in trials:
+        key = group_key(trial.config) if size > 1 else None
+        buckets.setdefault(key if key is not None else ("alone", trial.id), []).append(trial)
+    groups = []
+    for members in buckets.values():
+        current: list[Trial] = []
+        for trial in sorted(members, key=lambda t: -t.compute):
+            if current and (len(current) == size or sum(t.compute for t in current) + trial.compute > most):
+                groups.append(Group(tuple(current)))
+                current = []
+            current.append(trial)
+        groups.append(Group(tuple(current)))
+    return groups
+
+
+def fuses(cfg: TrialConfig, device_type: str, chosen: bool | None = None) -> bool:
+    """Whether a group of ``cfg``'s shape steps its members fused: ``chosen`` if given, else on a
+    GPU where a member's step is small (:data:`FUSE_BELOW_STEP_FLOPS`). On the CPU members go
+    one after another by default, which gives each exactly the results it has alone."""
+    if cfg.norm == "batchnorm":
+        return False  # batch statistics per member are not in the fused model
+    if chosen is not None:
+        return chosen
+    return device_type == "cuda" and Trial("", cfg).step_flops < FUSE_BELOW_STEP_FLOPS
+
+
+def describe(groups: list[Group]) -> str:
+    """The plan line: how the trials were grouped."""
+    trials = sum(len(g.trials) for g in groups)
+    shared = [len(g.trials) for g in groups if len(g.trials) > 1]
+    if not shared:
+        return f"{trials} trials, each alone"
+    sizes = f"{min(shared)}" if min(shared) == max(shared) else f"{min(shared)} to {max(shared)}"
+    alone = len(groups) - len(shared)
+    plural = "s" if len(shared) > 1 else ""
+    return (f"{trials} trials in {len(groups)} workers: {len(shared)} group{plural} of {sizes} sharing a start-up "
+            "and a batch stream" + (f", {alone} alone" if alone else ""))  # fmt: skip

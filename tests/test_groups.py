@@ -1,0 +1,204 @@
+"""Trial groups: same-shape trials trained together on one batch stream, each still a trial."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import FASHION_MNIST, REPO, final_checkpoint, mlpgrid_command, start_driver, stop_group, without_timing
+from mlpgrid import spec, tracking
+from mlpgrid.checkpoint import HOLD_AT, CheckpointDir
+from mlpgrid.data import Datasets
+from mlpgrid.group_train import run_group
+from mlpgrid.groups import form_groups, group_key
+from mlpgrid.layout import StorageLayout, TrialLayout
+from mlpgrid.runner import execute, pending_tasks
+from mlpgrid.spec import TrialConfig
+from mlpgrid.train import Hooks, TrialDiverged, TrialOptions, TrialResult, run_trial
+
+SHARED = dict(model="B-1/Wi-32", examples=1500, batch_size=100, flip=True, crop_padding=2, mixup=0.2)
+MEMBERS = [
+    TrialConfig(**SHARED, optimizer="adamw", epochs=2, lr=1e-3),
+    TrialConfig(**SHARED, optimizer="adamw", epochs=3, lr=3e-4, weight_decay=0.05, label_smoothing=0.1,
+                clip_grad=0.5, warmup_epochs=1),
+    TrialConfig(**SHARED, optimizer="adamw", epochs=1, lr=1e-3, schedule="constant"),
+    TrialConfig(**SHARED, optimizer="adamw", epochs=3, lr=1e9),  # diverges
+]  # fmt: skip
+# Fused members compute each layer for all members in one batched multiply, alone in one
+# multiply each: the float sums are ordered differently. Measured on this grid: train losses
+# differ by < 2e-7; these bounds leave room for other CPUs.
+FUSED_LOSS_TOLERANCE = 1e-4
+FUSED_ERROR_TOLERANCE = 0.002  # 20 of the 10,000 test images
+
+
+def test_groups_are_same_shape_trials_on_one_stream():
+    grid = spec.parse(
+        "base: {model: B-1/Wi-16, examples: 1000}\ngrid:\n  epochs: [1, 2]\n  lr: [1.0e-3, 3.0e-3]\n  seed: [0, 1]\n",
+        spec.Path("g.yaml"),
+    )
+    groups = form_groups(grid.trials, None)
+    assert sorted(len(g.trials) for g in groups) == [4, 4], "seeds draw other batches: a group per seed"
+    assert {t.config.seed for t in groups[0].trials} == {0}
+    assert [len(g.trials) for g in form_groups(grid.trials, 3)] == [3, 1, 3, 1]
+    assert all(len(g.trials) == 1 for g in form_groups(grid.trials, 1))
+    assert group_key(TrialConfig(model="B-1/Wi-16", epochs=1, dropout=0.1)) is None, "dropout masks are not shared"
+
+
+def _run_members(cfgs, root, fuse, fashion_mnist):
+    outcomes = {}
+    layouts = [TrialLayout(root / str(i)) for i in range(len(cfgs))]
+    datasets = Datasets({"fashion-mnist": fashion_mnist})
+    run_group(cfgs, layouts, TrialOptions(checkpoint_every_steps=4), datasets=datasets, hooks=[Hooks()] * len(cfgs),
+              device=torch.device("cpu"), fuse=fuse, on_end=outcomes.__setitem__)  # fmt: skip
+    return outcomes, layouts
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory):
+    """The members that do not diverge, each trained alone."""
+    root, datasets = tmp_path_factory.mktemp("alone"), Datasets({"fashion-mnist": FASHION_MNIST})
+    return [run_trial(cfg, TrialLayout(root / str(i)), datasets=datasets) for i, cfg in enumerate(MEMBERS[:3])]
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["one after another", "fused"])
+def test_members_match_their_trials_alone_end_at_their_t_and_a_diverging_one_leaves_alone(tmp_path, fashion_mnist,
+                                                                                           alone, fuse):  # fmt: skip
+    outcomes, layouts = _run_members(MEMBERS, tmp_path, fuse, fashion_mnist)
+    assert isinstance(outcomes[3], TrialDiverged) and "training loss is nan in epoch 1" in str(outcomes[3])
+    for i, expected in enumerate(alone):
+        result = outcomes[i]
+        assert isinstance(result, TrialResult) and result.epochs == MEMBERS[i].epochs
+        assert CheckpointDir(layouts[i].checkpoints).positions()[-1] == (MEMBERS[i].epochs, 0), "ended at its T"
+        if not fuse:  # each member computes exactly what it computes alone
+            assert without_timing(result.history) == without_timing(expected.history)
+            continue
+        for got, want in zip(result.history, expected.history, strict=True):
+            assert got["train_loss"] == pytest.approx(want["train_loss"], rel=FUSED_LOSS_TOLERANCE)
+            assert got["test_loss"] == pytest.approx(want["test_loss"], rel=FUSED_LOSS_TOLERANCE)
+            assert abs(got["test_error"] - want["test_error"]) <= FUSED_ERROR_TOLERANCE
+
+
+def test_a_fused_members_checkpoint_is_an_ordinary_one(tmp_path, fashion_mnist):
+    """A member's checkpoint from a fused group resumes alone and ends where the group ended it."""
+    outcomes, layouts = _run_members(MEMBERS[:2], tmp_path / "group", True, fashion_mnist)
+    alone = TrialLayout(tmp_path / "alone")
+    shutil.copytree(layouts[1].root, alone.root)
+    checkpoints = CheckpointDir(alone.checkpoints)
+    *_, earlier, last = checkpoints.positions()
+    assert earlier[0] == 2 and earlier[1] > 0, "the group's checkpoint in the middle of the last epoch"
+    for suffix in (".pt", ".sha256"):
+        checkpoints.file(*last).with_suffix(suffix).unlink()
+    resumed = run_trial(MEMBERS[1], alone, datasets=Datasets({"fashion-mnist": fashion_mnist}))
+    assert resumed.resumed_from == [list(earlier)]
+    group_end, alone_end = outcomes[1].history[-1], resumed.history[-1]
+    assert alone_end["train_loss"] == pytest.approx(group_end["train_loss"], rel=FUSED_LOSS_TOLERANCE)
+    assert abs(alone_end["test_error"] - group_end["test_error"]) <= FUSED_ERROR_TOLERANCE
+
+
+# --- through Ray and MLflow ----------------------------------------------------------------
+
+GROUP_GRID = """
+run: {checkpoint_every_steps: 5}
+base: {model: B-1/Wi-16, examples: 1000, batch_size: 50, optimizer: adamw}
+zip:
+  epochs: [1, 2, 3, 2]
+  lr: [1.0e-3, 3.0e-3, 1.0e-3, 1.0e+9]
+  label_smoothing: [0.0, 0.1, 0.0, 0.0]
+"""
+
+
+def _runs(grid, storage):
+    return tracking.trial_runs(tracking.find_grid(grid, tracking.tracking_uri(StorageLayout(storage))))
+
+
+def _history(storage, run, key):
+    client = MlflowClient(tracking.tracking_uri(StorageLayout(storage)))
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+
+
+def _alone_in_this_process(grid, storage):
+    """Each trial alone, with a Ray CPU trial's single torch thread, recorded in MLflow."""
+    layout = StorageLayout(storage)
+    grid_run = tracking.open_grid(grid, tracking.tracking_uri(layout), layout)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for task in pending_tasks(grid, layout, grid_run):
+            execute(task)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_a_grouped_grid_on_ray_records_its_trials_as_alone_and_resumes_a_killed_worker_exactly(
+    tmp_path, write_grid, fashion_mnist, monkeypatch
+):
+    path = write_grid(GROUP_GRID)
+    grid = spec.load(path)
+    grouped = subprocess.run(mlpgrid_command("run", str(path), "--storage", str(tmp_path / "grouped"),
+                                             "--max-concurrent", "1"),
+                             cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert "4 trials in 1 workers: 1 group of 4" in grouped.stdout, grouped.stdout + grouped.stderr
+    assert grouped.returncode == 1 and "1 of 4 trials run did not finish" in grouped.stderr, grouped.stderr
+    _alone_in_this_process(grid, tmp_path / "alone")
+    runs, runs_alone = _runs(grid, tmp_path / "grouped"), _runs(grid, tmp_path / "alone")
+    assert set(runs) == set(runs_alone) == {t.id for t in grid.trials}, "one run per member"
+    assert len({run.data.tags["group_id"] for run in runs.values()}) == 1
+    assert all(run.data.tags["ran_in"] == "group" and run.data.tags["group_size"] == "4" for run in runs.values())
+    for trial in grid.trials:
+        run, single = runs[trial.id], runs_alone[trial.id]
+        diverges = trial.config.lr > 1
+        assert run.data.tags["status"] == single.data.tags["status"] == ("diverged" if diverges else "finished")
+        assert set(run.data.params.items()) == set(single.data.params.items())
+        if diverges:
+            continue
+        # Members are stepped one after another on the CPU: each computes exactly what it does alone.
+        for key in ("test_error", "train_loss", "test_loss", "lr"):
+            assert _history(tmp_path / "grouped", run, key) == _history(tmp_path / "alone", single, key), key
+        assert [step for step, _ in _history(tmp_path / "grouped", run, "epoch")] == list(
+            range(1, trial.config.epochs + 1)
+        ), "ended at its T"
+        client = MlflowClient(tracking.tracking_uri(StorageLayout(tmp_path / "grouped")))
+        assert {"trial_config.json", "first_layer.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    status = subprocess.run(mlpgrid_command("status", str(path), "--storage", str(tmp_path / "grouped"), "--json"),
+                            cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert json.loads(status.stdout)["totals"] == {"diverged": 1, "finished": 3}
+
+    # The group's worker killed in the middle of an epoch, at a checkpoint this test chooses.
+    storage = tmp_path / "killed"
+    longest = max(grid.trials, key=lambda t: t.config.epochs)
+    held = StorageLayout(storage).grid(grid.name).trial(longest.id).root / "held"
+    monkeypatch.setenv(HOLD_AT, "1:10")  # the group stops after its checkpoint at step 10 of epoch 2
+    driver = start_driver(path, storage, "--max-concurrent", "1")
+    try:
+        deadline = time.monotonic() + 300
+        while not held.exists():
+            assert driver.poll() is None, driver.stdout.read()
+            assert time.monotonic() < deadline, "the group did not reach the chosen point"
+            time.sleep(0.1)
+        os.kill(int(held.read_text().split()[1]), signal.SIGKILL)
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        stop_group(driver)
+    assert "retry  " in out and "1 of 4 trials run did not finish" in out, out
+    killed = _runs(grid, storage)
+    assert len(killed) == 4, "still one run per member"
+    for trial in grid.trials:
+        if trial.config.lr > 1:
+            assert killed[trial.id].data.tags["status"] == "diverged"
+            continue
+        assert killed[trial.id].data.tags["status"] == "finished"
+        final, expected = final_checkpoint(storage, grid, trial), final_checkpoint(tmp_path / "grouped", grid, trial)
+        if trial.config.epochs > 1:  # the one-epoch member had left the group before the kill
+            assert final["resumed_from"] == [[1, 10]], "resumed from the checkpoint the worker was killed after"
+        assert without_timing(final["history"]) == without_timing(expected["history"])
+        for name, tensor in expected["model"].items():
+            assert torch.equal(final["model"][name], tensor), (trial.id, name)
+        for key, state in expected["optimizer"]["state"].items():
+            assert all(torch.equal(final["optimizer"]["state"][key][k], v) for k, v in state.items())
