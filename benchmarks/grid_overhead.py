@@ -2,6 +2,7 @@
 
     python benchmarks/grid_overhead.py                         # 24 trials, packing chosen by mlpgrid
     python benchmarks/grid_overhead.py --trials 8 --scale 0.3 --packing 1 --packing 0.5 --packing 0.25
+    python benchmarks/grid_overhead.py --group auto --group off  # trial groups on and off, side by side
 
 The grid: B-6/Wi-256 ... B-12/Wi-1024 on a CIFAR-10-sized dataset (random pixels in CIFAR-10's
 file layout, at 64x64) with the paper's recipe at batch 4096, each model at four epoch counts
@@ -10,10 +11,12 @@ model's step rate measured here first. Each packing runs the whole grid through 
 ``mlpgrid run`` (local Ray, one Ray Train worker per trial, MLflow on SQLite), from a fresh
 storage directory, while ``nvidia-smi`` samples the GPU's utilisation every 200 ms.
 
-Per packing it prints: wall time; the GPU's mean utilisation over it (NVML: the share of time a
-kernel was running); the share of wall time during which at least one trial was training
-(from the trials' epoch timestamps in MLflow); per-trial GPU-idle overhead = idle wall time /
-trials; the median start-up (runner launch to first step) and compile seconds.
+Per packing (and grouping, ``--group``) it prints: wall time; the training work done per
+second of it (the finished trials' compute C over the wall time); the GPU's mean utilisation
+over it (NVML: the share of time a kernel was running); the share of wall time during which at
+least one trial was training (from the trials' epoch timestamps in MLflow); per-trial GPU-idle
+overhead = idle wall time / trials; the median start-up (runner launch to first step) and
+compile seconds.
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ def training_intervals(storage: Path, grid_name: str) -> list[dict]:
             "startup_s": run.data.metrics.get("startup_seconds"),
             "compile_s": run.data.metrics.get("compile_seconds", 0.0),
             "status": run.data.tags.get("status"),
+            "compute": float(run.data.tags["compute"]),
         })  # fmt: skip
     return trials
 
@@ -124,9 +128,10 @@ def covered(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def run_grid(grid: Path, storage: Path, packing: str, timeout: float | None = None, gpus: int | None = None) -> dict:
+def run_grid(grid: Path, storage: Path, packing: str, timeout: float | None = None, gpus: int | None = None,
+             group: str = "auto") -> dict:  # fmt: skip
     """Run the grid through ``mlpgrid run``; ``gpus``: make only the first this many GPUs visible."""
-    command = [sys.executable, "-m", "mlpgrid", "run", str(grid), "--storage", str(storage)]
+    command = [sys.executable, "-m", "mlpgrid", "run", str(grid), "--storage", str(storage), "--group", group]
     if packing != "auto":
         command += ["--gpus-per-trial", packing]
     visible = range(gpus if gpus is not None else torch.cuda.device_count())
@@ -156,6 +161,8 @@ def run_grid(grid: Path, storage: Path, packing: str, timeout: float | None = No
     training = covered([(t["start"], t["end"]) for t in trials]) / wall
     return {
         "packing": packing,
+        "group": group,
+        "work_per_s": sum(t["compute"] for t in trials if t["status"] == "finished") / wall,
         "gpus": len(visible),
         "gpu_util_each": per_gpu,
         "returncode": proc.returncode,
@@ -171,7 +178,9 @@ def run_grid(grid: Path, storage: Path, packing: str, timeout: float | None = No
         "per_trial": trials,
         # mlpgrid's notes on how it placed the trials ("[summary] Ray: ... trials at a time ...")
         "progress": [
-            line.split("] ", 1)[-1] for line in stdout.splitlines() if "] Ray: " in line or "Ray packs" in line
+            line.split("] ", 1)[-1]
+            for line in stdout.splitlines()
+            if "] Ray: " in line or "Ray packs" in line or " workers: " in line or "each alone" in line
         ],
     }
 
@@ -196,6 +205,9 @@ def prepare_grid(work: Path, name: str, models: tuple[str, ...], scale: float, t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--packing", action="append", help="GPUs per trial (e.g. 1, 0.5, 0.25) or auto; repeatable")
+    parser.add_argument(
+        "--group", action="append", help="trial groups: auto, off or K (mlpgrid run --group); repeatable"
+    )
     parser.add_argument("--trials", type=int, default=24, help="the first this many trials of the grid")
     parser.add_argument("--scale", type=float, default=1.0, help="training time targets times this")
     parser.add_argument("--timeout", type=float, help="stop a grid after this many seconds")
@@ -208,20 +220,29 @@ def main() -> None:
         work = Path(tmp)
         grid, plan = prepare_grid(work, "overhead", MODELS, args.scale, args.trials)
         results = []
-        for packing in args.packing or ["auto"]:
-            result = run_grid(grid, work / f"storage-{packing}", packing, args.timeout)
-            results.append(result)
-            print(f"  packing {packing}: {result['finished']}/{len(plan)} finished in {result['wall_s']:.0f} s "
-                  f"{result['progress']}", flush=True)  # fmt: skip
+        for group in args.group or ["auto"]:
+            for packing in args.packing or ["auto"]:
+                result = run_grid(grid, work / f"storage-{packing}-{group}", packing, args.timeout, group=group)
+                results.append(result)
+                print(f"  packing {packing}, groups {group}: {result['finished']}/{len(plan)} finished in "
+                      f"{result['wall_s']:.0f} s {result['progress']}", flush=True)  # fmt: skip
 
     print()
-    print(f"{'packing':>8} {'trials':>6} {'wall s':>7} {'train s':>8} {'GPU util':>8} {'training':>8} "
-          f"{'idle/trial s':>12} {'start-up s':>10} {'compile s':>9}")  # fmt: skip
+    print(f"{'packing':>8} {'groups':>6} {'trials':>6} {'wall s':>7} {'TFLOP C/s':>9} {'train s':>8} {'GPU util':>8} "
+          f"{'training':>8} {'idle/trial s':>12} {'start-up s':>10} {'compile s':>9}")  # fmt: skip
     for r in results:
-        print(f"{r['packing']:>8} {r['finished']:>6} {r['wall_s']:>7.0f} {r['train_s']:>8.0f} {r['gpu_util']:>8.1%} "
-              f"{r['training_share']:>8.1%} {r['idle_per_trial_s']:>12.1f} {r['startup_median_s']:>10.1f} "
-              f"{r['compile_median_s']:>9.1f}")  # fmt: skip
-    print("(train s: the trials' own training seconds, summed; start-up and compile: medians per trial)")
+        work = r["work_per_s"] / 1e12
+        print(f"{r['packing']:>8} {r['group']:>6} {r['finished']:>6} {r['wall_s']:>7.0f} {work:>9.2f} "
+              f"{r['train_s']:>8.0f} {r['gpu_util']:>8.1%} {r['training_share']:>8.1%} {r['idle_per_trial_s']:>12.1f} "
+              f"{r['startup_median_s']:>10.1f} {r['compile_median_s']:>9.1f}")  # fmt: skip
+    if len(results) > 1:
+        print(f"work per second against {results[-1]['packing']}/{results[-1]['group']}: "
+              + ", ".join(f"{r['packing']}/{r['group']} {r['work_per_s'] / results[-1]['work_per_s']:.2f}x"
+                          for r in results[:-1]))  # fmt: skip
+    print(
+        "(TFLOP C/s: the finished trials' compute C per second of wall; train s: the trials' own training seconds, "
+        "summed; start-up and compile: medians per trial)"
+    )
     if args.json:
         args.json.write_text(json.dumps({"plan": plan, "results": results}, indent=2))
 

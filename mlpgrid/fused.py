@@ -1,10 +1,10 @@
-"""K models of one shape trained as one: weights stacked, one batched matmul per layer.
+"""K models of one shape trained as one: weights stacked, one batched kernel per layer.
 
 :class:`StackedMLP` holds K copies of an :class:`~mlpgrid.models.MLP`'s parameters, each
-stacked along a new first dimension, and computes all K members' logits for one batch: the
-first layer as one matrix multiply of the batch with every member's embedding side by side,
-the later ones as batched multiplies (``torch.baddbmm``). Its parameters are the MLP's, in the
-MLP's order, so a member's weights go to and from an ordinary MLP ``state_dict`` by slicing.
+stacked along a new first dimension, and computes all K members' logits for one batch with the
+MLP's own forward vectorised over the members (``torch.func.vmap``). Its parameters are the
+MLP's, in the MLP's order, so a member's weights go to and from an ordinary MLP ``state_dict``
+by slicing.
 
 :class:`StackedOptimizer` applies Lion, AdamW or SGD to the stacked parameters with every
 member's own learning rate, weight decay and momentum, with the arithmetic of the
@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mlpgrid.models import MLP, MLPConfig
@@ -37,45 +36,21 @@ class StackedMLP(nn.Module):
             nn.Parameter(torch.stack([dict(m.named_parameters())[name].detach() for m in members]))
             for name in self.names
         )
-        self._index = {name: i for i, name in enumerate(self.names)}
+        self._template = MLP(cfg).to("meta")  # the computation; its weights come from ``stacked``
 
     @property
     def members(self) -> int:
         return self.stacked[0].shape[0]
 
-    def _p(self, name: str) -> torch.Tensor:
-        return self.stacked[self._index[name]]
-
-    def _linear(self, name: str, z: torch.Tensor) -> torch.Tensor:
-        """``z`` (K, B, in) through each member's own ``name`` layer: (K, B, out)."""
-        weight, bias = self._p(f"{name}.weight"), self._p(f"{name}.bias")
-        return torch.baddbmm(bias[:, None, :], z, weight.transpose(1, 2))
-
-    def _norm(self, block: int, z: torch.Tensor) -> torch.Tensor:
-        if self.cfg.norm == "none":
-            return z
-        weight, bias = self._p(f"blocks.{block}.norm.weight"), self._p(f"blocks.{block}.norm.bias")
-        return F.layer_norm(z, (self.cfg.width,)) * weight[:, None, :] + bias[:, None, :]
-
-    def _block(self, block: int, z: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        act = F.gelu if cfg.activation == "gelu" else F.relu
-        x = self._norm(block, z) if cfg.norm_position == "pre" else z
-        out = act(self._linear(f"blocks.{block}.fn.0", x))
-        if cfg.expansion:
-            out = self._linear(f"blocks.{block}.fn.3", out)
-        out = z + out if cfg.skip else out
-        return out if cfg.norm_position == "pre" else self._norm(block, out)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> every member's logits (K, B, classes)."""
-        k, m = self.members, self.cfg.width
-        weight, bias = self._p("embed.weight"), self._p("embed.bias")
-        z = F.linear(x.flatten(1), weight.reshape(k * m, -1), bias.reshape(k * m))  # (B, K*m): one multiply
-        z = z.view(len(x), k, m).transpose(0, 1)
-        for block in range(self.cfg.depth):
-            z = self._block(block, z)
-        return self._linear("head", z)
+        """Images (B, C, H, W) -> every member's logits (K, B, classes): the MLP's own forward,
+        vectorised over the members by ``torch.func.vmap`` (each layer one batched multiply;
+        measured faster than hand-written batched matmuls: benchmarks/groups.py)."""
+        params = dict(zip(self.names, self.stacked, strict=True))
+        return torch.func.vmap(self._member_forward, in_dims=(0, None))(params, x)
+
+    def _member_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(self._template, params, (x,))
 
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
         """Member ``i``'s weights as an ordinary MLP ``state_dict``."""
@@ -90,7 +65,7 @@ class StackedMLP(nn.Module):
     def keep(self, members: list[int]) -> None:
         """Only ``members`` (indices) go on; the others leave the stack."""
         for p in self.stacked:
-            p.data = p.data[members].clone()
+            p.data, p.grad = p.data[members].clone(), None
 
 
 def member_losses(logits: torch.Tensor, batch: Any, label_smoothing: torch.Tensor) -> torch.Tensor:
@@ -123,20 +98,49 @@ def clip_members(params: list[torch.Tensor], clip: torch.Tensor) -> None:
         p.grad.mul_(_per_member(factor, p.grad))
 
 
+def _update(kind: str, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[list[torch.Tensor]],
+            lr: torch.Tensor, weight_decay: torch.Tensor, momentum: torch.Tensor, betas: tuple[float, float],
+            eps: float, correction1: torch.Tensor, correction2_sqrt: torch.Tensor) -> None:  # fmt: skip
+    """One step of every stacked parameter; hyperparameters (K,) per member."""
+    b1, b2 = betas
+    for p, g, state in zip(params, grads, states, strict=True):
+        lr_, wd = _per_member(lr, p), _per_member(weight_decay, p)
+        if kind == "lion":  # lion-pytorch's update
+            (m,) = state
+            p.mul_(1 - lr_ * wd)
+            p.add_(torch.sign(m * b1 + g * (1 - b1)) * -lr_)
+            m.mul_(b2).add_(g, alpha=1 - b2)
+        elif kind == "adamw":  # torch.optim.AdamW's update
+            m, v = state
+            p.mul_(1 - lr_ * wd)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.add_(-(lr_ / correction1) * m / (v.sqrt() / correction2_sqrt).add_(eps))
+        else:  # torch.optim.SGD's update with L2 weight decay; a zero buffer makes the first step's buffer the gradient
+            (buf,) = state
+            buf.mul_(_per_member(momentum, p)).add_(g + wd * p)
+            p.add_(buf * -lr_)
+
+
 class StackedOptimizer:
     """One optimizer (``lion``, ``adamw`` or ``sgd``) over stacked parameters, with per-member
-    hyperparameters: ``lr`` is set before each step, ``weight_decay`` and ``momentum`` are fixed."""
+    hyperparameters: ``lr`` is set before each step, ``weight_decay`` and ``momentum`` are fixed.
+    ``compiled``: the update of all parameters is one compiled function (as
+    :class:`~mlpgrid.optim.CompiledLion` is for a compiled trial alone)."""
+
+    SLOTS = {"lion": ("exp_avg",), "adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
 
     def __init__(self, kind: str, params: list[nn.Parameter], weight_decay: list[float], momentum: list[float],
-                 betas: tuple[float, float], eps: float = 1e-8):  # fmt: skip
+                 betas: tuple[float, float], eps: float = 1e-8, *, compiled: bool = False):  # fmt: skip
         self.kind, self.params, self.betas, self.eps = kind, params, betas, eps
         device = params[0].device
         self.weight_decay = torch.tensor(weight_decay, dtype=torch.float32, device=device)
         self.momentum = torch.tensor(momentum, dtype=torch.float32, device=device)
         self.lr = torch.zeros(len(weight_decay), dtype=torch.float32, device=device)
+        self.corrections = torch.ones(2, dtype=torch.float32, device=device)  # AdamW's bias corrections
         self.steps = 0
-        slots = {"lion": ("exp_avg",), "adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}[kind]
-        self.state = [{slot: torch.zeros_like(p) for slot in slots} for p in params]
+        self.state = [{slot: torch.zeros_like(p) for slot in self.SLOTS[kind]} for p in params]
+        self._update = torch.compile(_update, dynamic=False) if compiled else _update
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -146,25 +150,10 @@ class StackedOptimizer:
     def step(self) -> None:
         self.steps += 1
         b1, b2 = self.betas
-        for p, state in zip(self.params, self.state, strict=True):
-            g, lr, wd = p.grad, _per_member(self.lr, p), _per_member(self.weight_decay, p)
-            if self.kind == "lion":  # lion-pytorch's update
-                m = state["exp_avg"]
-                p.mul_(1 - lr * wd)
-                p.add_(torch.sign(m * b1 + g * (1 - b1)) * -lr)
-                m.mul_(b2).add_(g, alpha=1 - b2)
-            elif self.kind == "adamw":  # torch.optim.AdamW's update
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                p.mul_(1 - lr * wd)
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = (v.sqrt() / (1 - b2**self.steps) ** 0.5).add_(self.eps)
-                p.add_(-(lr / (1 - b1**self.steps)) * m / denom)
-            else:  # torch.optim.SGD's update, L2 weight decay
-                d = g + wd * p
-                buf = state["momentum_buffer"]
-                buf.copy_(d if self.steps == 1 else buf * _per_member(self.momentum, p) + d)
-                p.add_(buf * -lr)
+        self.corrections.copy_(torch.tensor([1 - b1**self.steps, (1 - b2**self.steps) ** 0.5]))
+        self._update(self.kind, self.params, [p.grad for p in self.params], [list(s.values()) for s in self.state],
+                     self.lr, self.weight_decay, self.momentum, self.betas, self.eps, self.corrections[0],
+                     self.corrections[1])  # fmt: skip
 
     # --- the members' ordinary optimizer state -----------------------------------------------
 

@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from mlpgrid import data, models
 from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
 from mlpgrid.fused import StackedMLP, StackedOptimizer, clip_members, member_losses
+from mlpgrid.groups import FUSED_COMPILE_PAYS_FLOPS
 from mlpgrid.hardware import matmul_peak_tflops
 from mlpgrid.layout import TrialLayout
 from mlpgrid.spec import TrialConfig
 from mlpgrid.step import autocast, compile_for_training, evaluate, train_step
 from mlpgrid.train import (
-    COMPILE_PAYS_FLOPS,
     Components,
     Hooks,
     Loader,
@@ -113,7 +113,7 @@ class _Fused:
         betas = lead.parts.optimizer.param_groups[0].get("betas", (0.9, 0.99))
         self.optimizer = StackedOptimizer(lead.cfg.optimizer, list(self.model.stacked),
                                           [m.cfg.weight_decay for m in members], [m.cfg.momentum for m in members],
-                                          betas)  # fmt: skip
+                                          betas, compiled=compile)  # fmt: skip
         self.templates = []  # each member's optimizer state_dict, for its hyperparameters
         for i, m in enumerate(members):
             saved = m.parts.optimizer.state_dict()
@@ -221,7 +221,7 @@ def run_group(
         peak_tflops=matmul_peak_tflops(device) if device.type == "cuda" else None, compile_seconds=None,
     )  # fmt: skip
     group_flops = models.hardware_training_flops(mc, sum(c.num_examples * c.epochs for c in cfgs))
-    compile_pays = device.type == "cuda" and group_flops >= COMPILE_PAYS_FLOPS
+    compile_pays = device.type == "cuda" and group_flops >= FUSED_COMPILE_PAYS_FLOPS
     compile_stack = fuse and (compile_pays if options.compile is None else options.compile)
     member_options = dataclasses.replace(options, compile=False) if fuse else options
     members = []

@@ -40,15 +40,20 @@ MEMBER_FIELDS = (
     "label_smoothing",
     "clip_grad",
 )
-# Fusing K small models' steps into one batched step pays up to 16 members (measured on an
-# H200: B-6/Wi-256 at batch 4096 7.24M img/s with 16 members against 759k alone, 9.5x);
-# larger groups add memory, not speed.
+# Fusing K small models' steps into one batched step pays up to 16 members (B-6/Wi-256 at
+# batch 4096 on an H200: 7.24M img/s with 16 members against 759k alone, 9.5x); larger groups
+# add memory, not speed.
 MAX_MEMBERS = 16
 # Fusing pays while a member's step is small enough to leave the GPU waiting on kernel
-# launches. Measured on an H200 (bf16, compiled, members of one shape; hardware FLOPs of
-# one member's step): 0.16 TFLOP (B-6/Wi-256, batch 4096) 9.5x, 0.88 TFLOP (B-6/Wi-256, batch
-# 16384, 10,450 classes) 1.41x, 2.4 TFLOP (B-6/Wi-512) 1.19x, 7.2 TFLOP (B-6/Wi-1024) 1.0x.
-FUSE_BELOW_STEP_FLOPS = 3e12
+# launches. Measured with benchmarks/groups.py on an H200 (8 members fused against one trial
+# alone, both compiled; hardware FLOPs of one member's step): 0.15 TFLOP (B-6/Wi-256, batch
+# 4096) 6.6x, 0.62 TFLOP (B-6/Wi-256, 16384) 4.2x, 1.86 TFLOP (B-6/Wi-512, 16384) 2.4x,
+# 6.19 TFLOP (B-6/Wi-1024, 16384) 1.01x.
+FUSE_BELOW_STEP_FLOPS = 4e12
+# A fused group is launch-bound unless compiled (B-6/Wi-256 at batch 4096 on an H200: 4 members
+# eager 0.77M img/s, 8 compiled 3.57M), and compiling takes some 20-40 s: it pays from about
+# this much training (hardware FLOPs of all members), far sooner than for a trial alone.
+FUSED_COMPILE_PAYS_FLOPS = 1e15
 
 
 def group_key(cfg: TrialConfig) -> tuple | None:

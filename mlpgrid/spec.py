@@ -174,7 +174,7 @@ class RunOptions:
     fuse: bool | None = field(
         default=None,
         metadata=_opt(
-            "step a group's members fused; auto = on a GPU where a member's step is under 3 "
+            "step a group's members fused; auto = on a GPU where a member's step is under 4 "
             "TFLOP, one after another otherwise"
         ),  # fmt: skip
     )

@@ -50,12 +50,13 @@ def test_groups_are_same_shape_trials_on_one_stream():
     assert group_key(TrialConfig(model="B-1/Wi-16", epochs=1, dropout=0.1)) is None, "dropout masks are not shared"
 
 
-def _run_members(cfgs, root, fuse, fashion_mnist):
+def _run_members(cfgs, root, fuse, fashion_mnist, compile=False):
     outcomes = {}
     layouts = [TrialLayout(root / str(i)) for i in range(len(cfgs))]
     datasets = Datasets({"fashion-mnist": fashion_mnist})
-    run_group(cfgs, layouts, TrialOptions(checkpoint_every_steps=4), datasets=datasets, hooks=[Hooks()] * len(cfgs),
-              device=torch.device("cpu"), fuse=fuse, on_end=outcomes.__setitem__)  # fmt: skip
+    options = TrialOptions(checkpoint_every_steps=4, compile=compile)
+    run_group(cfgs, layouts, options, datasets=datasets, hooks=[Hooks()] * len(cfgs), device=torch.device("cpu"),
+              fuse=fuse, on_end=outcomes.__setitem__)  # fmt: skip
     return outcomes, layouts
 
 
@@ -66,10 +67,13 @@ def alone(tmp_path_factory):
     return [run_trial(cfg, TrialLayout(root / str(i)), datasets=datasets) for i, cfg in enumerate(MEMBERS[:3])]
 
 
-@pytest.mark.parametrize("fuse", [False, True], ids=["one after another", "fused"])
-def test_members_match_their_trials_alone_end_at_their_t_and_a_diverging_one_leaves_alone(tmp_path, fashion_mnist,
-                                                                                           alone, fuse):  # fmt: skip
-    outcomes, layouts = _run_members(MEMBERS, tmp_path, fuse, fashion_mnist)
+@pytest.mark.parametrize("fuse,compile", [(False, False), (True, False), (True, True)],
+                         ids=["one after another", "fused", "fused and compiled"])  # fmt: skip
+def test_members_match_their_trials_alone_end_at_their_t_and_a_diverging_one_leaves_alone(
+    tmp_path, fashion_mnist, alone, fuse, compile
+):
+    """Compiled, the fused step is recompiled as members leave (as on a GPU, where it is compiled)."""
+    outcomes, layouts = _run_members(MEMBERS, tmp_path, fuse, fashion_mnist, compile)
     assert isinstance(outcomes[3], TrialDiverged) and "training loss is nan in epoch 1" in str(outcomes[3])
     for i, expected in enumerate(alone):
         result = outcomes[i]

@@ -1,0 +1,225 @@
+"""Trial groups on a GPU: how much faster K same-shape trials train together than alone.
+
+    python benchmarks/groups.py                          # everything below, --json groups.json
+    python benchmarks/groups.py --part sweep --part rule --steps 30
+
+- ``sweep``: a 16-trial learning-rate sweep (factor-2 grid) of B-6/Wi-256 at batch 1024 as one
+  fused group, against one of its trials alone (eager, as mlpgrid trains it alone, and
+  compiled). Rates are images per second of all members together, from the rates the trials
+  log per epoch (the first epoch left out: it compiles).
+- ``rule``: for growing steps, 8 members fused against one trial alone, both compiled: where
+  fusing stops paying (``mlpgrid.groups.FUSE_BELOW_STEP_FLOPS``).
+- ``vmap``: the fused step two ways, bare (no loader): batched matmuls written by hand and
+  mlpgrid's ``StackedMLP`` (``torch.func.vmap`` over ``functional_call`` of the MLP), both
+  compiled, with fused AdamW on the stacked weights.
+
+Data: random pixels in CIFAR-10's file layout at 64x64 (speed does not depend on pixel values),
+kept on the GPU; the paper's recipe (flips, crops, MixUp, label smoothing) with AdamW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from synthetic import write_cifar10  # noqa: E402
+
+from mlpgrid import data, models  # noqa: E402
+from mlpgrid.fused import StackedMLP  # noqa: E402
+from mlpgrid.group_train import run_group  # noqa: E402
+from mlpgrid.layout import TrialLayout  # noqa: E402
+from mlpgrid.spec import Trial, TrialConfig  # noqa: E402
+from mlpgrid.step import autocast  # noqa: E402
+from mlpgrid.train import Hooks, TrialOptions, run_trial  # noqa: E402
+
+SIDE = 64
+RECIPE = dict(optimizer="adamw", flip=True, crop_padding=4, mixup=0.8, label_smoothing=0.3)
+RULE = (("B-6/Wi-256", 4096), ("B-6/Wi-256", 16384), ("B-6/Wi-512", 16384), ("B-6/Wi-1024", 16384))
+
+
+def _rate(history: list[dict]) -> float:
+    return statistics.mean(m["images_per_s"] for m in history[1:])
+
+
+Datasets = Callable[[], data.Datasets]
+
+
+def alone(cfg: TrialConfig, datasets: Datasets, work: Path, compile: bool) -> float:
+    """Images/s of ``cfg`` trained alone."""
+    result = run_trial(cfg, TrialLayout(Path(tempfile.mkdtemp(dir=work))), TrialOptions(compile=compile),
+                       datasets=datasets())  # fmt: skip
+    return _rate(result.history)
+
+
+def fused(cfgs: list[TrialConfig], datasets: Datasets, work: Path) -> float:
+    """Images/s of all members of a fused, compiled group together."""
+    results = {}
+    root = Path(tempfile.mkdtemp(dir=work))
+    run_group(cfgs, [TrialLayout(root / str(i)) for i in range(len(cfgs))], TrialOptions(compile=True),
+              datasets=datasets(), hooks=[Hooks()] * len(cfgs), device=torch.device("cuda"), fuse=True,
+              on_end=results.__setitem__)  # fmt: skip
+    return len(cfgs) * statistics.mean(_rate(r.history) for r in results.values())
+
+
+def sweep(datasets: Datasets, work: Path, examples: int, epochs: int) -> dict:
+    base = dict(model="B-6/Wi-256", dataset="cifar-10", resolution=SIDE, examples=examples, batch_size=1024,
+                epochs=epochs, **RECIPE)  # fmt: skip
+    cfgs = [TrialConfig(**base, lr=1e-3 * 2.0**k) for k in range(-8, 8)]
+    result = {"trials": len(cfgs), "alone_eager": alone(cfgs[8], datasets, work, compile=False),
+              "alone_compiled": alone(cfgs[8], datasets, work, compile=True),
+              "group": fused(cfgs, datasets, work)}  # fmt: skip
+    print(f"lr sweep, 16 x B-6/Wi-256 at batch 1024: alone {result['alone_eager']:,.0f} img/s eager, "
+          f"{result['alone_compiled']:,.0f} compiled; fused group {result['group']:,.0f} img/s: "
+          f"{result['group'] / result['alone_eager']:.1f}x eager alone, "
+          f"{result['group'] / result['alone_compiled']:.1f}x compiled alone", flush=True)  # fmt: skip
+    return result
+
+
+def rule(datasets: Datasets, work: Path, examples: int, members: int) -> list[dict]:
+    rows = []
+    for model, batch in RULE:
+        base = dict(model=model, dataset="cifar-10", resolution=SIDE, examples=examples, batch_size=batch, epochs=3,
+                    **RECIPE)  # fmt: skip
+        cfgs = [TrialConfig(**base, lr=1e-3 * (i + 1)) for i in range(members)]
+        single = alone(cfgs[0], datasets, work, compile=True)
+        together = fused(cfgs, datasets, work)
+        step = Trial("", cfgs[0]).step_flops
+        rows.append({"model": model, "batch": batch, "step_tflop": step / 1e12, "alone": single, "fused": together,
+                     "gain": together / single})  # fmt: skip
+        print(f"{model:>12} batch {batch:>5} (step {step / 1e12:5.2f} TFLOP): alone {single:>12,.0f} img/s, "
+              f"{members} fused {together:>12,.0f} img/s: {together / single:.2f}x", flush=True)  # fmt: skip
+        torch.cuda.empty_cache()
+    return rows
+
+
+class BatchedMatmuls(StackedMLP):
+    """The fused forward written out by hand, for comparison: the first layer as one multiply of
+    the batch with every member's embedding side by side, the later ones as ``torch.baddbmm``."""
+
+    def __init__(self, cfg: models.MLPConfig, members: list[models.MLP]):
+        super().__init__(cfg, members)
+        self._index = {name: i for i, name in enumerate(self.names)}
+
+    def _p(self, name: str) -> torch.Tensor:
+        return self.stacked[self._index[name]]
+
+    def _linear(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        """``z`` (K, B, in) through each member's own ``name`` layer: (K, B, out)."""
+        weight, bias = self._p(f"{name}.weight"), self._p(f"{name}.bias")
+        return torch.baddbmm(bias[:, None, :], z, weight.transpose(1, 2))
+
+    def _norm(self, block: int, z: torch.Tensor) -> torch.Tensor:
+        if self.cfg.norm == "none":
+            return z
+        weight, bias = self._p(f"blocks.{block}.norm.weight"), self._p(f"blocks.{block}.norm.bias")
+        return F.layer_norm(z, (self.cfg.width,)) * weight[:, None, :] + bias[:, None, :]
+
+    def _block(self, block: int, z: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        act = F.gelu if cfg.activation == "gelu" else F.relu
+        x = self._norm(block, z) if cfg.norm_position == "pre" else z
+        out = act(self._linear(f"blocks.{block}.fn.0", x))
+        if cfg.expansion:
+            out = self._linear(f"blocks.{block}.fn.3", out)
+        out = z + out if cfg.skip else out
+        return out if cfg.norm_position == "pre" else self._norm(block, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> every member's logits (K, B, classes)."""
+        k, m = self.members, self.cfg.width
+        weight, bias = self._p("embed.weight"), self._p("embed.bias")
+        z = F.linear(x.flatten(1), weight.reshape(k * m, -1), bias.reshape(k * m))  # (B, K*m): one multiply
+        z = z.view(len(x), k, m).transpose(0, 1)
+        for block in range(self.cfg.depth):
+            z = self._block(block, z)
+        return self._linear("head", z)
+
+
+def _bare_step(model, params, optimizer, x, labels) -> None:  # noqa: ANN001
+    with autocast(x.device):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.repeat(len(logits)))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def vmap_against_bmm(members: int, batch: int, steps: int) -> dict:
+    """Bare fused steps/s of StackedMLP and of torch.func.vmap over the MLP, both compiled."""
+    cfg = models.config_for("B-6/Wi-256", 3 * SIDE * SIDE, 10)
+    nets = [models.MLP(cfg).cuda() for _ in range(members)]
+    x = torch.randn(batch, 3, SIDE, SIDE, device="cuda", dtype=torch.bfloat16)
+    labels = torch.randint(0, 10, (batch,), device="cuda")
+    stacked, by_hand = StackedMLP(cfg, nets), BatchedMatmuls(cfg, nets)
+    variants = {
+        "batched matmuls by hand": (torch.compile(by_hand), list(by_hand.parameters())),
+        "torch.func.vmap (StackedMLP)": (torch.compile(stacked), list(stacked.parameters())),
+    }
+    rates = {}
+    for name, (model, weights) in variants.items():
+        optimizer = torch.optim.AdamW(weights, lr=1e-4, fused=True)
+        for _ in range(3):  # compile, warm up
+            _bare_step(model, weights, optimizer, x, labels)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(steps):
+            _bare_step(model, weights, optimizer, x, labels)
+        torch.cuda.synchronize()
+        rates[name] = members * batch * steps / (time.perf_counter() - started)
+        print(f"bare fused step, {members} x B-6/Wi-256 at batch {batch}, {name}: {rates[name]:,.0f} img/s", flush=True)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", action="append", choices=("sweep", "rule", "vmap"), help="default: all")
+    parser.add_argument("--examples", type=int, default=65536, help="training images of the synthetic dataset")
+    parser.add_argument("--members", type=int, default=8, help="members of a group in the rule part")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps in the vmap part")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("groups.py measures GPU speed; no CUDA device here")
+    parts = args.part or ["sweep", "rule", "vmap"]
+    print(torch.cuda.get_device_name(), flush=True)
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        root = write_cifar10(work / "cifar-10-batches-py", train=args.examples)
+        arrays = data.load("cifar-10", str(root), SIDE)  # resized once, handed to every run
+
+        def datasets() -> data.Datasets:
+            shared = data.Datasets({"cifar-10": root})
+            shared.keep("cifar-10", SIDE, None, arrays)
+            return shared
+
+        measures = {
+            "vmap": lambda: vmap_against_bmm(8, 4096, args.steps),
+            "sweep": lambda: sweep(datasets, work, min(args.examples, 50_000), epochs=4),
+            "rule": lambda: rule(datasets, work, args.examples, args.members),
+        }
+        for part in parts:
+            try:
+                results[part] = measures[part]()
+            except Exception:  # noqa: BLE001 - say what failed, measure the rest
+                traceback.print_exc()
+                results[part] = {"error": traceback.format_exc()}
+            torch.cuda.empty_cache()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
