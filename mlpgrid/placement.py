@@ -24,9 +24,20 @@ from mlpgrid.spec import Trial
 SMALL_STEP_FLOPS = 4e12
 
 
+SMALL_SHARE, LARGE_SHARE = 0.125, 0.5
+
+
 def gpu_share(trial: Trial) -> float:
     """The share of a GPU ``trial`` runs on by default, by the size of its step."""
-    return 0.125 if trial.step_flops < SMALL_STEP_FLOPS else 0.5
+    return SMALL_SHARE if trial.step_flops < SMALL_STEP_FLOPS else LARGE_SHARE
+
+
+def workers_at_once(resources: dict[str, float], cpus_per_trial: float, max_concurrent: int | None) -> int:
+    """How many trials can run at once at the most: eight small ones per GPU, or a trial per
+    ``cpus_per_trial`` cores without GPUs; what groups are balanced over."""
+    gpus = resources.get("GPU", 0)
+    slots = gpus / SMALL_SHARE if gpus else resources.get("CPU", 1) / cpus_per_trial
+    return max(1, min(math.floor(slots + 1e-9), max_concurrent or math.inf))
 
 
 def gpu_shares(trials: list[Trial], gpus: float, chosen: float | None = None) -> dict[str, float]:

@@ -11,7 +11,6 @@ This module imports only what a worker needs: Ray imports it to find the worker'
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import numpy as np
 from mlpgrid import data
 from mlpgrid.groups import describe
 from mlpgrid.layout import StorageLayout
-from mlpgrid.placement import Placement, launch_order, place
+from mlpgrid.placement import Placement, launch_order, place, workers_at_once
 from mlpgrid.progress import Progress
 from mlpgrid.runner import GroupTask, TrialTask, execute_group, group_tasks
 from mlpgrid.spec import GridSpec, Trial
@@ -190,9 +189,8 @@ def run_on_ray(tasks: list[TrialTask], group_size: int | None, grid: GridSpec, s
     """Run the tasks as one Ray Tune experiment, in groups of at most ``group_size`` (see
     :func:`mlpgrid.runner.group_tasks`; None: as many as can, 1: each alone)."""
     resources = start_ray(opts.address)
-    # Groups are balanced over what runs at once: a GPU each, or the trials' CPU cores.
-    workers = int(resources.get("GPU", 0)) or math.floor(resources.get("CPU", 1) / opts.cpus_per_trial + 1e-9)
-    groups = group_tasks(tasks, group_size, max(1, min(workers, opts.max_concurrent or workers)))
+    workers = workers_at_once(resources, opts.cpus_per_trial, opts.max_concurrent)
+    groups = group_tasks(tasks, group_size, workers)
     progress.note(describe(groups))
     chosen = opts.gpus_per_trial if opts.gpus_per_trial is not None else grid.run.gpus_per_trial
     placement = place(groups, resources, gpus_per_trial=chosen, cpus_per_trial=opts.cpus_per_trial,

@@ -490,7 +490,7 @@ def _run_section(raw: Any, errors: _Errors) -> RunOptions:
         elif (problem := _run_option_problem(key, value)) is not None:
             errors.add(f"run.{key}", f"{problem}, got {value!r}")
         elif value != "auto":
-            options[key] = 1 if key == "group" and value == "off" else value
+            options[key] = 1 if key == "group" and value in ("off", False) else value  # YAML reads off as false
     return RunOptions(**options)
 
 
@@ -639,9 +639,8 @@ def _run_option_problem(key: str, value: Any) -> str | None:
         return None if isinstance(value, bool) else "expected true, false or auto"
     if key == "group":
         whole = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-        return (
-            None if whole or value == "off" else "expected the most trials a worker trains together (>= 1), off or auto"
-        )
+        off = value == "off" or value is False  # YAML reads a bare off as false
+        return None if whole or off else "expected the most trials a worker trains together (>= 1), off or auto"
     kind = int if key == "checkpoint_every_steps" else float
     if isinstance(value, bool) or not isinstance(value, (int, kind)):
         return f"expected a {'whole ' if kind is int else ''}number{auto}"

@@ -9,11 +9,13 @@ import time
 
 import pytest
 import torch
+from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from conftest import FASHION_MNIST, REPO, final_checkpoint, mlpgrid_command, start_driver, stop_group, without_timing
 from mlpgrid import spec, tracking
 from mlpgrid.checkpoint import HOLD_AT, CheckpointDir
+from mlpgrid.cli import cli
 from mlpgrid.data import Datasets
 from mlpgrid.group_train import run_group
 from mlpgrid.groups import form_groups, group_key
@@ -48,6 +50,21 @@ def test_groups_are_same_shape_trials_on_one_stream():
     assert [len(g.trials) for g in form_groups(grid.trials, 3)] == [3, 1, 3, 1]
     assert all(len(g.trials) == 1 for g in form_groups(grid.trials, 1))
     assert group_key(TrialConfig(model="B-1/Wi-16", epochs=1, dropout=0.1)) is None, "dropout masks are not shared"
+
+
+def test_run_group_and_fuse_options(write_grid):
+    base = "base: {model: B-1/Wi-16, epochs: 1}\n"
+    assert spec.load(write_grid("run: {group: off, fuse: true}\n" + base)).run.group == 1
+    assert spec.load(write_grid("run: {group: 4, fuse: auto}\n" + base)).run == spec.RunOptions(group=4)
+    assert spec.load(write_grid("run: {group: auto}\n" + base)).run.group is None
+    with pytest.raises(spec.SpecError) as refused:
+        spec.load(write_grid("run: {group: 0, fuse: sometimes}\n" + base))
+    assert "run.group: expected the most trials a worker trains together (>= 1), off or auto, got 0" in str(
+        refused.value
+    )
+    assert "run.fuse: expected true, false or auto, got 'sometimes'" in str(refused.value)
+    result = CliRunner().invoke(cli, ["run", str(write_grid(base)), "--dry-run", "--group", "none"])
+    assert result.exit_code == 2 and "expected auto, off or a number of trials >= 1, got 'none'" in result.output
 
 
 def _run_members(cfgs, root, fuse, fashion_mnist, compile=False):
