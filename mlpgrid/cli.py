@@ -188,14 +188,13 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
           --storage /shared/mlpgrid --tracking-uri http://mlflow:5000
     """
     from mlpgrid import runner, tracking
-    from mlpgrid.groups import describe, form_groups
+    from mlpgrid.groups import describe
     from mlpgrid.progress import Progress
 
     grid = _load_grid(grid_file)
     size = grid.run.group if group is None else None if group == "auto" else group
     if dry_run:
         _print_plan(grid)
-        click.echo(describe(form_groups(grid.trials, size)))
         return
     try:
         runner.check_data(grid)

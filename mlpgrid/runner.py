@@ -21,7 +21,7 @@ from typing import Any
 
 from mlpgrid import data
 from mlpgrid.checkpoint import exclusive
-from mlpgrid.groups import form_groups, fuses
+from mlpgrid.groups import Group, form_groups, fuses
 from mlpgrid.hardware import default_data_budget, pick_device
 from mlpgrid.layout import StorageLayout, TrialLayout
 from mlpgrid.progress import Progress
@@ -163,23 +163,10 @@ def execute(
 
 
 @dataclass(frozen=True)
-class GroupTask:
-    """Trials one worker trains together (see :mod:`mlpgrid.groups`); of one, a trial alone."""
+class GroupTask(Group):
+    """A :class:`~mlpgrid.groups.Group` with what a worker needs to run each of its trials."""
 
-    id: str
-    members: tuple[TrialTask, ...]
-
-    @property
-    def trials(self) -> tuple[Trial, ...]:
-        return tuple(t.trial for t in self.members)
-
-    @property
-    def compute(self) -> float:
-        return sum(t.compute for t in self.trials)
-
-    @property
-    def step_flops(self) -> float:
-        return sum(t.step_flops for t in self.trials)
+    members: tuple[TrialTask, ...] = ()
 
 
 def group_tasks(tasks: list[TrialTask], size: int | None, workers: int = 1) -> list[GroupTask]:
@@ -187,7 +174,7 @@ def group_tasks(tasks: list[TrialTask], size: int | None, workers: int = 1) -> l
     ``workers`` running at once (see :func:`mlpgrid.groups.form_groups`)."""
     by_id = {t.trial.id: t for t in tasks}
     groups = form_groups([t.trial for t in tasks], size, workers)
-    return [GroupTask(g.id, tuple(by_id[t.id] for t in g.trials)) for g in groups]
+    return [GroupTask(g.trials, tuple(by_id[t.id] for t in g.trials)) for g in groups]
 
 
 def execute_group(
@@ -211,37 +198,36 @@ def execute_group(
         return {task.trial.id: execute(task, report=report, tags=tags, device=device, launched_at=launched_at,
                                        arrays=arrays, gpu_share=gpu_share)}  # fmt: skip
     ended = {tid for tid, run in trial_runs(group.members[0].grid_run).items() if run.data.tags.get("status") in DONE}
-    if ended:  # a retry of the group: the members that ended stay as they are
-        group = GroupTask(group.id, tuple(t for t in group.members if t.trial.id not in ended))
-        if not group.members:
-            return {}
+    members = [t for t in group.members if t.trial.id not in ended]  # a retry leaves the ended ones as they are
+    if not members:
+        return {}
     launched_at = launched_at or time.time()
     device = device or pick_device()
-    lead = group.members[0]
+    lead = members[0]
     fused = fuses(lead.trial.config, device.type, lead.options.fuse)
-    group_tags = {"ran_in": "group", "group_id": group.id, "group_size": str(len(group.members)),
+    group_tags = {"ran_in": "group", "group_id": group.id, "group_size": str(len(group.trials)),
                   "group_steps": "fused" if fused else "one after another"}  # fmt: skip
     recorders = []
-    for task in group.members:
+    for task in members:
         member_report = None if report is None else (lambda m, tid=task.trial.id: report({**m, "member": tid}))
         recorders.append(_Recorder(task, (tags or {}) | group_tags, launched_at, member_report))
     statuses: dict[str, str] = {}
 
     def on_end(i: int, outcome: TrialResult | BaseException) -> None:
-        trial_id = group.members[i].trial.id
+        trial_id = members[i].trial.id
         statuses[trial_id] = recorders[i].end(outcome)
         if report:
             report({"ended": trial_id, "status": statuses[trial_id]})
 
     with contextlib.ExitStack() as locks:
-        for task in group.members:
+        for task in members:
             locks.enter_context(exclusive(task.layout.lock))
         try:
-            run_group([t.trial.config for t in group.members], [t.layout for t in group.members],
-                      _trial_options(lead.options, device, gpu_share), datasets=_datasets(list(group.members), arrays),
+            run_group([t.trial.config for t in members], [t.layout for t in members],
+                      _trial_options(lead.options, device, gpu_share), datasets=_datasets(list(members), arrays),
                       hooks=[r.hooks() for r in recorders], device=device, fuse=fused, on_end=on_end)  # fmt: skip
         except Exception as e:
-            for i, task in enumerate(group.members):
+            for i, task in enumerate(members):
                 if task.trial.id not in statuses:
                     on_end(i, e)
             raise

@@ -160,39 +160,12 @@ def _alone_in_this_process(grid, storage):
 def test_a_grouped_grid_on_ray_records_its_trials_as_alone_and_resumes_a_killed_worker_exactly(
     tmp_path, write_grid, fashion_mnist, monkeypatch
 ):
+    """One run of a group on Ray, its worker SIGKILLed in the middle of an epoch at a checkpoint
+    this test chooses: each member ends as its trial alone (one torch thread, as a Ray CPU trial)."""
     path = write_grid(GROUP_GRID)
     grid = spec.load(path)
-    grouped = subprocess.run(mlpgrid_command("run", str(path), "--storage", str(tmp_path / "grouped"),
-                                             "--max-concurrent", "1"),
-                             cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert "4 trials in 1 workers: 1 group of 4" in grouped.stdout, grouped.stdout + grouped.stderr
-    assert grouped.returncode == 1 and "1 of 4 trials run did not finish" in grouped.stderr, grouped.stderr
     _alone_in_this_process(grid, tmp_path / "alone")
-    runs, runs_alone = _runs(grid, tmp_path / "grouped"), _runs(grid, tmp_path / "alone")
-    assert set(runs) == set(runs_alone) == {t.id for t in grid.trials}, "one run per member"
-    assert len({run.data.tags["group_id"] for run in runs.values()}) == 1
-    assert all(run.data.tags["ran_in"] == "group" and run.data.tags["group_size"] == "4" for run in runs.values())
-    for trial in grid.trials:
-        run, single = runs[trial.id], runs_alone[trial.id]
-        diverges = trial.config.lr > 1
-        assert run.data.tags["status"] == single.data.tags["status"] == ("diverged" if diverges else "finished")
-        assert set(run.data.params.items()) == set(single.data.params.items())
-        if diverges:
-            continue
-        # Members are stepped one after another on the CPU: each computes exactly what it does alone.
-        for key in ("test_error", "train_loss", "test_loss", "lr"):
-            assert _history(tmp_path / "grouped", run, key) == _history(tmp_path / "alone", single, key), key
-        assert [step for step, _ in _history(tmp_path / "grouped", run, "epoch")] == list(
-            range(1, trial.config.epochs + 1)
-        ), "ended at its T"
-        client = MlflowClient(tracking.tracking_uri(StorageLayout(tmp_path / "grouped")))
-        assert {"trial_config.json", "first_layer.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    status = subprocess.run(mlpgrid_command("status", str(path), "--storage", str(tmp_path / "grouped"), "--json"),
-                            cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert json.loads(status.stdout)["totals"] == {"diverged": 1, "finished": 3}
-
-    # The group's worker killed in the middle of an epoch, at a checkpoint this test chooses.
-    storage = tmp_path / "killed"
+    storage = tmp_path / "grouped"
     longest = max(grid.trials, key=lambda t: t.config.epochs)
     held = StorageLayout(storage).grid(grid.name).trial(longest.id).root / "held"
     monkeypatch.setenv(HOLD_AT, "1:10")  # the group stops after its checkpoint at step 10 of epoch 2
@@ -207,15 +180,27 @@ def test_a_grouped_grid_on_ray_records_its_trials_as_alone_and_resumes_a_killed_
         out, _ = driver.communicate(timeout=300)
     finally:
         stop_group(driver)
+    assert "4 trials in 1 workers: 1 group of 4" in out, out
     assert "retry  " in out and "1 of 4 trials run did not finish" in out, out
-    killed = _runs(grid, storage)
-    assert len(killed) == 4, "still one run per member"
+
+    runs, runs_alone = _runs(grid, storage), _runs(grid, tmp_path / "alone")
+    assert set(runs) == set(runs_alone) == {t.id for t in grid.trials}, "one run per member"
+    assert len({run.data.tags["group_id"] for run in runs.values()}) == 1
+    assert all(run.data.tags["ran_in"] == "group" and run.data.tags["group_size"] == "4" for run in runs.values())
     for trial in grid.trials:
-        if trial.config.lr > 1:
-            assert killed[trial.id].data.tags["status"] == "diverged"
+        run, single = runs[trial.id], runs_alone[trial.id]
+        diverges = trial.config.lr > 1
+        assert run.data.tags["status"] == single.data.tags["status"] == ("diverged" if diverges else "finished")
+        assert set(run.data.params.items()) == set(single.data.params.items())
+        if diverges:
             continue
-        assert killed[trial.id].data.tags["status"] == "finished"
-        final, expected = final_checkpoint(storage, grid, trial), final_checkpoint(tmp_path / "grouped", grid, trial)
+        # Members are stepped one after another on the CPU: each computes exactly what it does alone.
+        for key in ("test_error", "train_loss", "test_loss", "lr"):
+            assert _history(storage, run, key) == _history(tmp_path / "alone", single, key), key
+        assert [step for step, _ in _history(storage, run, "epoch")] == list(range(1, trial.config.epochs + 1))
+        client = MlflowClient(tracking.tracking_uri(StorageLayout(storage)))
+        assert {"trial_config.json", "first_layer.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        final, expected = final_checkpoint(storage, grid, trial), final_checkpoint(tmp_path / "alone", grid, trial)
         if trial.config.epochs > 1:  # the one-epoch member had left the group before the kill
             assert final["resumed_from"] == [[1, 10]], "resumed from the checkpoint the worker was killed after"
         assert without_timing(final["history"]) == without_timing(expected["history"])
@@ -223,3 +208,6 @@ def test_a_grouped_grid_on_ray_records_its_trials_as_alone_and_resumes_a_killed_
             assert torch.equal(final["model"][name], tensor), (trial.id, name)
         for key, state in expected["optimizer"]["state"].items():
             assert all(torch.equal(final["optimizer"]["state"][key][k], v) for k, v in state.items())
+    status = subprocess.run(mlpgrid_command("status", str(path), "--storage", str(storage), "--json"),
+                            cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert json.loads(status.stdout)["totals"] == {"diverged": 1, "finished": 3}
