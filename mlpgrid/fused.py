@@ -139,6 +139,7 @@ class StackedOptimizer:
         self.lr = torch.zeros(len(weight_decay), dtype=torch.float32, device=device)
         self.corrections = torch.ones(2, dtype=torch.float32, device=device)  # AdamW's bias corrections
         self.steps = 0
+        self.started = False  # whether the state holds anything: a step taken, or a member's state loaded
         self.state = [{slot: torch.zeros_like(p) for slot in self.SLOTS[kind]} for p in params]
         self._update = torch.compile(_update, dynamic=False) if compiled else _update
 
@@ -149,6 +150,7 @@ class StackedOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         self.steps += 1
+        self.started = True
         b1, b2 = self.betas
         self.corrections.copy_(torch.tensor([1 - b1**self.steps, (1 - b2**self.steps) ** 0.5]))
         self._update(self.kind, self.params, [p.grad for p in self.params], [list(s.values()) for s in self.state],
@@ -161,7 +163,7 @@ class StackedOptimizer:
         """Member ``i``'s state as the ``state_dict`` of the optimizer it uses alone, whose
         ``param_groups`` (its hyperparameters) are given in ``template``."""
         state: dict[int, dict[str, torch.Tensor]] = {}
-        if self.steps:
+        if self.started:
             for index, slots in enumerate(self.state):
                 if self.kind == "sgd" and self.momentum[i] == 0:
                     continue  # SGD without momentum keeps no state
@@ -177,10 +179,9 @@ class StackedOptimizer:
             found = saved["state"].get(index, {})
             for name, t in slots.items():
                 t[i] = found.get(name, 0)
-            if "step" in found:
+            if "step" in found:  # AdamW's, for its bias corrections
                 self.steps = int(found["step"])
-        if saved["state"] and self.kind != "adamw":
-            self.steps = max(self.steps, 1)
+        self.started = self.started or bool(saved["state"])
 
     def keep(self, members: list[int]) -> None:
         self.weight_decay, self.momentum, self.lr = (
