@@ -8,7 +8,7 @@ The grid: B-6/Wi-256 ... B-12/Wi-1024 on a CIFAR-10-sized dataset (random pixels
 file layout, at 64x64) with the paper's recipe at batch 4096, each model at four epoch counts
 chosen so its pure training time is about 10, 15, 20 and 40 s (times ``--scale``), from the
 model's step rate measured here first. Each packing runs the whole grid through the real
-``mlpgrid run`` (local Ray, one Ray Train worker per trial, MLflow on SQLite), from a fresh
+``mlpgrid run`` (local Ray, one Ray worker per group of trials, MLflow on SQLite), from a fresh
 storage directory, while ``nvidia-smi`` samples the GPU's utilisation every 200 ms.
 
 Per packing (and grouping, ``--group``) it prints: wall time; the training work done per
@@ -113,6 +113,7 @@ def training_intervals(storage: Path, grid_name: str) -> list[dict]:
             "startup_s": run.data.metrics.get("startup_seconds"),
             "compile_s": run.data.metrics.get("compile_seconds", 0.0),
             "status": run.data.tags.get("status"),
+            "error": run.data.tags.get("error"),
             "compute": float(run.data.tags["compute"]),
         })  # fmt: skip
     return trials
@@ -155,6 +156,9 @@ def run_grid(grid: Path, storage: Path, packing: str, timeout: float | None = No
     if proc.returncode != 0:
         print(stdout[-3000:], stderr[-3000:], sep="\n")
     trials = training_intervals(storage, yaml.safe_load(grid.read_text())["name"])
+    for t in trials:
+        if t["error"]:
+            print(f"  {t['model']} failed after {t['epochs']} epochs: {t['error'][-1500:]}")
     wall = ended - started
     per_gpu = [sampler.busy(i, started, ended) for i in visible]
     busy = statistics.mean(per_gpu)

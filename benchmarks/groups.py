@@ -147,7 +147,8 @@ class BatchedMatmuls(StackedMLP):
         return self._linear("head", z)
 
 
-def _bare_step(model, params, optimizer, x, labels) -> None:  # noqa: ANN001
+def bare_fused_step(model, optimizer, x, labels) -> None:  # noqa: ANN001
+    """One step of a stacked model on one batch, every member's loss summed."""
     with autocast(x.device):
         logits = model(x)
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.repeat(len(logits)))
@@ -171,11 +172,11 @@ def vmap_against_bmm(members: int, batch: int, steps: int) -> dict:
     for name, (model, weights) in variants.items():
         optimizer = torch.optim.AdamW(weights, lr=1e-4, fused=True)
         for _ in range(3):  # compile, warm up
-            _bare_step(model, weights, optimizer, x, labels)
+            bare_fused_step(model, optimizer, x, labels)
         torch.cuda.synchronize()
         started = time.perf_counter()
         for _ in range(steps):
-            _bare_step(model, weights, optimizer, x, labels)
+            bare_fused_step(model, optimizer, x, labels)
         torch.cuda.synchronize()
         rates[name] = members * batch * steps / (time.perf_counter() - started)
         print(f"bare fused step, {members} x B-6/Wi-256 at batch {batch}, {name}: {rates[name]:,.0f} img/s", flush=True)

@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,8 +52,8 @@ def sync() -> None:
     torch.cuda.synchronize()
 
 
-def bare_step(name: str, batch: int, compiled: bool, steps: int) -> dict[str, float]:
-    """Images/s of the model's step on a batch already on the GPU, and seconds until it first ran."""
+def make_bare_step(name: str, batch: int, compiled: bool) -> Callable[[], None]:
+    """One training step of the model on a random bf16 batch already on the GPU."""
     cfg = models.config_for(name, 3 * SIDE * SIDE, CLASSES)
     model = models.MLP(cfg).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -67,6 +68,12 @@ def bare_step(name: str, batch: int, compiled: bool, steps: int) -> dict[str, fl
         loss.backward()
         optimizer.step()
 
+    return step
+
+
+def bare_step(name: str, batch: int, compiled: bool, steps: int) -> dict[str, float]:
+    """Images/s of the model's step on a batch already on the GPU, and seconds until it first ran."""
+    step = make_bare_step(name, batch, compiled)
     started = time.perf_counter()
     for _ in range(3):
         step()

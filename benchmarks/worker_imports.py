@@ -1,9 +1,9 @@
-"""What a Ray Train worker pays to import mlpgrid before its trial starts.
+"""What a Ray worker pays to import mlpgrid before its trial starts.
 
     python benchmarks/worker_imports.py                       # the worker's module, 5 fresh processes
     python benchmarks/worker_imports.py --module mlpgrid.runner --repeats 9 --json imports.json
 
-Ray hands a worker its train function by reference, so the worker process imports the module
+Ray hands a worker its trial function by reference, so the worker process imports the module
 that defines it (and everything that module imports) before it trains. Each repeat imports
 that module in a fresh interpreter and reports the wall time of the import, how many modules
 it loaded, and whether SciPy or matplotlib came with it (they are the frontier's and the
@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# The module holding the function every Ray Train worker runs (mlpgrid.ray_runner._train_worker).
+# The module holding the function every Ray worker runs (mlpgrid.ray_runner._run_group).
 WORKER_MODULE = "mlpgrid.ray_runner"
 HEAVY = ("scipy", "matplotlib")
 

@@ -174,7 +174,8 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
 
     Trials that differ only in epochs, learning rate and other optimiser settings are trained
     together by one worker (a group: one start-up, one stream of batches). Each group is a Ray
-    Tune trial running a one-worker Ray Train job on one GPU (or CPU cores when there is none);
+    Tune trial, trained on a share of a GPU (or CPU cores when there is none) by a worker
+    process that Ray keeps for the next group;
     each trial is recorded as one MLflow run. Re-running the same command resumes:
     finished trials are skipped, interrupted ones continue from their last checkpoint, and
     trials added to the file since are run.
@@ -189,6 +190,7 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
     """
     from mlpgrid import runner, tracking
     from mlpgrid.groups import describe
+    from mlpgrid.hardware import pick_device
     from mlpgrid.progress import Progress
 
     grid = _load_grid(grid_file)
@@ -216,7 +218,7 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
         progress = Progress([t.trial for t in tasks], already_done=len(grid.trials) - len(tasks))
         try:
             if in_process:
-                groups = runner.group_tasks(tasks, size)
+                groups = runner.group_tasks(tasks, size, device_type=pick_device().type)
                 progress.note(describe(groups))
                 runner.run_in_process(groups, progress)
             else:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from mlpgrid import data, models
 from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
 from mlpgrid.fused import StackedMLP, StackedOptimizer, clip_members, member_losses
-from mlpgrid.groups import FUSED_COMPILE_PAYS_FLOPS
+from mlpgrid.groups import FUSED_COMPILE_PAYS_FLOPS, hardware_flops
 from mlpgrid.hardware import matmul_peak_tflops
 from mlpgrid.layout import TrialLayout
 from mlpgrid.spec import TrialConfig
@@ -220,8 +220,7 @@ def run_group(
         image_shape=image_shape(lead), flops_per_image=models.hardware_training_flops(mc, 1),
         peak_tflops=matmul_peak_tflops(device) if device.type == "cuda" else None, compile_seconds=None,
     )  # fmt: skip
-    group_flops = models.hardware_training_flops(mc, sum(c.num_examples * c.epochs for c in cfgs))
-    compile_pays = device.type == "cuda" and group_flops >= FUSED_COMPILE_PAYS_FLOPS
+    compile_pays = device.type == "cuda" and hardware_flops(cfgs) >= FUSED_COMPILE_PAYS_FLOPS
     compile_stack = fuse and (compile_pays if options.compile is None else options.compile)
     member_options = dataclasses.replace(options, compile=False) if fuse else options
     members = []

@@ -28,6 +28,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from mlpgrid import models
 from mlpgrid.spec import FIELDS, Trial, TrialConfig
 
 MEMBER_FIELDS = (
@@ -45,11 +46,13 @@ MEMBER_FIELDS = (
 # add memory, not speed.
 MAX_MEMBERS = 16
 # Fusing pays while a member's step is small enough to leave the GPU waiting on kernel
-# launches. Measured with benchmarks/groups.py on an H200 (8 members fused against one trial
-# alone, both compiled; hardware FLOPs of one member's step): 0.15 TFLOP (B-6/Wi-256, batch
-# 4096) 6.6x, 0.62 TFLOP (B-6/Wi-256, 16384) 4.2x, 1.86 TFLOP (B-6/Wi-512, 16384) 2.4x,
-# 6.19 TFLOP (B-6/Wi-1024, 16384) 1.01x.
-FUSE_BELOW_STEP_FLOPS = 4e12
+# launches. The alternative is not one trial alone but eight trials alone sharing the GPU
+# (time-sliced). Measured with benchmarks/mps.py on an H200 (bare compiled steps at batch 4096;
+# hardware FLOPs of one member's step): 8 fused against 8 processes, 0.15 TFLOP (B-6/Wi-256)
+# 1.53x, 2.8 TFLOP (B-12/Wi-1024) 1.00x. Against one alone (benchmarks/groups.py): 0.15 TFLOP
+# 6.6x, 0.62 TFLOP 4.2x, 1.86 TFLOP 2.4x, 6.19 TFLOP 1.01x. Below 1 TFLOP the gain over
+# time-slicing is, interpolated in log step size, above about 1.2x.
+FUSE_BELOW_STEP_FLOPS = 1e12
 # A fused group is launch-bound unless compiled (B-6/Wi-256 at batch 4096 on an H200: 4 members
 # eager 0.77M img/s, 8 compiled 3.57M), and compiling takes some 20-40 s: it pays from about
 # this much training (hardware FLOPs of all members), far sooner than for a trial alone.
@@ -87,8 +90,17 @@ class Group:
         return sum(t.step_flops for t in self.trials)
 
 
-def form_groups(trials: Iterable[Trial], size: int | None, workers: int = 1) -> list[Group]:
-    """The trials in groups of at most ``size`` members (None: :data:`MAX_MEMBERS`; 1: none).
+def form_groups(trials: Iterable[Trial], size: int | None, workers: int = 1, device_type: str = "cpu",
+                fuse: bool | None = None) -> list[Group]:  # fmt: skip
+    """The trials in groups of at most ``size`` members (None: automatic; 1: none), for
+    ``workers`` running at once on ``device_type``, members fused as ``fuse`` says (see
+    :func:`fuses`).
+
+    Automatic grouping takes :data:`MAX_MEMBERS` at most, and on a GPU only where the members
+    fuse and train long enough to compile (:func:`pays_on_gpu`): on an H200 a group stepped one
+    after another, or fused but not compiled, finished later than its trials alone, eight to a
+    GPU (``benchmarks/quickstart.py``: 59 s against 48 s; ``benchmarks/grid_overhead.py``).
+    On the CPU, members one after another share the loader's work and the start-up.
 
     With ``workers`` groups running at once, no group takes more than an even share of the
     trials' compute (unless a single trial does): a grid whose largest model and data make most
@@ -96,7 +108,7 @@ def form_groups(trials: Iterable[Trial], size: int | None, workers: int = 1) -> 
     come in the order of their first trial; members by the compute they need, largest first.
     """
     trials = list(trials)
-    size = MAX_MEMBERS if size is None else size
+    automatic, size = size is None, MAX_MEMBERS if size is None else size
     most = sum(t.compute for t in trials) / workers
     buckets: dict[object, list[Trial]] = {}
     for trial in trials:
@@ -104,6 +116,9 @@ def form_groups(trials: Iterable[Trial], size: int | None, workers: int = 1) -> 
         buckets.setdefault(key if key is not None else ("alone", trial.id), []).append(trial)
     groups = []
     for members in buckets.values():
+        if automatic and device_type == "cuda" and not pays_on_gpu([t.config for t in members], fuse):
+            groups.extend(Group((t,)) for t in members)
+            continue
         current: list[Trial] = []
         for trial in sorted(members, key=lambda t: -t.compute):
             if current and (len(current) == size or sum(t.compute for t in current) + trial.compute > most):
@@ -114,6 +129,19 @@ def form_groups(trials: Iterable[Trial], size: int | None, workers: int = 1) -> 
     return groups
 
 
+def hardware_flops(cfgs: list[TrialConfig]) -> float:
+    """Hardware FLOPs of training every one of ``cfgs`` (trials of one shape)."""
+    return models.hardware_training_flops(cfgs[0].model_config(), sum(c.num_examples * c.epochs for c in cfgs))
+
+
+def pays_on_gpu(cfgs: list[TrialConfig], fuse: bool | None = None) -> bool:
+    """Whether trials of one group's shape gain from training together on a GPU: they fuse
+    (:func:`fuses`) and, together, train long enough for compiling the stack to pay."""
+    if len(cfgs) < 2 or not fuses(cfgs[0], "cuda", fuse):
+        return False
+    return fuse is True or hardware_flops(cfgs) >= FUSED_COMPILE_PAYS_FLOPS
+
+
 def fuses(cfg: TrialConfig, device_type: str, chosen: bool | None = None) -> bool:
     """Whether a group of ``cfg``'s shape steps its members fused: ``chosen`` if given, else on a
     GPU where a member's step is small (:data:`FUSE_BELOW_STEP_FLOPS`). On the CPU members go
@@ -122,7 +150,8 @@ def fuses(cfg: TrialConfig, device_type: str, chosen: bool | None = None) -> boo
         return False  # batch statistics per member are not in the fused model
     if chosen is not None:
         return chosen
-    return device_type == "cuda" and Trial("", cfg).step_flops < FUSE_BELOW_STEP_FLOPS
+    step_flops = models.hardware_training_flops(cfg.model_config(), cfg.batch_size)
+    return device_type == "cuda" and step_flops < FUSE_BELOW_STEP_FLOPS
 
 
 def describe(groups: list[Group]) -> str:

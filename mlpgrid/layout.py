@@ -5,7 +5,7 @@
     <storage>/
       mlflow.db                 the default MLflow store (SQLite)
       mlartifacts/              its artifacts
-      ray/                      Ray Tune's and Ray Train's own files
+      ray/                      Ray Tune's own files
       <grid>/<trial id>/
         lock                    held by the one process writing this trial
         checkpoints/            see mlpgrid.checkpoint

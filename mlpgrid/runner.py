@@ -169,11 +169,13 @@ class GroupTask(Group):
     members: tuple[TrialTask, ...] = ()
 
 
-def group_tasks(tasks: list[TrialTask], size: int | None, workers: int = 1) -> list[GroupTask]:
-    """The tasks in groups of at most ``size`` trials (None: as many as can, 1: each alone), for
-    ``workers`` running at once (see :func:`mlpgrid.groups.form_groups`)."""
+def group_tasks(tasks: list[TrialTask], size: int | None, workers: int = 1,
+                device_type: str = "cpu") -> list[GroupTask]:  # fmt: skip
+    """The tasks in groups of at most ``size`` trials (None: automatic, 1: each alone), for
+    ``workers`` running at once on ``device_type`` (see :func:`mlpgrid.groups.form_groups`)."""
     by_id = {t.trial.id: t for t in tasks}
-    groups = form_groups([t.trial for t in tasks], size, workers)
+    fuse = tasks[0].options.fuse if tasks else None
+    groups = form_groups([t.trial for t in tasks], size, workers, device_type, fuse)
     return [GroupTask(g.trials, tuple(by_id[t.id] for t in g.trials)) for g in groups]
 
 

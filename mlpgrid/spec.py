@@ -168,13 +168,14 @@ class RunOptions:
     group: int | None = field(
         default=None,
         metadata=_opt(
-            'at most this many trials trained together by one worker (see "Trial groups"); auto = 16, off = 1'
+            "at most this many trials trained together by one worker; auto = up to 16 where it pays "
+            '(see "Trial groups"), off = 1'
         ),  # fmt: skip
     )
     fuse: bool | None = field(
         default=None,
         metadata=_opt(
-            "step a group's members fused; auto = on a GPU where a member's step is under 4 "
+            "step a group's members fused; auto = on a GPU where a member's step is under 1 "
             "TFLOP, one after another otherwise"
         ),  # fmt: skip
     )

@@ -52,6 +52,19 @@ def test_groups_are_same_shape_trials_on_one_stream():
     assert group_key(TrialConfig(model="B-1/Wi-16", epochs=1, dropout=0.1)) is None, "dropout masks are not shared"
 
 
+def test_a_gpu_groups_automatically_only_where_fused_compiled_steps_pay():
+    small = "base: {model: B-6/Wi-256, examples: 60000, batch_size: 4096}\ngrid:\n  epochs: [%s]\n"
+    short = spec.parse(small % "1, 2", spec.Path("g.yaml")).trials
+    assert [len(g.trials) for g in form_groups(short, None, device_type="cpu")] == [2], "the CPU shares the loader"
+    assert [len(g.trials) for g in form_groups(short, None, device_type="cuda")] == [1, 1], "too short to compile"
+    assert [len(g.trials) for g in form_groups(short, None, device_type="cuda", fuse=True)] == [2], "fuse: true"
+    assert [len(g.trials) for g in form_groups(short, 2, device_type="cuda")] == [2], "a size given stands"
+    long = spec.parse(small % "400, 500", spec.Path("g.yaml")).trials
+    assert [len(g.trials) for g in form_groups(long, None, device_type="cuda")] == [2]
+    big = spec.parse(small.replace("B-6/Wi-256", "B-12/Wi-2048") % "400, 500", spec.Path("g.yaml")).trials
+    assert [len(g.trials) for g in form_groups(big, None, device_type="cuda")] == [1, 1], "too large to fuse"
+
+
 def test_run_group_and_fuse_options(write_grid):
     base = "base: {model: B-1/Wi-16, epochs: 1}\n"
     assert spec.load(write_grid("run: {group: off, fuse: true}\n" + base)).run.group == 1

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from conftest import REPO, free_port, mlpgrid_command, start_driver, stop_group, without_timing
 from mlpgrid import spec, tracking
-from mlpgrid.checkpoint import CheckpointDir
+from mlpgrid.checkpoint import HOLD_AT, CheckpointDir
 from mlpgrid.layout import StorageLayout
 from mlpgrid.runner import execute, pending_tasks
 
@@ -120,21 +120,23 @@ zip:
 """
 
 
-def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_grid, fashion_mnist):
+def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_grid, fashion_mnist, monkeypatch):
     path, storage = write_grid(KILL_GRID), tmp_path / "store"
     grid = spec.load(path)
     quick, long, _ = grid.trials
-    long_ckpt = CheckpointDir(storage / grid.name / long.id / "checkpoints")
+    long_dir = StorageLayout(storage).grid(grid.name).trial(long.id)
+    long_ckpt = CheckpointDir(long_dir.checkpoints)
 
+    monkeypatch.setenv(HOLD_AT, "1:50")  # the long trial stops after its checkpoint mid-epoch 2
     driver = start_driver(path, storage)
     try:
         deadline = time.monotonic() + 240
-        # Kill once the quick trial has finished and the long one is past its first epoch.
+        # Kill once the quick trial has finished and the long one holds mid-epoch 2.
         while True:
             assert driver.poll() is None, driver.stdout.read()
             assert time.monotonic() < deadline, "the grid did not get far enough"
             # Ask MLflow only once training is under way: the driver sets the store up before.
-            if any(epoch >= 1 for epoch, _ in long_ckpt.positions()):
+            if (long_dir.root / "held").exists():
                 runs = runs_of(path, storage)
                 if quick.id in runs and runs[quick.id].data.tags.get("status") == "finished":
                     break
@@ -143,6 +145,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_
         driver.wait()
     finally:
         stop_group(driver)
+    monkeypatch.delenv(HOLD_AT)
     before = runs_of(path, storage)
     assert before[long.id].data.tags["status"] == "running", "cut off mid-trial"
 
@@ -163,7 +166,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_
     steps = [m.step for m in client.get_metric_history(after[long.id].info.run_id, "test_error")]
     assert steps == [1, 2, 3, 4], "no epoch lost or logged twice"
     state = torch.load(long_ckpt.file(4, 0), weights_only=True)
-    assert state["resumed_from"], "the long trial continued from a checkpoint"
+    assert state["resumed_from"] == [[1, 50]], "the long trial continued from where it was cut off"
 
     # The same trial run start to finish in one go, in this process with the Ray worker's
     # thread count, ends with the same weights.

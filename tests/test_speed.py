@@ -98,7 +98,7 @@ def test_small_trials_share_a_gpu_more_and_shares_grow_until_the_trials_cover_ev
 
 
 def test_a_small_grid_gets_a_gpu_per_trial_from_ray(write_grid):
-    """Ray places each trial's worker as Ray Train does (a placement group of its share): the
+    """Ray places each trial's worker as Tune does (a placement group of its share): the
     eight trials of a grid on eight GPUs land on eight different GPUs."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group

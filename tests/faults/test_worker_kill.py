@@ -1,4 +1,4 @@
-"""A trial's Ray Train worker process killed mid-epoch: the trial is retried and continues
+"""A trial's Ray worker process killed mid-epoch: the trial is retried and continues
 from its last checkpoint, in the same MLflow run."""
 
 import os
@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 from conftest import start_driver, stop_group
 from mlpgrid import spec, tracking
-from mlpgrid.checkpoint import CheckpointDir
+from mlpgrid.checkpoint import HOLD_AT, CheckpointDir
 from mlpgrid.layout import StorageLayout
 
 pytestmark = pytest.mark.slow
@@ -21,21 +21,24 @@ base: {model: B-1/Wi-16, examples: 3000, batch_size: 50, epochs: 10, optimizer: 
 """
 
 
-def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, write_grid, fashion_mnist):
+def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, write_grid, fashion_mnist, monkeypatch):
     path, storage = write_grid(GRID), tmp_path / "store"
     grid = spec.load(path)
     (trial,) = grid.trials
-    checkpoints = CheckpointDir(storage / grid.name / trial.id / "checkpoints")
+    layout = StorageLayout(storage).grid(grid.name).trial(trial.id)
+    checkpoints = CheckpointDir(layout.checkpoints)
     uri = tracking.tracking_uri(StorageLayout(storage))
+    monkeypatch.setenv(HOLD_AT, "1:30")  # the worker stops after its checkpoint at step 30 of epoch 2
     driver = start_driver(path, storage)
     try:
         deadline = time.monotonic() + 240
-        while not any(epoch >= 1 and step > 0 for epoch, step in checkpoints.positions()):  # mid-epoch 2
+        while not (layout.root / "held").exists():
             assert driver.poll() is None, driver.stdout.read()
-            assert time.monotonic() < deadline, "the trial did not get far enough"
+            assert time.monotonic() < deadline, "the trial did not reach the chosen point"
             time.sleep(0.1)
         (run,) = tracking.trial_runs(tracking.find_grid(grid, uri)).values()
         victim = int(run.data.tags["worker_pid"])
+        assert (layout.root / "held").read_text() == f"pid {victim}"
         os.kill(victim, signal.SIGKILL)
         out, _ = driver.communicate(timeout=300)
     finally:
@@ -48,5 +51,4 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, write_grid, fash
     history = MlflowClient(uri).get_metric_history(run.info.run_id, "test_error")
     assert sorted(m.step for m in history) == list(range(1, 11)), "every epoch once"
     # The checkpoint counts the attempts: each retry adds the position it resumed from.
-    ((epoch, step),) = checkpoints.latest()["resumed_from"]
-    assert epoch >= 1 and step > 0, "one retry, continued from the mid-epoch checkpoint, not from scratch"
+    assert checkpoints.latest()["resumed_from"] == [[1, 30]], "one retry, from where it was killed"
