@@ -12,15 +12,11 @@ the disk.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import re
 import shutil
-import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +25,24 @@ import torch
 from mlpgrid.data.files import sha256
 
 _NAME = re.compile(r"^epoch-(\d{4})-step-(\d{6})\.pt$")
+
+
+def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A dict of tensors and plain values that mlpgrid wrote with ``torch.save``; ValueError
+    saying what is wrong with it.
+
+    Every such file mlpgrid reads back (checkpoints, the probe's feature caches) comes through
+    here: ``weights_only=True`` builds tensors and containers only and never runs code from
+    the file, and passing it explicitly also holds when ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+    is set (that variable only changes calls that leave it out).
+    """
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a damaged one
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a file mlpgrid wrote (holds a {type(state).__name__})")
+    return state
 
 
 class CheckpointError(OSError):
@@ -91,10 +105,7 @@ class CheckpointDir:
         checksum = path.with_suffix(".sha256")
         if checksum.exists() and sha256(path) != checksum.read_text().strip():
             raise ValueError(f"{path}: damaged (its SHA-256 does not match {checksum.name})")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is a damaged checkpoint
-            raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+        return load_tensors(path)
 
     def latest(self) -> dict[str, Any] | None:
         """The newest checkpoint that checks out, or None when there is none.
@@ -177,31 +188,3 @@ def hold_if_asked(saver: BackgroundSaver, epoch: int, step: int, trial_dirs: lis
         (directory / "held").write_text(f"pid {os.getpid()}")
     time.sleep(HOLD_S)
     raise RuntimeError(f"held at epoch {epoch}, step {step} for {HOLD_S} s ({HOLD_AT}) and not killed")
-
-
-@contextmanager
-def exclusive(path: str | Path, wait_s: float = 60.0) -> Iterator[None]:
-    """Hold the lock file ``path`` (a trial's :attr:`~mlpgrid.layout.TrialLayout.lock`) while a
-    trial writes its directory, so two attempts of one trial never overlap (a worker left over
-    by a crashed driver may still be finishing).
-
-    The lock is an OS file lock, released when its process dies however it dies.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    f.seek(0)
-                    raise RuntimeError(f"{path}: held by another process ({f.read().strip()})") from None
-                time.sleep(0.2)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        f.flush()
-        yield

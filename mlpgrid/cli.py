@@ -212,9 +212,15 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
             f"--allow-changes to run the file as it is (the ended trials stay in MLflow)."
         )
     tasks = runner.pending_tasks(grid, storage, grid_run)
+    held = runner.held_elsewhere(tasks)
+    mine = [t for t in tasks if t.trial.id not in held]
+    if held:
+        holders = ", ".join(sorted(set(held.values())))
+        click.echo(f"{len(held)} trials are being trained by another process ({holders}): left to it.")
     if not tasks:
         click.echo(f"Nothing to do: all {len(grid.trials)} trials of {grid.name} have already ended.")
-    else:
+    elif mine:
+        tasks = mine
         progress = Progress([t.trial for t in tasks], already_done=len(grid.trials) - len(tasks))
         try:
             if in_process:
@@ -232,14 +238,18 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
     _print_status(rows)
     # Failure is what this run did not bring to an end; diverged trials found from an earlier
     # run are reported in the table, and a re-run with nothing left to do succeeds.
-    ran = {t.trial.id for t in tasks}
+    ran = {t.trial.id for t in tasks} | set(held)
     bad = [
         r for r in rows if r["state"] != tracking.FINISHED and (r["trial_id"] in ran or r["state"] not in tracking.DONE)
     ]
+    by_id = {t.trial.id: t for t in runner.pending_tasks(grid, storage, grid_run)}
+    elsewhere = runner.held_elsewhere([by_id[r["trial_id"]] for r in bad if r["trial_id"] in by_id])
     for r in bad:
-        click.echo(f"{r['trial_id']} {r['state']}: {r['error'] or 'did not run to the end'}", err=True)
+        why = f"another process trains it ({elsewhere[r['trial_id']]})" if r["trial_id"] in elsewhere else None
+        click.echo(f"{r['trial_id']} {r['state']}: {why or r['error'] or 'did not run to the end'}", err=True)
     if bad:
-        raise click.ClickException(f"{len(bad)} of {len(tasks)} trials run did not finish")
+        left = f"; {len(elsewhere)} left to another process: run again once it is done" if elsewhere else ""
+        raise click.ClickException(f"{len(bad)} of {len(ran)} trials run did not finish{left}")
 
 
 @cli.command()
@@ -300,8 +310,15 @@ def trial(grid_file: str, trial_id: str, storage: StorageLayout, tracking_uri: s
     task = pending[chosen.id]
     progress = Progress([chosen])
     progress.start(chosen)
-    status = runner.execute(task, report=lambda m: progress.epoch(chosen, m))
+
+    def report(metrics: dict[str, Any]) -> None:
+        if "ended" not in metrics:  # the end is reported below
+            progress.epoch(chosen, metrics)
+
+    status = runner.execute(task, report=report)
     progress.end(chosen, status)
+    if status == runner.ELSEWHERE:
+        raise click.ClickException(f"trial {chosen.id}: another process is training it")
     if status != "finished":
         raise click.ClickException(f"trial {chosen.id} {status}")
 

@@ -4,6 +4,7 @@
 
     <storage>/
       mlflow.db                 the default MLflow store (SQLite)
+      mlflow.lock               held by the driver creating or opening a grid in a local store
       mlartifacts/              its artifacts
       ray/                      Ray Tune's own files
       <grid>/<trial id>/
@@ -64,6 +65,10 @@ class StorageLayout:
     @property
     def mlflow_db(self) -> Path:
         return self.root / "mlflow.db"
+
+    @property
+    def tracking_lock(self) -> Path:
+        return self.root / "mlflow.lock"
 
     @property
     def artifacts(self) -> Path:

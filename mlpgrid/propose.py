@@ -17,6 +17,7 @@ import yaml
 
 from mlpgrid import models, spec
 from mlpgrid.frontier import Point
+from mlpgrid.outputs import write_new
 from mlpgrid.spec import GridSpec, RunOptions, Trial, TrialConfig
 
 WIDTHS = range(32, 16384 + 1, 32)
@@ -57,8 +58,9 @@ def iso_compute(budget: float, params: float, template: TrialConfig, depths: lis
 
 
 def write_grid(path: Path, source: GridSpec, configs: list[TrialConfig], header: str) -> GridSpec:
-    """A grid file of ``configs`` (which differ only in model, N and T) under the source grid's
-    name, so that their runs join its experiment; read back to validate it."""
+    """A new grid file of ``configs`` (which differ only in model, N and T) under the source
+    grid's name, so that their runs join its experiment; read back to validate it. Raises
+    :class:`~mlpgrid.outputs.OutputError` where ``path`` exists or cannot be written."""
     defaults = TrialConfig(model=configs[0].model, epochs=1)
     first = dataclasses.asdict(configs[0])
     base = {
@@ -73,7 +75,7 @@ def write_grid(path: Path, source: GridSpec, configs: list[TrialConfig], header:
         doc["run"] = run
     doc |= {"base": base, "zip": varying}
     comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
-    path.write_text(comment + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
+    write_new(path, comment + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
     return spec.load(path)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlpgrid import frontier, plots, propose, tracking
+from mlpgrid import frontier, outputs, plots, propose, tracking
 from mlpgrid.layout import StorageLayout
 from mlpgrid.points import Point
 from mlpgrid.spec import GridSpec
@@ -56,6 +56,11 @@ def _check(request: FrontierRequest) -> None:
         raise RequestError("give a GRID_FILE, --from-csv FILE, or both")
     if request.propose and (request.grid is None or request.out is None):
         raise RequestError("--propose needs a GRID_FILE (its settings and family) and --out FILE")
+    if request.out is not None:
+        try:
+            outputs.check_new(request.out)  # before any work: the grid file itself, say, is refused here
+        except outputs.OutputError as e:
+            raise RequestError(f"--out {e}") from None
 
 
 def _points(request: FrontierRequest, uri: str) -> tuple[list[Point], dict[str, int], tracking.GridRun | None]:
@@ -110,7 +115,10 @@ def _propose(grid: GridSpec, grid_run: tracking.GridRun, analysis: frontier.Anal
         "\n"
         f"  mlpgrid run {out}"
     )
-    proposed = propose.write_grid(out, grid, configs, header)
+    try:
+        proposed = propose.write_grid(out, grid, configs, header)
+    except outputs.OutputError as e:
+        raise ReportError(f"--out {e}") from None
     record = {
         "file": str(out), "budget": budget, "params": params, "fit": fit.as_dict(),
         "trials": [

@@ -1,8 +1,8 @@
 """Run a grid's trials: the tasks still to do, one trial with its MLflow run, and the trials
 one after another in this process (:mod:`mlpgrid.ray_runner` runs them on Ray).
 
-Either way a trial runs through :func:`execute`, which opens the trial's MLflow run, trains
-(resuming from the trial's checkpoint directory) and records how the trial ended.
+Either way trials run through :func:`execute_group`, which claims each trial, opens its MLflow
+run, trains (resuming from the trial's checkpoint directory) and records how it ended.
 
 Resuming a grid needs no Ray state: MLflow says which trials are done, and each trial's
 checkpoint directory (under ``--storage``, which must be shared by all nodes of a cluster)
@@ -13,6 +13,7 @@ added to it since.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import traceback
 from collections.abc import Callable
@@ -20,14 +21,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlpgrid import data
-from mlpgrid.checkpoint import exclusive
 from mlpgrid.groups import Group, form_groups, fuses
 from mlpgrid.hardware import default_data_budget, pick_device
 from mlpgrid.layout import StorageLayout, TrialLayout
+from mlpgrid.locks import claim
 from mlpgrid.progress import Progress
 from mlpgrid.spec import GridSpec, RunOptions, Trial
-from mlpgrid.tracking import DIVERGED, DONE, FAILED, FINISHED, GridRun, TrialRun, trial_runs
+from mlpgrid.tracking import DIVERGED, DONE, FAILED, FINISHED, GridRun, TrialRun, trial_run, trial_runs
 from mlpgrid.train import Hooks, TrialDiverged, TrialOptions, TrialResult, run_trial
+
+log = logging.getLogger(__name__)
+
+# A trial's outcome when another process (another driver on the same grid) was training it:
+# left alone, its MLflow run untouched.
+ELSEWHERE = "elsewhere"
 
 
 @dataclass(frozen=True)
@@ -127,39 +134,9 @@ def _datasets(tasks: list[TrialTask], arrays: data.ImageArrays | None) -> data.D
     return datasets
 
 
-def execute(
-    task: TrialTask,
-    *,
-    report: Callable[[dict[str, Any]], None] | None = None,
-    tags: dict[str, str] | None = None,
-    device: Any = None,
-    launched_at: float | None = None,
-    arrays: data.ImageArrays | None = None,
-    gpu_share: float = 1.0,
-) -> str:
-    """Run one trial with its MLflow run; returns finished or diverged, raises on failure.
-
-    ``tags`` are set on the trial's run for this attempt (where it runs). ``launched_at`` (a
-    ``time.time()``) is when the runner asked for the trial; the time from then to the first
-    training step is logged as ``startup_seconds``. ``arrays`` are the pre-training data when
-    the runner shares it; ``gpu_share`` is the part of the GPU the trial has (its default data
-    budget scales with it).
-    """
-    launched_at = launched_at or time.time()
-    device = device or pick_device()
-    options = _trial_options(task.options, device, gpu_share)
-    datasets = _datasets([task], arrays)
-    recorder = _Recorder(task, tags, launched_at, report)
-    try:
-        with exclusive(task.layout.lock):
-            result = run_trial(task.trial.config, task.layout, options, datasets=datasets, hooks=recorder.hooks(),
-                               device=device)  # fmt: skip
-    except TrialDiverged as e:
-        return recorder.end(e)
-    except Exception as e:
-        recorder.end(e)
-        raise
-    return recorder.end(result)
+def execute(task: TrialTask, **options: Any) -> str:
+    """Run one trial alone (see :func:`execute_group`); returns its status."""
+    return execute_group(GroupTask((task.trial,), (task,)), **options)[task.trial.id]
 
 
 @dataclass(frozen=True)
@@ -179,6 +156,17 @@ def group_tasks(tasks: list[TrialTask], size: int | None, workers: int = 1,
     return [GroupTask(g.trials, tuple(by_id[t.id] for t in g.trials)) for g in groups]
 
 
+def held_elsewhere(tasks: list[TrialTask]) -> dict[str, str]:
+    """``{trial id: who holds it}`` for the tasks whose trial another process is training now
+    (another ``mlpgrid run`` on the same grid, or a worker it left behind)."""
+    held = {}
+    for task in tasks:
+        with claim(task.layout.lock) as holder:
+            if holder is not None:
+                held[task.trial.id] = holder
+    return held
+
+
 def execute_group(
     group: GroupTask,
     *,
@@ -189,44 +177,75 @@ def execute_group(
     arrays: data.ImageArrays | None = None,
     gpu_share: float = 1.0,
 ) -> dict[str, str]:
-    """Run a group's trials together (:func:`mlpgrid.group_train.run_group`), each with its own
-    MLflow run tagged with the group; returns each member's status by trial id. A group of one
-    runs as :func:`execute`. Arguments as for :func:`execute`; ``report`` gets each member's
-    epochs with the trial id as ``member``."""
-    from mlpgrid.group_train import run_group
+    """Run a group's trials, each with its MLflow run, and return each one's status by trial id:
+    a group of one alone (:func:`mlpgrid.train.run_trial`), a larger one together
+    (:func:`mlpgrid.group_train.run_group`), its runs tagged with the group.
 
-    if len(group.members) == 1:
-        (task,) = group.members
-        return {task.trial.id: execute(task, report=report, tags=tags, device=device, launched_at=launched_at,
-                                       arrays=arrays, gpu_share=gpu_share)}  # fmt: skip
-    ended = {tid for tid, run in trial_runs(group.members[0].grid_run).items() if run.data.tags.get("status") in DONE}
-    members = [t for t in group.members if t.trial.id not in ended]  # a retry leaves the ended ones as they are
-    if not members:
-        return {}
+    Each trial is claimed first (its lock; see :func:`mlpgrid.checkpoint.claim`): one that
+    another process holds is left to it (:data:`ELSEWHERE`), and one that ended meanwhile (a
+    retry, or another driver) is not run again; only then is its run opened, so a trial never
+    gets two runs or an epoch logged twice. Raises when training fails, after recording it.
+
+    ``tags`` are set on each run for this attempt (where it runs). ``launched_at`` (a
+    ``time.time()``) is when the runner asked for the group; the time from then to a trial's
+    first step is logged as its ``startup_seconds``. ``arrays`` are the pre-training data when
+    the runner shares it; ``gpu_share`` is the part of the GPU the group has (its default data
+    budget scales with it). ``report`` gets each trial's epochs (with the trial id as
+    ``member``) and ``{"ended": trial id, "status": ...}`` as each one ends.
+    """
     launched_at = launched_at or time.time()
-    device = device or pick_device()
-    lead = members[0]
-    fused = fuses(lead.trial.config, device.type, lead.options.fuse)
-    group_tags = {"ran_in": "group", "group_id": group.id, "group_size": str(len(group.trials)),
-                  "group_steps": "fused" if fused else "one after another"}  # fmt: skip
-    recorders = []
-    for task in members:
-        member_report = None if report is None else (lambda m, tid=task.trial.id: report({**m, "member": tid}))
-        recorders.append(_Recorder(task, (tags or {}) | group_tags, launched_at, member_report))
     statuses: dict[str, str] = {}
 
-    def on_end(i: int, outcome: TrialResult | BaseException) -> None:
-        trial_id = members[i].trial.id
-        statuses[trial_id] = recorders[i].end(outcome)
+    def ended(trial_id: str, status: str) -> None:
+        statuses[trial_id] = status
         if report:
-            report({"ended": trial_id, "status": statuses[trial_id]})
+            report({"ended": trial_id, "status": status})
 
     with contextlib.ExitStack() as locks:
+        members = []
+        for task in group.members:
+            holder = locks.enter_context(claim(task.layout.lock))
+            run = None if holder else trial_run(task.grid_run, task.trial.id)
+            if holder is not None:
+                log.warning("%s: another process trains it (%s); left to it", task.trial.id, holder)
+                ended(task.trial.id, ELSEWHERE)
+            elif run is not None and run.data.tags.get("status") in DONE:
+                ended(task.trial.id, run.data.tags["status"])
+            else:
+                members.append(task)
+        if not members:
+            return statuses
+        device = device or pick_device()
+        lead = members[0]
+        options = _trial_options(lead.options, device, gpu_share)
+        datasets = _datasets(members, arrays)
+        if len(group.trials) == 1:
+            recorder = _Recorder(lead, tags, launched_at, report)
+            try:
+                outcome = run_trial(lead.trial.config, lead.layout, options, datasets=datasets,
+                                    hooks=recorder.hooks(), device=device)  # fmt: skip
+            except TrialDiverged as e:
+                outcome = e
+            except Exception as e:
+                ended(lead.trial.id, recorder.end(e))
+                raise
+            ended(lead.trial.id, recorder.end(outcome))
+            return statuses
+        from mlpgrid.group_train import run_group
+
+        fused = fuses(lead.trial.config, device.type, lead.options.fuse)
+        group_tags = {"ran_in": "group", "group_id": group.id, "group_size": str(len(group.trials)),
+                      "group_steps": "fused" if fused else "one after another"}  # fmt: skip
+        recorders = []
         for task in members:
-            locks.enter_context(exclusive(task.layout.lock))
+            member_report = None if report is None else (lambda m, tid=task.trial.id: report({**m, "member": tid}))
+            recorders.append(_Recorder(task, (tags or {}) | group_tags, launched_at, member_report))
+
+        def on_end(i: int, outcome: TrialResult | BaseException) -> None:
+            ended(members[i].trial.id, recorders[i].end(outcome))
+
         try:
-            run_group([t.trial.config for t in members], [t.layout for t in members],
-                      _trial_options(lead.options, device, gpu_share), datasets=_datasets(list(members), arrays),
+            run_group([t.trial.config for t in members], [t.layout for t in members], options, datasets=datasets,
                       hooks=[r.hooks() for r in recorders], device=device, fuse=fused, on_end=on_end)  # fmt: skip
         except Exception as e:
             for i, task in enumerate(members):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -24,11 +25,13 @@ import torch.nn.functional as F
 from lion_pytorch import Lion
 
 from mlpgrid import data, metrics, models
-from mlpgrid.checkpoint import CheckpointDir
+from mlpgrid.checkpoint import CheckpointDir, load_tensors
 from mlpgrid.data.loader import Augmentation, derive_seed, make_loader
 from mlpgrid.data.subset import proportional_order, split_off
 from mlpgrid.spec import TrialConfig
 from mlpgrid.step import EVAL_BATCH, autocast, cosine, evaluate, train_step
+
+log = logging.getLogger(__name__)
 
 PROBE_BATCH = 1024
 FINETUNE_BATCH = 512
@@ -45,7 +48,17 @@ class StageDir:
         self.file = path / "stages.json"
 
     def results(self) -> dict[str, dict[str, float]]:
-        return json.loads(self.file.read_text()) if self.file.is_file() else {}
+        """The finished stages' results; none (so they run again) if the file is damaged."""
+        if not self.file.is_file():
+            return {}
+        try:
+            results = json.loads(self.file.read_bytes())
+        except ValueError:  # not JSON (nor UTF-8): a damaged file
+            results = None
+        if not isinstance(results, dict) or not all(isinstance(r, dict) for r in results.values()):
+            log.warning("%s: damaged; its stages run again", self.file)
+            return {}
+        return results
 
     def record(self, name: str, result: dict[str, float]) -> None:
         results = self.results() | {name: result}
@@ -85,12 +98,36 @@ def probe_examples(cfg: TrialConfig, dataset: str, labels: np.ndarray) -> np.nda
     return np.sort(order[: cfg.probe_examples or len(order)])
 
 
+_FEATURE_KEYS = ("train_x", "train_y", "test_x", "test_y")
+
+
+def _cached_features(cache: Path, device: torch.device) -> list[torch.Tensor] | None:
+    """The probe's cached features, or None where there are none or they are damaged (then
+    they are computed again and the cache replaced)."""
+    if not cache.is_file():
+        return None
+    try:
+        state = load_tensors(cache, device)
+        tensors = [state.get(k) for k in _FEATURE_KEYS]
+        if not all(isinstance(t, torch.Tensor) for t in tensors) or set(state) != set(_FEATURE_KEYS):
+            raise ValueError(f"{cache}: not a feature cache (keys {sorted(state)})")
+        train_x, train_y, test_x, test_y = tensors
+        if train_x.ndim != 2 or len(train_x) != len(train_y) or test_x.shape[1:] != train_x.shape[1:] or len(
+                test_x) != len(test_y):  # fmt: skip
+            raise ValueError(f"{cache}: features and labels do not match")
+    except ValueError as e:
+        log.warning("%s; computing the features again", e)
+        return None
+    return tensors
+
+
 def linear_probe(model: models.MLP, cfg: TrialConfig, dataset: str, datasets: data.Datasets, stage_dir: StageDir,
                  device: torch.device) -> dict[str, float]:  # fmt: skip
     """Train a linear classifier (Lion, ``probe_lr``, ``probe_epochs``) on frozen features."""
     cache = stage_dir.path / f"features-{dataset}.pt"
-    if cache.is_file():
-        train_x, train_y, test_x, test_y = torch.load(cache, map_location=device).values()
+    features = _cached_features(cache, device)
+    if features is not None:
+        train_x, train_y, test_x, test_y = features
     else:
         arrays = _stage_arrays(cfg, datasets, dataset)
         chosen = probe_examples(cfg, dataset, arrays.train_labels)

@@ -28,9 +28,11 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 from mlpgrid import metrics
 from mlpgrid.layout import StorageLayout
+from mlpgrid.locks import exclusive
 from mlpgrid.points import Point
 from mlpgrid.spec import GridSpec, Trial, TrialConfig
 
@@ -57,7 +59,9 @@ class GridRun:
 
 
 def _parent_run_id(client: MlflowClient, experiment_id: str) -> str | None:
-    parents = client.search_runs([experiment_id], "tags.mlpgrid_role = 'grid'", max_results=1)
+    """The grid's parent run: the first one made, should two drivers on a server both make one."""
+    parents = client.search_runs([experiment_id], "tags.mlpgrid_role = 'grid'", max_results=1,
+                                 order_by=["attributes.start_time ASC"])  # fmt: skip
     return parents[0].info.run_id if parents else None
 
 
@@ -74,15 +78,32 @@ def find_grid(grid: GridSpec, uri: str) -> GridRun | None:
 
 
 def open_grid(grid: GridSpec, uri: str, storage: StorageLayout) -> GridRun:
-    """The grid's experiment and parent run, created on first use."""
+    """The grid's experiment and parent run, created on first use.
+
+    Drivers started together on one local store take turns (:attr:`StorageLayout.tracking_lock`):
+    creating the SQLite schema twice at once fails. A server serialises for itself; an
+    experiment another driver created meanwhile is used as it is.
+    """
+    local = uri.startswith("sqlite:") or uri.startswith("file:")
+    if not local:
+        return _open_grid(grid, uri, None)
+    storage.root.mkdir(parents=True, exist_ok=True)
+    with exclusive(storage.tracking_lock, wait_s=300):
+        return _open_grid(grid, uri, storage.artifacts.as_uri())
+
+
+def _open_grid(grid: GridSpec, uri: str, artifacts: str | None) -> GridRun:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(grid.name)
     if experiment is None:
-        # An explicit artifact location: otherwise artifacts land in ./mlruns of whichever
-        # process creates the experiment. A server decides for itself.
-        local = uri.startswith("sqlite:") or uri.startswith("file:")
-        artifacts = storage.artifacts.as_uri() if local else None
-        experiment_id = client.create_experiment(grid.name, artifact_location=artifacts)
+        # An explicit artifact location for a local store: otherwise artifacts land in ./mlruns
+        # of whichever process creates the experiment. A server decides for itself.
+        try:
+            experiment_id = client.create_experiment(grid.name, artifact_location=artifacts)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment_id = client.get_experiment_by_name(grid.name).experiment_id
     else:
         experiment_id = experiment.experiment_id
     parent_id = _parent_run_id(client, experiment_id)
@@ -91,6 +112,13 @@ def open_grid(grid: GridSpec, uri: str, storage: StorageLayout) -> GridRun:
         parent_id = parent.info.run_id
         client.log_text(parent_id, Path(grid.path).read_text(), "grid.yaml")
     return GridRun(uri, experiment_id, parent_id, str(grid.path.resolve()))
+
+
+def trial_run(grid_run: GridRun, trial_id: str) -> Any:
+    """The trial's MLflow run, or None before it has one."""
+    client = MlflowClient(grid_run.tracking_uri)
+    found = client.search_runs([grid_run.experiment_id], f"tags.trial_id = '{trial_id}'", max_results=1)
+    return found[0] if found else None
 
 
 def trial_runs(grid_run: GridRun) -> dict[str, Any]:
@@ -226,9 +254,8 @@ class TrialRun:
         ``tags`` describe this attempt (e.g. the Ray trial and node) and replace earlier ones.
         """
         client = MlflowClient(grid_run.tracking_uri)
-        found = client.search_runs([grid_run.experiment_id], f"tags.trial_id = '{trial.id}'", max_results=1)
-        if found:
-            run = found[0]
+        run = trial_run(grid_run, trial.id)
+        if run is not None:
             client.update_run(run.info.run_id, status="RUNNING")
             if "error" in run.data.tags:  # left by an earlier attempt
                 client.delete_tag(run.info.run_id, "error")

@@ -123,6 +123,16 @@ def test_proposed_trials_are_runnable_and_reported_against_the_prediction(tmp_pa
     assert {t["trial_id"]: t["measured_error"] for t in report["trials"]} == measured
     assert all(t["predicted_error"] > 0 for t in report["trials"])
 
+    # An output never replaces a file: not the source grid, not an earlier proposal.
+    for target in (path, out):
+        before = target.read_bytes()
+        refused = frontier(path, "--storage", storage, "--propose", "3e12", "--out", target, "--bootstrap", "20")
+        assert refused.exit_code == 2 and f"--out {target}: exists; an output never replaces" in refused.output
+        assert target.read_bytes() == before
+    missing = frontier(path, "--storage", storage, "--propose", "3e12", "--out", tmp_path / "no" / "next.yaml")
+    assert missing.exit_code == 2 and "no such directory" in missing.output
+    assert len(json.loads(frontier(path, "--storage", storage, "--json", "--bootstrap", "0").output)["proposals"]) == 1
+
 
 def test_points_from_csv(tmp_path, recorded_grid):
     path, storage, _ = recorded_grid

@@ -41,3 +41,42 @@ def test_writes_stay_in_storage_and_credentials_stay_out_of_logs(tmp_path, write
         assert not any(SECRET in f"{k}={v}" for k, v in recorded.items())
     assert not any(SECRET.encode() in p.read_bytes() for p in files_under(storage) if p.suffix != ".db")
     assert SECRET.encode() not in (storage / "mlflow.db").read_bytes()
+
+
+class _Planted:
+    """Unpickling this runs a shell command: what a planted cache file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_planted_or_damaged_stage_cache_never_runs_and_is_rebuilt(tmp_path, fashion_mnist, monkeypatch):
+    import torch
+
+    from mlpgrid.data import Datasets
+    from mlpgrid.layout import TrialLayout
+    from mlpgrid.spec import TrialConfig
+    from mlpgrid.train import run_trial
+
+    cfg = TrialConfig(model="B-1/Wi-16", epochs=1, examples=500, batch_size=100, probe_datasets=("fashion-mnist",),
+                      probe_examples=500, probe_epochs=2)  # fmt: skip
+    layout, datasets = TrialLayout(tmp_path / "trial"), lambda: Datasets({"fashion-mnist": fashion_mnist})
+    probed = run_trial(cfg, layout, datasets=datasets()).stages
+    cache, results, marker = (
+        layout.stages / "features-fashion-mnist.pt",
+        layout.stages / "stages.json",
+        tmp_path / "ran",
+    )
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # as people set it to open old checkpoints
+    for planted in ({"train_x": _Planted(marker)}, b"\x80\x04 not a torch file"):
+        if isinstance(planted, bytes):
+            cache.write_bytes(planted)
+        else:
+            torch.save(planted, cache)
+        results.write_bytes(b"\xff{ damaged")  # so the stages run again
+        assert run_trial(cfg, layout, datasets=datasets()).stages == probed, "rebuilt, the same features"
+        assert not marker.exists(), "the planted file ran code"
+        assert set(torch.load(cache, weights_only=True)) == {"train_x", "train_y", "test_x", "test_y"}

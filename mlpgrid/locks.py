@@ -1,0 +1,57 @@
+"""Locks between processes: a trial claimed by the one process that writes it, the tracking
+store created by one driver at a time.
+
+Each lock is an OS file lock (``flock``) on a file under storage, released when its process
+dies however it dies, so a killed driver or worker never leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def claim(path: str | Path, wait_s: float = 0.0) -> Iterator[str | None]:
+    """Hold the lock file ``path`` (a trial's :attr:`~mlpgrid.layout.TrialLayout.lock`) while a
+    trial writes its directory and its MLflow run, so two attempts of one trial never overlap,
+    whichever drivers they come from.
+
+    Yields None while this process holds the lock; if another process holds it for longer
+    than ``wait_s``, yields who holds it (``pid 123 on host``) and holds nothing. The lock is
+    an OS file lock, released when its process dies however it dies.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    f.seek(0)
+                    yield f.read().strip() or "another process"
+                    return
+                time.sleep(0.2)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        yield None
+
+
+@contextmanager
+def exclusive(path: str | Path, wait_s: float = 60.0) -> Iterator[None]:
+    """:func:`claim` the lock file ``path``, waiting up to ``wait_s``; RuntimeError if another
+    process holds it longer."""
+    with claim(path, wait_s) as holder:
+        if holder is not None:
+            raise RuntimeError(f"{path}: held by another process ({holder})")
+        yield

@@ -1,0 +1,49 @@
+"""The one rule for files mlpgrid writes for the user (a proposal's grid file): a new file.
+
+An output never replaces a file that exists: not the grid file it was proposed from, not a
+prepared dataset, not a checkpoint, not an earlier output. The file is created only if nothing
+is at its path (an exclusive create, so two writers cannot both win), and removed again if
+writing it fails (a full disk), so no half-written output is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class OutputError(Exception):
+    """An output that cannot be written, with the reason."""
+
+
+def _exists(path: Path) -> str:
+    return f"{path}: exists; an output never replaces a file (choose another name, or remove it first)"
+
+
+def check_new(path: Path) -> None:
+    """Raise :class:`OutputError` now if ``path`` could not be written as a new file later."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        raise OutputError(_exists(path))
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: no such directory {path.parent}")
+
+
+def write_new(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, which must not exist yet; raises :class:`OutputError`."""
+    path = Path(path)
+    check_new(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise OutputError(_exists(path)) from None
+    except OSError as e:
+        raise OutputError(f"{path}: cannot create it: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write it: {e.strerror}") from None
