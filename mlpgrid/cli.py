@@ -219,26 +219,25 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
         click.echo(f"{len(held)} trials are being trained by another process ({holders}): left to it.")
     if not tasks:
         click.echo(f"Nothing to do: all {len(grid.trials)} trials of {grid.name} have already ended.")
-    elif mine:
-        tasks = mine
-        progress = Progress([t.trial for t in tasks], already_done=len(grid.trials) - len(tasks))
-        try:
-            if in_process:
-                groups = runner.group_tasks(tasks, size, device_type=pick_device().type)
-                progress.note(describe(groups))
-                runner.run_in_process(groups, progress)
-            else:
-                from mlpgrid import ray_runner
+    progress = Progress([t.trial for t in mine], already_done=len(grid.trials) - len(mine))
+    try:
+        if mine and in_process:
+            groups = runner.group_tasks(mine, size, device_type=pick_device().type)
+            progress.note(describe(groups))
+            runner.run_in_process(groups, progress)
+        elif mine:
+            from mlpgrid import ray_runner
 
-                opts = ray_runner.RayOptions(address, max_concurrent, gpus_per_trial, cpus_per_trial, retries)
-                ray_runner.run_on_ray(tasks, size, grid, storage, opts, progress)
-        finally:
-            progress.close()
+            opts = ray_runner.RayOptions(address, max_concurrent, gpus_per_trial, cpus_per_trial, retries)
+            ray_runner.run_on_ray(mine, size, grid, storage, opts, progress)
+    finally:
+        progress.close()
+        runner.settle(grid, storage, grid_run)  # also after Ctrl-C: cut-off trials say so
     rows = tracking.grid_status(grid, grid_run)
     _print_status(rows)
     # Failure is what this run did not bring to an end; diverged trials found from an earlier
     # run are reported in the table, and a re-run with nothing left to do succeeds.
-    ran = {t.trial.id for t in tasks} | set(held)
+    ran = {t.trial.id for t in tasks}
     bad = [
         r for r in rows if r["state"] != tracking.FINISHED and (r["trial_id"] in ran or r["state"] not in tracking.DONE)
     ]
@@ -265,7 +264,7 @@ def status(grid_file: str, as_json: bool, storage: StorageLayout, tracking_uri: 
       mlpgrid status grids/quickstart.yaml
       mlpgrid status grids/quickstart.yaml --json
     """
-    from mlpgrid import tracking
+    from mlpgrid import locks, tracking
 
     grid = _load_grid(grid_file)
     uri = tracking.tracking_uri(storage, tracking_uri)
@@ -273,6 +272,11 @@ def status(grid_file: str, as_json: bool, storage: StorageLayout, tracking_uri: 
         rows = tracking.grid_status(grid, tracking.find_grid(grid, uri))
     except Exception as e:  # noqa: BLE001 - e.g. a store still being created, or unreachable
         raise click.ClickException(f"cannot read MLflow tracking URI {uri}: {e}") from None
+    trials = storage.grid(grid.name)
+    for row in rows:  # a run still saying running whose driver was killed: nothing holds its trial
+        lock = trials.trial(row["trial_id"]).lock
+        if row["state"] == tracking.RUNNING and lock.exists() and locks.holder(lock) is None:
+            row["state"] = tracking.INTERRUPTED
     if as_json:
         click.echo(json.dumps({"grid": grid.name, "trials": rows, "totals": _totals(rows)}, indent=2))
     else:
@@ -315,7 +319,10 @@ def trial(grid_file: str, trial_id: str, storage: StorageLayout, tracking_uri: s
         if "ended" not in metrics:  # the end is reported below
             progress.epoch(chosen, metrics)
 
-    status = runner.execute(task, report=report)
+    try:
+        status = runner.execute(task, report=report)
+    finally:
+        runner.settle(grid, storage, grid_run)
     progress.end(chosen, status)
     if status == runner.ELSEWHERE:
         raise click.ClickException(f"trial {chosen.id}: another process is training it")

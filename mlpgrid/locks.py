@@ -55,3 +55,20 @@ def exclusive(path: str | Path, wait_s: float = 60.0) -> Iterator[None]:
         if holder is not None:
             raise RuntimeError(f"{path}: held by another process ({holder})")
         yield
+
+
+def holder(path: str | Path) -> str | None:
+    """Who holds the lock file ``path`` now (``pid 123 on host``), or None if no process does;
+    takes nothing and writes nothing."""
+    path = Path(path)
+    try:
+        f = open(path)  # noqa: SIM115 - closed below, lock or not
+    except FileNotFoundError:
+        return None  # never claimed
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None

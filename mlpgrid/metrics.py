@@ -12,6 +12,7 @@ from typing import Any
 
 TEST_ERROR = "test_error"  # the final epoch's test error: the default metric of a grid
 EPOCH = ("epoch", "train_loss", "test_loss", TEST_ERROR, "lr", "images_per_s", "epoch_seconds")
+BEST_TEST_ERROR = "best_test_error"  # the lowest test error up to each epoch, logged with it
 HARDWARE = ("tflops", "mfu")  # MFU on GPUs only
 ATTEMPT = ("startup_seconds", "compile_seconds")
 # What differs between two runs of the same trial; everything else is a function of its config.

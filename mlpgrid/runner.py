@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mlpgrid import data
+from mlpgrid import data, tracking
 from mlpgrid.groups import Group, form_groups, fuses
 from mlpgrid.hardware import default_data_budget, pick_device
 from mlpgrid.layout import StorageLayout, TrialLayout
-from mlpgrid.locks import claim
+from mlpgrid.locks import claim, holder
 from mlpgrid.progress import Progress
 from mlpgrid.spec import GridSpec, RunOptions, Trial
 from mlpgrid.tracking import DIVERGED, DONE, FAILED, FINISHED, GridRun, TrialRun, trial_run, trial_runs
@@ -159,12 +159,20 @@ def group_tasks(tasks: list[TrialTask], size: int | None, workers: int = 1,
 def held_elsewhere(tasks: list[TrialTask]) -> dict[str, str]:
     """``{trial id: who holds it}`` for the tasks whose trial another process is training now
     (another ``mlpgrid run`` on the same grid, or a worker it left behind)."""
-    held = {}
-    for task in tasks:
-        with claim(task.layout.lock) as holder:
-            if holder is not None:
-                held[task.trial.id] = holder
-    return held
+    held = {t.trial.id: holder(t.layout.lock) for t in tasks}
+    return {trial_id: who for trial_id, who in held.items() if who is not None}
+
+
+def settle(grid: GridSpec, storage: StorageLayout, grid_run: GridRun) -> None:
+    """What a driver leaves behind as it stops, however it stops: the trials whose runs say
+    running but that no process trains are marked :data:`~mlpgrid.tracking.INTERRUPTED`, and
+    the grid's parent run ends (finished once every trial has ended) unless another process
+    still trains some of them."""
+    left = pending_tasks(grid, storage, grid_run)
+    held = held_elsewhere(left)
+    tracking.mark_interrupted(grid_run, [t.trial.id for t in left if t.trial.id not in held])
+    if not held:
+        tracking.end_grid(grid_run, all_ended=not left)
 
 
 def execute_group(

@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 
 # Run states, kept in the run's ``status`` tag.
 RUNNING, FINISHED, FAILED, DIVERGED = "running", "finished", "failed", "diverged"
+# A trial whose run says running but that no process trains (its driver was stopped or killed);
+# run again, it continues from its last checkpoint.
+INTERRUPTED = "interrupted"
 DONE = (FINISHED, DIVERGED)  # never run again: a diverged trial would diverge again
 
 
@@ -111,6 +115,8 @@ def _open_grid(grid: GridSpec, uri: str, artifacts: str | None) -> GridRun:
         parent = client.create_run(experiment_id, run_name=grid.name, tags={"mlpgrid_role": "grid"})
         parent_id = parent.info.run_id
         client.log_text(parent_id, Path(grid.path).read_text(), "grid.yaml")
+    else:
+        client.update_run(parent_id, status="RUNNING")
     return GridRun(uri, experiment_id, parent_id, str(grid.path.resolve()))
 
 
@@ -243,7 +249,9 @@ class TrialRun:
     def __init__(self, client: MlflowClient, run_id: str):
         self.client = client
         self.run_id = run_id
-        self.logged_epochs = {m.step for m in client.get_metric_history(run_id, metrics.TEST_ERROR)}
+        logged = client.get_metric_history(run_id, metrics.TEST_ERROR)
+        self.logged_epochs = {m.step for m in logged}
+        self.best = min((m.value for m in logged), default=math.inf)
         self.attempt = len(client.get_metric_history(run_id, "startup_seconds"))
         self.outbox = Outbox(client, run_id)
 
@@ -277,13 +285,14 @@ class TrialRun:
     def log_epochs(self, history: list[dict[str, Any]]) -> None:
         """Log the epochs of ``history`` this run does not hold yet."""
         now = int(time.time() * 1000)
-        batch = [
-            Metric(key, float(m[key]), now, m["epoch"])
-            for m in history
-            if m["epoch"] not in self.logged_epochs
-            for key in metrics.EPOCH + metrics.HARDWARE
-            if key in m
-        ]
+        batch = []
+        for m in sorted(history, key=lambda m: m["epoch"]):
+            if m["epoch"] in self.logged_epochs:
+                continue
+            self.best = min(self.best, m[metrics.TEST_ERROR])
+            values = {key: m[key] for key in metrics.EPOCH + metrics.HARDWARE if key in m}
+            values[metrics.BEST_TEST_ERROR] = self.best  # so status reads it without the history
+            batch += [Metric(key, float(v), now, m["epoch"]) for key, v in values.items()]
         if batch:
             self.outbox.put(batch)
             self.logged_epochs |= {m["epoch"] for m in history}
@@ -323,10 +332,25 @@ class TrialRun:
         self.client.set_terminated(self.run_id, "FINISHED" if status == FINISHED else "FAILED")
 
 
+def mark_interrupted(grid_run: GridRun, trial_ids: list[str]) -> None:
+    """Record that the trials' runs were cut off (:data:`INTERRUPTED`): no process trains them."""
+    client = MlflowClient(grid_run.tracking_uri)
+    for trial_id in trial_ids:
+        run = trial_run(grid_run, trial_id)
+        if run is not None and run.data.tags.get("status") == RUNNING:
+            client.set_tag(run.info.run_id, "status", INTERRUPTED)
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def end_grid(grid_run: GridRun, all_ended: bool) -> None:
+    """The grid's parent run ends with the driver: FINISHED once every trial has ended, else
+    KILLED (trials are left; a re-run opens it again)."""
+    MlflowClient(grid_run.tracking_uri).set_terminated(grid_run.parent_run_id, "FINISHED" if all_ended else "KILLED")
+
+
 def grid_status(grid: GridSpec, grid_run: GridRun | None) -> list[dict[str, Any]]:
     """One row per trial of the grid: its state (pending without a run), epochs, errors."""
     runs = trial_runs(grid_run) if grid_run else {}
-    client = MlflowClient(grid_run.tracking_uri) if grid_run else None
     rows = []
     for trial in grid.trials:
         cfg, run = trial.config, runs.get(trial.id)
@@ -336,12 +360,11 @@ def grid_status(grid: GridSpec, grid_run: GridRun | None) -> list[dict[str, Any]
             "test_error": None, "best_test_error": None, "startup_seconds": None, "error": None, "run_id": None,
         }  # fmt: skip
         if run is not None:
-            errors = [m.value for m in client.get_metric_history(run.info.run_id, metrics.TEST_ERROR)]
             row |= {
                 "state": run.data.tags.get("status", RUNNING),
                 "last_epoch": int(run.data.metrics.get("epoch", 0)),
                 "test_error": run.data.metrics.get(metrics.TEST_ERROR),
-                "best_test_error": min(errors) if errors else None,
+                "best_test_error": run.data.metrics.get(metrics.BEST_TEST_ERROR),
                 "startup_seconds": run.data.metrics.get("startup_seconds"),
                 "error": run.data.tags.get("error"),
                 "run_id": run.info.run_id,

@@ -75,6 +75,17 @@ def start_driver(path: Path, storage: Path, *options: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def wait_until_held(held: Path, process: subprocess.Popen, timeout_s: float = 300) -> int:
+    """Wait for the ``held`` file a trial writes at ``MLPGRID_HOLD_AT`` while ``process`` runs;
+    returns the pid of the process holding there."""
+    deadline = time.monotonic() + timeout_s
+    while not held.exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, f"nothing reached the chosen point ({held})"
+        time.sleep(0.1)
+    return int(held.read_text().split()[1])
+
+
 def stop_group(process: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)

@@ -5,14 +5,22 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from conftest import FASHION_MNIST, REPO, final_checkpoint, mlpgrid_command, start_driver, stop_group, without_timing
+from conftest import (
+    FASHION_MNIST,
+    REPO,
+    final_checkpoint,
+    mlpgrid_command,
+    start_driver,
+    stop_group,
+    wait_until_held,
+    without_timing,
+)
 from mlpgrid import spec, tracking
 from mlpgrid.checkpoint import HOLD_AT, CheckpointDir
 from mlpgrid.cli import cli
@@ -184,12 +192,7 @@ def test_a_grouped_grid_on_ray_records_its_trials_as_alone_and_resumes_a_killed_
     monkeypatch.setenv(HOLD_AT, "1:10")  # the group stops after its checkpoint at step 10 of epoch 2
     driver = start_driver(path, storage, "--max-concurrent", "1")
     try:
-        deadline = time.monotonic() + 300
-        while not held.exists():
-            assert driver.poll() is None, driver.stdout.read()
-            assert time.monotonic() < deadline, "the group did not reach the chosen point"
-            time.sleep(0.1)
-        os.kill(int(held.read_text().split()[1]), signal.SIGKILL)
+        os.kill(wait_until_held(held, driver), signal.SIGKILL)
         out, _ = driver.communicate(timeout=300)
     finally:
         stop_group(driver)

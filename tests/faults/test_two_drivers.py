@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, mlpgrid_command, stop_group
+from conftest import REPO, mlpgrid_command, stop_group, wait_until_held
 from mlpgrid import spec, tracking
 from mlpgrid.checkpoint import HOLD_AT
 from mlpgrid.layout import StorageLayout
@@ -42,11 +42,7 @@ def test_a_second_driver_leaves_the_first_ones_trial_alone(tmp_path, write_grid,
     held = StorageLayout(storage).grid(grid.name).trial(first_trial.id).root / "held"
     first = driver(path, storage, hold="0:5")  # stops mid-epoch 1 of its first trial, holding it
     try:
-        deadline = time.monotonic() + 240
-        while not held.exists():
-            assert first.poll() is None, first.stdout.read()
-            assert time.monotonic() < deadline, "the first driver did not reach the chosen point"
-            time.sleep(0.1)
+        wait_until_held(held, first)
         second = driver(path, storage)
         out, _ = second.communicate(timeout=300)
         assert second.returncode == 1, out

@@ -3,12 +3,11 @@ from its last checkpoint, in the same MLflow run."""
 
 import os
 import signal
-import time
 
 import pytest
 from mlflow import MlflowClient
 
-from conftest import start_driver, stop_group
+from conftest import start_driver, stop_group, wait_until_held
 from mlpgrid import spec, tracking
 from mlpgrid.checkpoint import HOLD_AT, CheckpointDir
 from mlpgrid.layout import StorageLayout
@@ -31,14 +30,9 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, write_grid, fash
     monkeypatch.setenv(HOLD_AT, "1:30")  # the worker stops after its checkpoint at step 30 of epoch 2
     driver = start_driver(path, storage)
     try:
-        deadline = time.monotonic() + 240
-        while not (layout.root / "held").exists():
-            assert driver.poll() is None, driver.stdout.read()
-            assert time.monotonic() < deadline, "the trial did not reach the chosen point"
-            time.sleep(0.1)
+        victim = wait_until_held(layout.root / "held", driver)
         (run,) = tracking.trial_runs(tracking.find_grid(grid, uri)).values()
-        victim = int(run.data.tags["worker_pid"])
-        assert (layout.root / "held").read_text() == f"pid {victim}"
+        assert int(run.data.tags["worker_pid"]) == victim, "the trial's worker holds"
         os.kill(victim, signal.SIGKILL)
         out, _ = driver.communicate(timeout=300)
     finally:
