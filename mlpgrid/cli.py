@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,34 @@ from mlpgrid import metrics, models, spec
 from mlpgrid.data.prepare import FORMATS, LAYOUTS
 from mlpgrid.layout import StorageLayout
 from mlpgrid.spec import GridSpec, SpecError
+
+
+def _json(value: Any, indent: int | None = None) -> str:
+    """JSON as JSON parsers read it: a value that is not a finite number (a fit with no interval)
+    is null, not the NaN or Infinity Python would write."""
+
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), indent=indent, allow_nan=False)
+
+
+class FiniteRange(click.FloatRange):
+    """A float option in a range, and finite: click's own range lets nan through (every
+    comparison with it is false) and a bound on one side lets inf through."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
 
 storage_option = click.option(
     "--storage",
@@ -47,7 +76,7 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
 def _reduce_options(command: Any) -> Any:
     """--scale and --only, shared by every command that reads a grid file."""
     command = click.option(
-        "--scale", type=click.FloatRange(0, 1, min_open=True), expose_value=False, callback=_remember,
+        "--scale", type=FiniteRange(0, 1, min_open=True), expose_value=False, callback=_remember,
         help="Try the grid small first: N, T, stage epochs and TTA crops times this (a grid of its own name).",
     )(command)  # fmt: skip
     return click.option(
@@ -153,11 +182,11 @@ def cli() -> None:
 @tracking_option
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster address (env RAY_ADDRESS); default: local Ray.")
 @click.option("--max-concurrent", type=click.IntRange(min=1), help="Trials at a time; default: as resources allow.")
-@click.option("--gpus-per-trial", type=click.FloatRange(min=0, max=1, min_open=True),
+@click.option("--gpus-per-trial", type=FiniteRange(min=0, max=1, min_open=True),
               help="Share of a GPU per trial, e.g. 0.5: two trials per GPU. Default: the grid's run.gpus_per_trial, "
                    "else 0.125 for small models and 0.5 for the rest, more where the trials are too few to "
                    "cover every GPU.")  # fmt: skip
-@click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--cpus-per-trial", type=FiniteRange(min=0, min_open=True), default=1.0, show_default=True,
               help="CPU cores per trial when there is no GPU.")  # fmt: skip
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Restarts of a failed trial, each from its last checkpoint.")  # fmt: skip
@@ -278,7 +307,7 @@ def status(grid_file: str, as_json: bool, storage: StorageLayout, tracking_uri: 
         if row["state"] == tracking.RUNNING and lock.exists() and locks.holder(lock) is None:
             row["state"] = tracking.INTERRUPTED
     if as_json:
-        click.echo(json.dumps({"grid": grid.name, "trials": rows, "totals": _totals(rows)}, indent=2))
+        click.echo(_json({"grid": grid.name, "trials": rows, "totals": _totals(rows)}, indent=2))
     else:
         _print_status(rows)
 
@@ -330,7 +359,7 @@ def trial(grid_file: str, trial_id: str, storage: StorageLayout, tracking_uri: s
         raise click.ClickException(f"trial {chosen.id} {status}")
 
 
-positive = click.FloatRange(min=0, min_open=True)
+positive = FiniteRange(min=0, min_open=True)
 
 
 @cli.command()
@@ -347,11 +376,11 @@ positive = click.FloatRange(min=0, min_open=True)
 @click.option("--plot-dir", type=click.Path(file_okay=False, path_type=Path), help="Write the figures here too.")
 @click.option("--bootstrap", "repeats", type=click.IntRange(min=0), default=200, show_default=True,
               help="Bootstrap resamples of the trials for the intervals; 0 = none.")  # fmt: skip
-@click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95,
+@click.option("--level", type=FiniteRange(0, 1, min_open=True, max_open=True), default=0.95,
               show_default=True, help="Confidence level of the intervals.")  # fmt: skip
 @click.option("--fit-space", type=click.Choice(["log", "linear"]), default="log", show_default=True,
               help="Least squares on log error, or on error as the paper.")  # fmt: skip
-@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+@click.option("--holdout", type=FiniteRange(0, 1, min_open=True, max_open=True),
               help="Also fit without the most expensive FRACTION of trials and report how well that fit "
                    "predicts their frontier.")  # fmt: skip
 @click.option("--propose", type=positive, help="Write a grid of trials the fit calls compute-optimal at this budget.")
@@ -391,7 +420,7 @@ def frontier(grid_file: str | None, csv_file: str | None, metric: str | None, bu
     except report.ReportError as e:
         raise click.ClickException(str(e)) from None
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(_json(result, indent=2))
     else:
         _print_frontier(result, request.source)
 
@@ -471,7 +500,7 @@ def model_info(name: str, resolution: int, channels: int, classes: int, as_json:
         raise click.ClickException(str(e)) from None
     info = {"name": cfg.name, "params": models.count_params(cfg), "forward_flops": models.forward_flops(cfg)}
     if as_json:
-        click.echo(json.dumps(info))
+        click.echo(_json(info))
     else:
         click.echo(
             f"{info['name']}: {_millions(info['params'])} parameters,"
@@ -513,7 +542,7 @@ def bench_models(names: tuple[str, ...], resolution: int, channels: int, classes
     except (ValueError, torch.cuda.OutOfMemoryError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
-        click.echo(json.dumps(rows, indent=1))
+        click.echo(_json(rows, indent=1))
         return
     table = [[r["model"], _millions(r["params"]), f"{r['latency_ms']:.2f}", f"{r['images_per_s']:,.0f}",
               r["best_batch"], _millions(r["forward_flops"])] for r in rows]  # fmt: skip
@@ -565,7 +594,7 @@ def data_group() -> None:
 )
 @click.option(
     "--holdout",
-    type=click.FloatRange(0, 1, max_open=True),
+    type=FiniteRange(0, 1, max_open=True),
     default=0.0,
     help="For sources without a test split: hold out this class-proportional fraction of train.",
 )
@@ -615,7 +644,7 @@ def data_ls(directory: Path | None, verify: bool, as_json: bool) -> None:
     found = prepared.find_all(directory)
     problems = [p for path, _ in found for p in prepared.verify(path)] if verify else []
     if as_json:
-        click.echo(json.dumps([{"path": str(path), **m} for path, m in found], indent=1))
+        click.echo(_json([{"path": str(path), **m} for path, m in found], indent=1))
     elif not found:
         click.echo(f"no prepared datasets in {directory}")
     else:

@@ -30,7 +30,10 @@ ACTIVATIONS = ("gelu", "relu")
 NORMS = ("layernorm", "batchnorm", "none")
 NORM_POSITIONS = ("pre", "post")
 
-_NAME = re.compile(r"^(?P<family>[BS])-(?P<depth>\d+)/Wi-(?P<width>\d+)$")
+# One spelling per model: ASCII digits without leading zeros (``B-01/Wi-016`` or full-width
+# digits would be the same model under other trial ids), and sizes a machine can hold.
+_NAME = re.compile(r"(?P<family>[BS])-(?P<depth>[1-9][0-9]*)/Wi-(?P<width>[1-9][0-9]*)", re.ASCII)
+MAX_DEPTH, MAX_WIDTH = 1024, 1 << 17
 NAME_FORMAT = "'B-<depth>/Wi-<width>' or 'S-<depth>/Wi-<width>' (e.g. 'B-12/Wi-1024')"
 
 
@@ -61,10 +64,13 @@ class MLPConfig:
 
 def parse_name(name: str) -> tuple[str, int, int]:
     """``'B-12/Wi-1024'`` -> ``('B', 12, 1024)``; raises ValueError on anything else."""
-    match = _NAME.match(name.strip()) if isinstance(name, str) else None
-    if not match or int(match["depth"]) < 1 or int(match["width"]) < 1:
+    match = _NAME.fullmatch(name) if isinstance(name, str) else None
+    if not match or len(match["depth"]) > 4 or len(match["width"]) > 6:
         raise ValueError(f"unknown model {name!r}; expected {NAME_FORMAT}")
-    return match["family"], int(match["depth"]), int(match["width"])
+    depth, width = int(match["depth"]), int(match["width"])
+    if depth > MAX_DEPTH or width > MAX_WIDTH:
+        raise ValueError(f"model {name!r}: at most depth {MAX_DEPTH} and width {MAX_WIDTH}")
+    return match["family"], depth, width
 
 
 def config_for(

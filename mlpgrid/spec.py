@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -179,6 +180,9 @@ class RunOptions:
             "TFLOP, one after another otherwise"
         ),  # fmt: skip
     )
+    max_trials: int = field(
+        default=100_000, metadata=_opt("refuse a grid of more trials than this (a typo in an axis); raise it at will")
+    )
 
 
 @dataclass(frozen=True)
@@ -254,7 +258,26 @@ def trial_id(config: TrialConfig) -> str:
 
 
 class _Loader(yaml.SafeLoader):
-    """Safe YAML that also reads ``1e-4`` as a number (YAML 1.1 wants ``1.0e-4``)."""
+    """Safe YAML that also reads ``1e-4`` as a number (YAML 1.1 wants ``1.0e-4``), and refuses
+    a document that expands to more than :data:`MAX_VALUES` values: an alias repeats a whole
+    subtree, so a few lines can stand for billions of values ("billion laughs")."""
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        sizes: dict[int, int] = {}
+
+        def size(n: yaml.Node) -> int:  # values once aliases are expanded, each node counted once
+            if id(n) not in sizes:
+                sizes[id(n)] = 0  # a node that contains itself counts as one value
+                children = [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else (
+                    n.value if isinstance(n, yaml.SequenceNode) else [])  # fmt: skip
+                sizes[id(n)] = min(MAX_VALUES + 1, 1 + sum(size(c) for c in children))
+            return sizes[id(n)]
+
+        if node is not None and size(node) > MAX_VALUES:
+            raise yaml.composer.ComposerError(None, None, f"expands to more than {MAX_VALUES:,} values "
+                                              "(aliases repeating aliases)", node.start_mark)  # fmt: skip
+        return node
 
 
 _Loader.add_implicit_resolver(
@@ -298,6 +321,10 @@ def _check_value(name: str, value: Any) -> str | None:
         value = float(value)
     if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
         return f"expected {kind.__name__}, got {type(value).__name__} {value!r} ({meta['help']})"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value!r} ({meta['help']})"
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        return f"must be at most {MAX_INT:.0e} in size, got a number of {len(str(abs(value)))} digits"
     if "choices" in meta and value not in meta["choices"]:
         return f"unknown {name} {value!r}; allowed: {', '.join(map(str, meta['choices']))}"
     if "parse" in meta:
@@ -392,12 +419,33 @@ def _expand(base: dict, grid: dict, zips: list[dict]) -> list[dict[str, tuple[st
 # --- sections ----------------------------------------------------------------------------
 
 _TOP_KEYS = ("name", "description", "metric", "data", "run", "base", "grid", "zip")
+RESERVED_NAMES = ("mlflow.db", "mlflow.lock", "mlartifacts", "ray")  # see mlpgrid.layout
+MAX_INT = 10**12  # larger whole numbers are typos (a model width of 200 digits)
+MAX_VALUES = 10**6  # values in a grid file once its YAML aliases are expanded
+MAX_DEPTH = 100  # [ and { nested in a grid file
+MAX_FILE_BYTES = 2**20
+
+
+def _flow_depth(text: str) -> int:
+    """How deep ``[`` and ``{`` nest in ``text``, quoted strings and comments left out."""
+    depth = deepest = 0
+    for char in re.sub(r"'[^']*'|\"(?:[^\"\\]|\\.)*\"|#[^\n]*", "", text):
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 def _document(text: str, path: Path) -> dict:
     """The file's YAML as a mapping; malformed YAML is named by line and column."""
+    if _flow_depth(text) > MAX_DEPTH:  # PyYAML takes seconds on deep [[[...]]] before it fails
+        raise SpecError(f"{path}: nested more than {MAX_DEPTH} deep, not a grid file")
     try:
         doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply to be a grid file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
@@ -412,8 +460,13 @@ def _name_section(doc: dict, path: Path, errors: _Errors) -> str:
         if key not in _TOP_KEYS:
             errors.add(str(key), _unknown_key(key, list(_TOP_KEYS)))
     name = doc.get("name", path.stem)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-        errors.add("name", f"expected letters, digits, '.', '_' or '-', got {name!r}")
+    # The name is a directory under storage and an MLflow experiment: one path component,
+    # not hidden or a parent, not a file mlpgrid keeps there, short enough for any filesystem.
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}", name, re.ASCII):
+        errors.add("name", f"expected up to 100 letters, digits, '.', '_' or '-', not starting with '.', got "
+                   f"{str(name)[:120]!r}")  # fmt: skip
+    elif name in RESERVED_NAMES:
+        errors.add("name", f"{name!r} is a file mlpgrid keeps in storage ({', '.join(RESERVED_NAMES)}); choose another")
     return name
 
 
@@ -540,6 +593,16 @@ def _check_fields_set_once(base: dict, sections: list[tuple[str, dict]], errors:
             errors.add(key, f"required field missing: set {key} in base, grid or zip ({_allowed_values(key)})")
 
 
+def _check_size(grid: dict, zips: list[dict], most: int, errors: _Errors) -> None:
+    """Refuse a grid of more than ``most`` trials before making any of them."""
+    count = math.prod(len(values) for values in grid.values())
+    count *= math.prod(len(next(iter(axes.values()))) for axes in zips)
+    if count > most:
+        errors.add("grid", f"expands to {count:,} trials, more than run.max_trials ({most:,}); set run.max_trials "
+                   "to run a grid this large")  # fmt: skip
+        errors.raise_if_any()
+
+
 def _trials(base: dict, grid: dict, zips: list[dict], errors: _Errors) -> list[Trial]:
     """The trials the axes expand to, each checked against its dataset; duplicates refused."""
     trials: list[Trial] = []
@@ -551,6 +614,9 @@ def _trials(base: dict, grid: dict, zips: list[dict], errors: _Errors) -> list[T
         if config.probes_itself and not config.probe_examples:
             errors.add(where["probe_datasets"], f"probing {ds.name}, the pre-training dataset, holds out "
                        "probe_examples of its training images from pre-training: set probe_examples")  # fmt: skip
+        elif config.probes_itself and config.pool_size < 1:
+            errors.add(where["probe_examples"], f"holds out {config.probe_examples} of {ds.name}'s {ds.train_size} "
+                       "training images to probe, leaving none to pre-train on")  # fmt: skip
         elif config.examples is not None and config.examples > config.pool_size:
             held = f" ({ds.train_size} less {config.probe_examples} held out to probe)" if config.probes_itself else ""
             errors.add(
@@ -587,6 +653,7 @@ def parse(text: str, path: Path) -> GridSpec:
     zips = _zip_section(doc.get("zip") or [], errors)
     _check_fields_set_once(base, [("grid", grid), *zips], errors)
     errors.raise_if_any()
+    _check_size(grid, [axes for _, axes in zips if axes], run_options.max_trials, errors)
     trials = _trials(base, grid, [axes for _, axes in zips if axes], errors)
     metric = _metric_section(doc.get("metric", metrics.TEST_ERROR), trials, errors)
     errors.raise_if_any()
@@ -633,7 +700,7 @@ def reduce(grid: GridSpec, scale: float | None = None, only: tuple[tuple[str, st
 
 def _run_option_problem(key: str, value: Any) -> str | None:
     """What is wrong with ``value`` for ``run.<key>``, or None."""
-    auto = "" if key == "checkpoint_every_steps" else " or auto"
+    auto = "" if key in ("checkpoint_every_steps", "max_trials") else " or auto"
     if value == "auto" and auto:
         return None
     if key in ("compile", "fuse"):
@@ -642,9 +709,11 @@ def _run_option_problem(key: str, value: Any) -> str | None:
         whole = isinstance(value, int) and not isinstance(value, bool) and value >= 1
         off = value == "off" or value is False  # YAML reads a bare off as false
         return None if whole or off else "expected the most trials a worker trains together (>= 1), off or auto"
-    kind = int if key == "checkpoint_every_steps" else float
-    if isinstance(value, bool) or not isinstance(value, (int, kind)):
+    kind = int if key in ("checkpoint_every_steps", "max_trials") else float
+    if isinstance(value, bool) or not isinstance(value, (int, kind)) or not math.isfinite(value):
         return f"expected a {'whole ' if kind is int else ''}number{auto}"
+    if key == "max_trials" and value < 1:
+        return "expected a whole number >= 1"
     if key == "gpus_per_trial" and not 0 < value <= 1:
         return "expected the share of one GPU a trial takes (0 < x <= 1) or auto"
     return "expected a number >= 0" if value < 0 else None
@@ -674,12 +743,19 @@ def reference() -> str:
 
 
 def load(path: str | Path) -> GridSpec:
-    """Read and validate a grid file."""
+    """Read and validate a grid file (UTF-8, at most :data:`MAX_FILE_BYTES`)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)  # never more: `run /dev/zero` ends here
     except OSError as e:
         raise SpecError(f"{path}: cannot read grid file ({e.strerror})") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise SpecError(f"{path}: larger than {MAX_FILE_BYTES // 2**20} MiB, not a grid file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})") from None
     return parse(text, path)
 
 

@@ -162,4 +162,15 @@ def test_clear_refusals(tmp_path, write_grid, recorded_grid):
     assert refused.exit_code == 1 and "needs at least 5 frontier points" in refused.output
 
     assert "give a GRID_FILE" in frontier().output
+    for bad in ("nan", "inf", "1e400"):
+        for option in ("--budget", "--propose"):
+            refused = frontier("--from-csv", few, option, bad)
+            assert refused.exit_code == 2 and f"{bad!r} is not a finite number" in refused.output
     assert "--propose needs" in frontier(path, "--storage", storage, "--propose", "1e12").output
+
+
+def test_json_output_is_json_without_nan():
+    from mlpgrid.cli import _json
+
+    written = _json({"ci": [float("nan"), float("inf")], "fit": {"a": 1.5}})
+    assert json.loads(written) == {"ci": [None, None], "fit": {"a": 1.5}}

@@ -3,9 +3,11 @@
 The examples are derandomized, so CI checks the same ones every run (a random search found a
 grid-file path with a NUL byte that crashed the parser; it is refused now)."""
 
+import re
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -73,3 +75,58 @@ def test_a_dataset_directory_of_another_layout_is_refused_before_training(tmp_pa
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "dataset cifar-10:" in result.output and "missing data_batch_1" in result.output
     assert not (tmp_path / "s").exists(), "nothing written"
+
+
+def _laughs(levels: int) -> str:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nbase: {{model: B-1/Wi-16, epochs: 1}}\ngrid: {{seed: *a{levels - 1}}}\n"
+
+
+HOSTILE = {
+    "10^7 trials": ("base: {model: B-1/Wi-16}\ngrid:\n" + "".join(f"  {k}: [{', '.join(map(str, range(1, 11)))}]\n"
+                    for k in ("epochs", "seed", "batch_size", "examples", "lr", "weight_decay", "warmup_epochs")),
+                    "expands to 10,000,000 trials, more than run.max_trials (100,000)"),
+    "billion laughs": (_laughs(9), "expands to more than 1,000,000 values"),
+    "3000 levels": ("base: {model: B-1/Wi-16, epochs: 1}\nx: " + "[" * 3000 + "]" * 3000 + "\n",
+                    "nested more than 100"),
+    "inf": ("base: {model: B-1/Wi-16, epochs: 1, weight_decay: .inf}\n", "weight_decay: must be a finite number"),
+    "nan in run": ("run: {data_budget_gb: .nan}\nbase: {model: B-1/Wi-16, epochs: 1}\n",
+                   "run.data_budget_gb: expected"),
+    "1e400": ("base: {model: B-1/Wi-16, epochs: 1, lr: 1e400}\n", "lr: must be a finite number, got inf"),
+    "padded": ("base: {model: B-01/Wi-16, epochs: 1}\n", "unknown model 'B-01/Wi-16'"),
+    "non-ASCII digits": ("base: {model: 'B-1/Wi-１６', epochs: 1}\n", "unknown model 'B-1/Wi-１６'"),
+    "200 digits": ("base: {model: B-1/Wi-" + "9" * 200 + ", epochs: 1}\n", "unknown model"),
+    "too wide": ("base: {model: B-1/Wi-999999, epochs: 1}\n", "at most depth 1024 and width 131072"),
+    "huge number": ("base: {model: B-1/Wi-16, epochs: " + "9" * 40 + "}\n", "must be at most 1e+12 in size"),
+    "400 characters": ("name: " + "a" * 400 + "\nbase: {model: B-1/Wi-16, epochs: 1}\n", "name: expected up to 100"),
+    "outside storage": ("name: ..\nbase: {model: B-1/Wi-16, epochs: 1}\n", "not starting with '.'"),
+    "a file in storage": ("name: mlflow.db\nbase: {model: B-1/Wi-16, epochs: 1}\n", "is a file mlpgrid keeps"),
+    "probe all": ("base: {model: B-1/Wi-16, epochs: 1, probe_datasets: [fashion-mnist], probe_examples: 70000}\n",
+                  "leaving none to pre-train on"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("attack", list(HOSTILE))
+def test_hostile_grid_files_are_refused_with_the_reason(tmp_path, attack):
+    text, reason = HOSTILE[attack]
+    path = tmp_path / "grid.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(SpecError, match=re.escape(reason)):
+        spec.load(path)
+
+
+def test_files_that_are_not_grid_files_are_refused_unread(tmp_path):
+    with pytest.raises(SpecError, match="/dev/zero: larger than 1 MiB, not a grid file"):
+        spec.load("/dev/zero")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SpecError, match=r"latin.yaml: not UTF-8 text \(byte 9 is 0xe9\)"):
+        spec.load(latin)
+
+
+def test_a_grid_may_raise_its_trial_cap():
+    text = "run: {max_trials: 20}\nbase: {model: B-1/Wi-16}\ngrid: {epochs: [1, 2, 3, 4, 5], seed: [0, 1, 2, 3]}\n"
+    assert len(spec.parse(text, Path("g.yaml")).trials) == 20
+    with pytest.raises(SpecError, match="expands to 20 trials, more than run.max_trials \\(19\\)"):
+        spec.parse(text.replace("20}", "19}"), Path("g.yaml"))
