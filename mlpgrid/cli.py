@@ -190,6 +190,10 @@ def cli() -> None:
               help="CPU cores per trial when there is no GPU.")  # fmt: skip
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Restarts of a failed trial, each from its last checkpoint.")  # fmt: skip
+@click.option("--wait-for-resources", "wait_s", type=FiniteRange(min=0, min_open=True), default=600.0,
+              show_default=True, metavar="SECONDS",
+              help="Give up when no trial has run for this long because Ray cannot place any (too few CPUs or GPUs "
+                   "for what a trial asks, a node lost).")  # fmt: skip
 @click.option("--group", metavar="auto|off|K", callback=lambda ctx, param, value: _group_option(value),
               help="Trials trained together by one worker, on one batch stream: auto (up to 16 that can), off, or "
                    "at most K. Default: the grid's run.group, else auto.")  # fmt: skip
@@ -198,7 +202,7 @@ def cli() -> None:
               help="Run the file as it is now even if an edit left trials that already ended out of it.")  # fmt: skip
 def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str | None, address: str | None,
         max_concurrent: int | None, gpus_per_trial: float | None, cpus_per_trial: float, retries: int,
-        group: str | int | None, in_process: bool, allow_changes: bool) -> None:  # fmt: skip
+        wait_s: float, group: str | int | None, in_process: bool, allow_changes: bool) -> None:  # fmt: skip
     """Run every trial of GRID_FILE that has not ended yet.
 
     Trials that differ only in epochs, learning rate and other optimiser settings are trained
@@ -249,6 +253,7 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
     if not tasks:
         click.echo(f"Nothing to do: all {len(grid.trials)} trials of {grid.name} have already ended.")
     progress = Progress([t.trial for t in mine], already_done=len(grid.trials) - len(mine))
+    failure = None  # why the run stopped early
     try:
         if mine and in_process:
             groups = runner.group_tasks(mine, size, device_type=pick_device().type)
@@ -257,8 +262,12 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
         elif mine:
             from mlpgrid import ray_runner
 
-            opts = ray_runner.RayOptions(address, max_concurrent, gpus_per_trial, cpus_per_trial, retries)
-            ray_runner.run_on_ray(mine, size, grid, storage, opts, progress)
+            opts = ray_runner.RayOptions(address, max_concurrent, gpus_per_trial, cpus_per_trial, retries, wait_s)
+            try:
+                ray_runner.run_on_ray(mine, size, grid, storage, opts, progress)
+            except ray_runner.ResourcesError as e:
+                progress.note(str(e))
+                failure = str(e)
     finally:
         progress.close()
         runner.settle(grid, storage, grid_run)  # also after Ctrl-C: cut-off trials say so
@@ -277,7 +286,8 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
         click.echo(f"{r['trial_id']} {r['state']}: {why or r['error'] or 'did not run to the end'}", err=True)
     if bad:
         left = f"; {len(elsewhere)} left to another process: run again once it is done" if elsewhere else ""
-        raise click.ClickException(f"{len(bad)} of {len(ran)} trials run did not finish{left}")
+        raise click.ClickException(f"{len(bad)} of {len(ran)} trials run did not finish{left}" +
+                                   (f"\n{failure}" if failure else ""))  # fmt: skip
 
 
 @cli.command()

@@ -34,6 +34,50 @@ class RayOptions:
     gpus_per_trial: float | None = None  # fractions pack trials on one GPU; None: the grid's, else by model size
     cpus_per_trial: float = 1.0  # used when the cluster has no GPU
     retries: int = 2  # a failed trial restarts from its last checkpoint this many times
+    wait_s: float = 600.0  # give up when no trial has run for this long (resources that do not come)
+
+
+class ResourcesError(RuntimeError):
+    """The grid stopped because Ray could place none of its trials for too long."""
+
+
+class _Stall:
+    """Watches a Tune experiment (as a callback) and stops it (as a stopper) once no trial has
+    run for ``wait_s`` seconds: Tune itself waits forever for resources that never come, e.g.
+    trials asking for more cores than any node has, or a node lost with the only GPU."""
+
+    def __init__(self, wait_s: float) -> None:
+        from ray import tune
+
+        stall = self
+        self.wait_s, self.running, self.since, self.stopped = wait_s, 0, time.monotonic(), False
+
+        class Watch(tune.Callback):
+            def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ANN001
+                stall.change(+1)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
+                stall.change(-1)
+
+            def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
+                stall.change(-1)
+
+            def on_trial_recover(self, iteration, trials, trial, **info):  # noqa: ANN001
+                stall.change(-1)
+
+        class Stop(tune.Stopper):
+            def __call__(self, trial_id: str, result: dict) -> bool:
+                return False
+
+            def stop_all(self) -> bool:
+                stall.stopped = stall.running == 0 and time.monotonic() - stall.since > stall.wait_s
+                return stall.stopped
+
+        self.callback, self.stopper = Watch(), Stop()
+
+    def change(self, running: int) -> None:
+        self.running = max(0, self.running + running)
+        self.since = time.monotonic()
 
 
 def _run_group(config: dict[str, Any], groups: dict[str, GroupTask], arrays: dict[tuple, Any]) -> None:
@@ -134,7 +178,7 @@ def start_ray(address: str | None) -> dict[str, float]:
 
 
 def make_tuner(groups: list[GroupTask], grid: GridSpec, storage: StorageLayout, placement: Placement,
-               retries: int, progress: Progress) -> Any:  # fmt: skip
+               retries: int, progress: Progress, stall: _Stall) -> Any:  # fmt: skip
     """The Ray Tune experiment of the groups: one Tune trial each, largest compute first."""
     from ray import tune
 
@@ -151,7 +195,8 @@ def make_tuner(groups: list[GroupTask], grid: GridSpec, storage: StorageLayout, 
             name=f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(storage.ray),
             failure_config=tune.FailureConfig(max_failures=retries),
-            callbacks=[progress.tune_callback({g.id: g.trials for g in groups})],
+            callbacks=[progress.tune_callback({g.id: g.trials for g in groups}), stall.callback],
+            stop=stall.stopper,
             verbose=0,
         ),
     )
@@ -170,4 +215,18 @@ def run_on_ray(tasks: list[TrialTask], group_size: int | None, grid: GridSpec, s
                       max_concurrent=opts.max_concurrent)  # fmt: skip
     for note in placement.notes:
         progress.note(note)
-    make_tuner(groups, grid, storage, placement, opts.retries, progress).fit()
+    stall = _Stall(opts.wait_s)
+    make_tuner(groups, grid, storage, placement, opts.retries, progress, stall).fit()
+    if stall.stopped:
+        import ray
+
+        def shown(resources: dict[str, float]) -> str:
+            return ", ".join(f"{resources[k]:g} {k}" for k in ("CPU", "GPU") if resources.get(k))
+
+        asks = sorted({shown(w) for w in placement.workers.values()})
+        raise ResourcesError(
+            f"gave up after {opts.wait_s:.0f} s with no trial running: Ray could not place trials asking for "
+            f"{' or '.join(asks)} each (the cluster has {shown(ray.cluster_resources())}, "
+            f"{shown(ray.available_resources()) or 'none'} free). Ask for less (--cpus-per-trial, "
+            "--gpus-per-trial), add nodes, or wait longer (--wait-for-resources)."
+        )

@@ -255,3 +255,15 @@ def test_trials_use_both_nodes_and_survive_losing_one(tmp_path, write_grid, fash
         CheckpointDir(storage / grid.name / killed["trial"] / "checkpoints").file(3, 0), weights_only=True
     )
     assert final["resumed_from"] and final["resumed_from"][0][0] >= 1, "the retry resumed from a checkpoint"
+
+
+@pytest.mark.slow
+def test_trials_that_ray_cannot_place_give_up_with_the_reason(tmp_path, write_grid, fashion_mnist):
+    """Trials asking for more cores than the cluster has: Tune alone would wait forever."""
+    path = write_grid(BASE + "grid:\n  epochs: [1]\n")
+    result = subprocess.run(mlpgrid_command("run", str(path), "--storage", str(tmp_path / "s"), "--cpus-per-trial",
+                                            "64", "--wait-for-resources", "5"),
+                            cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "gave up after 5 s with no trial running: Ray could not place trials asking for 64 CPU each" in result.stderr
+    assert "(--wait-for-resources)" in result.stderr and "pending: did not run to the end" in result.stderr
