@@ -1,7 +1,9 @@
 """`mlpgrid data prepare` / `data ls`: every source layout written here in its real form, read back."""
 
 import json
+import struct
 import subprocess
+import zlib
 
 import numpy as np
 import pytest
@@ -177,3 +179,27 @@ def test_cli_prepare_ls_and_a_trial_on_the_prepared_dataset(tmp_path, write_grid
     unknown = write_grid("base: {dataset: animalz, model: B-1/Wi-16, epochs: 1}\n", "bad.yaml")
     refused = cli("run", str(unknown), "--dry-run")
     assert refused.returncode == 1 and f"prepared in {home}: animals" in refused.stderr
+
+
+def _bomb_png(path, width=20_000, height=10_000):
+    """A PNG whose header claims 200 million pixels (Pillow refuses over 179M): a decompression bomb."""
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_skipped_and_a_looping_class_folder_refused(tmp_path):
+    source = write_tree(tmp_path / "tree", corrupt=False)
+    _bomb_png(source / "train" / "cat" / "bomb.png")
+    (source / "train" / "dog" / "again").symlink_to(source / "train")  # a loop inside a class: not entered
+    manifest = prepare.prepare(Request("tree", source, tmp_path / "out", "image-folder", resolution=16), workers=1)
+    assert [(s["file"].split("/")[-1], s["reason"].split(":")[0]) for s in manifest["skipped"]] == [
+        ("bomb.png", "DecompressionBombError")]  # fmt: skip
+    assert manifest["splits"]["train"]["count"] == 18, "each image once"
+
+    (source / "train" / "zebra").symlink_to(source / "train")  # a class folder that is the split itself
+    with pytest.raises(ValueError, match="zebra: links to .*which holds the split itself"):
+        prepare.prepare(Request("tree", source, tmp_path / "out2", "image-folder", resolution=16), workers=1)

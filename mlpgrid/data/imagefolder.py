@@ -7,6 +7,8 @@ Class names are the training folder's subfolders, sorted; a class is its index i
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,12 @@ class ImageList:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+    """The image files under ``folder``; directories linked in are not entered (a link to a
+    parent would loop, or list the same images again)."""
+    found = []
+    for directory, _, files in os.walk(folder, followlinks=False):
+        found += [Path(directory) / f for f in files if Path(f).suffix.lower() in EXTENSIONS]
+    return sorted(p for p in found if p.is_file())
 
 
 def classes(root: Path) -> tuple[str, ...]:
@@ -44,6 +51,11 @@ def _class_folders(split: Path, names: tuple[str, ...]) -> ImageList:
     unknown = sorted(p.name for p in split.iterdir() if p.is_dir() and p.name not in index)
     if unknown:
         raise ValueError(f"{split}: class folders not in train/: {', '.join(unknown[:5])}")
+    for name in names:
+        folder = split / name
+        if folder.is_symlink() and split.resolve().is_relative_to(folder.resolve()):
+            raise ValueError(f"{folder}: links to {folder.resolve()}, which holds the split itself: its images "
+                             "would come again under this class")  # fmt: skip
     files, labels = [], []
     for name in names:
         if (split / name).is_dir():
@@ -92,9 +104,14 @@ def read_image(path: Path, resolution: int, channels: int) -> np.ndarray:
     ImageNet 64x64); upsampling is bilinear. Raises ValueError saying why an image is unreadable.
     """
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB" if channels == 3 else "L")  # decodes every pixel: truncation shows here
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        with warnings.catch_warnings():
+            # Over Image.MAX_IMAGE_PIXELS (89M) Pillow warns, over twice that it refuses: either
+            # is an image no dataset of small images holds (a decompression bomb, say).
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = img.convert("RGB" if channels == 3 else "L")  # decodes every pixel: truncation shows here
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:  # fmt: skip
         raise ValueError(f"{type(e).__name__}: {e}") from None
     shrinking = img.width >= resolution and img.height >= resolution
     img = img.resize((resolution, resolution), Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR)
