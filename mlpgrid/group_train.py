@@ -172,6 +172,10 @@ class _Fused:
         self.templates = [self.templates[i] for i in indices]
         self.label_smoothing, self.clip = self.label_smoothing[indices], self.clip[indices]
         if self.compiled is not None:  # the shapes changed: compile again for the members left
+            # The stacked parameters keep their identity and change shape, and torch 2.11's
+            # guards miss that: the old graph ran on the new shapes and failed an
+            # assert_size_stride on an H200 (benchmarks/grid_overhead.py). So drop every graph.
+            torch.compiler.reset()
             self.compiled = torch.compile(self.model, dynamic=False)
 
 

@@ -15,7 +15,7 @@ import collections
 import math
 from dataclasses import dataclass
 
-from mlpgrid.spec import Trial
+from mlpgrid.groups import Group
 
 # A step of fewer hardware FLOPs than this (about 5 ms of an H100) leaves a GPU waiting for
 # kernel launches, and idle through a trial's start-up: eight such trials share a GPU by
@@ -27,9 +27,12 @@ SMALL_STEP_FLOPS = 4e12
 SMALL_SHARE, LARGE_SHARE = 0.125, 0.5
 
 
-def gpu_share(trial: Trial) -> float:
-    """The share of a GPU ``trial`` runs on by default, by the size of its step."""
-    return SMALL_SHARE if trial.step_flops < SMALL_STEP_FLOPS else LARGE_SHARE
+def gpu_share(group: Group) -> float:
+    """The share of a GPU ``group`` (often a trial alone) runs on by default: the shares its
+    members would have alone, by the size of each one's step, at most a GPU. A group of four
+    small trials on an eighth of a GPU would get a quarter of the GPU time they had alone,
+    which fusing them cannot make up (at most 1.5x; README, "Trial groups")."""
+    return min(1.0, sum(SMALL_SHARE if t.step_flops < SMALL_STEP_FLOPS else LARGE_SHARE for t in group.trials))
 
 
 def workers_at_once(resources: dict[str, float], cpus_per_trial: float, max_concurrent: int | None) -> int:
@@ -40,7 +43,7 @@ def workers_at_once(resources: dict[str, float], cpus_per_trial: float, max_conc
     return max(1, min(math.floor(slots + 1e-9), max_concurrent or math.inf))
 
 
-def gpu_shares(trials: list[Trial], gpus: float, chosen: float | None = None) -> dict[str, float]:
+def gpu_shares(trials: list[Group], gpus: float, chosen: float | None = None) -> dict[str, float]:
     """Each trial's share of a GPU on a cluster of ``gpus`` GPUs: ``chosen`` if given.
 
     Otherwise :func:`gpu_share`, raised where the trials are too few to put one on every GPU:
@@ -54,7 +57,7 @@ def gpu_shares(trials: list[Trial], gpus: float, chosen: float | None = None) ->
     return {t.id: max(gpu_share(t), 1 / per_gpu) for t in trials}
 
 
-def launch_order(trials: list[Trial]) -> list[Trial]:
+def launch_order(trials: list[Group]) -> list[Group]:
     """The trials, largest training compute first (grid order among equals).
 
     Started last, a long trial would keep one GPU busy after the rest of the grid is done.
@@ -76,7 +79,7 @@ class Placement:
     notes: list[str]  # what the user should know about it
 
 
-def place(trials: list[Trial], resources: dict[str, float], *, gpus_per_trial: float | None = None,
+def place(trials: list[Group], resources: dict[str, float], *, gpus_per_trial: float | None = None,
           cpus_per_trial: float = 1.0, max_concurrent: int | None = None) -> Placement:  # fmt: skip
     """The resources of each trial's worker on a cluster of ``resources`` (``ray.cluster_resources()``)."""
     kind = "GPU" if resources.get("GPU", 0) > 0 else "CPU"

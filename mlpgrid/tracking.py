@@ -96,6 +96,11 @@ def open_grid(grid: GridSpec, uri: str, storage: StorageLayout) -> GridRun:
         return _open_grid(grid, uri, storage.artifacts.as_uri())
 
 
+# MLflow 3's UI opens an experiment of this kind on its runs and metrics, not on GenAI traces.
+_KIND = "mlflow.experimentKind"
+_EXPERIMENT_TAGS = {_KIND: "custom_model_development"}
+
+
 def _open_grid(grid: GridSpec, uri: str, artifacts: str | None) -> GridRun:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(grid.name)
@@ -103,13 +108,15 @@ def _open_grid(grid: GridSpec, uri: str, artifacts: str | None) -> GridRun:
         # An explicit artifact location for a local store: otherwise artifacts land in ./mlruns
         # of whichever process creates the experiment. A server decides for itself.
         try:
-            experiment_id = client.create_experiment(grid.name, artifact_location=artifacts)
+            experiment_id = client.create_experiment(grid.name, artifact_location=artifacts, tags=_EXPERIMENT_TAGS)
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             experiment_id = client.get_experiment_by_name(grid.name).experiment_id
     else:
         experiment_id = experiment.experiment_id
+        if experiment.tags.get(_KIND) != _EXPERIMENT_TAGS[_KIND]:  # made by an earlier version
+            client.set_experiment_tag(experiment_id, _KIND, _EXPERIMENT_TAGS[_KIND])
     parent_id = _parent_run_id(client, experiment_id)
     if parent_id is None:
         parent = client.create_run(experiment_id, run_name=grid.name, tags={"mlpgrid_role": "grid"})
@@ -335,8 +342,9 @@ class TrialRun:
 def mark_interrupted(grid_run: GridRun, trial_ids: list[str]) -> None:
     """Record that the trials' runs were cut off (:data:`INTERRUPTED`): no process trains them."""
     client = MlflowClient(grid_run.tracking_uri)
+    runs = trial_runs(grid_run)  # one search, not one per trial
     for trial_id in trial_ids:
-        run = trial_run(grid_run, trial_id)
+        run = runs.get(trial_id)
         if run is not None and run.data.tags.get("status") == RUNNING:
             client.set_tag(run.info.run_id, "status", INTERRUPTED)
             client.set_terminated(run.info.run_id, "KILLED")

@@ -10,6 +10,7 @@ from lion_pytorch import Lion
 from mlpgrid import spec
 from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir
 from mlpgrid.data import Datasets
+from mlpgrid.groups import Group
 from mlpgrid.layout import TrialLayout
 from mlpgrid.optim import CompiledLion
 from mlpgrid.placement import gpu_share, gpu_shares, launch_order
@@ -83,9 +84,9 @@ EIGHT_TRIALS = (
 
 
 def test_small_trials_share_a_gpu_more_and_shares_grow_until_the_trials_cover_every_gpu(write_grid):
-    trials = spec.load(write_grid(EIGHT_TRIALS)).trials
+    trials = [Group((t,)) for t in spec.load(write_grid(EIGHT_TRIALS)).trials]
     by_size = {t.id: gpu_share(t) for t in trials}
-    assert {t.config.model: gpu_share(t) for t in trials} == {"B-2/Wi-64": 0.125, "B-12/Wi-1024": 0.5}
+    assert {t.trials[0].config.model: gpu_share(t) for t in trials} == {"B-2/Wi-64": 0.125, "B-12/Wi-1024": 0.5}
     assert sorted(by_size.values()) == [0.125] * 4 + [0.5] * 4
     assert gpu_shares(trials, 1) == by_size  # 8 trials per GPU
     assert sorted(gpu_shares(trials, 2).values()) == [0.25] * 4 + [0.5] * 4  # 4 per GPU
@@ -95,6 +96,9 @@ def test_small_trials_share_a_gpu_more_and_shares_grow_until_the_trials_cover_ev
     for gpus in (1, 2, 3, 4, 5, 8, 16):
         assert sum(gpu_shares(trials, gpus).values()) >= min(gpus, len(trials)) - 1e-9
     assert set(gpu_shares(trials, 8, chosen=0.25).values()) == {0.25}  # the user's choice stands
+    small = [t.trials[0] for t in trials if t.trials[0].config.model == "B-2/Wi-64"]
+    assert gpu_share(Group(tuple(small))) == 0.5, "a group takes the GPU time its members had alone"
+    assert gpu_share(Group(tuple(t.trials[0] for t in trials))) == 1.0
 
 
 def test_a_small_grid_gets_a_gpu_per_trial_from_ray(write_grid):
@@ -109,7 +113,7 @@ def test_a_small_grid_gets_a_gpu_per_trial_from_ray(write_grid):
         def gpu(self) -> list:
             return ray.get_gpu_ids()
 
-    shares = gpu_shares(spec.load(write_grid(EIGHT_TRIALS)).trials, 8)
+    shares = gpu_shares([Group((t,)) for t in spec.load(write_grid(EIGHT_TRIALS)).trials], 8)
     ray.init(num_cpus=1, num_gpus=8, include_dashboard=False, logging_level="ERROR")
     try:
         groups = [placement_group([{"GPU": share}]) for share in shares.values()]
