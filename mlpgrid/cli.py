@@ -254,6 +254,7 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
         click.echo(f"Nothing to do: all {len(grid.trials)} trials of {grid.name} have already ended.")
     progress = Progress([t.trial for t in mine], already_done=len(grid.trials) - len(mine))
     failure = None  # why the run stopped early
+    still_held: dict[str, str] = {}  # trials another process trains as this run stops
     try:
         if mine and in_process:
             groups = runner.group_tasks(mine, size, device_type=pick_device().type)
@@ -270,7 +271,7 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
                 failure = str(e)
     finally:
         progress.close()
-        runner.settle(grid, storage, grid_run)  # also after Ctrl-C: cut-off trials say so
+        still_held = runner.settle(grid, storage, grid_run)  # also after Ctrl-C: cut-off trials say so
     rows = tracking.grid_status(grid, grid_run)
     _print_status(rows)
     # Failure is what this run did not bring to an end; diverged trials found from an earlier
@@ -279,8 +280,7 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
     bad = [
         r for r in rows if r["state"] != tracking.FINISHED and (r["trial_id"] in ran or r["state"] not in tracking.DONE)
     ]
-    by_id = {t.trial.id: t for t in runner.pending_tasks(grid, storage, grid_run)}
-    elsewhere = runner.held_elsewhere([by_id[r["trial_id"]] for r in bad if r["trial_id"] in by_id])
+    elsewhere = {r["trial_id"]: still_held[r["trial_id"]] for r in bad if r["trial_id"] in still_held}
     for r in bad:
         why = f"another process trains it ({elsewhere[r['trial_id']]})" if r["trial_id"] in elsewhere else None
         click.echo(f"{r['trial_id']} {r['state']}: {why or r['error'] or 'did not run to the end'}", err=True)

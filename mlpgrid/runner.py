@@ -163,16 +163,17 @@ def held_elsewhere(tasks: list[TrialTask]) -> dict[str, str]:
     return {trial_id: who for trial_id, who in held.items() if who is not None}
 
 
-def settle(grid: GridSpec, storage: StorageLayout, grid_run: GridRun) -> None:
+def settle(grid: GridSpec, storage: StorageLayout, grid_run: GridRun) -> dict[str, str]:
     """What a driver leaves behind as it stops, however it stops: the trials whose runs say
     running but that no process trains are marked :data:`~mlpgrid.tracking.INTERRUPTED`, and
     the grid's parent run ends (finished once every trial has ended) unless another process
-    still trains some of them."""
+    still trains some of them. Returns those, as :func:`held_elsewhere` does."""
     left = pending_tasks(grid, storage, grid_run)
     held = held_elsewhere(left)
     tracking.mark_interrupted(grid_run, [t.trial.id for t in left if t.trial.id not in held])
     if not held:
         tracking.end_grid(grid_run, all_ended=not left)
+    return held
 
 
 def execute_group(
