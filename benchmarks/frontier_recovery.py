@@ -49,10 +49,11 @@ def main() -> None:
         extrapolation, covered = [], {level: dict.fromkeys(QUANTITIES, 0) for level in (0.68, 0.95)}
         for i in range(args.draws):
             points = draw(law, rng, noise=args.noise)
-            for k, v in estimates(frontier.analyse(points, space=space)).items():
+            analysis = frontier.analyse(points, space=space)
+            for k, v in estimates(analysis).items():
                 found[k].append(v)
             extrapolation += [r["relative_error"] for r in frontier.holdout(points, 1 / 3, space)]
-            boot = frontier.bootstrap(points, args.resamples, seed=i, space=space)
+            boot = frontier.bootstrap(analysis, args.resamples, seed=i)
             for level, hits in covered.items():
                 at_level = replace(boot, level=level)
                 intervals = at_level.fit_ci() | at_level.allocation_ci()

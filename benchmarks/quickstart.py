@@ -6,7 +6,9 @@
 Each run is the real ``mlpgrid run grids/quickstart.yaml`` (local Ray, MLflow on SQLite) from a
 fresh storage directory. Fashion-MNIST is read from where mlpgrid finds it; where it is not
 installed, random pixels in its idx layout stand in (speed does not depend on pixel values).
-Prints each run's wall time and final test errors, and the speed-up.
+Prints each run's wall time, where it went (from the trials' MLflow records: until the first
+trial's first step, trials' start-ups, training, after the last trial ended) and final test
+errors, and the speed-up.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from grid_overhead import covered, training_intervals  # noqa: E402
 from synthetic import write_fashion_mnist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,16 +34,29 @@ REPO = Path(__file__).resolve().parents[1]
 def run(storage: Path, group: str, env: dict[str, str], timeout: float) -> dict:
     command = [sys.executable, "-m", "mlpgrid", "run", str(REPO / "grids" / "quickstart.yaml"), "--storage",
                str(storage), "--group", group]  # fmt: skip
-    started = time.perf_counter()
+    started = time.time()
     out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    wall = time.perf_counter() - started
+    ended = time.time()
+    wall = ended - started
     errors = {line.split()[0]: float(line.split()[7]) for line in out.stdout.splitlines()
               if len(line.split()) == 9 and line.split()[5] == "finished"}  # fmt: skip
     plan = [line.split("] ", 1)[-1] for line in out.stdout.splitlines() if " workers: " in line or "each alone" in line]
     print(f"--group {group}: {wall:.0f} s, {len(errors)} finished, {plan}", flush=True)
     if out.returncode != 0:
         print(out.stdout[-2000:], out.stderr[-2000:], sep="\n")
-    return {"group": group, "wall_s": wall, "returncode": out.returncode, "test_errors": errors, "plan": plan}
+    trials = training_intervals(storage, "quickstart")
+    timeline = {
+        "to_first_launch_s": min(t["start"] - t["startup_s"] for t in trials) - started,
+        "to_first_step_s": min(t["start"] for t in trials) - started,
+        "startup_median_s": statistics.median(t["startup_s"] for t in trials),
+        "startup_max_s": max(t["startup_s"] for t in trials),
+        "training_covers_s": covered([(t["start"], t["end"]) for t in trials]),
+        "train_s": sum(t["train_s"] for t in trials),
+        "after_last_s": ended - max(t["end"] for t in trials),
+    }
+    print("  " + ", ".join(f"{k} {v:.1f}" for k, v in timeline.items()), flush=True)
+    return {"group": group, "wall_s": wall, "returncode": out.returncode, "test_errors": errors, "plan": plan,
+            "timeline": timeline, "per_trial": trials}  # fmt: skip
 
 
 def main() -> None:

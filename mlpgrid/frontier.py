@@ -15,8 +15,9 @@ The input is one :class:`Point` per finished trial. :func:`analyse` then, as Bac
 5. Fits the bottlenecked laws E(P) and E(N): the best error per model size and per subset
    size, as E_inf + A x^-alpha with E_inf from the E(C) fit.
 
-:func:`bootstrap` repeats all of it on trials resampled with replacement; intervals are
-percentiles of the repeats.
+:func:`bootstrap` repeats all of it on resamples: the configurations (a (model, N, T) at
+one setting) drawn with replacement, and the seeds of each; intervals are percentiles of the
+repeats.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,62 +47,226 @@ class FitError(ValueError):
 
 
 def read_csv(path: str | Path) -> list[Point]:
-    """Points from a CSV with columns compute,error,params,examples,epochs (and optionally
+    """Points from a CSV (UTF-8) with columns compute,error,params,examples,epochs (and optionally
     model,trial_id,lr,batch_size); every bad cell is reported with its line and column."""
     path = Path(path)
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in CSV_COLUMNS if c not in columns]
-        if missing:
-            raise FitError(f"{path}: missing column(s) {', '.join(missing)}; found: {', '.join(columns) or 'none'}")
-        points, problems = [], []
-        for line, raw in enumerate(reader, start=2):
-            row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
-            numbers = {}
-            for column in CSV_COLUMNS:
-                try:
-                    numbers[column] = float(row[column])
-                except ValueError:
-                    problems.append(f"{path}: line {line}: {column}: {row[column]!r} is not a number")
-                    continue
-                if not math.isfinite(numbers[column]) or numbers[column] <= 0:
-                    problems.append(f"{path}: line {line}: {column}: {row[column]} must be positive and finite")
-            settings = tuple((k, row[k]) for k in ("lr", "batch_size") if row.get(k))
-            if len(numbers) == len(CSV_COLUMNS):
-                points.append(Point(**numbers, model=row.get("model", ""), trial_id=row.get("trial_id", ""),
-                                    settings=settings))  # fmt: skip
-        if problems:
-            more = [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
-            raise FitError("\n".join(problems[:20] + more))
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            points, problems = _read_rows(path, csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise FitError(f"{path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
+    if problems:
+        more = [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
+        raise FitError("\n".join(problems[:20] + more))
     if not points:
         raise FitError(f"{path}: no rows")
     return points
 
 
+def _read_rows(path: Path, reader: Iterator[list[str]]) -> tuple[list[Point], list[str]]:
+    columns = [c.strip() for c in next(reader, [])]
+    missing = [c for c in CSV_COLUMNS if c not in columns]
+    if missing:
+        raise FitError(f"{path}: missing column(s) {', '.join(missing)}; found: {', '.join(columns) or 'none'}")
+    at = {c: i for i, c in enumerate(columns)}
+    numeric = [at[c] for c in CSV_COLUMNS]
+    model, trial_id = at.get("model"), at.get("trial_id")
+    swept = [(k, at[k]) for k in ("lr", "batch_size") if k in at]
+    points, problems = [], []
+    for line, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        try:
+            numbers = [float(row[i]) for i in numeric]
+        except (ValueError, IndexError):
+            numbers = []
+        if len(numbers) < len(numeric) or not all(0 < v < math.inf for v in numbers):
+            problems.extend(_cell_problems(path, line, [_cell(row, i) for i in numeric]))
+            continue
+        settings = tuple((k, _cell(row, i)) for k, i in swept if _cell(row, i))
+        points.append(Point(*numbers, model=_cell(row, model), trial_id=_cell(row, trial_id), settings=settings))
+    return points, problems
+
+
+def _cell(row: list[str], i: int | None) -> str:
+    return row[i].strip() if i is not None and i < len(row) else ""
+
+
+def _cell_problems(path: Path, line: int, cells: list[str]) -> list[str]:
+    """What is wrong with a row's numeric cells (those of :data:`CSV_COLUMNS`, in order)."""
+    problems = []
+    for column, cell in zip(CSV_COLUMNS, cells, strict=True):
+        try:
+            value = float(cell)
+        except ValueError:
+            problems.append(f"{path}: line {line}: {column}: {cell!r} is not a number")
+            continue
+        if not 0 < value < math.inf:
+            problems.append(f"{path}: line {line}: {column}: {cell} must be positive and finite")
+    return problems
+
+
 # --- selection ---------------------------------------------------------------------------
 
 
+def _starts(sorted_values: np.ndarray) -> np.ndarray:
+    """Where each run of equal values begins in ``sorted_values``."""
+    return np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+
+
+class _Segments:
+    """Indexes grouped by equal ``keys``: per group, the minimum of values given per index."""
+
+    def __init__(self, keys: np.ndarray) -> None:
+        self.order = np.argsort(keys, kind="stable")  # a tie goes to the first index
+        self.starts = _starts(keys[self.order])
+        self.of = np.repeat(np.arange(len(self.starts)), np.diff(np.r_[self.starts, len(keys)]))  # group by position
+        self.keys = keys[self.order][self.starts]
+        self.singles = len(self.starts) == len(keys)
+
+    def minima(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each group's minimum of ``values`` and the index (into ``values``) of its first occurrence."""
+        ordered = values[self.order]
+        if self.singles:
+            return ordered, self.order
+        minima = np.minimum.reduceat(ordered, self.starts)
+        hits = np.flatnonzero(ordered == minima[self.of])
+        return minima, self.order[hits[_starts(self.of[hits])]]
+
+
+class Trials:
+    """The points grouped as the analysis selects them, held as arrays so that the bootstrap's
+    repeats are array operations (``benchmarks/frontier_scale.py``: a million points).
+
+    Points that differ only in their seed (same model, N, T, compute and other settings) are one
+    *configuration*, whose error is their mean. Configurations that differ only in their other
+    settings (learning rate, batch size, ...) are one *cell*, a (model, N, T), which takes the
+    best of them, as the NFNet scaling study does. The analysis works on cells; errors are
+    passed in per configuration (:attr:`config_error`, or a bootstrap resample), with ``inf``
+    for a configuration left out.
+    """
+
+    def __init__(self, points: list[Point]) -> None:
+        self.points = points
+        configs: dict[tuple, int] = {}
+        keys = ((p.model or p.params, p.examples, p.epochs, p.compute, p.settings) for p in points)
+        row_config = np.fromiter((configs.setdefault(k, len(configs)) for k in keys), np.int64, len(points))
+        row_error = np.fromiter((p.error for p in points), float, len(points))
+        self.sizes = np.bincount(row_config, minlength=len(configs))
+        self.config_error = np.bincount(row_config, weights=row_error, minlength=len(configs)) / self.sizes
+        self.first_row = np.unique(row_config, return_index=True)[1]  # configurations number by their first row
+        cells: dict[tuple, int] = {}
+        first = [points[r] for r in self.first_row]
+        keys = ((p.model or p.params, p.examples, p.epochs, p.compute) for p in first)
+        self.by_cell = _Segments(np.fromiter((cells.setdefault(k, len(cells)) for k in keys), np.int64, len(first)))
+        representative = [first[c] for c in self.by_cell.order[self.by_cell.starts]]
+        self.compute = np.array([p.compute for p in representative])
+        self.params = np.array([p.params for p in representative])
+        self.examples = np.array([p.examples for p in representative])
+        self.examples_seen = np.array([p.examples_seen for p in representative])
+        # Cells by compute (the frontier, the allocation's bins) and by P and N (the bottleneck laws).
+        self.by = {axis: _Segments(getattr(self, axis)) for axis in ("compute", "params", "examples")}
+        self.log_compute = np.log10(self.compute[self.by["compute"].order])
+        # Rows by configuration, for resampling seeds.
+        rows = np.argsort(row_config, kind="stable")
+        self.sorted_config, self.sorted_error = row_config[rows], row_error[rows]
+        self.config_starts = np.r_[0, np.cumsum(self.sizes)[:-1]]
+
+    def cells(self, config_error: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per cell: the lowest error of its configurations (``inf`` where none is in), and which
+        configuration has it."""
+        return self.by_cell.minima(config_error)
+
+    def frontier(self, cell_error: np.ndarray) -> np.ndarray:
+        """The cells on the lower envelope (no cell of lower or equal compute does better), by compute."""
+        minima, first = self.by["compute"].minima(cell_error)
+        return first[minima < np.r_[np.inf, np.minimum.accumulate(minima)[:-1]]]
+
+    def best_by(self, cell_error: np.ndarray, axis: str) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct values x of ``axis`` (``params`` or ``examples``) and the lowest error at each."""
+        minima, _ = self.by[axis].minima(cell_error)
+        present = np.isfinite(minima)
+        return self.by[axis].keys[present], minima[present]
+
+    def best_per_bin(self, cell_error: np.ndarray, bins_per_decade: float = 4) -> np.ndarray:
+        """The lowest-error cell of each compute bin (bins of equal width in log C between the
+        cheapest and the costliest cell present), by compute."""
+        order = self.by["compute"].order
+        ordered = cell_error[order]
+        present = np.flatnonzero(np.isfinite(ordered))
+        low, high = self.log_compute[present[0]], self.log_compute[present[-1]]
+        count = max(1, math.ceil((high - low) * bins_per_decade))
+        # A bin holds the cells from its lower edge up to the next; the last one its upper edge too.
+        starts = np.unique(np.searchsorted(self.log_compute, np.linspace(low, high, count + 1)[1:-1]))
+        starts = np.r_[present[0], starts[(starts > present[0]) & (starts <= present[-1])]]
+        minima = np.minimum.reduceat(ordered, starts)
+        ends = np.r_[starts[1:], len(ordered)]
+        first = [
+            start + int(np.argmax(ordered[start:end] == m)) for start, end, m in zip(starts, ends, minima, strict=True)
+        ]
+        return order[np.array(first)[np.isfinite(minima)]]
+
+    def point(self, cell: int, cell_error: np.ndarray, cell_config: np.ndarray) -> Point:
+        """The cell as a point: its best configuration's first point, with the configuration's error."""
+        p = self.points[self.first_row[cell_config[cell]]]
+        return p if p.error == cell_error[cell] else dataclasses.replace(p, error=float(cell_error[cell]))
+
+    def resample(self, configs: np.random.Generator, seeds: np.random.Generator) -> np.ndarray:
+        """Configuration errors of one bootstrap resample: configurations drawn with replacement
+        (``inf`` for those not drawn; by ``configs``), each the mean of its seeds drawn with
+        replacement (by ``seeds``). A point given many times is one configuration of identical
+        seeds: it draws the same resamples as the point given once."""
+        n = len(self.sizes)
+        drawn = np.zeros(n, bool)
+        drawn[configs.integers(0, n, n)] = True
+        errors = self.config_error
+        if self.sizes.max() > 1:
+            config = self.sorted_config
+            rows = self.config_starts[config] + (seeds.random(len(config)) * self.sizes[config]).astype(np.int64)
+            errors = np.bincount(config, weights=self.sorted_error[rows], minlength=n) / self.sizes
+        return np.where(drawn, errors, np.inf)
+
+    def fit(self, config_error: np.ndarray, space: str = "log", bins_per_decade: float = 4,
+            near: PowerLaw | None = None) -> Fitted:  # fmt: skip
+        """E(C), the allocation and the bottleneck laws of the cells at these configuration errors
+        (``near``: see :func:`fit_power_law`)."""
+        cell_error, cell_config = self.cells(config_error)
+        frontier = self.frontier(cell_error)
+        if len(frontier) < MIN_FRONTIER_POINTS:
+            raise FitError(
+                f"{len(self.points)} points give a frontier of {len(frontier)}; fitting E(C) = a(b+C)^-alpha + E_inf"
+                f" needs at least {MIN_FRONTIER_POINTS} frontier points: add trials at more compute budgets"
+            )
+        fit = fit_power_law(self.compute[frontier], cell_error[frontier], space, near)
+        notes, allocation, laws = [], None, {}
+        try:
+            bins = self.best_per_bin(cell_error, bins_per_decade)
+            allocation = fit_allocation(self.compute[bins], self.params[bins], self.examples_seen[bins],
+                                        tuple(self.point(b, cell_error, cell_config) for b in bins))  # fmt: skip
+        except FitError as e:
+            notes.append(f"allocation not fitted: {e}")
+        for axis in ("params", "examples"):
+            try:
+                laws[axis] = fit_law(*self.best_by(cell_error, axis), axis, fit.e_inf)
+            except FitError as e:
+                notes.append(f"E({axis}) not fitted: {e}")
+        return Fitted(fit, allocation, laws, notes, cell_error, cell_config, frontier)
+
+
 def best_settings(points: list[Point]) -> list[Point]:
-    """One point per (model, N, T): seeds averaged, then the best of the other settings."""
-    seeds: dict[tuple, list[Point]] = defaultdict(list)
-    for p in points:
-        seeds[(p.key(), p.settings)].append(p)
-    best: dict[tuple, Point] = {}
-    for (key, _), group in seeds.items():
-        mean = dataclasses.replace(group[0], error=float(np.mean([p.error for p in group])))
-        if key not in best or mean.error < best[key].error:
-            best[key] = mean
-    return sorted(best.values(), key=lambda p: (p.compute, p.error))
+    """One point per (model, N, T): seeds averaged, then the best of the other settings; by
+    compute, then error."""
+    trials = Trials(points)
+    cell_error, cell_config = trials.cells(trials.config_error)
+    order = np.lexsort((cell_error, trials.compute))
+    return [trials.point(c, cell_error, cell_config) for c in order]
 
 
 def lower_envelope(points: list[Point]) -> list[Point]:
-    """The points that no point of lower or equal compute beats, by increasing compute."""
-    frontier: list[Point] = []
-    for p in sorted(points, key=lambda p: (p.compute, p.error)):
-        if not frontier or p.error < frontier[-1].error:
-            frontier.append(p)
-    return frontier
+    """The (model, N, T) that no point of lower or equal compute beats, by increasing compute."""
+    trials = Trials(points)
+    cell_error, cell_config = trials.cells(trials.config_error)
+    return [trials.point(c, cell_error, cell_config) for c in trials.frontier(cell_error)]
 
 
 # --- E(C) ----------------------------------------------------------------------------------
@@ -123,7 +288,7 @@ class PowerLaw:
         return {"a": self.a, "b": self.b, "alpha": self.alpha, "e_inf": self.e_inf}
 
 
-def fit_power_law(compute: np.ndarray, error: np.ndarray, space: str = "log") -> PowerLaw:
+def fit_power_law(compute: np.ndarray, error: np.ndarray, space: str = "log", near: PowerLaw | None = None) -> PowerLaw:
     """Fit E(C) = a (b + C)^-alpha + E_inf with ``curve_fit`` (trust-region, bounded).
 
     ``space="log"`` (default) minimises the squared differences of log E: every point counts
@@ -133,7 +298,9 @@ def fit_power_law(compute: np.ndarray, error: np.ndarray, space: str = "log") ->
     the paper's plain least squares on E.
 
     Compute is rescaled by the smallest C so that the parameters are of order one; several
-    starting points guard against local minima. Raises :class:`FitError` on failure.
+    starting points guard against local minima. ``near``: the fit of similar points (a
+    bootstrap resample's whole data), the one start tried first. Raises :class:`FitError` on
+    failure.
     """
     compute, error = np.asarray(compute, dtype=float), np.asarray(error, dtype=float)
     if len(compute) < MIN_FRONTIER_POINTS:
@@ -144,26 +311,44 @@ def fit_power_law(compute: np.ndarray, error: np.ndarray, space: str = "log") ->
     scale = compute.min()
     x = compute / scale
     ceiling = error.min() * (1 - 1e-9)
+    lower, upper = np.array([-50.0, 0.0, 1e-3, 0.0]), np.array([50.0, float(x.max()), MAX_ALPHA, ceiling])
 
     def model(x: np.ndarray, log_a: float, b: float, alpha: float, e_inf: float) -> np.ndarray:
         e = np.exp(log_a) * (b + x) ** -alpha + e_inf
         return np.log(e) if space == "log" else e
 
-    target = np.log(error) if space == "log" else error
-    bounds = ([-50.0, 0.0, 1e-3, 0.0], [50.0, float(x.max()), MAX_ALPHA, ceiling])
-    best, best_cost = None, np.inf
-    for e_inf0 in (0.0, 0.5 * ceiling, 0.9 * ceiling):
-        slope, intercept = np.polyfit(np.log(x), np.log(error - e_inf0), 1)
-        alpha0 = float(np.clip(-slope, 0.01, MAX_ALPHA * 0.9))
-        for b0 in (0.0, 1.0):
-            start = [float(np.clip(intercept, -49, 49)), min(b0, float(x.max())), alpha0, e_inf0]
+    def jacobian(x: np.ndarray, log_a: float, b: float, alpha: float, e_inf: float) -> np.ndarray:
+        power = np.exp(log_a) * (b + x) ** -alpha
+        columns = np.stack([power, -alpha * power / (b + x), -power * np.log(b + x), np.ones_like(x)], axis=1)
+        return columns / (power + e_inf)[:, None] if space == "log" else columns
+
+    def starts() -> Iterator[list[float]]:
+        for e_inf0 in (0.0, 0.5 * ceiling, 0.9 * ceiling):
+            slope, intercept = np.polyfit(np.log(x), np.log(error - e_inf0), 1)
+            alpha0 = float(np.clip(-slope, 0.01, MAX_ALPHA * 0.9))
+            for b0 in (0.0, 1.0):
+                yield [float(np.clip(intercept, -49, 49)), min(b0, float(x.max())), alpha0, e_inf0]
+
+    def best_of(starts: Iterable[list[float]]) -> np.ndarray | None:
+        best, best_cost = None, np.inf
+        for start in starts:
             try:
-                theta, _ = curve_fit(model, x, target, p0=start, bounds=bounds, method="trf", max_nfev=5000)
+                theta, _ = curve_fit(model, x, target, p0=start, jac=jacobian, bounds=(lower, upper), method="trf",
+                                     max_nfev=5000)  # fmt: skip
             except (RuntimeError, ValueError):
                 continue
             cost = float(np.sum((model(x, *theta) - target) ** 2))
             if np.all(np.isfinite(theta)) and cost < best_cost:
                 best, best_cost = theta, cost
+        return best
+
+    target = np.log(error) if space == "log" else error
+    best = None
+    if near is not None:
+        start = [math.log(near.a) - near.alpha * math.log(scale), near.b / scale, near.alpha, near.e_inf]
+        best = best_of([list(np.clip(start, lower, upper))])
+    if best is None:
+        best = best_of(starts())
     if best is None:
         raise FitError(f"fitting E(C) to the {len(x)} frontier points did not converge")
     log_a, b, alpha, e_inf = (float(v) for v in best)
@@ -195,30 +380,18 @@ class Allocation:
         return 10 ** (self.examples_log_coef + self.examples_exponent * np.log10(compute))
 
 
-def best_per_bin(points: list[Point], bins_per_decade: float = 4) -> list[Point]:
-    """The lowest-error point of each compute bin (bins of equal width in log C)."""
-    logs = np.log10([p.compute for p in points])
-    count = max(1, math.ceil((logs.max() - logs.min()) * bins_per_decade))
-    edges = np.linspace(logs.min(), logs.max(), count + 1)
-    which = np.clip(np.searchsorted(edges, logs, side="right") - 1, 0, count - 1)
-    best: dict[int, Point] = {}
-    for b, p in zip(which, points, strict=True):
-        if b not in best or p.error < best[b].error:
-            best[b] = p
-    return [best[b] for b in sorted(best)]
-
-
-def fit_allocation(points: list[Point], bins_per_decade: float = 4) -> Allocation:
-    bins = best_per_bin(points, bins_per_decade)
-    if len(bins) < MIN_ALLOCATION_BINS:
+def fit_allocation(compute: np.ndarray, params: np.ndarray, examples_seen: np.ndarray,
+                   bins: tuple[Point, ...]) -> Allocation:  # fmt: skip
+    """Lines through log P and log D against log C of the best point of each compute bin."""
+    if len(compute) < MIN_ALLOCATION_BINS:
         raise FitError(
-            f"{len(bins)} compute bin(s) hold trials; the allocation fit needs at least {MIN_ALLOCATION_BINS}:"
+            f"{len(compute)} compute bin(s) hold trials; the allocation fit needs at least {MIN_ALLOCATION_BINS}:"
             " spread the trials' compute over a wider range"
         )
-    log_c = np.log10([p.compute for p in bins])
-    p_slope, p_coef = np.polyfit(log_c, np.log10([p.params for p in bins]), 1)
-    d_slope, d_coef = np.polyfit(log_c, np.log10([p.examples_seen for p in bins]), 1)
-    return Allocation(float(p_slope), float(p_coef), float(d_slope), float(d_coef), tuple(bins))
+    log_c = np.log10(compute)
+    p_slope, p_coef = np.polyfit(log_c, np.log10(params), 1)
+    d_slope, d_coef = np.polyfit(log_c, np.log10(examples_seen), 1)
+    return Allocation(float(p_slope), float(p_coef), float(d_slope), float(d_coef), bins)
 
 
 @dataclass(frozen=True)
@@ -228,42 +401,48 @@ class Law:
     exponent: float
     log_coef: float
     e_inf: float
-    points: tuple[tuple[float, float], ...]  # (x, best error at x)
 
     def __call__(self, x: Any) -> Any:
         return self.e_inf + 10 ** (self.log_coef - self.exponent * np.log10(x))
 
 
-def best_by(points: list[Point], axis: str) -> list[tuple[float, float]]:
-    """(x, lowest error of any point with that x) for x = ``params`` or ``examples``."""
-    best: dict[float, float] = {}
-    for p in points:
-        x = getattr(p, axis)
-        best[x] = min(best.get(x, math.inf), p.error)
-    return sorted(best.items())
-
-
-def fit_law(points: list[Point], axis: str, e_inf: float) -> Law:
-    pairs = best_by(points, axis)
-    if len(pairs) < MIN_LAW_POINTS:
-        raise FitError(f"E({axis}) needs {MIN_LAW_POINTS} distinct {axis} values or more; the trials have {len(pairs)}")
-    x, e = np.array(pairs).T
-    slope, coef = np.polyfit(np.log10(x), np.log10(e - e_inf), 1)
-    return Law(float(-slope), float(coef), e_inf, tuple(pairs))
+def fit_law(x: np.ndarray, error: np.ndarray, axis: str, e_inf: float) -> Law:
+    """E(x) through the best error at each distinct x (:meth:`Trials.best_by`)."""
+    if len(x) < MIN_LAW_POINTS:
+        raise FitError(f"E({axis}) needs {MIN_LAW_POINTS} distinct {axis} values or more; the trials have {len(x)}")
+    slope, coef = np.polyfit(np.log10(x), np.log10(error - e_inf), 1)
+    return Law(float(-slope), float(coef), e_inf)
 
 
 # --- the whole analysis ---------------------------------------------------------------------
 
 
 @dataclass
+class Fitted:
+    """What one selection of the trials fits: E(C), the allocation, the bottleneck laws."""
+
+    fit: PowerLaw
+    allocation: Allocation | None
+    laws: dict[str, Law]  # "params" and/or "examples"
+    notes: list[str]  # what could not be fitted, and why
+    cell_error: np.ndarray  # per (model, N, T) cell of :class:`Trials`
+    cell_config: np.ndarray
+    frontier_cells: np.ndarray
+
+
+@dataclass
 class Analysis:
     points: list[Point]  # every point given
-    selected: list[Point]  # best settings per (model, N, T)
+    selected: list[Point]  # best settings per (model, N, T), by compute
     frontier: list[Point]
     fit: PowerLaw
     allocation: Allocation | None
     laws: dict[str, Law]  # "params" and/or "examples"
-    notes: list[str] = field(default_factory=list)  # what could not be fitted, and why
+    best_at: dict[str, tuple[np.ndarray, np.ndarray]]  # per axis: distinct P (or N), the best error at each
+    notes: list[str]  # what could not be fitted, and why
+    trials: Trials = field(repr=False)  # the points as arrays, for the bootstrap
+    space: str = "log"
+    bins_per_decade: float = 4
 
 
 def analyse(points: list[Point], space: str = "log", bins_per_decade: float = 4) -> Analysis:
@@ -272,25 +451,14 @@ def analyse(points: list[Point], space: str = "log", bins_per_decade: float = 4)
     Raises :class:`FitError` when E(C) cannot be fitted; the allocation and the laws are left
     out (with a note saying why) when the points cannot support them.
     """
-    selected = best_settings(points)
-    frontier = lower_envelope(selected)
-    if len(frontier) < MIN_FRONTIER_POINTS:
-        raise FitError(
-            f"{len(points)} points give a frontier of {len(frontier)}; fitting E(C) = a(b+C)^-alpha + E_inf"
-            f" needs at least {MIN_FRONTIER_POINTS} frontier points: add trials at more compute budgets"
-        )
-    fit = fit_power_law(np.array([p.compute for p in frontier]), np.array([p.error for p in frontier]), space)
-    notes, allocation, laws = [], None, {}
-    try:
-        allocation = fit_allocation(selected, bins_per_decade)
-    except FitError as e:
-        notes.append(f"allocation not fitted: {e}")
-    for axis in ("params", "examples"):
-        try:
-            laws[axis] = fit_law(selected, axis, fit.e_inf)
-        except FitError as e:
-            notes.append(f"E({axis}) not fitted: {e}")
-    return Analysis(points, selected, frontier, fit, allocation, laws, notes)
+    trials = Trials(points)
+    fitted = trials.fit(trials.config_error, space, bins_per_decade)
+    error, config = fitted.cell_error, fitted.cell_config
+    selected = [trials.point(c, error, config) for c in np.lexsort((error, trials.compute))]
+    frontier = [trials.point(c, error, config) for c in fitted.frontier_cells]
+    best_at = {axis: trials.best_by(error, axis) for axis in ("params", "examples")}
+    return Analysis(points, selected, frontier, fitted.fit, fitted.allocation, fitted.laws, best_at, fitted.notes,
+                    trials, space, bins_per_decade)  # fmt: skip
 
 
 # --- uncertainty ------------------------------------------------------------------------------
@@ -300,7 +468,7 @@ def analyse(points: list[Point], space: str = "log", bins_per_decade: float = 4)
 class Bootstrap:
     """The analysis repeated on trials resampled with replacement."""
 
-    samples: list[Analysis]
+    samples: list[Fitted]
     failed: int  # resamples whose E(C) could not be fitted
     level: float
 
@@ -334,16 +502,15 @@ class Bootstrap:
         return self.interval([float(s.allocation.examples_seen(compute)) for s in self.samples if s.allocation])
 
 
-def bootstrap(
-    points: list[Point], repeats: int = 200, level: float = 0.95, seed: int = 0, **analyse_options: Any
-) -> Bootstrap:
-    """Re-run :func:`analyse` on ``repeats`` resamples of the points (seeded: reproducible)."""
-    rng = np.random.default_rng(seed)
+def bootstrap(analysis: Analysis, repeats: int = 200, level: float = 0.95, seed: int = 0) -> Bootstrap:
+    """The analysis re-fitted on ``repeats`` resamples of its points (:meth:`Trials.resample`;
+    seeded: reproducible), each fit starting from the analysis' own."""
+    trials, (configs, seeds) = analysis.trials, np.random.default_rng(seed).spawn(2)
     samples, failed = [], 0
     for _ in range(repeats):
-        resample = [points[i] for i in rng.integers(0, len(points), len(points))]
         try:
-            samples.append(analyse(resample, **analyse_options))
+            errors = trials.resample(configs, seeds)
+            samples.append(trials.fit(errors, analysis.space, analysis.bins_per_decade, near=analysis.fit))
         except FitError:
             failed += 1
     return Bootstrap(samples, failed, level)
@@ -357,8 +524,9 @@ def holdout(points: list[Point], fraction: float = 1 / 3, space: str = "log") ->
     """
     ordered = sorted(points, key=lambda p: p.compute)
     cut = len(ordered) - max(1, round(len(ordered) * fraction))
-    fit = analyse(ordered[:cut], space=space).fit
-    held_out = [p for p in lower_envelope(best_settings(ordered)) if p.compute > ordered[cut - 1].compute]
+    cheaper = Trials(ordered[:cut])
+    fit = cheaper.fit(cheaper.config_error, space).fit
+    held_out = [p for p in lower_envelope(ordered) if p.compute > ordered[cut - 1].compute]
     rows = []
     for p in held_out:
         predicted = float(fit(p.compute))
@@ -396,7 +564,8 @@ def summary(analysis: Analysis, boot: Bootstrap) -> dict[str, Any]:
         },
         "bottlenecks": {
             axis: {"exponent": law.exponent, "log10_coef": law.log_coef, "e_inf": law.e_inf,
-                   "points": [list(pair) for pair in law.points], "ci": boot.law_ci(axis)}
+                   "points": [[float(x), float(e)] for x, e in zip(*analysis.best_at[axis], strict=True)],
+                   "ci": boot.law_ci(axis)}
             for axis, law in analysis.laws.items()
         },
         "bootstrap": {"repeats": len(boot.samples) + boot.failed, "failed": boot.failed, "level": boot.level},

@@ -147,7 +147,7 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout, tracking_u
         analysis = frontier.analyse(points, space=request.fit_space)
     except frontier.FitError as e:
         raise ReportError(f"{request.source}: cannot fit the frontier: {e}") from None
-    boot = frontier.bootstrap(points, request.repeats, request.level, space=request.fit_space)
+    boot = frontier.bootstrap(analysis, request.repeats, request.level)
     excluded = sum(n for why, n in left_out.items() if why != "running")
     report = {"excluded": excluded, "left_out": left_out} | frontier.summary(analysis, boot)
     report["queries"] = [_query(frontier.query(analysis, boot, b), request.grid, analysis) for b in request.budgets]

@@ -1,5 +1,7 @@
 """The frontier analysis on trials drawn from known laws: recovery, intervals, extrapolation."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -74,7 +76,7 @@ def test_bootstrap_intervals_cover_the_truth():
     rng, draws = np.random.default_rng(1), 16
     covered = dict.fromkeys(truth, 0)
     for i in range(draws):
-        boot = frontier.bootstrap(draw(LAW, rng), repeats=60, seed=i)
+        boot = frontier.bootstrap(frontier.analyse(draw(LAW, rng)), repeats=60, seed=i)
         intervals = boot.fit_ci() | boot.allocation_ci()
         for name, value in truth.items():
             low, high = intervals[name]
@@ -91,7 +93,8 @@ def test_extrapolation_from_the_cheaper_two_thirds():
 
 def test_bootstrap_is_reproducible():
     points = draw(LAW, np.random.default_rng(3))
-    assert frontier.bootstrap(points, repeats=10).fit_ci() == frontier.bootstrap(points, repeats=10).fit_ci()
+    analysis = frontier.analyse(points)
+    assert frontier.bootstrap(analysis, repeats=10).fit_ci() == frontier.bootstrap(analysis, repeats=10).fit_ci()
 
 
 def test_csv_points_and_their_errors(tmp_path):
@@ -109,3 +112,72 @@ def test_csv_points_and_their_errors(tmp_path):
         frontier.read_csv(bad)
     assert "bad.csv: line 3: error: 'abc' is not a number" in str(e.value)
     assert "bad.csv: line 3: epochs: -1 must be positive and finite" in str(e.value)
+    short = tmp_path / "short.csv"
+    short.write_text("compute,error,params,examples,epochs\n1e12,0.2,1e6\n")
+    with pytest.raises(FitError, match="line 2: examples: '' is not a number"):
+        frontier.read_csv(short)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("compute,error,params,examples,epochs,model\n1e12,0.2,1e6,5e4,4,Modèle\n".encode("latin-1"))
+    with pytest.raises(FitError, match="latin.csv: not UTF-8 text \\(invalid continuation byte\\); save it as UTF-8"):
+        frontier.read_csv(latin)
+
+
+def test_selection_matches_the_rule_it_states():
+    """Seeds averaged, the best setting of each (model, N, T) kept, the frontier the points no
+    cheaper-or-equal point beats: on random points with many ties, against the rule written out."""
+    rng = np.random.default_rng(5)
+    points = [Point(float(rng.choice([1e9, 2e9, 4e9, 8e9])), float(rng.choice([0.1, 0.2, 0.3, 0.4])), 1e5,
+                    float(rng.choice([1e3, 2e3])), float(rng.choice([1, 2])), str(rng.choice(["a", "b"])), str(i),
+                    (("lr", str(rng.choice([1, 2, 3]))),)) for i in range(300)]  # fmt: skip
+    configs: dict = {}
+    for p in points:
+        configs.setdefault((p.key(), p.compute, p.settings), []).append(p)
+    cells: dict = {}
+    for (key, compute, _), seeds in configs.items():
+        mean = float(np.mean([p.error for p in seeds]))
+        if (key, compute) not in cells or mean < cells[(key, compute)][0]:
+            cells[(key, compute)] = (mean, seeds[0].trial_id)
+    expected = sorted((compute, mean, trial) for (_, compute), (mean, trial) in cells.items())
+    selected = frontier.best_settings(points)
+    assert {p.trial_id: p.error for p in selected} == pytest.approx({t: m for _, m, t in expected})
+    order = [(p.compute, round(p.error, 9)) for p in selected]
+    assert order == sorted(order), "by compute, then error"
+    envelope, best = [], np.inf
+    for _, mean, trial in expected:
+        if mean < best - 1e-12:
+            envelope.append(trial)
+            best = mean
+    assert [p.trial_id for p in frontier.lower_envelope(points)] == envelope
+
+
+def test_a_point_given_many_times_is_one_trial_to_the_intervals():
+    """Repeating every row (a CSV concatenated with itself, a grid logged twice) leaves the
+    intervals as they were: the bootstrap resamples configurations, not rows."""
+    points = draw(LAW, np.random.default_rng(4))
+    once = frontier.bootstrap(frontier.analyse(points), repeats=30)
+    repeated = frontier.bootstrap(frontier.analyse(points * 100), repeats=30)
+    assert once.fit_ci().keys() == repeated.fit_ci().keys()
+    for name, interval in (once.fit_ci() | once.allocation_ci()).items():
+        assert (repeated.fit_ci() | repeated.allocation_ci())[name] == pytest.approx(interval, rel=1e-6), name
+
+
+def test_seeds_widen_the_intervals_by_their_spread():
+    """Three seeds per configuration whose errors scatter: the intervals are wider than for
+    their means given once each, since the seeds are resampled too."""
+    points = draw(LAW, np.random.default_rng(6))
+    means = frontier.bootstrap(frontier.analyse(points), repeats=40).fit_ci()["alpha"]
+    rng = np.random.default_rng(7)
+    seeds = [dataclasses.replace(p, error=p.error * float(np.exp(rng.normal(0, 0.05))), trial_id=f"{p.trial_id}{s}")
+             for p in points for s in range(3)]  # fmt: skip
+    spread = frontier.bootstrap(frontier.analyse(seeds), repeats=40).fit_ci()["alpha"]
+    assert spread[1] - spread[0] > means[1] - means[0]
+
+
+def test_a_dense_grid_is_drawn_as_a_density(tmp_path, monkeypatch):
+    from mlpgrid import plots
+
+    monkeypatch.setattr(plots, "DENSE_POINTS", 100)  # the draw has 243 points
+    analysis = frontier.analyse(draw(LAW, np.random.default_rng(8)))
+    figures = plots.draw_all(analysis, frontier.bootstrap(analysis, repeats=5), [1e17], tmp_path)
+    assert [f.name for f in figures] == ["error_vs_compute.png", "allocation.png", "bottlenecks.png"]
+    assert all(f.stat().st_size > 10_000 for f in figures)
