@@ -31,9 +31,11 @@ from synthetic import write_fashion_mnist  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(storage: Path, group: str, env: dict[str, str], timeout: float) -> dict:
+def run(storage: Path, group: str, env: dict[str, str], timeout: float, gpus_per_trial: float | None) -> dict:
     command = [sys.executable, "-m", "mlpgrid", "run", str(REPO / "grids" / "quickstart.yaml"), "--storage",
                str(storage), "--group", group]  # fmt: skip
+    if gpus_per_trial:
+        command += ["--gpus-per-trial", str(gpus_per_trial)]
     started = time.time()
     out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     ended = time.time()
@@ -63,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--group", action="append", help="mlpgrid run --group values; default auto, then off")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--gpus-per-trial", type=float, help="mlpgrid run --gpus-per-trial for every run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     env = dict(os.environ)
@@ -71,7 +74,8 @@ def main() -> None:
         if not Path(env.get("MLPGRID_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")).is_dir():
             env["MLPGRID_FASHION_MNIST"] = str(write_fashion_mnist(work / "fashion-mnist"))
             print("Fashion-MNIST not installed: random pixels in its layout", flush=True)
-        results = [run(work / f"storage-{g}", g, env, args.timeout) for g in args.group or ["auto", "off"]]
+        results = [run(work / f"storage-{g}", g, env, args.timeout, args.gpus_per_trial)
+                   for g in args.group or ["auto", "off"]]  # fmt: skip
     first, *others = results
     for other in others:
         same = [t for t in first["test_errors"] if t in other["test_errors"]]

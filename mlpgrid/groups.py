@@ -96,8 +96,8 @@ def form_groups(trials: Iterable[Trial], size: int | None, workers: int = 1, dev
     ``workers`` running at once on ``device_type``, members fused as ``fuse`` says (see
     :func:`fuses`).
 
-    Automatic grouping takes :data:`MAX_MEMBERS` at most, and on a GPU only where the members
-    fuse and train long enough to compile (:func:`pays_on_gpu`): on an H200 a group stepped one
+    Automatic grouping takes :data:`MAX_MEMBERS` at most, and on a GPU only members of one T
+    that fuse and train long enough to compile (:func:`pays_on_gpu`): on an H200 a group stepped one
     after another, or fused but not compiled, finished later than its trials alone, eight to a
     GPU (``benchmarks/quickstart.py``: 59 s against 48 s; ``benchmarks/grid_overhead.py``).
     On the CPU, members one after another share the loader's work and the start-up.
@@ -113,6 +113,13 @@ def form_groups(trials: Iterable[Trial], size: int | None, workers: int = 1, dev
     buckets: dict[object, list[Trial]] = {}
     for trial in trials:
         key = group_key(trial.config) if size > 1 else None
+        if key is not None and automatic and device_type == "cuda":
+            # Members that end together (an lr or weight-decay sweep at one T): a compiled fused
+            # group compiles again from scratch when a member leaves (group_train._Fused.keep).
+            # On an H200, benchmarks/grid_overhead.py --scale 0.3 with groups across T did not
+            # finish its grouped run in 560 s, against 233 s before that recompiling and 196 s
+            # with every trial alone. --group K still groups across T.
+            key += (("epochs", trial.config.epochs),)
         buckets.setdefault(key if key is not None else ("alone", trial.id), []).append(trial)
     groups = []
     for members in buckets.values():

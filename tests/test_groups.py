@@ -65,10 +65,17 @@ def test_a_gpu_groups_automatically_only_where_fused_compiled_steps_pay():
     short = spec.parse(small % "1, 2", spec.Path("g.yaml")).trials
     assert [len(g.trials) for g in form_groups(short, None, device_type="cpu")] == [2], "the CPU shares the loader"
     assert [len(g.trials) for g in form_groups(short, None, device_type="cuda")] == [1, 1], "too short to compile"
-    assert [len(g.trials) for g in form_groups(short, None, device_type="cuda", fuse=True)] == [2], "fuse: true"
+    assert [len(g.trials) for g in form_groups(short, None, device_type="cuda", fuse=True)] == [1, 1], "across T"
     assert [len(g.trials) for g in form_groups(short, 2, device_type="cuda")] == [2], "a size given stands"
     long = spec.parse(small % "400, 500", spec.Path("g.yaml")).trials
-    assert [len(g.trials) for g in form_groups(long, None, device_type="cuda")] == [2]
+    assert [len(g.trials) for g in form_groups(long, None, device_type="cuda")] == [1, 1], "members would leave"
+    assert [len(g.trials) for g in form_groups(long, 2, device_type="cuda")] == [2], "--group 2 groups across T"
+    sweep = "base: {model: B-6/Wi-256, examples: 60000, batch_size: 4096, epochs: 500}\ngrid:\n  lr: [1.0e-4, 3.0e-4]\n"
+    lrs = spec.parse(sweep, spec.Path("g.yaml")).trials
+    assert [len(g.trials) for g in form_groups(lrs, None, device_type="cuda")] == [2], "an lr sweep ends together"
+    short_lrs = spec.parse(sweep.replace("epochs: 500", "epochs: 1"), spec.Path("g.yaml")).trials
+    assert [len(g.trials) for g in form_groups(short_lrs, None, device_type="cuda")] == [1, 1], "too short to compile"
+    assert [len(g.trials) for g in form_groups(short_lrs, None, device_type="cuda", fuse=True)] == [2], "fuse: true"
     big = spec.parse(small.replace("B-6/Wi-256", "B-12/Wi-2048") % "400, 500", spec.Path("g.yaml")).trials
     assert [len(g.trials) for g in form_groups(big, None, device_type="cuda")] == [1, 1], "too large to fuse"
 
