@@ -110,6 +110,11 @@ def _print_plan(grid: GridSpec) -> None:
     click.echo(f"{len(grid.trials)} trials, total compute C = {total:.3e} FLOPs (C = FLOP(f) x 3 x N x T)")
 
 
+def _first_lines(lines: list[str], shown: int = 5) -> str:
+    more = [f"... and {len(lines) - shown} more"] if len(lines) > shown else []
+    return "\n  ".join(lines[:shown] + more)
+
+
 def _tracking(grid: GridSpec, storage: StorageLayout, uri: str | None) -> Any:
     """The grid's MLflow experiment and parent run, or a clear error before any trial starts."""
     from mlpgrid import tracking
@@ -199,7 +204,8 @@ def cli() -> None:
                    "at most K. Default: the grid's run.group, else auto.")  # fmt: skip
 @click.option("--in-process", is_flag=True, help="Run the trials one by one in this process, without Ray.")
 @click.option("--allow-changes", is_flag=True,
-              help="Run the file as it is now even if an edit left trials that already ended out of it.")  # fmt: skip
+              help="Run the file as it is now even if an edit left trials that already ended out of it, or its "
+                   "prepared data changed since trials trained on it.")  # fmt: skip
 def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str | None, address: str | None,
         max_concurrent: int | None, gpus_per_trial: float | None, cpus_per_trial: float, retries: int,
         wait_s: float, group: str | int | None, in_process: bool, allow_changes: bool) -> None:  # fmt: skip
@@ -232,19 +238,25 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
         _print_plan(grid)
         return
     try:
-        runner.check_data(grid)
-    except FileNotFoundError as e:
+        checksums = runner.check_data(grid, storage)
+    except runner.DataError as e:
         raise click.ClickException(str(e)) from None
     grid_run = _tracking(grid, storage, tracking_uri)
     changed = [] if allow_changes else tracking.changed_trials(_load_grid(grid_file, filtered=False), grid_run)
     if changed:
-        shown = "\n  ".join(changed[:5]) + (f"\n  ... and {len(changed) - 5} more" if len(changed) > 5 else "")
         raise click.ClickException(
             f"{grid_file} changed since its trials ran: {len(changed)} ended trials are no longer in it. "
-            f"As run -> in the file now:\n  {shown}\nPut the setting back, give the grid a new name, or pass "
-            f"--allow-changes to run the file as it is (the ended trials stay in MLflow)."
+            f"As run -> in the file now:\n  {_first_lines(changed)}\nPut the setting back, give the grid a new name, "
+            "or pass --allow-changes to run the file as it is (the ended trials stay in MLflow)."
         )
-    tasks = runner.pending_tasks(grid, storage, grid_run)
+    stale = [] if allow_changes else tracking.data_changed(grid_run, checksums)
+    if stale:
+        raise click.ClickException(
+            f"the data changed since {len(stale)} trials of {grid.name} trained on it (dataset checksum as run -> "
+            f"now):\n  {_first_lines(stale)}\nTheir results are of the old data. Put the data back, give the grid a "
+            "new name to train on the new data, or pass --allow-changes to go on as it is."
+        )
+    tasks = runner.pending_tasks(grid, storage, grid_run, checksums)
     held = runner.held_elsewhere(tasks)
     mine = [t for t in tasks if t.trial.id not in held]
     if held:
@@ -342,11 +354,11 @@ def trial(grid_file: str, trial_id: str, storage: StorageLayout, tracking_uri: s
     grid = _load_grid(grid_file)
     try:
         chosen = grid.trial(trial_id)
-        runner.check_data(grid)
-    except (SpecError, FileNotFoundError) as e:
+        checksums = runner.check_data(grid, storage)
+    except (SpecError, runner.DataError) as e:
         raise click.ClickException(str(e)) from None
     grid_run = _tracking(grid, storage, tracking_uri)
-    pending = {task.trial.id: task for task in runner.pending_tasks(grid, storage, grid_run)}
+    pending = {task.trial.id: task for task in runner.pending_tasks(grid, storage, grid_run, checksums)}
     if chosen.id not in pending:
         click.echo(f"Trial {chosen.id} has already ended.")
         return

@@ -19,6 +19,7 @@ travels to its worker as it is.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,11 @@ class StorageLayout:
     @property
     def ray(self) -> Path:
         return self.root / "ray"
+
+    def data_check(self, dataset: Path) -> Path:
+        """What the last check of the prepared dataset at ``dataset`` found its files to be."""
+        name = hashlib.sha256(str(Path(dataset).resolve()).encode()).hexdigest()[:16]
+        return self.root / "data-checks" / f"{name}.json"
 
     def grid(self, name: str) -> GridLayout:
         return GridLayout(self.root / name)

@@ -17,17 +17,18 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mlpgrid import data, tracking
+from mlpgrid.data import prepared
 from mlpgrid.groups import Group, form_groups, fuses
 from mlpgrid.hardware import default_data_budget, pick_device
 from mlpgrid.layout import StorageLayout, TrialLayout
 from mlpgrid.locks import claim, holder
 from mlpgrid.progress import Progress
 from mlpgrid.spec import GridSpec, RunOptions, Trial
-from mlpgrid.tracking import DIVERGED, DONE, FAILED, FINISHED, GridRun, TrialRun, trial_run, trial_runs
+from mlpgrid.tracking import DIVERGED, DONE, FAILED, FINISHED, GridRun, TrialRun, data_tag, trial_run, trial_runs
 from mlpgrid.train import Hooks, TrialDiverged, TrialOptions, TrialResult, run_trial
 
 log = logging.getLogger(__name__)
@@ -46,21 +47,40 @@ class TrialTask:
     data_roots: dict[str, str]  # every dataset the trial reads
     options: RunOptions
     grid_run: GridRun
+    data_checksums: dict[str, str] = field(default_factory=dict)  # the prepared ones, checked
 
 
-def check_data(grid: GridSpec) -> None:
-    """Fail before any trial starts when a dataset the grid uses cannot be found."""
+class DataError(Exception):
+    """A dataset the grid uses cannot be found, or does not verify; the message says which and why."""
+
+
+def check_data(grid: GridSpec, storage: StorageLayout | None = None) -> dict[str, str]:
+    """Fail before any trial starts when a dataset the grid uses cannot be found or, for a
+    prepared one, its files do not match its manifest (see :func:`mlpgrid.data.prepared.verify`;
+    with ``storage``, files unchanged since they last matched are not hashed again). Returns
+    each prepared dataset's checksum, by name."""
+    checksums = {}
     for name in sorted({ds for t in grid.trials for ds in t.config.datasets}):
-        info = data.info(name)
+        info, root = data.info(name), grid.data_root(name)
+        where = f"Set data.{name} in {grid.path}" + (f" or {info.env_var}" if info.env_var else "")
         try:
-            info.locate(grid.data_root(name))
+            info.locate(root)
+            if (root / prepared.MANIFEST).is_file():
+                problems = prepared.verify(root, storage.data_check(root) if storage else None)
+                if problems:
+                    shown = "\n  ".join(problems)
+                    raise DataError(f"dataset {name}: its files do not match {prepared.MANIFEST}:\n  {shown}\n"
+                                    f"Prepare it again (mlpgrid data prepare ...).")  # fmt: skip
+                checksums[name] = prepared.checksum(prepared.read_manifest(root))
         except (FileNotFoundError, ValueError) as e:
-            where = f"Set data.{name} in {grid.path}" + (f" or {info.env_var}" if info.env_var else "")
-            raise FileNotFoundError(f"dataset {name}: {e}. {where}.") from None
+            raise DataError(f"dataset {name}: {e}. {where}.") from None
+    return checksums
 
 
-def pending_tasks(grid: GridSpec, storage: StorageLayout, grid_run: GridRun) -> list[TrialTask]:
-    """Tasks for the trials MLflow does not show as done, in grid order."""
+def pending_tasks(grid: GridSpec, storage: StorageLayout, grid_run: GridRun,
+                  checksums: dict[str, str] | None = None) -> list[TrialTask]:  # fmt: skip
+    """Tasks for the trials MLflow does not show as done, in grid order; ``checksums`` (of
+    :func:`check_data`) are recorded on their runs."""
     runs = trial_runs(grid_run)
     done = {tid for tid, run in runs.items() if run.data.tags.get("status") in DONE}
     directory = storage.grid(grid.name)
@@ -72,6 +92,7 @@ def pending_tasks(grid: GridSpec, storage: StorageLayout, grid_run: GridRun) -> 
             data_roots={ds: str(grid.data_root(ds)) for ds in t.config.datasets},
             options=grid.run,
             grid_run=grid_run,
+            data_checksums={ds: (checksums or {})[ds] for ds in t.config.datasets if ds in (checksums or {})},
         )
         for t in grid.trials
         if t.id not in done
@@ -85,7 +106,8 @@ class _Recorder:
     def __init__(self, task: TrialTask, tags: dict[str, str] | None, launched_at: float,
                  report: Callable[[dict[str, Any]], None] | None):  # fmt: skip
         self.task, self.launched_at, self.report = task, launched_at, report
-        self.run = TrialRun.open(task.grid_run, task.trial, tags)
+        checked = {data_tag(name): checksum for name, checksum in task.data_checksums.items()}
+        self.run = TrialRun.open(task.grid_run, task.trial, (tags or {}) | checked)
         self.first = True
 
     def on_epoch(self, metrics: dict[str, Any]) -> None:

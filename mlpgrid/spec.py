@@ -419,7 +419,7 @@ def _expand(base: dict, grid: dict, zips: list[dict]) -> list[dict[str, tuple[st
 # --- sections ----------------------------------------------------------------------------
 
 _TOP_KEYS = ("name", "description", "metric", "data", "run", "base", "grid", "zip")
-RESERVED_NAMES = ("mlflow.db", "mlflow.lock", "mlartifacts", "ray")  # see mlpgrid.layout
+RESERVED_NAMES = ("mlflow.db", "mlflow.lock", "mlartifacts", "ray", "data-checks")  # see mlpgrid.layout
 MAX_INT = 10**12  # larger whole numbers are typos (a model width of 200 digits)
 MAX_VALUES = 10**6  # values in a grid file once its YAML aliases are expanded
 MAX_DEPTH = 100  # [ and { nested in a grid file
@@ -504,7 +504,11 @@ def _data_section(raw: Any, path: Path, errors: _Errors) -> list[_DataEntry]:
             errors.add(where, _unknown_key(unknown[0], ["path", *data.DECLARED_FACTS]) if unknown
                        else f"{bad[0]} must be a whole number, got {numbers[bad[0]]!r}")  # fmt: skip
             continue
-        root = str((path.parent / facts["path"]).resolve())
+        try:
+            root = str((path.parent / facts["path"]).resolve())
+        except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError on Python 3.11)
+            errors.add(where, f"{facts['path']}: cannot be resolved ({e})")
+            continue
         entries.append(_DataEntry(ds, where, root, numbers if isinstance(entry, dict) else None))
     return entries
 

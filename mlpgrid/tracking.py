@@ -172,6 +172,24 @@ def changed_trials(grid: GridSpec, grid_run: GridRun) -> list[str]:
     return lines
 
 
+def data_tag(dataset: str) -> str:
+    """The tag of a trial's run naming the checksum of the prepared dataset it trains on."""
+    return f"data.{dataset}.sha256"
+
+
+def data_changed(grid_run: GridRun, checksums: dict[str, str]) -> list[str]:
+    """The trials whose runs record a prepared dataset of another checksum than ``checksums``
+    (by dataset name) gives, each as ``<trial id>: <dataset> <as run> -> <now>``: trained, in
+    part or whole, on data that has changed since."""
+    lines = []
+    for trial_id, run in sorted(trial_runs(grid_run).items()):
+        for name, now in sorted(checksums.items()):
+            then = run.data.tags.get(data_tag(name))
+            if then is not None and then != now:
+                lines.append(f"{trial_id}: {name} {then[:12]} -> {now[:12]}")
+    return lines
+
+
 def trial_tags(trial: Trial) -> dict[str, str]:
     cfg = trial.config
     return {

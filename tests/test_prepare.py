@@ -195,8 +195,10 @@ def test_a_decompression_bomb_is_skipped_and_a_looping_class_folder_refused(tmp_
     source = write_tree(tmp_path / "tree", corrupt=False)
     _bomb_png(source / "train" / "cat" / "bomb.png")
     (source / "train" / "dog" / "again").symlink_to(source / "train")  # a loop inside a class: not entered
+    (source / "train" / "dog" / "loop.png").symlink_to(source / "train" / "dog" / "loop.png")  # links to itself
     manifest = prepare.prepare(Request("tree", source, tmp_path / "out", "image-folder", resolution=16), workers=1)
     assert [(s["file"].split("/")[-1], s["reason"].split(":")[0]) for s in manifest["skipped"]] == [
+        ("again", "a link to a directory"), ("loop.png", "not a regular file (a broken link, or a link that loops)"),
         ("bomb.png", "DecompressionBombError")]  # fmt: skip
     assert manifest["splits"]["train"]["count"] == 18, "each image once"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +25,27 @@ class ImageList:
 
     files: list[Path]
     labels: np.ndarray  # int64
+    passed_over: list[tuple[str, str]] = field(default_factory=list)  # (path, why) of what was not read
 
 
-def _images_in(folder: Path) -> list[Path]:
-    """The image files under ``folder``; directories linked in are not entered (a link to a
-    parent would loop, or list the same images again)."""
-    found = []
-    for directory, _, files in os.walk(folder, followlinks=False):
-        found += [Path(directory) / f for f in files if Path(f).suffix.lower() in EXTENSIONS]
-    return sorted(p for p in found if p.is_file())
+# Why a path under a class folder is passed over without being read.
+LINKED_DIRECTORY = "a link to a directory: not entered (it could loop, or list the same images again)"
+NOT_A_FILE = "not a regular file (a broken link, or a link that loops)"
+
+
+def _images_in(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The image files under ``folder``, and the paths passed over with the reason: directories
+    linked in are not entered, and links to nothing (or to themselves) are no images."""
+    found, passed_over = [], []
+    for directory, subdirectories, files in os.walk(folder, followlinks=False):
+        passed_over += [(str(Path(directory) / d), LINKED_DIRECTORY) for d in subdirectories
+                        if (Path(directory) / d).is_symlink()]  # fmt: skip
+        for path in (Path(directory) / f for f in files if Path(f).suffix.lower() in EXTENSIONS):
+            if path.is_file():
+                found.append(path)
+            else:
+                passed_over.append((str(path), NOT_A_FILE))
+    return sorted(found), sorted(passed_over)
 
 
 def classes(root: Path) -> tuple[str, ...]:
@@ -56,13 +68,14 @@ def _class_folders(split: Path, names: tuple[str, ...]) -> ImageList:
         if folder.is_symlink() and split.resolve().is_relative_to(folder.resolve()):
             raise ValueError(f"{folder}: links to {folder.resolve()}, which holds the split itself: its images "
                              "would come again under this class")  # fmt: skip
-    files, labels = [], []
+    files, labels, passed_over = [], [], []
     for name in names:
         if (split / name).is_dir():
-            found = _images_in(split / name)
+            found, passed = _images_in(split / name)
             files += found
             labels += [index[name]] * len(found)
-    return ImageList(files, np.asarray(labels, dtype=np.int64))
+            passed_over += passed
+    return ImageList(files, np.asarray(labels, dtype=np.int64), passed_over)
 
 
 def _annotated(split: Path, names: tuple[str, ...]) -> ImageList:

@@ -247,7 +247,7 @@ def _prepare_folder(
     finally:  # on Ctrl-C, stop at the shards in flight instead of working through the queue
         pool.shutdown(cancel_futures=True)
 
-    skipped: list[Skipped] = []
+    skipped = [Skipped(path, why) for images in splits.values() for path, why in images.passed_over]
     for split in splits:
         parts = sorted(partial.glob(f"shard-{split}-*.npz"))
         skipped += _join(parts, partial / f"{split}_images.npy", partial / f"{split}_labels.npy")

@@ -4,6 +4,8 @@ The examples are derandomized, so CI checks the same ones every run (a random se
 grid-file path with a NUL byte that crashed the parser; it is refused now)."""
 
 import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from conftest import REPO
 from mlpgrid import spec
 from mlpgrid.spec import RunOptions, SpecError
 
@@ -125,8 +128,38 @@ def test_files_that_are_not_grid_files_are_refused_unread(tmp_path):
         spec.load(latin)
 
 
+def test_a_symlink_loop_in_data_is_refused_with_its_entry(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        f"data: {{cifar-10: {tmp_path / 'loop'}}}\nbase: {{dataset: cifar-10, model: B-1/Wi-16, epochs: 1}}\n"
+    )
+    with pytest.raises(SpecError, match=r"data.cifar-10: .*loop: cannot be resolved \(Symlink loop"):
+        spec.load(path)
+
+
 def test_a_grid_may_raise_its_trial_cap():
     text = "run: {max_trials: 20}\nbase: {model: B-1/Wi-16}\ngrid: {epochs: [1, 2, 3, 4, 5], seed: [0, 1, 2, 3]}\n"
     assert len(spec.parse(text, Path("g.yaml")).trials) == 20
     with pytest.raises(SpecError, match="expands to 20 trials, more than run.max_trials \\(19\\)"):
         spec.parse(text.replace("20}", "19}"), Path("g.yaml"))
+
+
+def test_an_output_that_cannot_be_written_whole_leaves_nothing(tmp_path):
+    """A disk that fills up mid-write (here: a file-size limit, EFBIG, in a child process):
+    the output is refused with the reason and no partial file is left behind."""
+    out = tmp_path / "next.yaml"
+    script = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "from mlpgrid import outputs\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "try:\n"
+        f"    outputs.write_new(Path({str(out)!r}), 'x' * 100_000)\n"
+        "except outputs.OutputError as e:\n"
+        "    sys.exit(str(e))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 1 and f"{out}: cannot write it: File too large" in done.stderr
+    assert not out.exists()
