@@ -115,7 +115,7 @@ KILL_GRID = """
 run: {checkpoint_every_steps: 50}
 base: {model: B-2/Wi-128, batch_size: 100, optimizer: adamw, lr: 1.0e-3}
 zip:
-  examples: [1000, 60000, 2000]
+  examples: [1000, 10000, 2000]
   epochs: [1, 4, 1]
 """
 
