@@ -114,13 +114,26 @@ def _starts(sorted_values: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
 
 
+def _segment_of(starts: np.ndarray, length: int) -> np.ndarray:
+    """For each position of an array of ``length`` cut into segments at ``starts``, its segment."""
+    return np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, length]))
+
+
+def _first_minima(values: np.ndarray, starts: np.ndarray, of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each segment's minimum of ``values`` (segments begin at ``starts``, none empty; ``of`` is
+    :func:`_segment_of` them) and the position of its first occurrence."""
+    minima = np.minimum.reduceat(values, starts)
+    hits = np.flatnonzero(values == minima[of])
+    return minima, hits[_starts(of[hits])]
+
+
 class _Segments:
     """Indexes grouped by equal ``keys``: per group, the minimum of values given per index."""
 
     def __init__(self, keys: np.ndarray) -> None:
         self.order = np.argsort(keys, kind="stable")  # a tie goes to the first index
         self.starts = _starts(keys[self.order])
-        self.of = np.repeat(np.arange(len(self.starts)), np.diff(np.r_[self.starts, len(keys)]))  # group by position
+        self.of = _segment_of(self.starts, len(keys))
         self.keys = keys[self.order][self.starts]
         self.singles = len(self.starts) == len(keys)
 
@@ -129,9 +142,8 @@ class _Segments:
         ordered = values[self.order]
         if self.singles:
             return ordered, self.order
-        minima = np.minimum.reduceat(ordered, self.starts)
-        hits = np.flatnonzero(ordered == minima[self.of])
-        return minima, self.order[hits[_starts(self.of[hits])]]
+        minima, first = _first_minima(ordered, self.starts, self.of)
+        return minima, self.order[first]
 
 
 class Trials:
@@ -149,7 +161,7 @@ class Trials:
     def __init__(self, points: list[Point]) -> None:
         self.points = points
         configs: dict[tuple, int] = {}
-        keys = ((p.model or p.params, p.examples, p.epochs, p.compute, p.settings) for p in points)
+        keys = ((p.key(), p.compute, p.settings) for p in points)
         row_config = np.fromiter((configs.setdefault(k, len(configs)) for k in keys), np.int64, len(points))
         row_error = np.fromiter((p.error for p in points), float, len(points))
         self.sizes = np.bincount(row_config, minlength=len(configs))
@@ -157,7 +169,7 @@ class Trials:
         self.first_row = np.unique(row_config, return_index=True)[1]  # configurations number by their first row
         cells: dict[tuple, int] = {}
         first = [points[r] for r in self.first_row]
-        keys = ((p.model or p.params, p.examples, p.epochs, p.compute) for p in first)
+        keys = ((p.key(), p.compute) for p in first)
         self.by_cell = _Segments(np.fromiter((cells.setdefault(k, len(cells)) for k in keys), np.int64, len(first)))
         representative = [first[c] for c in self.by_cell.order[self.by_cell.starts]]
         self.compute = np.array([p.compute for p in representative])
@@ -198,18 +210,21 @@ class Trials:
         count = max(1, math.ceil((high - low) * bins_per_decade))
         # A bin holds the cells from its lower edge up to the next; the last one its upper edge too.
         starts = np.unique(np.searchsorted(self.log_compute, np.linspace(low, high, count + 1)[1:-1]))
-        starts = np.r_[present[0], starts[(starts > present[0]) & (starts <= present[-1])]]
-        minima = np.minimum.reduceat(ordered, starts)
-        ends = np.r_[starts[1:], len(ordered)]
-        first = [
-            start + int(np.argmax(ordered[start:end] == m)) for start, end, m in zip(starts, ends, minima, strict=True)
-        ]
-        return order[np.array(first)[np.isfinite(minima)]]
+        starts = np.r_[0, starts[(starts > present[0]) & (starts <= present[-1])] - present[0]]
+        present_on = ordered[present[0] :]
+        minima, first = _first_minima(present_on, starts, _segment_of(starts, len(present_on)))
+        return order[present[0] + first[np.isfinite(minima)]]
 
     def point(self, cell: int, cell_error: np.ndarray, cell_config: np.ndarray) -> Point:
         """The cell as a point: its best configuration's first point, with the configuration's error."""
         p = self.points[self.first_row[cell_config[cell]]]
         return p if p.error == cell_error[cell] else dataclasses.replace(p, error=float(cell_error[cell]))
+
+    def selected(self, cell_error: np.ndarray, cell_config: np.ndarray) -> list[Point]:
+        """Every cell present as a point (:meth:`point`), by compute, then error."""
+        present = np.flatnonzero(np.isfinite(cell_error))
+        order = present[np.lexsort((cell_error[present], self.compute[present]))]
+        return [self.point(c, cell_error, cell_config) for c in order]
 
     def resample(self, configs: np.random.Generator, seeds: np.random.Generator) -> np.ndarray:
         """Configuration errors of one bootstrap resample: configurations drawn with replacement
@@ -257,9 +272,7 @@ def best_settings(points: list[Point]) -> list[Point]:
     """One point per (model, N, T): seeds averaged, then the best of the other settings; by
     compute, then error."""
     trials = Trials(points)
-    cell_error, cell_config = trials.cells(trials.config_error)
-    order = np.lexsort((cell_error, trials.compute))
-    return [trials.point(c, cell_error, cell_config) for c in order]
+    return trials.selected(*trials.cells(trials.config_error))
 
 
 def lower_envelope(points: list[Point]) -> list[Point]:
@@ -454,7 +467,7 @@ def analyse(points: list[Point], space: str = "log", bins_per_decade: float = 4)
     trials = Trials(points)
     fitted = trials.fit(trials.config_error, space, bins_per_decade)
     error, config = fitted.cell_error, fitted.cell_config
-    selected = [trials.point(c, error, config) for c in np.lexsort((error, trials.compute))]
+    selected = trials.selected(error, config)
     frontier = [trials.point(c, error, config) for c in fitted.frontier_cells]
     best_at = {axis: trials.best_by(error, axis) for axis in ("params", "examples")}
     return Analysis(points, selected, frontier, fitted.fit, fitted.allocation, fitted.laws, best_at, fitted.notes,
