@@ -242,21 +242,22 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
     except runner.DataError as e:
         raise click.ClickException(str(e)) from None
     grid_run = _tracking(grid, storage, tracking_uri)
-    changed = [] if allow_changes else tracking.changed_trials(_load_grid(grid_file, filtered=False), grid_run)
+    runs = tracking.trial_runs(grid_run)  # one search for the checks below and the pending trials
+    changed = [] if allow_changes else tracking.changed_trials(_load_grid(grid_file, filtered=False), grid_run, runs)
     if changed:
         raise click.ClickException(
             f"{grid_file} changed since its trials ran: {len(changed)} ended trials are no longer in it. "
             f"As run -> in the file now:\n  {_first_lines(changed)}\nPut the setting back, give the grid a new name, "
             "or pass --allow-changes to run the file as it is (the ended trials stay in MLflow)."
         )
-    stale = [] if allow_changes else tracking.data_changed(grid_run, checksums)
+    stale = [] if allow_changes else tracking.data_changed(runs, checksums)
     if stale:
         raise click.ClickException(
             f"the data changed since {len(stale)} trials of {grid.name} trained on it (dataset checksum as run -> "
             f"now):\n  {_first_lines(stale)}\nTheir results are of the old data. Put the data back, give the grid a "
             "new name to train on the new data, or pass --allow-changes to go on as it is."
         )
-    tasks = runner.pending_tasks(grid, storage, grid_run, checksums)
+    tasks = runner.pending_tasks(grid, storage, grid_run, checksums, runs)
     held = runner.held_elsewhere(tasks)
     mine = [t for t in tasks if t.trial.id not in held]
     if held:

@@ -77,11 +77,12 @@ def check_data(grid: GridSpec, storage: StorageLayout | None = None) -> dict[str
     return checksums
 
 
-def pending_tasks(grid: GridSpec, storage: StorageLayout, grid_run: GridRun,
-                  checksums: dict[str, str] | None = None) -> list[TrialTask]:  # fmt: skip
+def pending_tasks(grid: GridSpec, storage: StorageLayout, grid_run: GridRun, checksums: dict[str, str] | None = None,
+                  runs: dict[str, Any] | None = None) -> list[TrialTask]:  # fmt: skip
     """Tasks for the trials MLflow does not show as done, in grid order; ``checksums`` (of
-    :func:`check_data`) are recorded on their runs."""
-    runs = trial_runs(grid_run)
+    :func:`check_data`) are recorded on their runs. ``runs``: the grid's trial runs where the
+    caller has searched them already (:func:`mlpgrid.tracking.trial_runs`)."""
+    runs = trial_runs(grid_run) if runs is None else runs
     done = {tid for tid, run in runs.items() if run.data.tags.get("status") in DONE}
     directory = storage.grid(grid.name)
     return [

@@ -149,19 +149,20 @@ def trial_runs(grid_run: GridRun) -> dict[str, Any]:
     return {run.data.tags["trial_id"]: run for run in runs}
 
 
-def changed_trials(grid: GridSpec, grid_run: GridRun) -> list[str]:
+def changed_trials(grid: GridSpec, grid_run: GridRun, runs: dict[str, Any]) -> list[str]:
     """The ended trials this grid file ran that it no longer holds, each as
     ``<trial id>: field <as run> -> <in the file>, ...`` against the file's most similar trial.
 
     A trial is named by a hash of its settings, so editing a setting does not change a trial,
     it makes another one: these are the trials an edit would leave behind. Trials other files
     ran into the same experiment (proposals from ``frontier --propose``) are not this file's.
+    ``runs`` are the grid's trial runs (:func:`trial_runs`).
     """
     defaults = {f.name: str(f.default) for f in dataclasses.fields(TrialConfig)}
     current = [{k: str(v) for k, v in t.config_dict().items()} for t in grid.trials]
     in_file = {t.id for t in grid.trials}
     lines = []
-    for trial_id, run in sorted(trial_runs(grid_run).items()):
+    for trial_id, run in sorted(runs.items()):
         mine = run.data.tags.get("grid_file") == grid_run.grid_file
         if not mine or run.data.tags.get("status") not in DONE or trial_id in in_file:
             continue
@@ -177,12 +178,12 @@ def data_tag(dataset: str) -> str:
     return f"data.{dataset}.sha256"
 
 
-def data_changed(grid_run: GridRun, checksums: dict[str, str]) -> list[str]:
-    """The trials whose runs record a prepared dataset of another checksum than ``checksums``
-    (by dataset name) gives, each as ``<trial id>: <dataset> <as run> -> <now>``: trained, in
-    part or whole, on data that has changed since."""
+def data_changed(runs: dict[str, Any], checksums: dict[str, str]) -> list[str]:
+    """The trials whose runs (:func:`trial_runs`) record a prepared dataset of another checksum
+    than ``checksums`` (by dataset name) gives, each as ``<trial id>: <dataset> <as run> -> <now>``:
+    trained, in part or whole, on data that has changed since."""
     lines = []
-    for trial_id, run in sorted(trial_runs(grid_run).items()):
+    for trial_id, run in sorted(runs.items()):
         for name, now in sorted(checksums.items()):
             then = run.data.tags.get(data_tag(name))
             if then is not None and then != now:
