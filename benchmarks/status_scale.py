@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from mlflow_server import MlflowServer  # noqa: E402
 
 from mlpgrid import spec, tracking  # noqa: E402
 from mlpgrid.layout import StorageLayout  # noqa: E402
@@ -65,22 +66,10 @@ def main() -> None:
         path = work / "grid.yaml"
         path.write_text(grid_text(args.trials))
         grid = spec.load(path)
-        port = 5000 + os.getpid() % 1000
-        uri = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                                   "--backend-store-uri", f"sqlite:///{work / 'server.db'}",
-                                   "--artifacts-destination", str(work / "artifacts")],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        server = MlflowServer(work, workers=None)  # as many workers as mlflow server starts by default
+        server.start()
+        uri = server.url
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(f"{uri}/health", timeout=2)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("mlflow server did not start") from None
-                    time.sleep(0.5)
             grid_run = tracking.open_grid(grid, uri, StorageLayout(work / "storage"))
             started = time.perf_counter()
             with ThreadPoolExecutor(8) as pool:
@@ -90,8 +79,7 @@ def main() -> None:
             status_s, status = timed("status", str(path), "--json", *common)
             frontier_s, frontier = timed("frontier", str(path), "--json", "--bootstrap", "0", *common)
         finally:
-            server.terminate()
-            server.wait(timeout=60)
+            server.stop()
     assert status.returncode == 0, status.stderr[-2000:]
     assert frontier.returncode == 0, frontier.stderr[-2000:]
     finished = json.loads(status.stdout)["totals"].get("finished")

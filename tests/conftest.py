@@ -2,15 +2,14 @@ import contextlib
 import gzip
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow_server import MlflowServer
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path(os.environ.get("MLPGRID_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
@@ -89,45 +88,6 @@ def wait_until_held(held: Path, process: subprocess.Popen, timeout_s: float = 30
 def stop_group(process: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """A real ``mlflow server`` on 127.0.0.1 over a SQLite store under ``root``; it can be
-    stopped and started again on the same port, as an operator restarting it would."""
-
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--artifacts-destination", str(self.root / "art")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2)
-                return
-            except OSError:
-                assert self.process.poll() is None, self.process.stderr.read().decode()
-                assert time.monotonic() < deadline, "mlflow server did not come up"
-                time.sleep(0.5)
-
-    def stop(self) -> None:
-        """Stop the server and its workers (by process group)."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow_server import free_port
 
-from conftest import REPO, free_port, mlpgrid_command, start_driver, stop_group, without_timing
+from conftest import REPO, mlpgrid_command, start_driver, stop_group, without_timing
 from mlpgrid import spec, tracking
 from mlpgrid.checkpoint import HOLD_AT, CheckpointDir
 from mlpgrid.layout import StorageLayout
