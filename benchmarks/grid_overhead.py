@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from synthetic import write_cifar10  # noqa: E402
 from trial_step import RECIPE, bare_step  # noqa: E402
 
-from mlpgrid import tracking  # noqa: E402
+from mlpgrid import runs  # noqa: E402
 from mlpgrid.layout import StorageLayout  # noqa: E402
 
 MODELS = ("B-6/Wi-256", "B-6/Wi-512", "B-6/Wi-1024", "B-12/Wi-512", "B-12/Wi-768", "B-12/Wi-1024")
@@ -96,7 +96,7 @@ class GpuSampler:
 
 def training_intervals(storage: Path, grid_name: str) -> list[dict]:
     """Per trial: when its training ran (from its epoch timestamps), start-up and compile seconds."""
-    client = MlflowClient(tracking.tracking_uri(StorageLayout(storage)))
+    client = MlflowClient(runs.tracking_uri(StorageLayout(storage)))
     experiment = client.get_experiment_by_name(grid_name)
     trials = []
     for run in client.search_runs([experiment.experiment_id], "tags.mlpgrid_role = 'trial'"):

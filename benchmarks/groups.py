@@ -9,6 +9,10 @@
   log per epoch (the first epoch left out: it compiles).
 - ``rule``: for growing steps, 8 members fused against one trial alone, both compiled: where
   fusing stops paying (``mlpgrid.groups.FUSE_BELOW_STEP_FLOPS``).
+- ``leave``: a compiled fused group of four B-6/Wi-512 at batch 4096 whose members end at
+  T = 1, 3, 5, 7 (each leaving the stack, which is compiled again for the members left) against
+  four that all end at T = 4: the same 16 member-epochs. Wall time of each group, from its
+  start to its last member's end.
 - ``vmap``: the fused step two ways, bare (no loader): batched matmuls written by hand and
   mlpgrid's ``StackedMLP`` (``torch.func.vmap`` over ``functional_call`` of the MLP), both
   compiled, with fused AdamW on the stacked weights.
@@ -36,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from synthetic import write_cifar10  # noqa: E402
 
-from mlpgrid import data, models  # noqa: E402
+from mlpgrid import architecture, data, models  # noqa: E402
 from mlpgrid.fused import StackedMLP  # noqa: E402
 from mlpgrid.group_train import run_group  # noqa: E402
 from mlpgrid.layout import TrialLayout  # noqa: E402
@@ -71,6 +75,33 @@ def fused(cfgs: list[TrialConfig], datasets: Datasets, work: Path) -> float:
               datasets=datasets(), hooks=[Hooks()] * len(cfgs), device=torch.device("cuda"), fuse=True,
               on_end=results.__setitem__)  # fmt: skip
     return len(cfgs) * statistics.mean(_rate(r.history) for r in results.values())
+
+
+def _member_ends(cfgs: list[TrialConfig], datasets: Datasets, work: Path) -> list[float]:
+    """Seconds from a fused, compiled group's start to each member's end."""
+    root, ended = Path(tempfile.mkdtemp(dir=work)), {}
+    started = time.perf_counter()
+    run_group(cfgs, [TrialLayout(root / str(i)) for i in range(len(cfgs))], TrialOptions(compile=True),
+              datasets=datasets(), hooks=[Hooks()] * len(cfgs), device=torch.device("cuda"), fuse=True,
+              on_end=lambda i, _: ended.setdefault(i, time.perf_counter() - started))  # fmt: skip
+    return [ended[i] for i in range(len(cfgs))]
+
+
+def leave(datasets: Datasets, work: Path, examples: int) -> dict:
+    base = dict(model="B-6/Wi-512", dataset="cifar-10", resolution=SIDE, examples=examples, batch_size=4096,
+                **RECIPE)  # fmt: skip
+    result = {}
+    for name, epochs in (("end together", (4, 4, 4, 4)), ("leave at their T", (1, 3, 5, 7))):
+        ends = _member_ends([TrialConfig(**base, epochs=t, lr=1e-3 * (i + 1)) for i, t in enumerate(epochs)],
+                            datasets, work)  # fmt: skip
+        wall = max(ends)
+        result[name] = {"epochs": epochs, "wall_s": wall, "member_epochs_per_s": sum(epochs) / wall,
+                        "ended_at_s": [round(e, 1) for e in ends]}  # fmt: skip
+        print(f"fused compiled group of 4 x B-6/Wi-512, T = {epochs} ({name}): {wall:.1f} s, "
+              f"{sum(epochs) / wall:.2f} member-epochs/s, members ended at {result[name]['ended_at_s']} s",
+              flush=True)  # fmt: skip
+        torch.cuda.empty_cache()
+    return result
 
 
 def sweep(datasets: Datasets, work: Path, examples: int, epochs: int) -> dict:
@@ -108,7 +139,7 @@ class BatchedMatmuls(StackedMLP):
     """The fused forward written out by hand, for comparison: the first layer as one multiply of
     the batch with every member's embedding side by side, the later ones as ``torch.baddbmm``."""
 
-    def __init__(self, cfg: models.MLPConfig, members: list[models.MLP]):
+    def __init__(self, cfg: architecture.MLPConfig, members: list[models.MLP]):
         super().__init__(cfg, members)
         self._index = {name: i for i, name in enumerate(self.names)}
 
@@ -159,7 +190,7 @@ def bare_fused_step(model, optimizer, x, labels) -> None:  # noqa: ANN001
 
 def vmap_against_bmm(members: int, batch: int, steps: int) -> dict:
     """Bare fused steps/s of StackedMLP and of torch.func.vmap over the MLP, both compiled."""
-    cfg = models.config_for("B-6/Wi-256", 3 * SIDE * SIDE, 10)
+    cfg = architecture.config_for("B-6/Wi-256", 3 * SIDE * SIDE, 10)
     nets = [models.MLP(cfg).cuda() for _ in range(members)]
     x = torch.randn(batch, 3, SIDE, SIDE, device="cuda", dtype=torch.bfloat16)
     labels = torch.randint(0, 10, (batch,), device="cuda")
@@ -185,7 +216,8 @@ def vmap_against_bmm(members: int, batch: int, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", action="append", choices=("sweep", "rule", "vmap"), help="default: all")
+    parser.add_argument("--part", action="append", choices=("sweep", "rule", "leave", "vmap"),
+                        help="default: all")  # fmt: skip
     parser.add_argument("--examples", type=int, default=65536, help="training images of the synthetic dataset")
     parser.add_argument("--members", type=int, default=8, help="members of a group in the rule part")
     parser.add_argument("--steps", type=int, default=30, help="timed steps in the vmap part")
@@ -193,7 +225,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("groups.py measures GPU speed; no CUDA device here")
-    parts = args.part or ["sweep", "rule", "vmap"]
+    parts = args.part or ["sweep", "rule", "leave", "vmap"]
     print(torch.cuda.get_device_name(), flush=True)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,6 +242,7 @@ def main() -> None:
             "vmap": lambda: vmap_against_bmm(8, 4096, args.steps),
             "sweep": lambda: sweep(datasets, work, min(args.examples, 50_000), epochs=4),
             "rule": lambda: rule(datasets, work, args.examples, args.members),
+            "leave": lambda: leave(datasets, work, args.examples),
         }
         for part in parts:
             try:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlpgrid import models  # noqa: E402
+from mlpgrid import architecture, models  # noqa: E402
 from mlpgrid.data import beton  # noqa: E402
 from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader  # noqa: E402
 
@@ -94,7 +94,7 @@ def make_step(model_name: str, side: int, device: torch.device):
     from lion_pytorch import Lion
 
     torch.manual_seed(0)
-    model = models.MLP(models.config_for(model_name, 3 * side * side, 1000)).to(device)
+    model = models.MLP(architecture.config_for(model_name, 3 * side * side, 1000)).to(device)
     optimizer = Lion(model.parameters(), lr=1e-5, weight_decay=1e-3)
 
     def step(images: torch.Tensor, labels: torch.Tensor, mixed: torch.Tensor, lam: torch.Tensor) -> None:

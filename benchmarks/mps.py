@@ -41,10 +41,10 @@ def make_step(model: str, batch: int, members: int) -> Callable[[], None]:
     import torch
     from groups import SIDE, bare_fused_step
 
-    from mlpgrid import models
+    from mlpgrid import architecture, models
     from mlpgrid.fused import StackedMLP
 
-    cfg = models.config_for(model, 3 * SIDE * SIDE, 10)
+    cfg = architecture.config_for(model, 3 * SIDE * SIDE, 10)
     stacked = StackedMLP(cfg, [models.MLP(cfg).cuda() for _ in range(members)])
     optimizer = torch.optim.AdamW(stacked.parameters(), lr=1e-4, fused=True)
     net = torch.compile(stacked)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from synthetic import write_cifar10  # noqa: E402
 
-from mlpgrid import data, models  # noqa: E402
+from mlpgrid import architecture, data, models  # noqa: E402
 from mlpgrid.hardware import matmul_peak_tflops  # noqa: E402
 from mlpgrid.layout import TrialLayout  # noqa: E402
 from mlpgrid.spec import TrialConfig  # noqa: E402
@@ -54,7 +54,7 @@ def sync() -> None:
 
 def make_bare_step(name: str, batch: int, compiled: bool) -> Callable[[], None]:
     """One training step of the model on a random bf16 batch already on the GPU."""
-    cfg = models.config_for(name, 3 * SIDE * SIDE, CLASSES)
+    cfg = architecture.config_for(name, 3 * SIDE * SIDE, CLASSES)
     model = models.MLP(cfg).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randn(batch, 3, SIDE, SIDE, device="cuda", dtype=torch.bfloat16)
@@ -111,7 +111,7 @@ def optimizer_update(name: str, steps: int) -> dict[str, float]:
 
     from mlpgrid.optim import CompiledLion
 
-    cfg = models.config_for(name, 3 * SIDE * SIDE, CLASSES)
+    cfg = architecture.config_for(name, 3 * SIDE * SIDE, CLASSES)
     params = [p.detach().requires_grad_() for p in models.MLP(cfg).cuda().parameters()]
     for p in params:
         p.grad = torch.randn_like(p)
@@ -167,8 +167,8 @@ def main() -> None:
             row["trial_vs_bare"] = row["trial_compiled"]["images_per_s"] / row["bare_compiled"]["images_per_s"]
             rows.append(row)
             print(f"  done {name} @ {batch}", flush=True)
-        updates = optimizer_update(max(configs, key=lambda c: models.count_params(
-            models.config_for(c[0], 3 * SIDE * SIDE, CLASSES)))[0], args.steps)  # fmt: skip
+        updates = optimizer_update(max(configs, key=lambda c: architecture.count_params(
+            architecture.config_for(c[0], 3 * SIDE * SIDE, CLASSES)))[0], args.steps)  # fmt: skip
 
     print()
     print(f"{'model':>13} {'batch':>6} | {'bare eager':>11} {'bare comp.':>11} | {'trial eager':>11} "

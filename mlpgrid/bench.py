@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from mlpgrid import models
+from mlpgrid import architecture, models
 from mlpgrid.step import autocast
 
 
@@ -32,7 +32,7 @@ def _seconds(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
 def efficiency(name: str, resolution: int, channels: int, classes: int, device: torch.device,
                batch_sizes: tuple[int, ...], repeats: int = 20) -> dict[str, float | str]:  # fmt: skip
     """Inference figures of one model (bf16 autocast on a GPU, float32 on the CPU)."""
-    cfg = models.config_for(name, channels * resolution * resolution, classes)
+    cfg = architecture.config_for(name, channels * resolution * resolution, classes)
     model = models.MLP(cfg).to(device).eval()
     shape = (channels, resolution, resolution)
     latency = _seconds(model, torch.randn(1, *shape, device=device), repeats)
@@ -40,8 +40,8 @@ def efficiency(name: str, resolution: int, channels: int, classes: int, device: 
     best = max(rates, key=rates.get)
     return {
         "model": cfg.name,
-        "params": models.count_params(cfg),
-        "forward_flops": models.forward_flops(cfg),
+        "params": architecture.count_params(cfg),
+        "forward_flops": architecture.forward_flops(cfg),
         "latency_ms": 1e3 * latency,
         "images_per_s": rates[best],
         "best_batch": best,

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from mlpgrid import metrics, models, spec
+from mlpgrid import architecture, metrics, spec
 from mlpgrid.data.prepare import FORMATS, LAYOUTS
 from mlpgrid.layout import StorageLayout
 from mlpgrid.spec import GridSpec, SpecError
@@ -117,9 +117,9 @@ def _first_lines(lines: list[str], shown: int = 5) -> str:
 
 def _tracking(grid: GridSpec, storage: StorageLayout, uri: str | None) -> Any:
     """The grid's MLflow experiment and parent run, or a clear error before any trial starts."""
-    from mlpgrid import tracking
+    from mlpgrid import runs, tracking
 
-    uri = tracking.tracking_uri(storage, uri)
+    uri = runs.tracking_uri(storage, uri)
     try:
         return tracking.open_grid(grid, uri, storage)
     except Exception as e:  # noqa: BLE001 - whatever stops MLflow, stop before training
@@ -227,7 +227,7 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
       mlpgrid run grids/quickstart.yaml --address ray://head:10001 --gpus-per-trial 0.5 \\
           --storage /shared/mlpgrid --tracking-uri http://mlflow:5000
     """
-    from mlpgrid import runner, tracking
+    from mlpgrid import runner, runs
     from mlpgrid.groups import describe
     from mlpgrid.hardware import pick_device
     from mlpgrid.progress import Progress
@@ -242,22 +242,22 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
     except runner.DataError as e:
         raise click.ClickException(str(e)) from None
     grid_run = _tracking(grid, storage, tracking_uri)
-    runs = tracking.trial_runs(grid_run)  # one search for the checks below and the pending trials
-    changed = [] if allow_changes else tracking.changed_trials(_load_grid(grid_file, filtered=False), grid_run, runs)
+    ended = runs.trial_runs(grid_run)  # one search for the checks below and the pending trials
+    changed = [] if allow_changes else runs.changed_trials(_load_grid(grid_file, filtered=False), grid_run, ended)
     if changed:
         raise click.ClickException(
             f"{grid_file} changed since its trials ran: {len(changed)} ended trials are no longer in it. "
             f"As run -> in the file now:\n  {_first_lines(changed)}\nPut the setting back, give the grid a new name, "
             "or pass --allow-changes to run the file as it is (the ended trials stay in MLflow)."
         )
-    stale = [] if allow_changes else tracking.data_changed(runs, checksums)
+    stale = [] if allow_changes else runs.data_changed(ended, checksums)
     if stale:
         raise click.ClickException(
             f"the data changed since {len(stale)} trials of {grid.name} trained on it (dataset checksum as run -> "
             f"now):\n  {_first_lines(stale)}\nTheir results are of the old data. Put the data back, give the grid a "
             "new name to train on the new data, or pass --allow-changes to go on as it is."
         )
-    tasks = runner.pending_tasks(grid, storage, grid_run, checksums, runs)
+    tasks = runner.pending_tasks(grid, storage, grid_run, checksums, ended)
     held = runner.held_elsewhere(tasks)
     mine = [t for t in tasks if t.trial.id not in held]
     if held:
@@ -285,14 +285,12 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
     finally:
         progress.close()
         still_held = runner.settle(grid, storage, grid_run)  # also after Ctrl-C: cut-off trials say so
-    rows = tracking.grid_status(grid, grid_run)
+    rows = runs.grid_status(grid, grid_run)
     _print_status(rows)
     # Failure is what this run did not bring to an end; diverged trials found from an earlier
     # run are reported in the table, and a re-run with nothing left to do succeeds.
     ran = {t.trial.id for t in tasks}
-    bad = [
-        r for r in rows if r["state"] != tracking.FINISHED and (r["trial_id"] in ran or r["state"] not in tracking.DONE)
-    ]
+    bad = [r for r in rows if r["state"] != runs.FINISHED and (r["trial_id"] in ran or r["state"] not in runs.DONE)]
     elsewhere = {r["trial_id"]: still_held[r["trial_id"]] for r in bad if r["trial_id"] in still_held}
     for r in bad:
         why = f"another process trains it ({elsewhere[r['trial_id']]})" if r["trial_id"] in elsewhere else None
@@ -316,19 +314,19 @@ def status(grid_file: str, as_json: bool, storage: StorageLayout, tracking_uri: 
       mlpgrid status grids/quickstart.yaml
       mlpgrid status grids/quickstart.yaml --json
     """
-    from mlpgrid import locks, tracking
+    from mlpgrid import locks, runs
 
     grid = _load_grid(grid_file)
-    uri = tracking.tracking_uri(storage, tracking_uri)
+    uri = runs.tracking_uri(storage, tracking_uri)
     try:
-        rows = tracking.grid_status(grid, tracking.find_grid(grid, uri))
+        rows = runs.grid_status(grid, runs.find_grid(grid, uri))
     except Exception as e:  # noqa: BLE001 - e.g. a store still being created, or unreachable
         raise click.ClickException(f"cannot read MLflow tracking URI {uri}: {e}") from None
     trials = storage.grid(grid.name)
     for row in rows:  # a run still saying running whose driver was killed: nothing holds its trial
         lock = trials.trial(row["trial_id"]).lock
-        if row["state"] == tracking.RUNNING and lock.exists() and locks.holder(lock) is None:
-            row["state"] = tracking.INTERRUPTED
+        if row["state"] == runs.RUNNING and lock.exists() and locks.holder(lock) is None:
+            row["state"] = runs.INTERRUPTED
     if as_json:
         click.echo(_json({"grid": grid.name, "trials": rows, "totals": _totals(rows)}, indent=2))
     else:
@@ -396,7 +394,8 @@ positive = FiniteRange(min=0, min_open=True)
 )
 @click.option("--budget", "budgets", type=positive, multiple=True, help="Compute to query, e.g. 1e18; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
-@click.option("--plot-dir", type=click.Path(file_okay=False, path_type=Path), help="Write the figures here too.")
+@click.option("--plot-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Draw the figures here (and log them on the grid's MLflow run).")  # fmt: skip
 @click.option("--bootstrap", "repeats", type=click.IntRange(min=0), default=200, show_default=True,
               help="Bootstrap resamples of the trials for the intervals; 0 = none.")  # fmt: skip
 @click.option("--level", type=FiniteRange(0, 1, min_open=True, max_open=True), default=0.95,
@@ -419,8 +418,8 @@ def frontier(grid_file: str | None, csv_file: str | None, metric: str | None, bu
     Takes the best setting per (model, N, T), the lower envelope of error vs compute, fits
     E(C) = a(b + C)^-alpha + E_inf to it, fits the allocation P*(C) and D*(C) = (N T)*(C), and
     the laws E(P) and E(N); intervals come from resampling the trials. Works while the grid is
-    still running, on what has finished. The figures go to --plot-dir and to the grid's MLflow
-    run.
+    still running, on what has finished. The report is logged on the grid's MLflow run; the
+    figures are drawn with --plot-dir, and logged there too.
 
     \b
     Examples:
@@ -518,10 +517,14 @@ def model_info(name: str, resolution: int, channels: int, classes: int, as_json:
       mlpgrid model-info B-12/Wi-1024 --resolution 64 --classes 10450 --json
     """
     try:
-        cfg = models.config_for(name, channels * resolution * resolution, classes)
+        cfg = architecture.config_for(name, channels * resolution * resolution, classes)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    info = {"name": cfg.name, "params": models.count_params(cfg), "forward_flops": models.forward_flops(cfg)}
+    info = {
+        "name": cfg.name,
+        "params": architecture.count_params(cfg),
+        "forward_flops": architecture.forward_flops(cfg),
+    }
     if as_json:
         click.echo(_json(info))
     else:

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlpgrid.models import MLP, MLPConfig
+from mlpgrid.architecture import MLPConfig
+from mlpgrid.models import MLP
 
 
 class StackedMLP(nn.Module):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mlpgrid import data, models
+from mlpgrid import architecture, data, models
 from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
 from mlpgrid.fused import StackedMLP, StackedOptimizer, clip_members, member_losses
 from mlpgrid.groups import FUSED_COMPILE_PAYS_FLOPS, hardware_flops
@@ -221,7 +221,7 @@ def run_group(
     mc = lead.model_config()
     shared = Components(
         device=device, budget_bytes=budget, train=train, test=test, model=None, compiled=None, optimizer=None,
-        image_shape=image_shape(lead), flops_per_image=models.hardware_training_flops(mc, 1),
+        image_shape=image_shape(lead), flops_per_image=architecture.hardware_training_flops(mc, 1),
         peak_tflops=matmul_peak_tflops(device) if device.type == "cuda" else None, compile_seconds=None,
     )  # fmt: skip
     compile_pays = device.type == "cuda" and hardware_flops(cfgs) >= FUSED_COMPILE_PAYS_FLOPS

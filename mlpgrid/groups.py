@@ -28,7 +28,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mlpgrid import models
+from mlpgrid import architecture
 from mlpgrid.spec import FIELDS, Trial, TrialConfig
 
 MEMBER_FIELDS = (
@@ -138,7 +138,7 @@ def form_groups(trials: Iterable[Trial], size: int | None, workers: int = 1, dev
 
 def hardware_flops(cfgs: list[TrialConfig]) -> float:
     """Hardware FLOPs of training every one of ``cfgs`` (trials of one shape)."""
-    return models.hardware_training_flops(cfgs[0].model_config(), sum(c.num_examples * c.epochs for c in cfgs))
+    return architecture.hardware_training_flops(cfgs[0].model_config(), sum(c.num_examples * c.epochs for c in cfgs))
 
 
 def pays_on_gpu(cfgs: list[TrialConfig], fuse: bool | None = None) -> bool:
@@ -157,7 +157,7 @@ def fuses(cfg: TrialConfig, device_type: str, chosen: bool | None = None) -> boo
         return False  # batch statistics per member are not in the fused model
     if chosen is not None:
         return chosen
-    step_flops = models.hardware_training_flops(cfg.model_config(), cfg.batch_size)
+    step_flops = architecture.hardware_training_flops(cfg.model_config(), cfg.batch_size)
     return device_type == "cuda" and step_flops < FUSE_BELOW_STEP_FLOPS
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from mlpgrid import models, spec
+from mlpgrid import architecture, spec
 from mlpgrid.frontier import Point
 from mlpgrid.outputs import write_new
 from mlpgrid.spec import GridSpec, RunOptions, Trial, TrialConfig
@@ -26,11 +26,11 @@ _PLACEMENT = ("model", "examples", "epochs")
 
 
 def family_depths(grid: GridSpec, family: str) -> list[int]:
-    return sorted({models.parse_name(t.config.model)[1] for t in grid.trials if t.config.model[0] == family})
+    return sorted({architecture.parse_name(t.config.model)[1] for t in grid.trials if t.config.model[0] == family})
 
 
 def _params(template: TrialConfig, model: str) -> int:
-    return models.count_params(dataclasses.replace(template, model=model).model_config())
+    return architecture.count_params(dataclasses.replace(template, model=model).model_config())
 
 
 def nearest_model(params: float, template: TrialConfig, depths: list[int]) -> str:
@@ -43,7 +43,7 @@ def nearest_model(params: float, template: TrialConfig, depths: list[int]) -> st
 def spend(budget: float, model: str, template: TrialConfig) -> TrialConfig:
     """The template with ``model``, and the N and T that make its compute closest to ``budget``."""
     cfg = dataclasses.replace(template, model=model)
-    seen = budget / (3 * models.forward_flops(cfg.model_config()))
+    seen = budget / (3 * architecture.forward_flops(cfg.model_config()))
     most = cfg.pool_size  # what pre-training may draw from
     epochs = max(1, round(seen / most))
     examples = min(most, max(1, round(seen / epochs)))

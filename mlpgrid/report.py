@@ -4,22 +4,32 @@
 fits the frontier (:func:`mlpgrid.frontier.analyse`) with bootstrap intervals, answers the
 budget queries with a concrete trial of the grid's family, holds out the costliest trials if
 asked, compares earlier proposals with what their trials measured, writes a new proposal if
-asked, draws the figures and logs them with the report on the grid's MLflow run. It returns
-the report as plain data (what ``--json`` prints).
+asked, draws the figures if asked (``plot_dir``), and logs the report (and the figures) on the
+grid's MLflow run. It returns the report as plain data (what ``--json`` prints).
+
+MLflow's client (2.3 s to import) and matplotlib are imported only where they are used: a
+``--from-csv`` report needs neither, and the client is imported while the grid's runs are read.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
-import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from mlpgrid import frontier, outputs, plots, propose, tracking
+from mlpgrid import frontier, outputs, propose, runs
 from mlpgrid.layout import StorageLayout
 from mlpgrid.points import Point
 from mlpgrid.spec import GridSpec
+
+
+def _tracking() -> ModuleType:
+    """:mod:`mlpgrid.tracking`, imported on first use: it imports MLflow's client."""
+    return importlib.import_module("mlpgrid.tracking")
 
 
 class ReportError(ValueError):
@@ -44,7 +54,7 @@ class FrontierRequest:
     holdout: float | None = None  # also fit without this most expensive fraction of the trials
     propose: float | None = None  # write a grid of trials the fit calls compute-optimal at this budget ...
     out: Path | None = None  # ... to this file
-    plot_dir: Path | None = None  # write the figures here too
+    plot_dir: Path | None = None  # draw the figures here (and log them on the grid's run)
 
     @property
     def source(self) -> str:
@@ -63,7 +73,7 @@ def _check(request: FrontierRequest) -> None:
             raise RequestError(f"--out {e}") from None
 
 
-def _points(request: FrontierRequest, uri: str) -> tuple[list[Point], dict[str, int], tracking.GridRun | None]:
+def _points(request: FrontierRequest, uri: str) -> tuple[list[Point], dict[str, int], runs.GridRun | None]:
     """The points to fit, how many trials were left out (by why), and the grid's run if any."""
     if request.csv_file:
         try:
@@ -72,8 +82,8 @@ def _points(request: FrontierRequest, uri: str) -> tuple[list[Point], dict[str, 
             raise ReportError(str(e)) from None
     metric = request.metric or request.grid.metric
     try:
-        grid_run = tracking.find_grid(request.grid, uri)
-        points, left_out = tracking.finished_points(grid_run, metric) if grid_run else ([], {})
+        grid_run = runs.find_grid(request.grid, uri)
+        points, left_out = runs.finished_points(grid_run, metric) if grid_run else ([], {})
     except Exception as e:  # noqa: BLE001 - e.g. an unreachable server
         raise ReportError(f"cannot read MLflow tracking URI {uri}: {e}") from None
     if not points:
@@ -98,7 +108,7 @@ def _proposal_results(records: list[dict[str, Any]], points: list[Point]) -> lis
     ]
 
 
-def _propose(grid: GridSpec, grid_run: tracking.GridRun, analysis: frontier.Analysis, boot: frontier.Bootstrap,
+def _propose(grid: GridSpec, grid_run: runs.GridRun, analysis: frontier.Analysis, boot: frontier.Bootstrap,
              budget: float, out: Path) -> dict[str, Any]:  # fmt: skip
     """Write the proposal's grid file, record it on the grid's run, and return the record."""
     if analysis.allocation is None:
@@ -128,7 +138,7 @@ def _propose(grid: GridSpec, grid_run: tracking.GridRun, analysis: frontier.Anal
             for t in proposed.trials
         ],
     }  # fmt: skip
-    tracking.log_artifacts(grid_run, {f"proposals/{out.stem}.json": json.dumps(record, indent=2),
+    _tracking().log_artifacts(grid_run, {f"proposals/{out.stem}.json": json.dumps(record, indent=2),
                                       f"proposals/{out.name}": out.read_text()})  # fmt: skip
     return record
 
@@ -141,8 +151,12 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout, tracking_u
     the figures and the report are logged on the grid's run there.
     """
     _check(request)
-    uri = tracking.tracking_uri(storage, tracking_uri)
-    points, left_out, grid_run = _points(request, uri)
+    uri = runs.tracking_uri(storage, tracking_uri)
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(_points, request, uri)
+        if request.grid is not None:  # it logs the report: imported while the store answers the search
+            _tracking()
+        points, left_out, grid_run = reading.result()
     try:
         analysis = frontier.analyse(points, space=request.fit_space)
     except frontier.FitError as e:
@@ -158,18 +172,21 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout, tracking_u
         except frontier.FitError as e:
             report["holdout"] = {"fraction": request.holdout, "error": str(e)}
     if grid_run:
-        report["proposals"] = _proposal_results(tracking.proposals(grid_run), points)
+        report["proposals"] = _proposal_results(_tracking().proposals(grid_run), points)
     if request.propose:
         if grid_run is None:
             try:
-                grid_run = tracking.open_grid(request.grid, uri, storage)
+                grid_run = _tracking().open_grid(request.grid, uri, storage)
             except Exception as e:  # noqa: BLE001 - whatever stops MLflow, stop before writing
                 raise ReportError(f"cannot use MLflow tracking URI {uri}: {e}") from None
         report["proposed"] = _propose(request.grid, grid_run, analysis, boot, request.propose, request.out)
-    with tempfile.TemporaryDirectory() as tmp:
-        figures = plots.draw_all(analysis, boot, list(request.budgets), request.plot_dir or Path(tmp))
-        if grid_run:
-            tracking.log_files(grid_run, figures, "frontier")
-            tracking.log_artifacts(grid_run, {"frontier/frontier.json": json.dumps(report, indent=2)})
-    report["plots"] = [str(p) for p in figures] if request.plot_dir else []
+    figures = []
+    if request.plot_dir:
+        from mlpgrid import plots
+
+        figures = plots.draw_all(analysis, boot, list(request.budgets), request.plot_dir)
+    report["plots"] = [str(p) for p in figures]
+    if grid_run:
+        _tracking().log_files(grid_run, figures, "frontier")
+        _tracking().log_artifacts(grid_run, {"frontier/frontier.json": json.dumps(report, indent=2)})
     return report

@@ -27,8 +27,9 @@ from mlpgrid.hardware import default_data_budget, pick_device
 from mlpgrid.layout import StorageLayout, TrialLayout
 from mlpgrid.locks import claim, holder
 from mlpgrid.progress import Progress
+from mlpgrid.runs import DIVERGED, DONE, FAILED, FINISHED, GridRun, RunRecord, data_tag, trial_runs
 from mlpgrid.spec import GridSpec, RunOptions, Trial
-from mlpgrid.tracking import DIVERGED, DONE, FAILED, FINISHED, GridRun, TrialRun, data_tag, trial_run, trial_runs
+from mlpgrid.tracking import TrialRun, trial_run
 from mlpgrid.train import Hooks, TrialDiverged, TrialOptions, TrialResult, run_trial
 
 log = logging.getLogger(__name__)
@@ -78,12 +79,12 @@ def check_data(grid: GridSpec, storage: StorageLayout | None = None) -> dict[str
 
 
 def pending_tasks(grid: GridSpec, storage: StorageLayout, grid_run: GridRun, checksums: dict[str, str] | None = None,
-                  runs: dict[str, Any] | None = None) -> list[TrialTask]:  # fmt: skip
+                  runs: dict[str, RunRecord] | None = None) -> list[TrialTask]:  # fmt: skip
     """Tasks for the trials MLflow does not show as done, in grid order; ``checksums`` (of
     :func:`check_data`) are recorded on their runs. ``runs``: the grid's trial runs where the
-    caller has searched them already (:func:`mlpgrid.tracking.trial_runs`)."""
+    caller has searched them already (:func:`mlpgrid.runs.trial_runs`)."""
     runs = trial_runs(grid_run) if runs is None else runs
-    done = {tid for tid, run in runs.items() if run.data.tags.get("status") in DONE}
+    done = {tid for tid, run in runs.items() if run.tags.get("status") in DONE}
     directory = storage.grid(grid.name)
     return [
         TrialTask(
@@ -188,7 +189,7 @@ def held_elsewhere(tasks: list[TrialTask]) -> dict[str, str]:
 
 def settle(grid: GridSpec, storage: StorageLayout, grid_run: GridRun) -> dict[str, str]:
     """What a driver leaves behind as it stops, however it stops: the trials whose runs say
-    running but that no process trains are marked :data:`~mlpgrid.tracking.INTERRUPTED`, and
+    running but that no process trains are marked :data:`~mlpgrid.runs.INTERRUPTED`, and
     the grid's parent run ends (finished once every trial has ended) unless another process
     still trains some of them. Returns those, as :func:`held_elsewhere` does."""
     left = pending_tasks(grid, storage, grid_run)

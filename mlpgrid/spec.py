@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from mlpgrid import data, metrics, models
+from mlpgrid import architecture, data, metrics
 
 OPTIMIZERS = ("lion", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -38,7 +38,7 @@ def _opt(help: str, **checks: Any) -> dict:
 class TrialConfig:
     """Everything that determines a trial's result. A trial is a pure function of this."""
 
-    model: str = field(metadata=_opt("model name, " + models.NAME_FORMAT, parse=models.parse_name))
+    model: str = field(metadata=_opt("model name, " + architecture.NAME_FORMAT, parse=architecture.parse_name))
     epochs: int = field(metadata=_opt("epochs T", min=1))
     dataset: str = field(
         default="fashion-mnist",
@@ -70,12 +70,14 @@ class TrialConfig:
         default=None, metadata=_opt("block expansion k (0 = one m->m layer); null = family default", min=0)
     )
     activation: str | None = field(
-        default=None, metadata=_opt("activation; null = family default", choices=models.ACTIVATIONS)
+        default=None, metadata=_opt("activation; null = family default", choices=architecture.ACTIVATIONS)
     )
-    norm: str | None = field(default=None, metadata=_opt("normalisation; null = family default", choices=models.NORMS))
+    norm: str | None = field(
+        default=None, metadata=_opt("normalisation; null = family default", choices=architecture.NORMS)
+    )
     norm_position: str | None = field(
         default=None,
-        metadata=_opt("norm before or after the block; null = family default", choices=models.NORM_POSITIONS),
+        metadata=_opt("norm before or after the block; null = family default", choices=architecture.NORM_POSITIONS),
     )
     skip: bool | None = field(
         default=None, metadata=_opt("residual connection around each block; null = family default")
@@ -124,11 +126,11 @@ class TrialConfig:
     def num_examples(self) -> int:
         return self.examples or self.pool_size
 
-    def model_config(self) -> models.MLPConfig:
+    def model_config(self) -> architecture.MLPConfig:
         ds = self.dataset_info
         side = self.resolution or ds.resolution
         channels = self.channels or ds.channels
-        return models.config_for(
+        return architecture.config_for(
             self.model,
             in_features=channels * side * side,
             num_classes=ds.num_classes,
@@ -195,20 +197,20 @@ class Trial:
 
     @property
     def params(self) -> int:
-        return models.count_params(self.config.model_config())
+        return architecture.count_params(self.config.model_config())
 
     @property
     def forward_flops(self) -> int:
-        return models.forward_flops(self.config.model_config())
+        return architecture.forward_flops(self.config.model_config())
 
     @property
     def compute(self) -> float:
-        return models.compute(self.forward_flops, self.config.num_examples, self.config.epochs)
+        return architecture.compute(self.forward_flops, self.config.num_examples, self.config.epochs)
 
     @property
     def step_flops(self) -> float:
         """Hardware FLOPs of one training step (a full batch)."""
-        return models.hardware_training_flops(self.config.model_config(), self.config.batch_size)
+        return architecture.hardware_training_flops(self.config.model_config(), self.config.batch_size)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from lion_pytorch import Lion
 
-from mlpgrid import data, metrics, models
+from mlpgrid import architecture, data, metrics, models
 from mlpgrid.checkpoint import CheckpointDir, load_tensors
 from mlpgrid.data.loader import Augmentation, derive_seed, make_loader
 from mlpgrid.data.subset import proportional_order, split_off
@@ -154,7 +154,7 @@ def linear_probe(model: models.MLP, cfg: TrialConfig, dataset: str, datasets: da
         logits = head(test_x)
         error = (logits.argmax(1) != test_y).float().mean().item()
         test_loss = F.cross_entropy(logits, test_y).item()
-    body_flops = models.forward_flops(cfg.model_config()) - train_x.shape[1] * cfg.dataset_info.num_classes
+    body_flops = architecture.forward_flops(cfg.model_config()) - train_x.shape[1] * cfg.dataset_info.num_classes
     compute = body_flops * (n + len(test_y)) + 3.0 * train_x.shape[1] * classes * n * cfg.probe_epochs
     return {"error": error, "loss": test_loss, "examples": n, "compute": compute}
 
@@ -230,9 +230,9 @@ def finetune(
         test = make_loader(arrays.test_images, arrays.test_labels, None, EVAL_BATCH, budget_bytes=budget_bytes,
                            mean=arrays.mean, std=arrays.std, device=device, shuffle=False)  # fmt: skip
         error = evaluate(net, test)[1]
-    flops = models.forward_flops(net.cfg)
+    flops = architecture.forward_flops(net.cfg)
     return {"error": error, "examples": len(arrays.train_labels),
-            "compute": models.compute(flops, len(arrays.train_labels), cfg.finetune_epochs)}  # fmt: skip
+            "compute": architecture.compute(flops, len(arrays.train_labels), cfg.finetune_epochs)}  # fmt: skip
 
 
 def run_stages(

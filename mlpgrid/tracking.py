@@ -6,13 +6,12 @@ retry), so a trial never has two runs. Metrics logged while a trial trains go th
 them and tries again, so training neither waits for the server nor loses what it measured.
 Epoch metrics are logged with ``step = epoch``; on resume the run is reconciled with the
 history stored in the checkpoint, so an epoch whose metrics were lost between checkpoint and
-logging is filled in and none is logged twice.
+logging is filled in and none is logged twice. Reading the runs back is :mod:`mlpgrid.runs`.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import math
@@ -20,7 +19,6 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,54 +29,13 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from mlpgrid import metrics
+from mlpgrid import metrics, runs
 from mlpgrid.layout import StorageLayout
 from mlpgrid.locks import exclusive
-from mlpgrid.points import Point
-from mlpgrid.spec import GridSpec, Trial, TrialConfig
+from mlpgrid.runs import FINISHED, INTERRUPTED, RUNNING, GridRun
+from mlpgrid.spec import GridSpec, Trial
 
 log = logging.getLogger(__name__)
-
-# Run states, kept in the run's ``status`` tag.
-RUNNING, FINISHED, FAILED, DIVERGED = "running", "finished", "failed", "diverged"
-# A trial whose run says running but that no process trains (its driver was stopped or killed);
-# run again, it continues from its last checkpoint.
-INTERRUPTED = "interrupted"
-DONE = (FINISHED, DIVERGED)  # never run again: a diverged trial would diverge again
-
-
-def tracking_uri(storage: StorageLayout, override: str | None = None) -> str:
-    """The given URI, else a SQLite store in the storage directory."""
-    return override or f"sqlite:///{storage.mlflow_db}"
-
-
-@dataclass(frozen=True)
-class GridRun:
-    """Where a grid's runs live; plain data, handed to every trial."""
-
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    grid_file: str = ""  # the file run now; each trial's run records the file that first ran it
-
-
-def _parent_run_id(client: MlflowClient, experiment_id: str) -> str | None:
-    """The grid's parent run: the first one made, should two drivers on a server both make one."""
-    parents = client.search_runs([experiment_id], "tags.mlpgrid_role = 'grid'", max_results=1,
-                                 order_by=["attributes.start_time ASC"])  # fmt: skip
-    return parents[0].info.run_id if parents else None
-
-
-def find_grid(grid: GridSpec, uri: str) -> GridRun | None:
-    """The grid's experiment and parent run if they exist; creates nothing."""
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        return None  # asking would create the database
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(grid.name)
-    if experiment is None:
-        return None
-    parent_id = _parent_run_id(client, experiment.experiment_id)
-    return GridRun(uri, experiment.experiment_id, parent_id, str(grid.path.resolve())) if parent_id else None
 
 
 def open_grid(grid: GridSpec, uri: str, storage: StorageLayout) -> GridRun:
@@ -117,7 +74,7 @@ def _open_grid(grid: GridSpec, uri: str, artifacts: str | None) -> GridRun:
         experiment_id = experiment.experiment_id
         if experiment.tags.get(_KIND) != _EXPERIMENT_TAGS[_KIND]:  # made by an earlier version
             client.set_experiment_tag(experiment_id, _KIND, _EXPERIMENT_TAGS[_KIND])
-    parent_id = _parent_run_id(client, experiment_id)
+    parent_id = runs.parent_run_id(uri, experiment_id)
     if parent_id is None:
         parent = client.create_run(experiment_id, run_name=grid.name, tags={"mlpgrid_role": "grid"})
         parent_id = parent.info.run_id
@@ -132,63 +89,6 @@ def trial_run(grid_run: GridRun, trial_id: str) -> Any:
     client = MlflowClient(grid_run.tracking_uri)
     found = client.search_runs([grid_run.experiment_id], f"tags.trial_id = '{trial_id}'", max_results=1)
     return found[0] if found else None
-
-
-def trial_runs(grid_run: GridRun) -> dict[str, Any]:
-    """``{trial id: mlflow Run}`` of every trial run the grid's experiment holds."""
-    client = MlflowClient(grid_run.tracking_uri)
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            [grid_run.experiment_id], "tags.mlpgrid_role = 'trial'", max_results=1000, page_token=token
-        )
-        runs += list(page)
-        token = page.token
-        if not token:
-            break
-    return {run.data.tags["trial_id"]: run for run in runs}
-
-
-def changed_trials(grid: GridSpec, grid_run: GridRun, runs: dict[str, Any]) -> list[str]:
-    """The ended trials this grid file ran that it no longer holds, each as
-    ``<trial id>: field <as run> -> <in the file>, ...`` against the file's most similar trial.
-
-    A trial is named by a hash of its settings, so editing a setting does not change a trial,
-    it makes another one: these are the trials an edit would leave behind. Trials other files
-    ran into the same experiment (proposals from ``frontier --propose``) are not this file's.
-    ``runs`` are the grid's trial runs (:func:`trial_runs`).
-    """
-    defaults = {f.name: str(f.default) for f in dataclasses.fields(TrialConfig)}
-    current = [{k: str(v) for k, v in t.config_dict().items()} for t in grid.trials]
-    in_file = {t.id for t in grid.trials}
-    lines = []
-    for trial_id, run in sorted(runs.items()):
-        mine = run.data.tags.get("grid_file") == grid_run.grid_file
-        if not mine or run.data.tags.get("status") not in DONE or trial_id in in_file:
-            continue
-        ran = {**defaults, **run.data.params}  # settings added since the run took their defaults
-        nearest = min(current, key=lambda now: sum(ran.get(k) != v for k, v in now.items()))
-        changes = ", ".join(f"{k} {ran.get(k)} -> {v}" for k, v in nearest.items() if ran.get(k) != v)
-        lines.append(f"{trial_id}: {changes}")
-    return lines
-
-
-def data_tag(dataset: str) -> str:
-    """The tag of a trial's run naming the checksum of the prepared dataset it trains on."""
-    return f"data.{dataset}.sha256"
-
-
-def data_changed(runs: dict[str, Any], checksums: dict[str, str]) -> list[str]:
-    """The trials whose runs (:func:`trial_runs`) record a prepared dataset of another checksum
-    than ``checksums`` (by dataset name) gives, each as ``<trial id>: <dataset> <as run> -> <now>``:
-    trained, in part or whole, on data that has changed since."""
-    lines = []
-    for trial_id, run in sorted(runs.items()):
-        for name, now in sorted(checksums.items()):
-            then = run.data.tags.get(data_tag(name))
-            if then is not None and then != now:
-                lines.append(f"{trial_id}: {name} {then[:12]} -> {now[:12]}")
-    return lines
 
 
 def trial_tags(trial: Trial) -> dict[str, str]:
@@ -361,67 +261,18 @@ class TrialRun:
 def mark_interrupted(grid_run: GridRun, trial_ids: list[str]) -> None:
     """Record that the trials' runs were cut off (:data:`INTERRUPTED`): no process trains them."""
     client = MlflowClient(grid_run.tracking_uri)
-    runs = trial_runs(grid_run)  # one search, not one per trial
+    found = runs.trial_runs(grid_run)  # one search, not one per trial
     for trial_id in trial_ids:
-        run = runs.get(trial_id)
-        if run is not None and run.data.tags.get("status") == RUNNING:
-            client.set_tag(run.info.run_id, "status", INTERRUPTED)
-            client.set_terminated(run.info.run_id, "KILLED")
+        run = found.get(trial_id)
+        if run is not None and run.tags.get("status") == RUNNING:
+            client.set_tag(run.run_id, "status", INTERRUPTED)
+            client.set_terminated(run.run_id, "KILLED")
 
 
 def end_grid(grid_run: GridRun, all_ended: bool) -> None:
     """The grid's parent run ends with the driver: FINISHED once every trial has ended, else
     KILLED (trials are left; a re-run opens it again)."""
     MlflowClient(grid_run.tracking_uri).set_terminated(grid_run.parent_run_id, "FINISHED" if all_ended else "KILLED")
-
-
-def grid_status(grid: GridSpec, grid_run: GridRun | None) -> list[dict[str, Any]]:
-    """One row per trial of the grid: its state (pending without a run), epochs, errors."""
-    runs = trial_runs(grid_run) if grid_run else {}
-    rows = []
-    for trial in grid.trials:
-        cfg, run = trial.config, runs.get(trial.id)
-        row = {
-            "trial_id": trial.id, "model": cfg.model, "params": trial.params, "examples": cfg.num_examples,
-            "epochs": cfg.epochs, "compute": trial.compute, "state": "pending", "last_epoch": 0,
-            "test_error": None, "best_test_error": None, "startup_seconds": None, "error": None, "run_id": None,
-        }  # fmt: skip
-        if run is not None:
-            row |= {
-                "state": run.data.tags.get("status", RUNNING),
-                "last_epoch": int(run.data.metrics.get("epoch", 0)),
-                "test_error": run.data.metrics.get(metrics.TEST_ERROR),
-                "best_test_error": run.data.metrics.get(metrics.BEST_TEST_ERROR),
-                "startup_seconds": run.data.metrics.get("startup_seconds"),
-                "error": run.data.tags.get("error"),
-                "run_id": run.info.run_id,
-            }
-        rows.append(row)
-    return rows
-
-
-# Run params that place a trial on the compute plot; every other param is a setting.
-_POINT_PARAMS = ("model", "examples", "epochs", "seed")
-
-
-def finished_points(grid_run: GridRun, metric: str) -> tuple[list[Point], dict[str, int]]:
-    """A point per finished trial run of the grid's experiment, with ``metric`` (its last
-    value) as the error; and how many runs were left out, by reason."""
-    points, counts = [], {"failed": 0, "diverged": 0, "running": 0, f"without {metric}": 0}
-    for trial_id, run in trial_runs(grid_run).items():
-        state, tags = run.data.tags.get("status", RUNNING), run.data.tags
-        if state != FINISHED:
-            counts[state if state in counts else "running"] += 1
-        elif metric not in run.data.metrics:
-            counts[f"without {metric}"] += 1
-        else:
-            settings = tuple(sorted((k, v) for k, v in run.data.params.items() if k not in _POINT_PARAMS))
-            points.append(Point(
-                compute=float(tags["compute"]), error=run.data.metrics[metric], params=float(tags["params"]),
-                examples=float(tags["examples"]), epochs=float(tags["epochs"]), model=tags["model"],
-                trial_id=trial_id, settings=settings,
-            ))  # fmt: skip
-    return points, counts
 
 
 def log_artifacts(grid_run: GridRun, files: dict[str, str]) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlpgrid import data, models, pictures
+from mlpgrid import architecture, data, pictures
 from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
 from mlpgrid.data.beton import FfcvLoader
 from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, derive_seed, make_loader
@@ -96,7 +96,9 @@ class TrialResult:
 def compile_pays(cfg: TrialConfig, device: torch.device) -> bool:
     """Whether compiling the model is worth its time for this trial (never on the CPU)."""
     images = cfg.num_examples * cfg.epochs
-    return device.type == "cuda" and models.hardware_training_flops(cfg.model_config(), images) >= COMPILE_PAYS_FLOPS
+    return (
+        device.type == "cuda" and architecture.hardware_training_flops(cfg.model_config(), images) >= COMPILE_PAYS_FLOPS
+    )
 
 
 def lr_at(cfg: TrialConfig, step: int, steps_per_epoch: int) -> float:
@@ -202,7 +204,7 @@ def set_up(cfg: TrialConfig, options: TrialOptions, datasets: data.Datasets, dev
     return Components(
         device=device, budget_bytes=budget, train=train, test=test, model=model, compiled=compiled,
         optimizer=optimizer, image_shape=image_shape(cfg),
-        flops_per_image=models.hardware_training_flops(cfg.model_config(), 1),
+        flops_per_image=architecture.hardware_training_flops(cfg.model_config(), 1),
         peak_tflops=matmul_peak_tflops(device) if device.type == "cuda" else None, compile_seconds=compile_seconds,
     )  # fmt: skip
 

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from mlpgrid import metrics, spec, tracking
+from mlpgrid import metrics, runs, spec, tracking
 from mlpgrid.cli import cli
 from mlpgrid.layout import StorageLayout
 from synthetic_law import Law
@@ -46,7 +46,7 @@ def recorded_grid(tmp_path, write_grid):
     """A 32-trial grid whose runs all finished, but one failed, one diverged and one running."""
     path, storage = write_grid(GRID), tmp_path / "store"
     grid = spec.load(path)
-    grid_run = tracking.open_grid(grid, tracking.tracking_uri(StorageLayout(storage)), StorageLayout(storage))
+    grid_run = tracking.open_grid(grid, runs.tracking_uri(StorageLayout(storage)), StorageLayout(storage))
     rng = np.random.default_rng(0)
     for i, trial in enumerate(grid.trials):
         status = {0: "failed", 1: "diverged", 2: "running"}.get(i, "finished")
@@ -135,7 +135,7 @@ def test_proposed_trials_are_runnable_and_reported_against_the_prediction(tmp_pa
 
 
 def test_points_from_csv(tmp_path, recorded_grid):
-    path, storage, _ = recorded_grid
+    path, storage, grid_run = recorded_grid
     table = json.loads(frontier(path, "--storage", storage, "--json", "--bootstrap", "0").output)
     csv = tmp_path / "points.csv"
     rows = ["compute,error,params,examples,epochs"]
@@ -144,6 +144,9 @@ def test_points_from_csv(tmp_path, recorded_grid):
     result = frontier("--from-csv", csv, "--json", "--bootstrap", "0")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["fit"]["alpha"] == pytest.approx(table["fit"]["alpha"], rel=1e-6)
+    assert table["plots"] == [], "no figures unless asked for"
+    logged = {a.path for a in MlflowClient(grid_run.tracking_uri).list_artifacts(grid_run.parent_run_id, "frontier")}
+    assert logged == {"frontier/frontier.json"}
 
 
 def test_clear_refusals(tmp_path, write_grid, recorded_grid):

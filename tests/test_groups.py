@@ -21,7 +21,7 @@ from conftest import (
     wait_until_held,
     without_timing,
 )
-from mlpgrid import spec, tracking
+from mlpgrid import runs, spec, tracking
 from mlpgrid.checkpoint import HOLD_AT, CheckpointDir
 from mlpgrid.cli import cli
 from mlpgrid.data import Datasets
@@ -163,18 +163,18 @@ zip:
 
 
 def _runs(grid, storage):
-    return tracking.trial_runs(tracking.find_grid(grid, tracking.tracking_uri(StorageLayout(storage))))
+    return runs.trial_runs(runs.find_grid(grid, runs.tracking_uri(StorageLayout(storage))))
 
 
 def _history(storage, run, key):
-    client = MlflowClient(tracking.tracking_uri(StorageLayout(storage)))
-    return [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+    client = MlflowClient(runs.tracking_uri(StorageLayout(storage)))
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run.run_id, key), key=lambda m: m.step)]
 
 
 def _alone_in_this_process(grid, storage):
     """Each trial alone, with a Ray CPU trial's single torch thread, recorded in MLflow."""
     layout = StorageLayout(storage)
-    grid_run = tracking.open_grid(grid, tracking.tracking_uri(layout), layout)
+    grid_run = tracking.open_grid(grid, runs.tracking_uri(layout), layout)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -206,23 +206,23 @@ def test_a_grouped_grid_on_ray_records_its_trials_as_alone_and_resumes_a_killed_
     assert "4 trials in 1 workers: 1 group of 4" in out, out
     assert "retry  " in out and "1 of 4 trials run did not finish" in out, out
 
-    runs, runs_alone = _runs(grid, storage), _runs(grid, tmp_path / "alone")
-    assert set(runs) == set(runs_alone) == {t.id for t in grid.trials}, "one run per member"
-    assert len({run.data.tags["group_id"] for run in runs.values()}) == 1
-    assert all(run.data.tags["ran_in"] == "group" and run.data.tags["group_size"] == "4" for run in runs.values())
+    recorded, runs_alone = _runs(grid, storage), _runs(grid, tmp_path / "alone")
+    assert set(recorded) == set(runs_alone) == {t.id for t in grid.trials}, "one run per member"
+    assert len({run.tags["group_id"] for run in recorded.values()}) == 1
+    assert all(run.tags["ran_in"] == "group" and run.tags["group_size"] == "4" for run in recorded.values())
     for trial in grid.trials:
-        run, single = runs[trial.id], runs_alone[trial.id]
+        run, single = recorded[trial.id], runs_alone[trial.id]
         diverges = trial.config.lr > 1
-        assert run.data.tags["status"] == single.data.tags["status"] == ("diverged" if diverges else "finished")
-        assert set(run.data.params.items()) == set(single.data.params.items())
+        assert run.tags["status"] == single.tags["status"] == ("diverged" if diverges else "finished")
+        assert set(run.params.items()) == set(single.params.items())
         if diverges:
             continue
         # Members are stepped one after another on the CPU: each computes exactly what it does alone.
         for key in ("test_error", "train_loss", "test_loss", "lr"):
             assert _history(storage, run, key) == _history(tmp_path / "alone", single, key), key
         assert [step for step, _ in _history(storage, run, "epoch")] == list(range(1, trial.config.epochs + 1))
-        client = MlflowClient(tracking.tracking_uri(StorageLayout(storage)))
-        assert {"trial_config.json", "first_layer.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        client = MlflowClient(runs.tracking_uri(StorageLayout(storage)))
+        assert {"trial_config.json", "first_layer.png"} <= {a.path for a in client.list_artifacts(run.run_id)}
         final, expected = final_checkpoint(storage, grid, trial), final_checkpoint(tmp_path / "alone", grid, trial)
         if trial.config.epochs > 1:  # the one-epoch member had left the group before the kill
             assert final["resumed_from"] == [[1, 10]], "resumed from the checkpoint the worker was killed after"

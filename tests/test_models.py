@@ -5,7 +5,7 @@ import torch
 from click.testing import CliRunner
 from torch.utils.flop_counter import FlopCounterMode
 
-from mlpgrid import models
+from mlpgrid import architecture, models
 from mlpgrid.cli import cli
 
 IN_64 = 64 * 64 * 3
@@ -23,14 +23,14 @@ TABLE_3 = {
 
 @pytest.mark.parametrize("name,expected", TABLE_3.items())
 def test_table_3_parameter_counts(name, expected):
-    cfg = models.config_for(name, IN_64, 10450)
-    assert abs(models.count_params(cfg) - expected) <= 1e6
+    cfg = architecture.config_for(name, IN_64, 10450)
+    assert abs(architecture.count_params(cfg) - expected) <= 1e6
 
 
 def test_table_7_b12_wi768():
-    cfg = models.config_for("B-12/Wi-768", IN_64, 1000)
-    assert round(models.count_params(cfg) / 1e6, 2) == 66.89
-    assert abs(models.forward_flops(cfg) - 66.8e6) < 0.1e6
+    cfg = architecture.config_for("B-12/Wi-768", IN_64, 1000)
+    assert round(architecture.count_params(cfg) / 1e6, 2) == 66.89
+    assert abs(architecture.forward_flops(cfg) - 66.8e6) < 0.1e6
 
 
 OPTION_SETS = [
@@ -45,28 +45,28 @@ OPTION_SETS = [
 @pytest.mark.parametrize("family", ["B", "S"])
 @pytest.mark.parametrize("options", OPTION_SETS)
 def test_counted_params_match_the_built_model(family, options):
-    cfg = models.config_for(f"{family}-3/Wi-48", 7 * 7 * 3, 11, **options)
+    cfg = architecture.config_for(f"{family}-3/Wi-48", 7 * 7 * 3, 11, **options)
     built = models.MLP(cfg)
-    assert models.count_params(cfg) == sum(p.numel() for p in built.parameters())
+    assert architecture.count_params(cfg) == sum(p.numel() for p in built.parameters())
 
 
 @pytest.mark.parametrize("name", ["B-3/Wi-32", "S-4/Wi-40"])
 def test_matmul_flops_match_torch_flop_counter(name):
     # torch counts 2 FLOPs per multiply-add and ignores norms: compare the matmul part.
-    cfg = models.config_for(name, 5 * 5 * 3, 7, norm="none")
+    cfg = architecture.config_for(name, 5 * 5 * 3, 7, norm="none")
     with FlopCounterMode(display=False) as counter:
         models.MLP(cfg)(torch.zeros(1, 3, 5, 5))
-    assert counter.get_total_flops() == models.HARDWARE_FLOPS_PER_MAC * models.forward_flops(cfg)
+    assert counter.get_total_flops() == architecture.HARDWARE_FLOPS_PER_MAC * architecture.forward_flops(cfg)
 
 
 def test_layernorm_adds_five_flops_per_element_like_fvcore():
-    plain = models.config_for("B-2/Wi-16", 12, 3, norm="none")
-    normed = models.config_for("B-2/Wi-16", 12, 3)
-    assert models.forward_flops(normed) - models.forward_flops(plain) == 2 * 5 * 16
+    plain = architecture.config_for("B-2/Wi-16", 12, 3, norm="none")
+    normed = architecture.config_for("B-2/Wi-16", 12, 3)
+    assert architecture.forward_flops(normed) - architecture.forward_flops(plain) == 2 * 5 * 16
 
 
 def test_b_mlp_block_is_pre_norm_inverted_bottleneck():
-    cfg = models.config_for("B-1/Wi-8", 4, 2)
+    cfg = architecture.config_for("B-1/Wi-8", 4, 2)
     block = models.MLP(cfg).blocks[0]
     first, last = block.fn[0], block.fn[3]
     assert (first.in_features, first.out_features, last.out_features) == (8, 32, 8)
@@ -76,7 +76,7 @@ def test_b_mlp_block_is_pre_norm_inverted_bottleneck():
 
 
 def test_s_mlp_block_has_no_skip_and_relu():
-    cfg = models.config_for("S-1/Wi-8", 4, 2)
+    cfg = architecture.config_for("S-1/Wi-8", 4, 2)
     block = models.MLP(cfg).blocks[0]
     z = torch.randn(5, 8)
     torch.testing.assert_close(block(z), torch.relu(block.fn[0](block.norm(z))))
@@ -85,11 +85,11 @@ def test_s_mlp_block_has_no_skip_and_relu():
 @pytest.mark.parametrize("bad", ["B-12/Wi-", "X-2/Wi-64", "B-0/Wi-64", "b-2/wi-64", "B-2/W-64"])
 def test_bad_model_names_are_refused(bad):
     with pytest.raises(ValueError, match="B-<depth>/Wi-<width>"):
-        models.parse_name(bad)
+        architecture.parse_name(bad)
 
 
 def test_compute_is_flops_times_three_n_t():
-    assert models.compute(1000, 50, 4) == 1000 * 3 * 50 * 4
+    assert architecture.compute(1000, 50, 4) == 1000 * 3 * 50 * 4
 
 
 def test_model_info_cli_json():

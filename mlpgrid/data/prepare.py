@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mlpgrid import data
-from mlpgrid.data import beton, imagefolder, prepared
+from mlpgrid.data import imagefolder, prepared
 from mlpgrid.data.files import sha256
 from mlpgrid.data.subset import proportional_order
 
@@ -111,6 +111,10 @@ def prepare(
     if not 0 <= request.holdout < 1:
         raise PrepareError(f"--holdout must be in [0, 1), got {request.holdout}")
     if request.format == "beton":
+        # FFCV is optional and brings torch: imported for .beton output alone, so the CLI, which
+        # reads this module's choices, starts without them.
+        from mlpgrid.data import beton
+
         beton.require()
     partial = out / ".partial"
     partial.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from mlpgrid import tracking
+from mlpgrid import runs
 from mlpgrid.cli import cli
 from mlpgrid.data import prepare, prepared
 from mlpgrid.data.prepare import Request
@@ -40,7 +40,7 @@ def run(grid, storage, *extra):
 
 def test_a_run_records_the_checksum_of_its_data(animals):
     root, grid, storage = animals
-    uri = tracking.tracking_uri(StorageLayout(storage))
+    uri = runs.tracking_uri(StorageLayout(storage))
     [trial] = MlflowClient(uri).search_runs(
         [MlflowClient(uri).get_experiment_by_name("animals").experiment_id], "tags.mlpgrid_role = 'trial'"
     )

@@ -12,7 +12,7 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import REPO, final_checkpoint, mlpgrid_command
-from mlpgrid import spec, tracking
+from mlpgrid import runs, spec
 from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.layout import StorageLayout
 
@@ -55,11 +55,11 @@ def test_driver_killed_again_and_again_loses_and_repeats_nothing(tmp_path, write
     out, err = last.communicate(timeout=600)
     assert last.returncode == 0, out + err
 
-    grid_run = tracking.find_grid(grid, tracking.tracking_uri(StorageLayout(storage)))
+    grid_run = runs.find_grid(grid, runs.tracking_uri(StorageLayout(storage)))
     client = MlflowClient(grid_run.tracking_uri)
-    runs = client.search_runs([grid_run.experiment_id], "tags.mlpgrid_role = 'trial'")
-    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(t.id for t in grid.trials), "one run per trial"
-    for run in runs:
+    recorded = client.search_runs([grid_run.experiment_id], "tags.mlpgrid_role = 'trial'")
+    assert sorted(r.data.tags["trial_id"] for r in recorded) == sorted(t.id for t in grid.trials), "one run per trial"
+    for run in recorded:
         trial = next(t for t in grid.trials if t.id == run.data.tags["trial_id"])
         assert run.data.tags["status"] == "finished"
         errors = client.get_metric_history(run.info.run_id, "test_error")

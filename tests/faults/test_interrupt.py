@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import REPO, mlpgrid_command, stop_group, wait_until_held
-from mlpgrid import spec, tracking
+from mlpgrid import runs, spec
 from mlpgrid.checkpoint import HOLD_AT
 from mlpgrid.layout import StorageLayout
 
@@ -49,19 +49,19 @@ def test_a_cut_off_trial_says_so_and_resumes(tmp_path, write_grid, fashion_mnist
     finally:
         stop_group(driver)
     assert driver.returncode != 0, out
-    grid_run = tracking.find_grid(grid, tracking.tracking_uri(StorageLayout(storage)))
+    grid_run = runs.find_grid(grid, runs.tracking_uri(StorageLayout(storage)))
     client = MlflowClient(grid_run.tracking_uri)
     assert state(path, storage) == "interrupted"
     if how == signal.SIGINT:  # the driver recorded it as it stopped
-        (cut,) = tracking.trial_runs(grid_run).values()
-        assert cut.data.tags["status"] == "interrupted" and cut.info.status == "KILLED"
+        (cut,) = runs.trial_runs(grid_run).values()
+        assert cut.tags["status"] == "interrupted" and cut.status == "KILLED"
         assert client.get_run(grid_run.parent_run_id).info.status == "KILLED"
 
     again = run(path, storage)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out
-    (done,) = tracking.trial_runs(grid_run).values()
-    assert done.data.tags["status"] == "finished" and done.info.status == "FINISHED"
+    (done,) = runs.trial_runs(grid_run).values()
+    assert done.tags["status"] == "finished" and done.status == "FINISHED"
     assert client.get_run(grid_run.parent_run_id).info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(done.info.run_id, "test_error")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(done.run_id, "test_error")] == [1, 2]
     assert state(path, storage) == "finished"

@@ -6,7 +6,7 @@ import subprocess
 from mlflow import MlflowClient
 
 from conftest import mlpgrid_command
-from mlpgrid import spec, tracking
+from mlpgrid import runs, spec
 from mlpgrid.layout import StorageLayout
 
 SECRET = "pa55-9f8e7d6c5b4a"
@@ -34,7 +34,7 @@ def test_writes_stay_in_storage_and_credentials_stay_out_of_logs(tmp_path, write
     written = files_under(tmp_path) - before
     assert written and all(storage in p.parents for p in written), sorted(map(str, written - files_under(storage)))
 
-    grid_run = tracking.find_grid(spec.load(path), tracking.tracking_uri(StorageLayout(storage)))
+    grid_run = runs.find_grid(spec.load(path), runs.tracking_uri(StorageLayout(storage)))
     client = MlflowClient(grid_run.tracking_uri)
     for run in client.search_runs([grid_run.experiment_id]):
         recorded = {**run.data.params, **run.data.tags, **{k: str(v) for k, v in run.data.metrics.items()}}

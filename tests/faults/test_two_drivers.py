@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import REPO, mlpgrid_command, stop_group, wait_until_held
-from mlpgrid import spec, tracking
+from mlpgrid import runs, spec
 from mlpgrid.checkpoint import HOLD_AT
 from mlpgrid.layout import StorageLayout
 
@@ -53,36 +53,36 @@ def test_a_second_driver_leaves_the_first_ones_trial_alone(tmp_path, write_grid,
         first.wait(timeout=60)
     finally:
         stop_group(first)
-    grid_run = tracking.find_grid(grid, tracking.tracking_uri(StorageLayout(storage)))
-    before = tracking.trial_runs(grid_run)
-    assert before[first_trial.id].data.tags["status"] == "running", "left to its driver, not marked failed"
+    grid_run = runs.find_grid(grid, runs.tracking_uri(StorageLayout(storage)))
+    before = runs.trial_runs(grid_run)
+    assert before[first_trial.id].tags["status"] == "running", "left to its driver, not marked failed"
 
     last = driver(path, storage)
     out, _ = last.communicate(timeout=300)
     assert last.returncode == 0, out
-    after = tracking.trial_runs(grid_run)
+    after = runs.trial_runs(grid_run)
     client = MlflowClient(grid_run.tracking_uri)
-    runs = client.search_runs([grid_run.experiment_id], "tags.mlpgrid_role = 'trial'")
-    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(t.id for t in grid.trials), "one run per trial"
+    recorded = client.search_runs([grid_run.experiment_id], "tags.mlpgrid_role = 'trial'")
+    assert sorted(r.data.tags["trial_id"] for r in recorded) == sorted(t.id for t in grid.trials), "one run per trial"
     for trial in grid.trials:
         run = after[trial.id]
-        assert run.data.tags["status"] == "finished"
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_error")]
+        assert run.tags["status"] == "finished"
+        steps = [m.step for m in client.get_metric_history(run.run_id, "test_error")]
         assert sorted(steps) == list(range(1, trial.config.epochs + 1)), "every epoch once"
         if trial.id != first_trial.id:
-            assert run.info.end_time == before[trial.id].info.end_time, "not trained again"
+            assert run.end_time == before[trial.id].end_time, "not trained again"
 
 
 OPEN = """
 import sys, time
 from pathlib import Path
-from mlpgrid import spec, tracking
+from mlpgrid import runs, spec, tracking
 from mlpgrid.layout import StorageLayout
 storage = StorageLayout(sys.argv[2])
 Path(sys.argv[3] + "." + sys.argv[4]).touch()  # ready: MLflow imported
 while not Path(sys.argv[3]).exists():
     time.sleep(0.01)
-run = tracking.open_grid(spec.load(sys.argv[1]), tracking.tracking_uri(storage), storage)
+run = tracking.open_grid(spec.load(sys.argv[1]), runs.tracking_uri(storage), storage)
 print(run.experiment_id, run.parent_run_id)
 """
 
@@ -103,5 +103,5 @@ def test_drivers_started_together_on_a_fresh_store_create_it_once(tmp_path, writ
         assert d.returncode == 0, err
         opened.append(out.split())
     assert len({tuple(o) for o in opened}) == 1, "one experiment, one parent run"
-    client = MlflowClient(tracking.tracking_uri(StorageLayout(storage)))
+    client = MlflowClient(runs.tracking_uri(StorageLayout(storage)))
     assert len(client.search_runs([opened[0][0]], "tags.mlpgrid_role = 'grid'")) == 1

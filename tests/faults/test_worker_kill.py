@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import start_driver, stop_group, wait_until_held
-from mlpgrid import spec, tracking
+from mlpgrid import runs, spec
 from mlpgrid.checkpoint import HOLD_AT, CheckpointDir
 from mlpgrid.layout import StorageLayout
 
@@ -26,23 +26,23 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, write_grid, fash
     (trial,) = grid.trials
     layout = StorageLayout(storage).grid(grid.name).trial(trial.id)
     checkpoints = CheckpointDir(layout.checkpoints)
-    uri = tracking.tracking_uri(StorageLayout(storage))
+    uri = runs.tracking_uri(StorageLayout(storage))
     monkeypatch.setenv(HOLD_AT, "1:30")  # the worker stops after its checkpoint at step 30 of epoch 2
     driver = start_driver(path, storage)
     try:
         victim = wait_until_held(layout.root / "held", driver)
-        (run,) = tracking.trial_runs(tracking.find_grid(grid, uri)).values()
-        assert int(run.data.tags["worker_pid"]) == victim, "the trial's worker holds"
+        (run,) = runs.trial_runs(runs.find_grid(grid, uri)).values()
+        assert int(run.tags["worker_pid"]) == victim, "the trial's worker holds"
         os.kill(victim, signal.SIGKILL)
         out, _ = driver.communicate(timeout=300)
     finally:
         stop_group(driver)
     assert driver.returncode == 0, out
 
-    (run,) = tracking.trial_runs(tracking.find_grid(grid, uri)).values()
-    assert run.data.tags["status"] == "finished" and int(run.data.tags["worker_pid"]) != victim
+    (run,) = runs.trial_runs(runs.find_grid(grid, uri)).values()
+    assert run.tags["status"] == "finished" and int(run.tags["worker_pid"]) != victim
     assert "retry  " in out and "restarts from its last checkpoint" in out
-    history = MlflowClient(uri).get_metric_history(run.info.run_id, "test_error")
+    history = MlflowClient(uri).get_metric_history(run.run_id, "test_error")
     assert sorted(m.step for m in history) == list(range(1, 11)), "every epoch once"
     # The checkpoint counts the attempts: each retry adds the position it resumed from.
     assert checkpoints.latest()["resumed_from"] == [[1, 30]], "one retry, from where it was killed"

@@ -1,0 +1,82 @@
+"""Reading a grid's runs back (mlpgrid.runs) from a real `mlflow server`: the REST reader gives
+what MlflowClient gives, for every kind of trial run a grid holds."""
+
+import dataclasses
+import math
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from mlflow_server import MlflowServer
+
+from mlpgrid import runs, spec, tracking
+from mlpgrid.layout import StorageLayout
+
+GRID = """name: {name}
+grid:
+  model: [B-1/Wi-16, B-1/Wi-32]
+  examples: [1000, 2000, 4000]
+  epochs: [1, 2]
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One real `mlflow server` for this file's tests (each uses its own experiment)."""
+    process = MlflowServer(tmp_path_factory.mktemp("server"))
+    process.start()
+    try:
+        yield process.url
+    finally:
+        process.stop()
+
+
+def comparable(record):
+    """NaN is not equal to itself: compared as a word."""
+    return dataclasses.replace(record, metrics={k: "NaN" if math.isnan(v) else v for k, v in record.metrics.items()})
+
+
+def test_the_rest_reader_gives_what_mlflowclient_gives(tmp_path, write_grid, server):
+    grid, mlflow_server = spec.load(write_grid(GRID.format(name="reader"))), server
+    assert runs.find_grid(grid, mlflow_server) is None, "no experiment yet: nothing is created"
+    grid_run = tracking.open_grid(grid, mlflow_server, StorageLayout(tmp_path / "store"))
+    assert runs.find_grid(grid, mlflow_server) == grid_run
+    for i, trial in enumerate(grid.trials):  # finished, failed, running, one with a NaN loss
+        run = tracking.TrialRun.open(grid_run, trial, tags={"note": "ä ✓ 'quoted'"})
+        run.log_epochs([{"epoch": 1, "train_loss": math.nan if i == 3 else 0.5, "test_loss": 0.6,
+                         "test_error": 0.1 + i / 100}])  # fmt: skip
+        if i % 3 != 2:
+            run.finish(runs.FINISHED if i % 3 == 0 else runs.FAILED, error=None if i % 3 == 0 else "boom")
+        else:
+            run.outbox.flush(timeout_s=60)  # still running, its metrics delivered
+
+    read = runs.trial_runs(grid_run)
+    client = MlflowClient(mlflow_server)
+    expected = {r.data.tags["trial_id"]: runs.record_of(r) for r in client.search_runs([grid_run.experiment_id])
+                if r.data.tags.get("mlpgrid_role") == "trial"}  # fmt: skip
+    assert set(read) == set(expected) == {t.id for t in grid.trials}
+    for trial_id, record in read.items():
+        assert comparable(record) == comparable(expected[trial_id])
+    assert any(math.isnan(r.metrics["train_loss"]) for r in read.values())
+    states = sorted(r.tags["status"] for r in read.values())
+    assert states == ["failed"] * 4 + ["finished"] * 4 + ["running"] * 4
+    assert {r.tags["note"] for r in read.values()} == {"ä ✓ 'quoted'"}
+
+
+@pytest.mark.parametrize("store", ["server", "sqlite"])
+def test_many_runs_are_read_whole_and_once(tmp_path, write_grid, monkeypatch, server, store):
+    """More runs than a page holds (in every shard, on a server): none lost, none twice."""
+    monkeypatch.setattr(runs, "PAGE_SIZE", 2)
+    grid, layout = spec.load(write_grid(GRID.format(name=f"pages-{store}"))), StorageLayout(tmp_path / "store")
+    uri = server if store == "server" else runs.tracking_uri(layout)
+    grid_run = tracking.open_grid(grid, uri, layout)
+    client = MlflowClient(uri)
+    made = set()
+    for i in range(40):
+        trial_id = f"{i % 16:x}{i:011d}"  # every first digit, some several times
+        run = client.create_run(grid_run.experiment_id, tags={"mlpgrid_role": "trial", "trial_id": trial_id})
+        client.log_batch(run.info.run_id, metrics=[Metric("epoch", float(i), 0, 1)])
+        made.add(trial_id)
+    read = runs.trial_runs(grid_run)
+    assert set(read) == made
+    assert sorted(int(r.metrics["epoch"]) for r in read.values()) == list(range(40))
