@@ -154,7 +154,10 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout, tracking_u
     uri = runs.tracking_uri(storage, tracking_uri)
     with ThreadPoolExecutor(1) as pool:
         reading = pool.submit(_points, request, uri)
-        if request.grid is not None:  # it logs the report: imported while the store answers the search
+        if request.grid is not None:
+            # What comes next is imported while the store answers the search: SciPy's optimizer
+            # for the fit (0.6 s) and MLflow's client to log the report (2.3 s).
+            importlib.import_module("scipy.optimize")
             _tracking()
         points, left_out, grid_run = reading.result()
     try:
