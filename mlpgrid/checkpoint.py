@@ -174,8 +174,9 @@ class BackgroundSaver:
 
 
 # A point a fault test chooses: with MLPGRID_HOLD_AT="E:S" a trial (or group) stops once its
-# checkpoint at epoch E, step S is on disk, writes ``held`` into its directory and waits there
-# to be killed, so that the test kills it at that point and not wherever a timer lands.
+# checkpoint at epoch E, step S is on disk, writes ``held`` into its directory and waits there,
+# to be killed or, once the test removes ``held``, to go on: so that the test acts at that
+# point (a kill, a server stopped) and not wherever a timer lands.
 HOLD_AT = "MLPGRID_HOLD_AT"
 HOLD_S = 600  # then it gives up waiting and fails
 
@@ -184,7 +185,11 @@ def hold_if_asked(saver: BackgroundSaver, epoch: int, step: int, trial_dirs: lis
     if os.environ.get(HOLD_AT) != f"{epoch}:{step}":
         return
     saver.wait()
-    for directory in trial_dirs:
-        (directory / "held").write_text(f"pid {os.getpid()}")
-    time.sleep(HOLD_S)
-    raise RuntimeError(f"held at epoch {epoch}, step {step} for {HOLD_S} s ({HOLD_AT}) and not killed")
+    held = [directory / "held" for directory in trial_dirs]
+    for path in held:
+        path.write_text(f"pid {os.getpid()}")
+    deadline = time.monotonic() + HOLD_S
+    while all(path.exists() for path in held):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"held at epoch {epoch}, step {step} for {HOLD_S} s ({HOLD_AT}) and not let go")
+        time.sleep(0.05)

@@ -30,18 +30,25 @@ def test_the_readmes_grid_file_reference_is_made_from_the_code():
         assert f"| `{name}` |" in shown
 
 
-def test_a_ray_worker_needs_neither_scipy_nor_matplotlib():
-    """The module Ray imports for a worker's function imports without the frontier's and the
-    figures' libraries (MLflow imports SciPy itself where it is installed, and goes on without)."""
+def imports(blocked: list[str], modules: list[str], shown: str) -> str:
+    """In a fresh interpreter with ``blocked`` unimportable, import ``modules`` and print
+    ``shown`` (an expression); what it printed."""
     probe = (
         "import sys\n"
-        "sys.modules.update(scipy=None, matplotlib=None)  # importing either now fails\n"
-        "import mlpgrid.ray_runner\n"
-        "print(sorted(m for m in sys.modules if m.startswith('mlpgrid.')))\n"
+        f"sys.modules.update(dict.fromkeys({blocked!r}))  # importing these now fails\n"
+        f"import {', '.join(modules)}\n"
+        f"print({shown})\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    loaded = set(eval(out.stdout.strip().splitlines()[-1]))
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_a_ray_worker_needs_neither_scipy_nor_matplotlib():
+    """The module Ray imports for a worker's function imports without the frontier's and the
+    figures' libraries (MLflow imports SciPy itself where it is installed, and goes on without)."""
+    loaded = set(eval(imports(["scipy", "matplotlib"], ["mlpgrid.ray_runner"],
+                              "sorted(m for m in sys.modules if m.startswith('mlpgrid.'))")))  # fmt: skip
     assert "mlpgrid.runner" in loaded and "mlpgrid.train" in loaded
     assert not loaded & {"mlpgrid.frontier", "mlpgrid.plots", "mlpgrid.report", "mlpgrid.bench", "mlpgrid.cli"}
 
@@ -49,13 +56,7 @@ def test_a_ray_worker_needs_neither_scipy_nor_matplotlib():
 def test_status_and_frontier_import_no_torch_and_mlflow_only_to_log():
     """What `status` and `frontier` import stays free of torch, and of MLflow's client, SciPy's
     optimizer and matplotlib until a report is fitted, logged or drawn: each costs 0.6 to 2.3 s."""
-    probe = (
-        "import sys\n"
-        "sys.modules.update(torch=None)  # importing it now fails\n"
-        "import mlpgrid.cli, mlpgrid.runs, mlpgrid.locks\n"
-        "import mlpgrid.report  # MLflow and matplotlib come when a report is logged or drawn\n"
-        "print('mlflow' in sys.modules, 'matplotlib' in sys.modules, 'scipy.optimize' in sys.modules)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "False", "False"]
+    later = ["mlflow", "matplotlib", "scipy.optimize"]
+    shown = imports(["torch"], ["mlpgrid.cli", "mlpgrid.runs", "mlpgrid.locks", "mlpgrid.report"],
+                    f"[m for m in {later!r} if m in sys.modules]")  # fmt: skip
+    assert shown == "[]", f"imported at start: {shown}"
