@@ -99,6 +99,23 @@ class CheckpointDir:
             self.file(*old).with_suffix(".sha256").unlink(missing_ok=True)
         return target
 
+    def adopt(self, source: CheckpointDir) -> tuple[int, int]:
+        """Start from ``source``'s newest checkpoint (another trial's finished pre-training): it
+        and its checksum are linked in (copied where links cannot be), each arriving whole
+        under its own name. Returns its (epoch, step)."""
+        epoch, step = source.positions()[-1]
+        self.path.mkdir(parents=True, exist_ok=True)
+        for suffix in (".sha256", ".pt"):  # the checkpoint last: present means complete
+            origin, target = source.file(epoch, step).with_suffix(suffix), self.file(epoch, step).with_suffix(suffix)
+            tmp = target.with_suffix(suffix + "tmp")
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(origin, tmp)  # the files are never written again, only removed: a link is safe
+            except OSError:
+                shutil.copyfile(origin, tmp)
+            os.replace(tmp, target)
+        return epoch, step
+
     def _load(self, epoch: int, step: int) -> dict[str, Any]:
         """One checkpoint's state; ValueError saying what is wrong with it."""
         path = self.file(epoch, step)

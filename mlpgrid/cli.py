@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -86,6 +87,8 @@ def _reduce_options(command: Any) -> Any:
 
 
 def _millions(n: float) -> str:
+    if n < 1e4:
+        return f"{n:.3g}"
     return f"{n / 1e6:.2f}M" if n < 1e9 else f"{n / 1e9:.2f}G"
 
 
@@ -387,11 +390,14 @@ positive = FiniteRange(min=0, min_open=True)
 @click.argument("grid_file", required=False, type=click.Path(exists=True, dir_okay=False))
 @_reduce_options
 @click.option("--from-csv", "csv_file", type=click.Path(exists=True, dir_okay=False),
-              help="Read points from a CSV (compute,error,params,examples,epochs[,model,trial_id,lr,batch_size]) "
-                   "instead of MLflow.")  # fmt: skip
+              help="Read points from a CSV (compute,error,params,examples[,epochs,model,trial_id,lr,batch_size]; "
+                   "or flops, loss and tokens for compute, error and examples) instead of MLflow.")  # fmt: skip
 @click.option(
     "--metric", help=f"The trials' metric to use as the error; default: the grid's metric, else {metrics.TEST_ERROR}."
 )
+@click.option("--curves", is_flag=True,
+              help="Also take the earlier epochs of trials with a constant learning rate as points: each is where "
+                   "a shorter trial would have ended (not so under a cosine schedule).")  # fmt: skip
 @click.option("--budget", "budgets", type=positive, multiple=True, help="Compute to query, e.g. 1e18; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option("--plot-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -400,8 +406,17 @@ positive = FiniteRange(min=0, min_open=True)
               help="Bootstrap resamples of the trials for the intervals; 0 = none.")  # fmt: skip
 @click.option("--level", type=FiniteRange(0, 1, min_open=True, max_open=True), default=0.95,
               show_default=True, help="Confidence level of the intervals.")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap's resampling.")
 @click.option("--fit-space", type=click.Choice(["log", "linear"]), default="log", show_default=True,
-              help="Least squares on log error, or on error as the paper.")  # fmt: skip
+              help="Least squares on log error, or on error as the paper (also the IsoFLOP parabolas').")  # fmt: skip
+@click.option("--bins-per-decade", type=positive, default=4, show_default=True,
+              help="Compute bins per decade of the envelope's allocation (approach 1), and IsoFLOP budgets per "
+                   "decade (approach 2).")  # fmt: skip
+@click.option("--e-inf", type=FiniteRange(min=0), help="Hold the irreducible error fixed at this value instead of "
+              "fitting it (in E(C), E(P), E(N) and E(P, D)).")  # fmt: skip
+@click.option("--starts", type=click.IntRange(min=1),
+              help="Starting points of the E(P, D) fit (approach 3) to optimise, the most promising of a grid "
+                   "of 4,500 (default: 64; 4500 optimises them all).")  # fmt: skip
 @click.option("--holdout", type=FiniteRange(0, 1, min_open=True, max_open=True),
               help="Also fit without the most expensive FRACTION of trials and report how well that fit "
                    "predicts their frontier.")  # fmt: skip
@@ -409,17 +424,21 @@ positive = FiniteRange(min=0, min_open=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Grid file --propose writes.")
 @storage_option
 @tracking_option
-def frontier(grid_file: str | None, csv_file: str | None, metric: str | None, budgets: tuple[float, ...], as_json: bool,
-             plot_dir: Path | None, repeats: int, level: float, fit_space: str, holdout: float | None,
+def frontier(grid_file: str | None, csv_file: str | None, metric: str | None, curves: bool,
+             budgets: tuple[float, ...], as_json: bool, plot_dir: Path | None, repeats: int, level: float, seed: int,
+             fit_space: str, bins_per_decade: float, e_inf: float | None, starts: int | None, holdout: float | None,
              propose: float | None, out: Path | None, storage: StorageLayout,
              tracking_uri: str | None) -> None:  # fmt: skip
     """Fit the compute-optimal frontier of GRID_FILE's finished trials and query it.
 
     Takes the best setting per (model, N, T), the lower envelope of error vs compute, fits
-    E(C) = a(b + C)^-alpha + E_inf to it, fits the allocation P*(C) and D*(C) = (N T)*(C), and
-    the laws E(P) and E(N); intervals come from resampling the trials. Works while the grid is
-    still running, on what has finished. The report is logged on the grid's MLflow run; the
-    figures are drawn with --plot-dir, and logged there too.
+    E(C) = a(b + C)^-alpha + E_inf to it, and the laws E(P) and E(N). Fits the allocation
+    P*(C) and D*(C) = (N T)*(C) three ways, as Hoffmann et al.: (1) the best trial of each
+    compute bin, (2) the minima of IsoFLOP profiles, (3) one law E(P, D) = E + A/P^alpha +
+    B/D^beta through every trial; side by side, so that where they disagree shows. Intervals
+    come from resampling the trials. Works while the grid is still running, on what has
+    finished. The report is logged on the grid's MLflow run; the figures are drawn with
+    --plot-dir, and logged there too.
 
     \b
     Examples:
@@ -427,12 +446,16 @@ def frontier(grid_file: str | None, csv_file: str | None, metric: str | None, bu
       mlpgrid frontier grids/quickstart.yaml --budget 1e13 --budget 3.5e13 --json
       mlpgrid frontier grids/quickstart.yaml --propose 1e13 --out next.yaml
       mlpgrid frontier --from-csv results.csv --budget 1e18
+      mlpgrid frontier --from-csv lm.csv --bootstrap 0   # columns flops,loss,params,tokens
     """
     from mlpgrid import report
+    from mlpgrid.frontier import FitOptions
 
+    options = FitOptions(space=fit_space, bins_per_decade=bins_per_decade, e_inf=e_inf)
     request = report.FrontierRequest(
         grid=_load_grid(grid_file) if grid_file else None, csv_file=Path(csv_file) if csv_file else None,
-        metric=metric, budgets=budgets, repeats=repeats, level=level, fit_space=fit_space, holdout=holdout,
+        metric=metric, curves=curves, budgets=budgets, repeats=repeats, level=level, seed=seed, holdout=holdout,
+        options=options if starts is None else dataclasses.replace(options, starts=starts),
         propose=propose, out=out, plot_dir=plot_dir,
     )  # fmt: skip
     try:
@@ -451,23 +474,61 @@ def _interval(ci: list[float] | None, fmt: str = "{:.4f}") -> str:
     return "-" if ci is None else "[" + ", ".join(fmt.format(v) for v in ci) + "]"
 
 
+APPROACH_NAMES = {"envelope": "1 envelope", "isoflop": "2 IsoFLOP", "parametric": "3 E(P, D)"}
+
+
+def _print_approaches(approaches: dict[str, Any], level: str) -> None:
+    """The three allocations side by side, what each rests on, then E(P, D) and the profiles."""
+    rows = []
+    for name, fit in approaches.items():
+        if fit is None:
+            rows.append([APPROACH_NAMES[name], "-", "-", "-", "-", "not fitted (see the notes)"])
+            continue
+        ci = fit["ci"]
+        if name == "envelope":
+            basis = f"the best trial of {len(fit['bins'])} compute bins"
+        elif name == "isoflop":
+            basis = f"the minima of {fit['used']} of {len(fit['profiles'])} profiles"
+        else:
+            basis = f"every trial; {fit['law']['converged']} of {fit['law']['starts']} starts reached the best"
+        exponents = [f"{fit['params_exponent']:.3f}", _interval(ci["params_exponent"], "{:.3f}"),
+                     f"{fit['examples_exponent']:.3f}", _interval(ci["examples_exponent"], "{:.3f}")]  # fmt: skip
+        rows.append([APPROACH_NAMES[name], *exponents, basis])
+    click.echo(f"Compute-optimal allocation P*(C) ∝ C^a, D*(C) = (N·T)* ∝ C^b, three ways ({level} intervals):")
+    _print_table(rows, ["approach", "a", "interval", "b", "interval", "from"])
+    if approaches.get("parametric"):
+        law, ci = approaches["parametric"]["law"], approaches["parametric"]["law_ci"]
+        click.echo(f"E(P, D) = {law['e_inf']:.4g} + {law['a']:.4g}/P^{law['alpha']:.4f} + {law['b']:.4g}/D^"
+                   f"{law['beta']:.4f}, D = N·T:  E {_interval(ci['e_inf'])}  alpha {_interval(ci['alpha'])}"
+                   f"  beta {_interval(ci['beta'])}")  # fmt: skip
+    if approaches.get("isoflop"):
+        rows = [
+            [f"{p['compute']:.3g}", p["sizes"], "-" if p["best_params"] is None else _millions(p["best_params"]),
+             "-" if p["position"] is None else f"{p['position']:.2f}",
+             "-" if p["best_error"] is None else f"{p['best_error']:.4f}", p["status"]]
+            for p in approaches["isoflop"]["profiles"]
+        ]  # fmt: skip
+        click.echo("IsoFLOP profiles (position of the minimum: 0 at the smallest size, 1 at the largest):")
+        _print_table(rows, ["budget C", "sizes", "P*", "position", "error at P*", "status"])
+
+
 def _print_frontier(report: dict[str, Any], source: str) -> None:
     fit, left = report["fit"], report["left_out"]
     skipped = ", ".join(f"{n} {why}" for why, n in left.items() if n)
     click.echo(f"{source}: {report['points']} points" + (f" (left out: {skipped})" if skipped else "")
                + f", {fit['frontier_points']} on the frontier")  # fmt: skip
+    if "curves" in report:
+        curves = report["curves"]
+        click.echo(f"--curves: {curves['points']} earlier epochs added as points; trials by why:")
+        for why, n in curves["trials"].items():
+            click.echo(f"  {n} trials: {why}")
     click.echo(f"E(C) = {fit['a']:.4g} ({fit['b']:.3g} + C)^-{fit['alpha']:.4f} + {fit['e_inf']:.4f}")
     boot = report["bootstrap"]
     level = f"{boot['level']:.0%}"
     click.echo(f"  alpha {fit['alpha']:.4f} {_interval(fit['ci']['alpha'])}   E_inf {fit['e_inf']:.4f}"
                f" {_interval(fit['ci']['e_inf'])}   ({level} intervals, {boot['repeats']} resamples,"
                f" {boot['failed']} failed)")  # fmt: skip
-    alloc = report["allocation"]
-    if alloc:
-        click.echo(f"Allocation ({alloc['bins']} compute bins): P*(C) ∝ C^{alloc['params_exponent']:.3f}"
-                   f" {_interval(alloc['ci']['params_exponent'], '{:.3f}')},  D*(C) = (N·T)* ∝"
-                   f" C^{alloc['examples_exponent']:.3f}"
-                   f" {_interval(alloc['ci']['examples_exponent'], '{:.3f}')}")  # fmt: skip
+    _print_approaches(report["approaches"], level)
     for axis, law in report["bottlenecks"].items():
         x = {"params": "P", "examples": "N"}[axis]
         click.echo(f"E({x}) = E_inf + A {x}^{-law['exponent']:+.3f}, exponent {_interval(law['ci'], '{:.3f}')}")
@@ -480,6 +541,14 @@ def _print_frontier(report: dict[str, Any], source: str) -> None:
             for q in report["queries"]
         ]  # fmt: skip
         _print_table(rows, ["budget C", "error", f"{level} interval", "P*", "N·T*", "model", "N", "T"])
+        rows = [
+            [f"{q['budget']:.3g}", APPROACH_NAMES[name], "-" if a["error"] is None else f"{a['error']:.4f}",
+             _interval(a["error_ci"]), _millions(a["params"]), _interval(a["params_ci"], "{:.3g}"),
+             f"{a['examples_seen']:.3g}", _interval(a["examples_seen_ci"], "{:.3g}"), f"{a['examples_per_param']:.3g}"]
+            for q in report["queries"] for name, a in q["approaches"].items()
+        ]  # fmt: skip
+        _print_table(rows, ["budget C", "approach", "error", f"{level} interval", "P*", "interval", "N·T*", "interval",
+                            "N·T*/P*"])  # fmt: skip
     if "holdout" in report:
         held = report["holdout"]
         if "error" in held:

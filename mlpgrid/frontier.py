@@ -14,6 +14,10 @@ The input is one :class:`Point` per finished trial. :func:`analyse` then, as Bac
    is the examples seen (Hoffmann et al.'s approach 1: the best point of each compute bin).
 5. Fits the bottlenecked laws E(P) and E(N): the best error per model size and per subset
    size, as E_inf + A x^-alpha with E_inf from the E(C) fit.
+6. Fits the allocation two more ways, as Hoffmann et al. do, on the same selection: IsoFLOP
+   profiles (approach 2, :mod:`mlpgrid.isoflop`) and one law E(P, D) through every selected
+   trial (approach 3, :mod:`mlpgrid.parametric`). A fit the trials cannot support is left out
+   with a note saying why.
 
 :func:`bootstrap` repeats all of it on resamples: the configurations (a (model, N, T) at
 one setting) drawn with replacement, and the seeds of each; intervals are percentiles of the
@@ -31,13 +35,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
+from mlpgrid import isoflop, parametric
 from mlpgrid.points import Point
 
 MIN_FRONTIER_POINTS = 5  # E(C) has 4 parameters: at least one point more to judge the fit
 MIN_ALLOCATION_BINS = 3  # a line through log C needs more than 2 points to mean anything
 MIN_LAW_POINTS = 3
 MAX_ALPHA = 4.0  # an exponent at this bound means the frontier does not constrain it
+# The fits are many small array operations: BLAS threads only wait on each other there, and on a
+# busy machine they spin (the synthetic draw analysed with 100 resamples beside a CPU busy loop on
+# 2 cores: 2.0 s with OpenBLAS's threads, 0.75 s with one).
+BLAS_THREADS = 1
+IRREDUCIBLE_FLOOR = 1e-3  # an E(P, D) whose E falls below this fraction of the lowest error did not find one
 CSV_COLUMNS = ("compute", "error", "params", "examples", "epochs")
 
 
@@ -45,13 +56,45 @@ class FitError(ValueError):
     """The points cannot support the fit; the message says what is missing."""
 
 
+@dataclass(frozen=True)
+class FitOptions:
+    """How the analysis fits: the same for the data and every bootstrap resample."""
+
+    space: str = "log"  # least squares on log E (default) or on E; also the IsoFLOP parabolas'
+    bins_per_decade: float = 4  # compute bins of approach 1, IsoFLOP budgets of approach 2
+    e_inf: float | None = None  # hold the irreducible error fixed (E(C), the bottleneck laws, E(P, D))
+    starts: int = parametric.DEFAULT_STARTS  # of E(P, D)'s grid of starting points, how many to optimise
+
+
+@dataclass(frozen=True)
+class Labels:
+    """What the error, the compute and the examples are called, for the report and its figures:
+    a grid's own, or a CSV's column names (a CSV of LM losses is about loss and tokens)."""
+
+    error: str = "test error"
+    compute: str = "compute C = FLOP(f) · 3 · N · T"
+    examples: str = "examples"
+
+
+# The CSV's columns, each with the other names it may go by. The error may be any lower-is-
+# better metric (``loss``); the examples may be tokens. Without ``epochs`` each row is one epoch.
+CSV_ALIASES = {"compute": ("compute", "flops"), "error": ("error", "loss"), "params": ("params",),
+               "examples": ("examples", "tokens"), "epochs": ("epochs",)}  # fmt: skip
+
+
 def read_csv(path: str | Path) -> list[Point]:
-    """Points from a CSV (UTF-8) with columns compute,error,params,examples,epochs (and optionally
-    model,trial_id,lr,batch_size); every bad cell is reported with its line and column."""
+    """Points from a CSV (UTF-8) with columns compute,error,params,examples[,epochs] (or their
+    aliases in :data:`CSV_ALIASES`; optionally model,trial_id,lr,batch_size); every bad cell is
+    reported with its line and column."""
+    return read_table(path)[0]
+
+
+def read_table(path: str | Path) -> tuple[list[Point], Labels]:
+    """:func:`read_csv`'s points and the labels its column names give."""
     path = Path(path)
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
-            points, problems = _read_rows(path, csv.reader(f))
+            points, labels, problems = _read_rows(path, csv.reader(f))
     except UnicodeDecodeError as e:
         raise FitError(f"{path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
     if problems:
@@ -59,42 +102,56 @@ def read_csv(path: str | Path) -> list[Point]:
         raise FitError("\n".join(problems[:20] + more))
     if not points:
         raise FitError(f"{path}: no rows")
-    return points
+    return points, labels
 
 
-def _read_rows(path: Path, reader: Iterator[list[str]]) -> tuple[list[Point], list[str]]:
+def _read_rows(path: Path, reader: Iterator[list[str]]) -> tuple[list[Point], Labels, list[str]]:
     columns = [c.strip() for c in next(reader, [])]
-    missing = [c for c in CSV_COLUMNS if c not in columns]
+    named = {}
+    for column, aliases in CSV_ALIASES.items():
+        found = [a for a in aliases if a in columns]
+        if len(found) > 1:
+            raise FitError(f"{path}: columns {' and '.join(found)} both give {column}; keep one")
+        if found:
+            named[column] = found[0]
+    missing = [" or ".join(CSV_ALIASES[c]) for c in CSV_COLUMNS if c not in named and c != "epochs"]
     if missing:
         raise FitError(f"{path}: missing column(s) {', '.join(missing)}; found: {', '.join(columns) or 'none'}")
-    at = {c: i for i, c in enumerate(columns)}
-    numeric = [at[c] for c in CSV_COLUMNS]
-    model, trial_id = at.get("model"), at.get("trial_id")
-    swept = [(k, at[k]) for k in ("lr", "batch_size") if k in at]
+    at = {c: columns.index(name) for c, name in named.items()}
+    numeric = [at.get(c) for c in CSV_COLUMNS]
+    model, trial_id = _index(columns, "model"), _index(columns, "trial_id")
+    swept = [(k, columns.index(k)) for k in ("lr", "batch_size") if k in columns]
+    labels = Labels(error=named["error"], compute=f"{named['compute']} C", examples=named["examples"])
     points, problems = [], []
     for line, row in enumerate(reader, start=2):
         if not row:
             continue
         try:
-            numbers = [float(row[i]) for i in numeric]
+            numbers = [1.0 if i is None else float(row[i]) for i in numeric]
         except (ValueError, IndexError):
             numbers = []
         if len(numbers) < len(numeric) or not all(0 < v < math.inf for v in numbers):
-            problems.extend(_cell_problems(path, line, [_cell(row, i) for i in numeric]))
+            cells = [named.get(c, c) for c in CSV_COLUMNS]
+            problems.extend(_cell_problems(path, line, cells, ["1" if i is None else _cell(row, i) for i in numeric]))
             continue
         settings = tuple((k, _cell(row, i)) for k, i in swept if _cell(row, i))
         points.append(Point(*numbers, model=_cell(row, model), trial_id=_cell(row, trial_id), settings=settings))
-    return points, problems
+    return points, labels, problems
+
+
+def _index(columns: list[str], name: str) -> int | None:
+    return columns.index(name) if name in columns else None
 
 
 def _cell(row: list[str], i: int | None) -> str:
     return row[i].strip() if i is not None and i < len(row) else ""
 
 
-def _cell_problems(path: Path, line: int, cells: list[str]) -> list[str]:
-    """What is wrong with a row's numeric cells (those of :data:`CSV_COLUMNS`, in order)."""
+def _cell_problems(path: Path, line: int, columns: list[str], cells: list[str]) -> list[str]:
+    """What is wrong with a row's numeric cells (those of :data:`CSV_COLUMNS`, in order, by
+    the names the CSV gives them)."""
     problems = []
-    for column, cell in zip(CSV_COLUMNS, cells, strict=True):
+    for column, cell in zip(columns, cells, strict=True):
         try:
             value = float(cell)
         except ValueError:
@@ -182,6 +239,15 @@ class Trials:
         rows = np.argsort(row_config, kind="stable")
         self.sorted_config, self.sorted_error = row_config[rows], row_error[rows]
         self.config_starts = np.r_[0, np.cumsum(self.sizes)[:-1]]
+        # C / (P D): 6 for dense models (FLOP(f) = 2P); what turns a budget into D = C / (k P).
+        self.compute_ratio = float(np.exp(np.mean(np.log(self.compute / (self.params * self.examples_seen)))))
+        self._curves: dict[float, isoflop.Curves] = {}
+
+    def curves(self, bins_per_decade: float) -> isoflop.Curves:
+        """Each model size's cells by compute, and the IsoFLOP budgets (built once per spacing)."""
+        if bins_per_decade not in self._curves:
+            self._curves[bins_per_decade] = isoflop.Curves(self.params, self.compute, bins_per_decade)
+        return self._curves[bins_per_decade]
 
     def cells(self, config_error: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per cell: the lowest error of its configurations (``inf`` where none is in), and which
@@ -225,25 +291,25 @@ class Trials:
         order = present[np.lexsort((cell_error[present], self.compute[present]))]
         return [self.point(c, cell_error, cell_config) for c in order]
 
-    def resample(self, configs: np.random.Generator, seeds: np.random.Generator) -> np.ndarray:
+    def resample(self, configs: np.random.Generator, seeds: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Configuration errors of one bootstrap resample: configurations drawn with replacement
         (``inf`` for those not drawn; by ``configs``), each the mean of its seeds drawn with
-        replacement (by ``seeds``). A point given many times is one configuration of identical
-        seeds: it draws the same resamples as the point given once."""
+        replacement (by ``seeds``), and how many times each was drawn. A point given many times
+        is one configuration of identical seeds: it draws the same resamples as the point given once."""
         n = len(self.sizes)
-        drawn = np.zeros(n, bool)
-        drawn[configs.integers(0, n, n)] = True
+        counts = np.bincount(configs.integers(0, n, n), minlength=n)
         errors = self.config_error
         if self.sizes.max() > 1:
             config = self.sorted_config
             rows = self.config_starts[config] + (seeds.random(len(config)) * self.sizes[config]).astype(np.int64)
             errors = np.bincount(config, weights=self.sorted_error[rows], minlength=n) / self.sizes
-        return np.where(drawn, errors, np.inf)
+        return np.where(counts > 0, errors, np.inf), counts
 
-    def fit(self, config_error: np.ndarray, space: str = "log", bins_per_decade: float = 4,
-            near: PowerLaw | None = None) -> Fitted:  # fmt: skip
-        """E(C), the allocation and the bottleneck laws of the cells at these configuration errors
-        (``near``: see :func:`fit_power_law`)."""
+    def fit(self, config_error: np.ndarray, options: FitOptions, near: Fitted | None = None,
+            counts: np.ndarray | None = None) -> Fitted:  # fmt: skip
+        """All three approaches on the cells at these configuration errors. ``near``: the fit of
+        similar data (the analysis', for a resample), where each fit starts; ``counts``: how many
+        times each configuration was drawn (approach 3 counts a cell that many times)."""
         cell_error, cell_config = self.cells(config_error)
         frontier = self.frontier(cell_error)
         if len(frontier) < MIN_FRONTIER_POINTS:
@@ -251,20 +317,41 @@ class Trials:
                 f"{len(self.points)} points give a frontier of {len(frontier)}; fitting E(C) = a(b+C)^-alpha + E_inf"
                 f" needs at least {MIN_FRONTIER_POINTS} frontier points: add trials at more compute budgets"
             )
-        fit = fit_power_law(self.compute[frontier], cell_error[frontier], space, near)
-        notes, allocation, laws = [], None, {}
+        fit = fit_power_law(self.compute[frontier], cell_error[frontier], options.space,
+                            near.fit if near else None, options.e_inf)  # fmt: skip
+        fitted = Fitted(fit, None, {}, [], cell_error, cell_config, frontier)
         try:
-            bins = self.best_per_bin(cell_error, bins_per_decade)
-            allocation = fit_allocation(self.compute[bins], self.params[bins], self.examples_seen[bins],
-                                        tuple(self.point(b, cell_error, cell_config) for b in bins))  # fmt: skip
+            bins = self.best_per_bin(cell_error, options.bins_per_decade)
+            fitted.allocation = fit_allocation(self.compute[bins], self.params[bins], self.examples_seen[bins],
+                                               tuple(self.point(b, cell_error, cell_config) for b in bins))  # fmt: skip
         except FitError as e:
-            notes.append(f"allocation not fitted: {e}")
+            fitted.notes.append(f"allocation not fitted: {e}")
         for axis in ("params", "examples"):
             try:
-                laws[axis] = fit_law(*self.best_by(cell_error, axis), axis, fit.e_inf)
+                fitted.laws[axis] = fit_law(*self.best_by(cell_error, axis), axis, fit.e_inf)
             except FitError as e:
-                notes.append(f"E({axis}) not fitted: {e}")
-        return Fitted(fit, allocation, laws, notes, cell_error, cell_config, frontier)
+                fitted.notes.append(f"E({axis}) not fitted: {e}")
+        try:
+            fitted.isoflop = isoflop.fit(self.curves(options.bins_per_decade), cell_error, self.compute_ratio,
+                                         options.space)  # fmt: skip
+        except isoflop.IsoFlopError as e:
+            fitted.notes.append(f"IsoFLOP profiles (approach 2) not fitted: {e}")
+        present = np.flatnonzero(np.isfinite(cell_error))
+        weights = None if counts is None else counts[cell_config[present]]
+        try:
+            fitted.parametric = parametric.fit(
+                self.params[present], self.examples_seen[present], cell_error[present], self.compute_ratio, weights,
+                options.e_inf, options.starts, near.parametric if near else None,
+            )  # fmt: skip
+        except parametric.ParametricFitError as e:
+            fitted.notes.append(f"E(P, D) (approach 3) not fitted: {e}")
+        floor = IRREDUCIBLE_FLOOR * cell_error[present].min()
+        if fitted.parametric and options.e_inf is None and fitted.parametric.e_inf < floor:
+            fitted.notes.append(
+                f"E(P, D)'s irreducible error fell to {fitted.parametric.e_inf:.3g}: the trials do not constrain it;"
+                " --e-inf holds it at a value you choose"
+            )
+        return fitted
 
 
 def best_settings(points: list[Point]) -> list[Point]:
@@ -300,7 +387,8 @@ class PowerLaw:
         return {"a": self.a, "b": self.b, "alpha": self.alpha, "e_inf": self.e_inf}
 
 
-def fit_power_law(compute: np.ndarray, error: np.ndarray, space: str = "log", near: PowerLaw | None = None) -> PowerLaw:
+def fit_power_law(compute: np.ndarray, error: np.ndarray, space: str = "log", near: PowerLaw | None = None,
+                  e_inf: float | None = None) -> PowerLaw:  # fmt: skip
     """Fit E(C) = a (b + C)^-alpha + E_inf with ``curve_fit`` (trust-region, bounded).
 
     ``space="log"`` (default) minimises the squared differences of log E: every point counts
@@ -311,8 +399,8 @@ def fit_power_law(compute: np.ndarray, error: np.ndarray, space: str = "log", ne
 
     Compute is rescaled by the smallest C so that the parameters are of order one; several
     starting points guard against local minima. ``near``: the fit of similar points (a
-    bootstrap resample's whole data), the one start tried first. Raises :class:`FitError` on
-    failure.
+    bootstrap resample's whole data), the one start tried first. ``e_inf``: hold E_inf at this
+    value (below every error) and fit the other three. Raises :class:`FitError` on failure.
     """
     from scipy.optimize import curve_fit  # 0.6 s to import: paid by the first fit, not by every import
 
@@ -325,23 +413,29 @@ def fit_power_law(compute: np.ndarray, error: np.ndarray, space: str = "log", ne
     scale = compute.min()
     x = compute / scale
     ceiling = error.min() * (1 - 1e-9)
-    lower, upper = np.array([-50.0, 0.0, 1e-3, 0.0]), np.array([50.0, float(x.max()), MAX_ALPHA, ceiling])
+    if e_inf is not None and not 0 <= e_inf < error.min():
+        raise FitError(f"a fixed E_inf of {e_inf:g} must be at least 0 and below every error (the lowest is"
+                       f" {error.min():g})")  # fmt: skip
+    free = 4 if e_inf is None else 3  # the parameters fitted: log a, b, alpha (and E_inf)
+    lower = np.array([-50.0, 0.0, 1e-3, 0.0])[:free]
+    upper = np.array([50.0, float(x.max()), MAX_ALPHA, ceiling])[:free]
 
-    def model(x: np.ndarray, log_a: float, b: float, alpha: float, e_inf: float) -> np.ndarray:
-        e = np.exp(log_a) * (b + x) ** -alpha + e_inf
+    def model(x: np.ndarray, log_a: float, b: float, alpha: float, *rest: float) -> np.ndarray:
+        e = np.exp(log_a) * (b + x) ** -alpha + (rest[0] if rest else e_inf)
         return np.log(e) if space == "log" else e
 
-    def jacobian(x: np.ndarray, log_a: float, b: float, alpha: float, e_inf: float) -> np.ndarray:
+    def jacobian(x: np.ndarray, log_a: float, b: float, alpha: float, *rest: float) -> np.ndarray:
         power = np.exp(log_a) * (b + x) ** -alpha
         columns = np.stack([power, -alpha * power / (b + x), -power * np.log(b + x), np.ones_like(x)], axis=1)
-        return columns / (power + e_inf)[:, None] if space == "log" else columns
+        columns = columns[:, :free]
+        return columns / (power + (rest[0] if rest else e_inf))[:, None] if space == "log" else columns
 
     def starts() -> Iterator[list[float]]:
-        for e_inf0 in (0.0, 0.5 * ceiling, 0.9 * ceiling):
+        for e_inf0 in (0.0, 0.5 * ceiling, 0.9 * ceiling) if e_inf is None else (e_inf,):
             slope, intercept = np.polyfit(np.log(x), np.log(error - e_inf0), 1)
             alpha0 = float(np.clip(-slope, 0.01, MAX_ALPHA * 0.9))
             for b0 in (0.0, 1.0):
-                yield [float(np.clip(intercept, -49, 49)), min(b0, float(x.max())), alpha0, e_inf0]
+                yield [float(np.clip(intercept, -49, 49)), min(b0, float(x.max())), alpha0, e_inf0][:free]
 
     def best_of(starts: Iterable[list[float]]) -> np.ndarray | None:
         best, best_cost = None, np.inf
@@ -359,13 +453,14 @@ def fit_power_law(compute: np.ndarray, error: np.ndarray, space: str = "log", ne
     target = np.log(error) if space == "log" else error
     best = None
     if near is not None:
-        start = [math.log(near.a) - near.alpha * math.log(scale), near.b / scale, near.alpha, near.e_inf]
+        start = [math.log(near.a) - near.alpha * math.log(scale), near.b / scale, near.alpha, near.e_inf][:free]
         best = best_of([list(np.clip(start, lower, upper))])
     if best is None:
         best = best_of(starts())
     if best is None:
         raise FitError(f"fitting E(C) to the {len(x)} frontier points did not converge")
-    log_a, b, alpha, e_inf = (float(v) for v in best)
+    log_a, b, alpha = (float(v) for v in best[:3])
+    e_inf = float(best[3]) if free == 4 else float(e_inf)
     if alpha >= MAX_ALPHA * 0.999 or alpha <= 1.001e-3:
         raise FitError(
             f"the fit of E(C) to the {len(x)} frontier points is degenerate (alpha = {alpha:.3g} at its bound):"
@@ -431,17 +526,36 @@ def fit_law(x: np.ndarray, error: np.ndarray, axis: str, e_inf: float) -> Law:
 # --- the whole analysis ---------------------------------------------------------------------
 
 
+# Hoffmann et al.'s three ways to the allocation, by the name the report gives each, and the
+# attribute of :class:`Fitted` that holds it.
+APPROACHES = {"envelope": "allocation", "isoflop": "isoflop", "parametric": "parametric"}
+
+
 @dataclass
 class Fitted:
-    """What one selection of the trials fits: E(C), the allocation, the bottleneck laws."""
+    """What one selection of the trials fits: E(C), the three allocations, the bottleneck laws."""
 
     fit: PowerLaw
-    allocation: Allocation | None
+    allocation: Allocation | None  # approach 1: the best trial of each compute bin
     laws: dict[str, Law]  # "params" and/or "examples"
     notes: list[str]  # what could not be fitted, and why
     cell_error: np.ndarray  # per (model, N, T) cell of :class:`Trials`
     cell_config: np.ndarray
     frontier_cells: np.ndarray
+    isoflop: isoflop.IsoFlop | None = None  # approach 2
+    parametric: parametric.Parametric | None = None  # approach 3
+
+    def approach(self, name: str) -> Any:
+        """The allocation of approach ``name`` (a key of :data:`APPROACHES`), or None."""
+        return getattr(self, APPROACHES[name])
+
+    def optimal_error(self, name: str, compute: float) -> float | None:
+        """The error the approach predicts at ``compute``: E(C) for the envelope, E*(C) of E(P, D)."""
+        if name == "envelope":
+            return float(self.fit(compute))
+        if name == "parametric" and self.parametric is not None:
+            return float(self.parametric.optimal_error(compute))
+        return None
 
 
 @dataclass
@@ -449,30 +563,42 @@ class Analysis:
     points: list[Point]  # every point given
     selected: list[Point]  # best settings per (model, N, T), by compute
     frontier: list[Point]
-    fit: PowerLaw
-    allocation: Allocation | None
-    laws: dict[str, Law]  # "params" and/or "examples"
+    fitted: Fitted
     best_at: dict[str, tuple[np.ndarray, np.ndarray]]  # per axis: distinct P (or N), the best error at each
-    notes: list[str]  # what could not be fitted, and why
     trials: Trials = field(repr=False)  # the points as arrays, for the bootstrap
-    space: str = "log"
-    bins_per_decade: float = 4
+    options: FitOptions = FitOptions()
+
+    @property
+    def fit(self) -> PowerLaw:
+        return self.fitted.fit
+
+    @property
+    def allocation(self) -> Allocation | None:
+        return self.fitted.allocation
+
+    @property
+    def laws(self) -> dict[str, Law]:
+        return self.fitted.laws
+
+    @property
+    def notes(self) -> list[str]:
+        return self.fitted.notes
 
 
-def analyse(points: list[Point], space: str = "log", bins_per_decade: float = 4) -> Analysis:
-    """Frontier, E(C), allocation and bottlenecked laws of ``points``.
+def analyse(points: list[Point], options: FitOptions = FitOptions()) -> Analysis:
+    """Frontier, E(C), the three allocations and the bottlenecked laws of ``points``.
 
-    Raises :class:`FitError` when E(C) cannot be fitted; the allocation and the laws are left
+    Raises :class:`FitError` when E(C) cannot be fitted; the allocations and the laws are left
     out (with a note saying why) when the points cannot support them.
     """
     trials = Trials(points)
-    fitted = trials.fit(trials.config_error, space, bins_per_decade)
+    with threadpool_limits(BLAS_THREADS, user_api="blas"):
+        fitted = trials.fit(trials.config_error, options)
     error, config = fitted.cell_error, fitted.cell_config
     selected = trials.selected(error, config)
     frontier = [trials.point(c, error, config) for c in fitted.frontier_cells]
     best_at = {axis: trials.best_by(error, axis) for axis in ("params", "examples")}
-    return Analysis(points, selected, frontier, fitted.fit, fitted.allocation, fitted.laws, best_at, fitted.notes,
-                    trials, space, bins_per_decade)  # fmt: skip
+    return Analysis(points, selected, frontier, fitted, best_at, trials, options)
 
 
 # --- uncertainty ------------------------------------------------------------------------------
@@ -485,8 +611,9 @@ class Bootstrap:
     samples: list[Fitted]
     failed: int  # resamples whose E(C) could not be fitted
     level: float
+    seed: int = 0
 
-    def interval(self, values: list[float]) -> list[float] | None:
+    def interval(self, values: Iterable[float | None]) -> list[float] | None:
         values = [v for v in values if v is not None and math.isfinite(v)]
         if len(values) < 2:
             return None
@@ -496,24 +623,30 @@ class Bootstrap:
     def fit_ci(self) -> dict[str, list[float] | None]:
         return {k: self.interval([getattr(s.fit, k) for s in self.samples]) for k in ("a", "b", "alpha", "e_inf")}
 
-    def allocation_ci(self) -> dict[str, list[float] | None]:
-        with_allocation = [s.allocation for s in self.samples if s.allocation]
+    def allocation_ci(self, name: str = "envelope") -> dict[str, list[float] | None]:
+        fits = [a for a in (s.approach(name) for s in self.samples) if a is not None]
         return {
-            "params_exponent": self.interval([a.params_exponent for a in with_allocation]),
-            "examples_exponent": self.interval([a.examples_exponent for a in with_allocation]),
+            "params_exponent": self.interval([a.params_exponent for a in fits]),
+            "examples_exponent": self.interval([a.examples_exponent for a in fits]),
         }
+
+    def parametric_ci(self) -> dict[str, list[float] | None]:
+        fits = [s.parametric for s in self.samples if s.parametric is not None]
+        return {k: self.interval([getattr(f, k) for f in fits]) for k in ("e_inf", "a", "alpha", "b", "beta")}
 
     def law_ci(self, axis: str) -> list[float] | None:
         return self.interval([s.laws[axis].exponent for s in self.samples if axis in s.laws])
 
-    def error_ci(self, compute: float) -> list[float] | None:
-        return self.interval([float(s.fit(compute)) for s in self.samples])
+    def error_ci(self, compute: float, name: str = "envelope") -> list[float] | None:
+        return self.interval([s.optimal_error(name, compute) for s in self.samples])
 
-    def params_ci(self, compute: float) -> list[float] | None:
-        return self.interval([float(s.allocation.params(compute)) for s in self.samples if s.allocation])
+    def params_ci(self, compute: float, name: str = "envelope") -> list[float] | None:
+        fits = (s.approach(name) for s in self.samples)
+        return self.interval([float(a.params(compute)) for a in fits if a is not None])
 
-    def examples_seen_ci(self, compute: float) -> list[float] | None:
-        return self.interval([float(s.allocation.examples_seen(compute)) for s in self.samples if s.allocation])
+    def examples_seen_ci(self, compute: float, name: str = "envelope") -> list[float] | None:
+        fits = (s.approach(name) for s in self.samples)
+        return self.interval([float(a.examples_seen(compute)) for a in fits if a is not None])
 
 
 def bootstrap(analysis: Analysis, repeats: int = 200, level: float = 0.95, seed: int = 0) -> Bootstrap:
@@ -521,16 +654,18 @@ def bootstrap(analysis: Analysis, repeats: int = 200, level: float = 0.95, seed:
     seeded: reproducible), each fit starting from the analysis' own."""
     trials, (configs, seeds) = analysis.trials, np.random.default_rng(seed).spawn(2)
     samples, failed = [], 0
-    for _ in range(repeats):
-        try:
-            errors = trials.resample(configs, seeds)
-            samples.append(trials.fit(errors, analysis.space, analysis.bins_per_decade, near=analysis.fit))
-        except FitError:
-            failed += 1
-    return Bootstrap(samples, failed, level)
+    with threadpool_limits(BLAS_THREADS, user_api="blas"):
+        for _ in range(repeats):
+            try:
+                errors, counts = trials.resample(configs, seeds)
+                samples.append(trials.fit(errors, analysis.options, near=analysis.fitted, counts=counts))
+            except FitError:
+                failed += 1
+    return Bootstrap(samples, failed, level, seed)
 
 
-def holdout(points: list[Point], fraction: float = 1 / 3, space: str = "log") -> list[dict[str, float]]:
+def holdout(points: list[Point], fraction: float = 1 / 3, space: str = "log",
+            e_inf: float | None = None) -> list[dict[str, float]]:  # fmt: skip
     """Fit on the cheapest ``1 - fraction`` of the trials; predict the held-out frontier.
 
     Returns, for each frontier point among the held-out (most expensive) trials, its compute,
@@ -539,7 +674,11 @@ def holdout(points: list[Point], fraction: float = 1 / 3, space: str = "log") ->
     ordered = sorted(points, key=lambda p: p.compute)
     cut = len(ordered) - max(1, round(len(ordered) * fraction))
     cheaper = Trials(ordered[:cut])
-    fit = cheaper.fit(cheaper.config_error, space).fit
+    frontier = cheaper.frontier(cheaper.cells(cheaper.config_error)[0])
+    if len(frontier) < MIN_FRONTIER_POINTS:
+        raise FitError(f"the cheaper {cut} trials give a frontier of {len(frontier)}; E(C) needs {MIN_FRONTIER_POINTS}")
+    fit = fit_power_law(cheaper.compute[frontier], cheaper.cells(cheaper.config_error)[0][frontier], space,
+                        e_inf=e_inf)  # fmt: skip
     held_out = [p for p in lower_envelope(ordered) if p.compute > ordered[cut - 1].compute]
     rows = []
     for p in held_out:
@@ -553,15 +692,24 @@ def holdout(points: list[Point], fraction: float = 1 / 3, space: str = "log") ->
 
 
 def query(analysis: Analysis, boot: Bootstrap, budget: float) -> dict[str, Any]:
-    """The error reachable with compute ``budget`` and the allocation that reaches it."""
+    """The error reachable with compute ``budget`` and the allocation that reaches it: the
+    envelope's (approach 1) at the top, and each approach's under ``approaches``."""
     answer: dict[str, Any] = {"budget": budget, "error": float(analysis.fit(budget)), "error_ci": boot.error_ci(budget)}
-    if analysis.allocation:
-        answer |= {
-            "params": float(analysis.allocation.params(budget)), "params_ci": boot.params_ci(budget),
-            "examples_seen": float(analysis.allocation.examples_seen(budget)),
-            "examples_seen_ci": boot.examples_seen_ci(budget),
+    approaches = {}
+    for name in APPROACHES:
+        allocation = analysis.fitted.approach(name)
+        if allocation is None:
+            continue
+        params, seen = float(allocation.params(budget)), float(allocation.examples_seen(budget))
+        error = analysis.fitted.optimal_error(name, budget)
+        approaches[name] = {
+            "params": params, "params_ci": boot.params_ci(budget, name), "examples_seen": seen,
+            "examples_seen_ci": boot.examples_seen_ci(budget, name), "examples_per_param": seen / params,
+            "error": error, "error_ci": None if error is None else boot.error_ci(budget, name),
         }  # fmt: skip
-    return answer
+    if "envelope" in approaches:
+        answer |= {k: approaches["envelope"][k] for k in ("params", "params_ci", "examples_seen", "examples_seen_ci")}
+    return answer | {"approaches": approaches}
 
 
 def summary(analysis: Analysis, boot: Bootstrap) -> dict[str, Any]:
@@ -576,12 +724,36 @@ def summary(analysis: Analysis, boot: Bootstrap) -> dict[str, Any]:
             "params_log10_coef": alloc.params_log_coef, "examples_log10_coef": alloc.examples_log_coef,
             "bins": len(alloc.bins), "ci": boot.allocation_ci(),
         },
+        "approaches": approaches(analysis, boot),
         "bottlenecks": {
             axis: {"exponent": law.exponent, "log10_coef": law.log_coef, "e_inf": law.e_inf,
                    "points": [[float(x), float(e)] for x, e in zip(*analysis.best_at[axis], strict=True)],
                    "ci": boot.law_ci(axis)}
             for axis, law in analysis.laws.items()
         },
-        "bootstrap": {"repeats": len(boot.samples) + boot.failed, "failed": boot.failed, "level": boot.level},
+        "options": dataclasses.asdict(analysis.options),
+        "bootstrap": {"repeats": len(boot.samples) + boot.failed, "failed": boot.failed, "level": boot.level,
+                      "seed": boot.seed},
         "notes": analysis.notes,
     }  # fmt: skip
+
+
+def approaches(analysis: Analysis, boot: Bootstrap) -> dict[str, Any]:
+    """Each approach's allocation exponents with intervals, side by side (None: not fitted), and
+    what each rests on: the compute bins, the IsoFLOP profiles, the parametric law."""
+    fitted, out = analysis.fitted, {}
+    for name in APPROACHES:
+        allocation = fitted.approach(name)
+        out[name] = None if allocation is None else {
+            "params_exponent": allocation.params_exponent, "examples_exponent": allocation.examples_exponent,
+            "ci": boot.allocation_ci(name),
+        }  # fmt: skip
+    if fitted.allocation:
+        out["envelope"]["bins"] = [p.as_dict() for p in fitted.allocation.bins]
+    if fitted.isoflop:
+        iso = fitted.isoflop
+        out["isoflop"] |= {"profiles": [p.as_dict() for p in iso.profiles], "used": len(iso.used()),
+                           "compute_ratio": iso.compute_ratio}  # fmt: skip
+    if fitted.parametric:
+        out["parametric"] |= {"law": fitted.parametric.as_dict(), "law_ci": boot.parametric_ci()}
+    return out

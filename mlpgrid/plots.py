@@ -1,4 +1,6 @@
-"""Paper-style figures of a frontier analysis (Bachmann et al. 2023, Figs. 1, 6 and 7)."""
+"""Paper-style figures of a frontier analysis (Bachmann et al. 2023, Figs. 1, 6 and 7), the
+three approaches' allocations side by side and the IsoFLOP profiles (Hoffmann et al. 2022,
+Figs. 3 and A5)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import numpy as np  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from mlpgrid.frontier import Analysis, Bootstrap, PowerLaw  # noqa: E402
+from mlpgrid.frontier import APPROACHES, Analysis, Bootstrap, Labels, PowerLaw  # noqa: E402
+from mlpgrid.isoflop import USED  # noqa: E402
 from mlpgrid.points import Point  # noqa: E402
 
 DPI = 200
@@ -37,7 +40,7 @@ def _compute_axis(analysis: Analysis, budgets: list[float]) -> np.ndarray:
     return np.logspace(np.log10(min(computes)) - 0.2, np.log10(max(computes)) + 0.2, 200)
 
 
-def error_vs_compute(analysis: Analysis, boot: Bootstrap, budgets: list[float], path: Path) -> Path:
+def error_vs_compute(analysis: Analysis, boot: Bootstrap, budgets: list[float], path: Path, labels: Labels) -> Path:
     """Fig. 1: every (model, N, T) by colour = model size and marker size = N, lines joining a
     (model, N) across T (above :data:`DENSE_POINTS` points, their density instead), the frontier
     circled and the fitted E(C) dashed."""
@@ -58,8 +61,8 @@ def error_vs_compute(analysis: Analysis, boot: Bootstrap, budgets: list[float], 
         ax.errorbar(budgets, fit(np.array(budgets)), fmt="*", color="crimson", markersize=12, zorder=5,
                     yerr=_yerr(boot, budgets, fit), label="query")  # fmt: skip
     fig.colorbar(colours, ax=ax, label="parameters P" + (" (median)" if draw is _density else ""))
-    ax.set(xscale="log", yscale="log", xlabel="compute C = FLOP(f) · 3 · N · T", ylabel="error",
-           title="Error vs compute")  # fmt: skip
+    ax.set(xscale="log", yscale="log", xlabel=labels.compute, ylabel=labels.error,
+           title=f"{labels.error.capitalize()} vs compute")  # fmt: skip
     ax.legend(fontsize=7, loc="upper right")
     ax.grid(True, which="both", alpha=0.2)
     return _save(fig, path)
@@ -107,37 +110,82 @@ def _yerr(boot: Bootstrap, budgets: list[float], fit: PowerLaw) -> np.ndarray | 
     return np.array([[max(c - lo, 0), max(hi - c, 0)] for c, (lo, hi) in zip(centre, intervals, strict=True)]).T
 
 
-def allocation(analysis: Analysis, boot: Bootstrap, budgets: list[float], path: Path) -> Path | None:
-    """Fig. 7: P*(C) and D*(C) = (N T)*(C), the best trial of each compute bin and the fits."""
-    alloc = analysis.allocation
-    if alloc is None:
+COLOURS = {"envelope": "tab:blue", "isoflop": "tab:orange", "parametric": "tab:green"}
+NAMES = {"envelope": "1: best trial per compute bin", "isoflop": "2: IsoFLOP minima", "parametric": "3: E(P, D)"}
+
+
+def allocation(analysis: Analysis, boot: Bootstrap, budgets: list[float], path: Path, labels: Labels) -> Path | None:
+    """Fig. 7 three ways: P*(C) and D*(C) = (N T)*(C) of each approach fitted, with the points
+    each rests on (the best trial of each compute bin, the IsoFLOP minima) and its intervals."""
+    fitted = analysis.fitted
+    if all(fitted.approach(name) is None for name in APPROACHES):
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     x = _compute_axis(analysis, budgets)
-    samples = [s.allocation for s in boot.samples if s.allocation]
-    panels = [
-        ("params", "P*(C), parameters", alloc.params_exponent, alloc.params, [a.params for a in samples]),
-        ("examples_seen", "D*(C) = N·T, examples seen", alloc.examples_exponent, alloc.examples_seen,
-         [a.examples_seen for a in samples]),
-    ]  # fmt: skip
-    for ax, (attr, label, exponent, law, sample_laws) in zip(axes, panels, strict=True):
-        bins = alloc.bins
-        ax.scatter([p.compute for p in bins], [getattr(p, attr) for p in bins], color="tab:blue", zorder=3,
-                   label="best trial per compute bin")  # fmt: skip
-        _band(ax, x, [s(x) for s in sample_laws], boot.level, "tab:blue")
-        ax.plot(x, law(x), "k--", label=f"∝ C$^{{{exponent:.2f}}}$")
-        ax.set(xscale="log", yscale="log", xlabel="compute C", ylabel=label)
-        ax.legend(fontsize=8)
+    points = {"envelope": [(p.compute, p.params, p.examples_seen) for p in fitted.allocation.bins]
+              if fitted.allocation else []}  # fmt: skip
+    if fitted.isoflop:
+        used = fitted.isoflop.used()
+        ratio = fitted.isoflop.compute_ratio
+        points["isoflop"] = [(p.compute, p.best_params, p.compute / ratio / p.best_params) for p in used]
+    panels = [("params", "P*(C), parameters", 1), ("examples_seen", f"D*(C), {labels.examples} seen", 2)]
+    for ax, (attr, label, column) in zip(axes, panels, strict=True):
+        for name in APPROACHES:
+            fit = fitted.approach(name)
+            if fit is None:
+                continue
+            colour = COLOURS[name]
+            if points.get(name):
+                ax.scatter([p[0] for p in points[name]], [p[column] for p in points[name]], color=colour, s=18,
+                           zorder=3)  # fmt: skip
+            samples = [a for a in (s.approach(name) for s in boot.samples) if a is not None]
+            _band(ax, x, [getattr(a, attr)(x) for a in samples], boot.level, colour)
+            exponent = fit.params_exponent if attr == "params" else fit.examples_exponent
+            ax.plot(
+                x, getattr(fit, attr)(x), color=colour, linestyle="--", label=f"{NAMES[name]}: ∝ C$^{{{exponent:.3f}}}$"
+            )
+        ax.set(xscale="log", yscale="log", xlabel=labels.compute, ylabel=label)
+        handles, names = ax.get_legend_handles_labels()
+        keep = [i for i, n in enumerate(names) if "interval" not in n]  # one band label per figure is enough
+        ax.legend([handles[i] for i in keep], [names[i] for i in keep], fontsize=7)
         ax.grid(True, which="both", alpha=0.2)
-    fig.suptitle("Compute-optimal allocation")
+    fig.suptitle(f"Compute-optimal allocation, three ways (bands: {boot.level:.0%} bootstrap intervals)")
     return _save(fig, path)
 
 
-def bottlenecks(analysis: Analysis, path: Path) -> Path:
+def isoflop_profiles(analysis: Analysis, path: Path, labels: Labels) -> Path | None:
+    """Each IsoFLOP profile: the sizes at the budget, the parabola and its minimum (hollow where
+    the profile was not used: too few sizes, no valley, or a minimum outside the sizes)."""
+    iso = analysis.fitted.isoflop
+    if iso is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 5))
+    profiles = [p for p in iso.profiles if len(p.params) > 0]
+    norm = LogNorm(min(p.compute for p in profiles), max(p.compute for p in profiles) * 1.0001)
+    cmap = plt.get_cmap("plasma")
+    for p in profiles:
+        colour, used = cmap(norm(p.compute)), p.status == USED
+        ax.scatter(p.params, p.errors, color=colour, s=14, alpha=1 if used else 0.35)
+        if p.curve is not None:
+            log_p = np.linspace(*np.log10(p.fitted), 50)
+            y = np.polyval(p.curve, log_p)
+            ax.plot(10**log_p, np.exp(y) if analysis.options.space == "log" else y, color=colour,
+                    alpha=1 if used else 0.35, linewidth=1)  # fmt: skip
+        if p.best_params is not None and used:
+            ax.scatter([p.best_params], [p.best_error], marker="*", s=90, color=colour, edgecolors="black",
+                       linewidths=0.5, zorder=4)  # fmt: skip
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=f"budget: {labels.compute}")
+    ax.set(xscale="log", xlabel="parameters P", ylabel=labels.error,
+           title=f"IsoFLOP profiles: {len(iso.used())} of {len(iso.profiles)} used (stars: their minima)")  # fmt: skip
+    ax.grid(True, which="both", alpha=0.2)
+    return _save(fig, path)
+
+
+def bottlenecks(analysis: Analysis, path: Path, labels: Labels) -> Path:
     """Fig. 6: the best error at each model size P and at each subset size N, with the fitted
     E_inf + A x^-alpha where there are enough distinct values."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, axis, label in zip(axes, ("params", "examples"), ("parameters P", "examples N"), strict=True):
+    for ax, axis, label in zip(axes, ("params", "examples"), ("parameters P", f"{labels.examples} N"), strict=True):
         values, best = analysis.best_at[axis]
         ax.scatter(values, best, color="tab:orange", zorder=3, label=f"best error at each {label[-1]}")
         law = analysis.laws.get(axis)
@@ -145,7 +193,7 @@ def bottlenecks(analysis: Analysis, path: Path) -> Path:
             x = np.logspace(np.log10(values.min()) - 0.2, np.log10(values.max()) + 0.5, 100)
             ax.plot(x, law(x), "k--", label=f"E$_\\infty$ + A·x$^{{-{law.exponent:.2f}}}$")
         ax.axhline(analysis.fit.e_inf, color="grey", linestyle=":", label="E$_\\infty$ of E(C)")
-        ax.set(xscale="log", yscale="log", xlabel=label, ylabel="error")
+        ax.set(xscale="log", yscale="log", xlabel=label, ylabel=labels.error)
         ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.2)
     fig.suptitle("Bottlenecked scaling: E(P) and E(N)")
@@ -160,11 +208,14 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def draw_all(analysis: Analysis, boot: Bootstrap, budgets: list[float], folder: Path) -> list[Path]:
+def draw_all(analysis: Analysis, boot: Bootstrap, budgets: list[float], folder: Path,
+             labels: Labels | None = None) -> list[Path]:  # fmt: skip
     """Every figure as a PNG in ``folder``; returns their paths."""
+    labels = labels or Labels()
     paths = [
-        error_vs_compute(analysis, boot, budgets, folder / "error_vs_compute.png"),
-        allocation(analysis, boot, budgets, folder / "allocation.png"),
-        bottlenecks(analysis, folder / "bottlenecks.png"),
+        error_vs_compute(analysis, boot, budgets, folder / "error_vs_compute.png", labels),
+        allocation(analysis, boot, budgets, folder / "allocation.png", labels),
+        isoflop_profiles(analysis, folder / "isoflop.png", labels),
+        bottlenecks(analysis, folder / "bottlenecks.png", labels),
     ]
     return [p for p in paths if p is not None]

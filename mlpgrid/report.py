@@ -13,6 +13,7 @@ MLflow's client (2.3 s to import) and matplotlib are imported only where they ar
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -47,10 +48,12 @@ class FrontierRequest:
     grid: GridSpec | None = None
     csv_file: Path | None = None  # points from elsewhere instead of the grid's MLflow runs
     metric: str | None = None  # the trials' metric to use as the error; None: the grid's, else test_error
+    curves: bool = False  # also the earlier epochs of constant-learning-rate trials, as points
     budgets: tuple[float, ...] = ()  # compute budgets to query
     repeats: int = 200  # bootstrap resamples; 0 = none
     level: float = 0.95  # of the intervals
-    fit_space: str = "log"  # least squares on log error, or "linear" as the paper
+    seed: int = 0  # of the bootstrap's resampling
+    options: frontier.FitOptions = frontier.FitOptions()  # fit space, bins per decade, a fixed E_inf, starts
     holdout: float | None = None  # also fit without this most expensive fraction of the trials
     propose: float | None = None  # write a grid of trials the fit calls compute-optimal at this budget ...
     out: Path | None = None  # ... to this file
@@ -64,6 +67,8 @@ class FrontierRequest:
 def _check(request: FrontierRequest) -> None:
     if request.grid is None and request.csv_file is None:
         raise RequestError("give a GRID_FILE, --from-csv FILE, or both")
+    if request.curves and request.csv_file is not None:
+        raise RequestError("--curves reads the per-epoch errors of a grid's runs; a CSV gives its points itself")
     if request.propose and (request.grid is None or request.out is None):
         raise RequestError("--propose needs a GRID_FILE (its settings and family) and --out FILE")
     if request.out is not None:
@@ -73,23 +78,40 @@ def _check(request: FrontierRequest) -> None:
             raise RequestError(f"--out {e}") from None
 
 
-def _points(request: FrontierRequest, uri: str) -> tuple[list[Point], dict[str, int], runs.GridRun | None]:
-    """The points to fit, how many trials were left out (by why), and the grid's run if any."""
+@dataclass(frozen=True)
+class _Read:
+    points: list[Point]
+    left_out: dict[str, int]  # trials not used, by why
+    grid_run: runs.GridRun | None
+    labels: frontier.Labels
+    curves: dict[str, Any] | None = None  # with --curves: the trials that give earlier epochs, and why
+
+
+def _points(request: FrontierRequest, uri: str) -> _Read:
+    """The points to fit, how many trials were left out (by why), the grid's run if any, and
+    what to call the axes."""
     if request.csv_file:
         try:
-            return frontier.read_csv(request.csv_file), {}, None
+            points, labels = frontier.read_table(request.csv_file)
+            return _Read(points, {}, None, labels)
         except frontier.FitError as e:
             raise ReportError(str(e)) from None
     metric = request.metric or request.grid.metric
     try:
         grid_run = runs.find_grid(request.grid, uri)
-        points, left_out = runs.finished_points(grid_run, metric) if grid_run else ([], {})
+        records = runs.trial_runs(grid_run) if grid_run else {}
+        points, left_out = runs.finished_points(grid_run, metric, records) if grid_run else ([], {})
+        curves = None
+        if request.curves and points:
+            extra, trials = runs.curve_points(grid_run, metric, records, points)
+            curves = {"points": len(extra), "trials": trials}
+            points = points + extra
     except Exception as e:  # noqa: BLE001 - e.g. an unreachable server
         raise ReportError(f"cannot read MLflow tracking URI {uri}: {e}") from None
     if not points:
         found = ", ".join(f"{n} {why}" for why, n in left_out.items() if n) or "no trial runs"
         raise ReportError(f"{request.grid.path}: no finished trial with metric {metric!r} in {uri} ({found})")
-    return points, left_out, grid_run
+    return _Read(points, left_out, grid_run, frontier.Labels(error=metric.replace("_", " ")), curves)
 
 
 def _query(answer: dict[str, Any], grid: GridSpec | None, analysis: frontier.Analysis) -> dict[str, Any]:
@@ -159,19 +181,24 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout, tracking_u
             # for the fit (0.6 s) and MLflow's client to log the report (2.3 s).
             importlib.import_module("scipy.optimize")
             _tracking()
-        points, left_out, grid_run = reading.result()
+        read = reading.result()
+    points, left_out, grid_run = read.points, read.left_out, read.grid_run
     try:
-        analysis = frontier.analyse(points, space=request.fit_space)
+        analysis = frontier.analyse(points, request.options)
     except frontier.FitError as e:
         raise ReportError(f"{request.source}: cannot fit the frontier: {e}") from None
-    boot = frontier.bootstrap(analysis, request.repeats, request.level)
+    boot = frontier.bootstrap(analysis, request.repeats, request.level, request.seed)
     excluded = sum(n for why, n in left_out.items() if why != "running")
-    report = {"excluded": excluded, "left_out": left_out} | frontier.summary(analysis, boot)
+    report = {"excluded": excluded, "left_out": left_out, "labels": dataclasses.asdict(read.labels)}
+    if read.curves is not None:
+        report["curves"] = read.curves
+    report |= frontier.summary(analysis, boot)
     report["queries"] = [_query(frontier.query(analysis, boot, b), request.grid, analysis) for b in request.budgets]
     if request.holdout:
         try:
             report["holdout"] = {"fraction": request.holdout,
-                                 "points": frontier.holdout(points, request.holdout, request.fit_space)}  # fmt: skip
+                                 "points": frontier.holdout(points, request.holdout, request.options.space,
+                                                            request.options.e_inf)}  # fmt: skip
         except frontier.FitError as e:
             report["holdout"] = {"fraction": request.holdout, "error": str(e)}
     if grid_run:
@@ -187,7 +214,7 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout, tracking_u
     if request.plot_dir:
         from mlpgrid import plots
 
-        figures = plots.draw_all(analysis, boot, list(request.budgets), request.plot_dir)
+        figures = plots.draw_all(analysis, boot, list(request.budgets), request.plot_dir, read.labels)
     report["plots"] = [str(p) for p in figures]
     if grid_run:
         _tracking().log_files(grid_run, figures, "frontier")

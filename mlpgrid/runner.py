@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlpgrid import data, tracking
+from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.data import prepared
 from mlpgrid.groups import Group, form_groups, fuses
 from mlpgrid.hardware import default_data_budget, pick_device
-from mlpgrid.layout import StorageLayout, TrialLayout
+from mlpgrid.layout import GridLayout, StorageLayout, TrialLayout
 from mlpgrid.locks import claim, holder
 from mlpgrid.progress import Progress
 from mlpgrid.runs import DIVERGED, DONE, FAILED, FINISHED, GridRun, RunRecord, data_tag, trial_runs
@@ -49,6 +50,10 @@ class TrialTask:
     options: RunOptions
     grid_run: GridRun
     data_checksums: dict[str, str] = field(default_factory=dict)  # the prepared ones, checked
+    # Another finished trial of the same pre-training (see spec.pretraining_id) whose final
+    # checkpoint this trial starts from: only its stages run. None: it trains for itself.
+    pretrained_by: str | None = None
+    pretrained_in: TrialLayout | None = None
 
 
 class DataError(Exception):
@@ -86,6 +91,7 @@ def pending_tasks(grid: GridSpec, storage: StorageLayout, grid_run: GridRun, che
     runs = trial_runs(grid_run) if runs is None else runs
     done = {tid for tid, run in runs.items() if run.tags.get("status") in DONE}
     directory = storage.grid(grid.name)
+    pretrained = _pretrained(grid, directory, runs)
     return [
         TrialTask(
             trial=t,
@@ -95,10 +101,32 @@ def pending_tasks(grid: GridSpec, storage: StorageLayout, grid_run: GridRun, che
             options=grid.run,
             grid_run=grid_run,
             data_checksums={ds: (checksums or {})[ds] for ds in t.config.datasets if ds in (checksums or {})},
+            pretrained_by=pretrained.get(t.id),
+            pretrained_in=directory.trial(pretrained[t.id]) if t.id in pretrained else None,
         )
         for t in grid.trials
         if t.id not in done
     ]
+
+
+def _pretrained(grid: GridSpec, directory: GridLayout, runs: dict[str, RunRecord]) -> dict[str, str]:
+    """``{trial id: finished trial id}`` for the grid's trials not yet started whose pre-training
+    another trial finished, its final checkpoint still in storage (probes or fine-tunes added to
+    finished trials): they need only their stages."""
+    finished = {}
+    for trial_id, run in sorted(runs.items()):
+        if run.tags.get("status") == FINISHED and "pretraining" in run.tags:
+            finished.setdefault(run.tags["pretraining"], []).append(trial_id)
+    found = {}
+    for t in grid.trials:
+        if t.id in runs or CheckpointDir(directory.trial(t.id).checkpoints).positions():
+            continue  # started already: it goes on from where it is
+        for source in finished.get(t.pretraining_id, []):
+            positions = CheckpointDir(directory.trial(source).checkpoints).positions()
+            if positions and positions[-1][0] == t.config.epochs:
+                found[t.id] = source
+                break
+    return found
 
 
 class _Recorder:
@@ -176,8 +204,11 @@ def group_tasks(tasks: list[TrialTask], size: int | None, workers: int = 1,
     ``workers`` running at once on ``device_type`` (see :func:`mlpgrid.groups.form_groups`)."""
     by_id = {t.trial.id: t for t in tasks}
     fuse = tasks[0].options.fuse if tasks else None
-    groups = form_groups([t.trial for t in tasks], size, workers, device_type, fuse)
-    return [GroupTask(g.trials, tuple(by_id[t.id] for t in g.trials)) for g in groups]
+    training = [t.trial for t in tasks if t.pretrained_by is None]
+    groups = form_groups(training, size, workers, device_type, fuse)
+    grouped = [GroupTask(g.trials, tuple(by_id[t.id] for t in g.trials)) for g in groups]
+    # A trial whose pre-training is done runs alone: nothing of it would share a batch stream.
+    return grouped + [GroupTask((t.trial,), (t,)) for t in tasks if t.pretrained_by is not None]
 
 
 def held_elsewhere(tasks: list[TrialTask]) -> dict[str, str]:
@@ -253,6 +284,9 @@ def execute_group(
         options = _trial_options(lead.options, device, gpu_share)
         datasets = _datasets(members, arrays)
         if len(group.trials) == 1:
+            if lead.pretrained_by and not CheckpointDir(lead.layout.checkpoints).positions():
+                CheckpointDir(lead.layout.checkpoints).adopt(CheckpointDir(lead.pretrained_in.checkpoints))
+                tags = (tags or {}) | {"pretrained_by": lead.pretrained_by}
             recorder = _Recorder(lead, tags, launched_at, report)
             try:
                 outcome = run_trial(lead.trial.config, lead.layout, options, datasets=datasets,

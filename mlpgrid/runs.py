@@ -217,17 +217,21 @@ def changed_trials(grid: GridSpec, grid_run: GridRun, runs: dict[str, RunRecord]
     ``<trial id>: field <as run> -> <in the file>, ...`` against the file's most similar trial.
 
     A trial is named by a hash of its settings, so editing a setting does not change a trial,
-    it makes another one: these are the trials an edit would leave behind. Trials other files
-    ran into the same experiment (proposals from ``frontier --propose``) are not this file's.
+    it makes another one: these are the trials an edit would leave behind. Not so an edit of the
+    stages after pre-training alone (a probe added): the new trial starts from the ended one's
+    model. Trials other files ran into the same experiment (proposals from ``frontier
+    --propose``) are not this file's.
     ``runs`` are the grid's trial runs (:func:`trial_runs`).
     """
     defaults = {f.name: str(f.default) for f in dataclasses.fields(TrialConfig)}
     current = [{k: str(v) for k, v in t.config_dict().items()} for t in grid.trials]
     in_file = {t.id for t in grid.trials}
+    pretrainings = {t.pretraining_id for t in grid.trials}  # stages edited: the model carries over
     lines = []
     for trial_id, run in sorted(runs.items()):
         mine = run.tags.get("grid_file") == grid_run.grid_file
-        if not mine or run.tags.get("status") not in DONE or trial_id in in_file:
+        kept = trial_id in in_file or run.tags.get("pretraining") in pretrainings
+        if not mine or run.tags.get("status") not in DONE or kept:
             continue
         ran = {**defaults, **run.params}  # settings added since the run took their defaults
         nearest = min(current, key=lambda now: sum(ran.get(k) != v for k, v in now.items()))
@@ -283,11 +287,13 @@ def grid_status(grid: GridSpec, grid_run: GridRun | None) -> list[dict[str, Any]
 _POINT_PARAMS = ("model", "examples", "epochs", "seed")
 
 
-def finished_points(grid_run: GridRun, metric: str) -> tuple[list[Point], dict[str, int]]:
+def finished_points(grid_run: GridRun, metric: str,
+                    runs: dict[str, RunRecord] | None = None) -> tuple[list[Point], dict[str, int]]:  # fmt: skip
     """A point per finished trial run of the grid's experiment, with ``metric`` (its last
-    value) as the error; and how many runs were left out, by reason."""
+    value) as the error; and how many runs were left out, by reason. ``runs``: the grid's trial
+    runs if already read (:func:`trial_runs`)."""
     points, counts = [], {"failed": 0, "diverged": 0, "running": 0, f"without {metric}": 0}
-    for trial_id, run in trial_runs(grid_run).items():
+    for trial_id, run in (trial_runs(grid_run) if runs is None else runs).items():
         state, tags = run.tags.get("status", RUNNING), run.tags
         if state != FINISHED:
             counts[state if state in counts else "running"] += 1
@@ -301,3 +307,62 @@ def finished_points(grid_run: GridRun, metric: str) -> tuple[list[Point], dict[s
                 trial_id=trial_id, settings=settings,
             ))  # fmt: skip
     return points, counts
+
+
+# Why an earlier epoch of a finished trial is, or is not, where a shorter trial would have ended.
+CURVE_CONSTANT = "constant learning rate: each epoch from the end of warm-up on is a shorter trial's end"
+CURVE_COSINE = "cosine schedule: at an earlier epoch the learning rate had not decayed as a shorter trial's would"
+CURVE_NOT_PER_EPOCH = "the metric is not logged per epoch"
+
+
+def curve_points(grid_run: GridRun, metric: str, runs: dict[str, RunRecord],
+                 points: list[Point]) -> tuple[list[Point], dict[str, int]]:  # fmt: skip
+    """The earlier epochs of the finished trials ``points`` (from :func:`finished_points`) that
+    are valid end points, as points of their own; and how many trials qualify or not, by why.
+
+    With a constant learning rate, a trial's model after epoch t (once warm-up is over) is the
+    final model of the same trial with T = t: the batches are functions of (seed, epoch, step).
+    Under a cosine schedule it is not, so those trials give only their end.
+    """
+    reasons = dict.fromkeys((CURVE_CONSTANT, CURVE_COSINE, CURVE_NOT_PER_EPOCH), 0)
+    chosen = []
+    for p in points:
+        params = runs[p.trial_id].params
+        if metric not in metrics.EPOCH:
+            reasons[CURVE_NOT_PER_EPOCH] += 1
+        elif params.get("schedule", "cosine") != "constant":
+            reasons[CURVE_COSINE] += 1
+        else:
+            reasons[CURVE_CONSTANT] += 1
+            chosen.append(p)
+    histories = metric_histories(grid_run, [runs[p.trial_id].run_id for p in chosen], metric)
+    extra = []
+    for p in chosen:
+        warmup = float(runs[p.trial_id].params.get("warmup_epochs", 0))
+        for epoch, error in sorted(histories[runs[p.trial_id].run_id].items()):
+            if warmup <= epoch < p.epochs:
+                extra.append(dataclasses.replace(
+                    p, compute=p.compute * epoch / p.epochs, error=error, epochs=float(epoch),
+                    trial_id=f"{p.trial_id}@{epoch}", settings=(*p.settings, ("end", f"epoch {epoch} of {p.epochs:g}")),
+                ))  # fmt: skip
+    return extra, {why: n for why, n in reasons.items() if n}
+
+
+def metric_histories(grid_run: GridRun, run_ids: list[str], metric: str) -> dict[str, dict[int, float]]:
+    """``{run id: {step: value}}`` of ``metric`` (an epoch metric's step is its epoch)."""
+    server = _server(grid_run.tracking_uri)
+
+    def history(run_id: str) -> dict[int, float]:
+        if server is None:
+            return {m.step: m.value for m in client.get_metric_history(run_id, metric)}
+        values, token = [], {}
+        while True:
+            page = server.call("metrics/get-history", query={"run_id": run_id, "metric_key": metric, **token})
+            values += page.get("metrics", [])
+            if not page.get("next_page_token"):
+                return {int(m.get("step", 0)): float(m["value"]) for m in values}
+            token = {"page_token": page["next_page_token"]}
+
+    client = None if server else _client(grid_run.tracking_uri)
+    with ThreadPoolExecutor(8 if server else 1) as pool:  # one request per run: several at once
+        return dict(zip(run_ids, pool.map(history, run_ids), strict=True))

@@ -144,6 +144,10 @@ class TrialConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrialConfig)}
+# The stages after pre-training: they read the pre-trained model and change nothing of it
+# (see :func:`pretraining_id`).
+STAGE_FIELDS = ("probe_datasets", "probe_epochs", "probe_lr", "probe_examples", "finetune_datasets",
+                "finetune_epochs", "finetune_lr_head", "finetune_lr_body", "tta")  # fmt: skip
 _TYPES = typing.get_type_hints(TrialConfig)
 _REQUIRED = [f.name for f in FIELDS.values() if f.default is dataclasses.MISSING]
 
@@ -194,6 +198,10 @@ class Trial:
 
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
+
+    @property
+    def pretraining_id(self) -> str:
+        return pretraining_id(self.config)
 
     @property
     def params(self) -> int:
@@ -254,6 +262,19 @@ def trial_id(config: TrialConfig) -> str:
     }
     canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def pretraining_id(config: TrialConfig) -> str:
+    """The id of the trial's pre-training: its id with the stages after pre-training left out.
+
+    Trials that differ only in their stages (a probe or fine-tune dataset added to finished
+    trials, another probe learning rate) pre-train the same model: one trains it, the others
+    start from its final checkpoint. A probe of the pre-training dataset is kept in: the
+    examples it holds out are not pre-trained on.
+    """
+    held_out = {"probe_datasets": (config.dataset,), "probe_examples": config.probe_examples}
+    bare = {f: FIELDS[f].default for f in STAGE_FIELDS}
+    return trial_id(dataclasses.replace(config, **(bare | (held_out if config.probes_itself else {}))))
 
 
 # --- YAML ------------------------------------------------------------------------------
@@ -631,6 +652,13 @@ def _trials(base: dict, grid: dict, zips: list[dict], errors: _Errors) -> list[T
             )
         if config.channels == 1 and ds.channels == 3:
             errors.add(where["channels"], f"{ds.name} has 3 channels; channels may be 3 or null")
+        channels = config.channels or ds.channels
+        for field_name in ("probe_datasets", "finetune_datasets"):
+            for stage in getattr(config, field_name):
+                if data.info(stage).channels > channels:
+                    errors.add(where[field_name], f"{stage} has {data.info(stage).channels} channels but the model "
+                               f"reads {channels} ({ds.name}'s): a stage reads its images as pre-training does;"
+                               " set channels: 3 to pre-train on 3")  # fmt: skip
         tid = trial_id(config)
         label = ", ".join(p for p in where.values() if not p.startswith("base."))
         if tid in origin:

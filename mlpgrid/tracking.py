@@ -103,6 +103,7 @@ def trial_tags(trial: Trial) -> dict[str, str]:
         "forward_flops": str(trial.forward_flops),
         "compute": f"{trial.compute:.6e}",
         "seed": str(cfg.seed),
+        "pretraining": trial.pretraining_id,  # trials of one pre-training share its model
     }
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlpgrid import architecture, data, pictures
+from mlpgrid import architecture, data, pictures, spec
 from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
 from mlpgrid.data.beton import FfcvLoader
 from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, derive_seed, make_loader
@@ -237,15 +237,14 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _differs(saved: dict[str, Any], config: dict[str, Any]) -> bool:
-    """Whether a checkpoint's config is another trial's. A setting added since the checkpoint was
-    written counts as its default, as in the trial id."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrialConfig)}
-
-    def plain(v: Any) -> Any:
-        return tuple(v) if isinstance(v, list) else v
-
-    return any(plain(v) != plain(saved.get(k, defaults[k])) for k, v in config.items())
+def _differs(saved: dict[str, Any], config: TrialConfig) -> bool:
+    """Whether a checkpoint's config pre-trains another model than ``config``: a setting added
+    since the checkpoint was written counts as its default, as in the trial id, and the stages
+    after pre-training do not count (a trial may start from another's pre-trained model)."""
+    known = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in spec.FIELDS}
+    if len(known) < len(saved):
+        return True  # a setting this version no longer has
+    return spec.pretraining_id(TrialConfig(**known)) != spec.pretraining_id(config)
 
 
 def resume(cfg: TrialConfig, parts: Components, checkpoints: CheckpointDir) -> Position:
@@ -256,7 +255,7 @@ def resume(cfg: TrialConfig, parts: Components, checkpoints: CheckpointDir) -> P
         log.warning("%s; passed over for an earlier checkpoint", problem)
     if state is None:
         return Position(loss_sum=torch.zeros((), device=parts.device))
-    if _differs(state["config"], dataclasses.asdict(cfg)):
+    if _differs(state["config"], cfg):
         raise ValueError(f"{checkpoints.path}: checkpoint belongs to another trial config")
     parts.model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])

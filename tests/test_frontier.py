@@ -5,8 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from mlpgrid import frontier
-from mlpgrid.frontier import FitError, Point
+from mlpgrid import frontier, isoflop, parametric
+from mlpgrid.frontier import FitError, FitOptions, Point, Trials
 from synthetic_law import Law, draw
 
 LAW = Law()
@@ -67,22 +67,88 @@ def test_synthetic_law_is_recovered():
 
 
 def test_bootstrap_intervals_cover_the_truth():
-    """Over repeated draws, the 95% intervals hold the true value at least about 95% of the time.
-    Resampling trials is conservative here (a resample that lacks the best trial of a budget
-    takes the next best), so the test also bounds how wide the intervals may be."""
-    truth = {"alpha": LAW.alpha, "e_inf": LAW.e_inf, "params_exponent": LAW.params_exponent,
-             "examples_exponent": LAW.examples_exponent}  # fmt: skip
-    max_width = {"alpha": 0.08, "e_inf": 0.015, "params_exponent": 0.2, "examples_exponent": 0.2}
+    """Over repeated draws, the 95% intervals hold the true value at least about 95% of the time,
+    for E(C) and for the allocation of each of the three approaches (and E(P, D)'s exponents).
+    Resampling trials is conservative for the envelope (a resample that lacks the best trial of
+    a budget takes the next best), so the test also bounds how wide the intervals may be."""
+    truth = {"alpha": LAW.alpha, "e_inf": LAW.e_inf, "parametric alpha": LAW.alpha_p, "parametric beta": LAW.beta}
+    truth |= {f"{name} {k}": getattr(LAW, k) for name in frontier.APPROACHES
+              for k in ("params_exponent", "examples_exponent")}  # fmt: skip
+    max_width = {"alpha": 0.08, "e_inf": 0.015, "envelope": 0.2, "isoflop": 0.08, "parametric": 0.03}
     rng, draws = np.random.default_rng(1), 16
     covered = dict.fromkeys(truth, 0)
     for i in range(draws):
         boot = frontier.bootstrap(frontier.analyse(draw(LAW, rng)), repeats=60, seed=i)
-        intervals = boot.fit_ci() | boot.allocation_ci()
+        intervals = boot.fit_ci() | {f"parametric {k}": v for k, v in boot.parametric_ci().items()}
+        intervals |= {f"{name} {k}": v for name in frontier.APPROACHES for k, v in boot.allocation_ci(name).items()}
         for name, value in truth.items():
             low, high = intervals[name]
             covered[name] += low <= value <= high
-            assert high - low < max_width[name], name
+            kind = name.split()[0]  # E(C)'s alpha and E_inf, or an approach's allocation exponents
+            if kind in max_width and name.endswith(("alpha", "e_inf", "exponent")) and " alpha" not in name:
+                assert high - low < max_width[kind], name
     assert all(n >= draws - 2 for n in covered.values()), covered
+
+
+def test_each_approach_recovers_the_synthetic_allocation():
+    """One draw of the iso-compute grid: the three allocations, and E(P, D) itself, near the truth
+    (over 30 draws the spread of P*'s exponent is 0.022 for the envelope, 0.0045 for the IsoFLOP
+    minima and 0.0012 for E(P, D); ``benchmarks/frontier_approaches.py``)."""
+    analysis = frontier.analyse(draw(LAW, np.random.default_rng(0)))
+    fitted = analysis.fitted
+    for name, tolerance in (("envelope", 0.07), ("isoflop", 0.015), ("parametric", 0.005)):
+        assert fitted.approach(name).params_exponent == pytest.approx(LAW.params_exponent, abs=tolerance), name
+        assert fitted.approach(name).examples_exponent == pytest.approx(LAW.examples_exponent, abs=tolerance), name
+    law = fitted.parametric
+    assert (law.alpha, law.beta, law.e_inf) == pytest.approx((LAW.alpha_p, LAW.beta, LAW.e_inf), rel=0.02)
+    assert law.compute_ratio == pytest.approx(3), "C = 3 P D in the draw"
+    assert 1 <= law.converged <= law.starts == parametric.DEFAULT_STARTS
+    assert law.optimal_error(1e18) == pytest.approx(LAW.optimal_error(1e18), rel=0.02), "two decades past the data"
+    true_best = (LAW.alpha_p * LAW.a / (LAW.beta * LAW.b)) ** (1 / (LAW.alpha_p + LAW.beta)) * (1e14 / 3) ** 0.2593
+    assert float(law.params(1e14)) == pytest.approx(true_best, rel=0.05)
+    # A parabola through a valley steeper on one side (P^-1 against D^-0.35) puts its minimum
+    # towards the shallower side: IsoFLOP P* is about a quarter too large here, at every budget.
+    assert float(fitted.isoflop.params(1e14)) == pytest.approx(1.24 * true_best, rel=0.1)
+    assert all(p.status == isoflop.USED for p in fitted.isoflop.profiles if len(p.params) >= 6)
+
+
+def test_isoflop_profiles_say_why_they_are_not_used():
+    """Budgets whose sizes all lie below the best size (an off-centre grid) find the minimum
+    outside them; budgets with two sizes have too few; with no usable profile, no fit and why."""
+    points = []
+    for compute in np.logspace(10, 14, 5):
+        best = (LAW.alpha_p * LAW.a / (LAW.beta * LAW.b)) ** (1 / (LAW.alpha_p + LAW.beta))
+        best *= (compute / 3) ** LAW.params_exponent
+        for params in best * np.logspace(-2.5, -1, 5):  # 10x to 300x smaller than the best size
+            examples = compute / (3 * params)
+            points.append(Point(compute, float(LAW.error(params, examples)), params, examples, 1, f"P{params:.3g}"))
+    trials = Trials(points)
+    with pytest.raises(isoflop.IsoFlopError, match="0 of .* usable .*minimum outside the sizes tried"):
+        isoflop.fit(trials.curves(1), trials.cells(trials.config_error)[0], trials.compute_ratio)
+    curves = trials.curves(1)
+    table = curves.at_budgets(trials.cells(trials.config_error)[0])
+    assert np.isfinite(table).sum(axis=0).max() == 5, "each budget reads the sizes trained at it"
+    two = [p for p in points if p.params < 1.5 * min(q.params for q in points if q.compute == p.compute)]
+    assert {len(p.params) for p in profiles(two)} <= {0, 1, 2}
+    assert {p.status for p in profiles(two)} == {isoflop.FEW}
+
+
+def profiles(points):
+    trials = Trials(points)
+    cell_error = trials.cells(trials.config_error)[0]
+    table = trials.curves(1).at_budgets(cell_error)
+    return [isoflop._profile(10**c, trials.curves(1).size_log_p[np.isfinite(table[:, i])],
+                             table[np.isfinite(table[:, i]), i], "log")
+            for i, c in enumerate(trials.curves(1).budgets)]  # fmt: skip
+
+
+def test_a_fixed_irreducible_error_is_held_in_every_fit():
+    analysis = frontier.analyse(draw(LAW, np.random.default_rng(9)), FitOptions(e_inf=0.04))
+    assert analysis.fit.e_inf == 0.04 and analysis.fitted.parametric.e_inf == pytest.approx(0.04)
+    assert all(law.e_inf == 0.04 for law in analysis.laws.values())
+    compute = np.logspace(9, 16, 12)
+    with pytest.raises(FitError, match="fixed E_inf of 0.5 must be at least 0 and below every error"):
+        frontier.fit_power_law(compute, 0.1 + compute**-0.1, e_inf=0.5)
 
 
 def test_extrapolation_from_the_cheaper_two_thirds():
@@ -116,6 +182,15 @@ def test_csv_points_and_their_errors(tmp_path):
     short.write_text("compute,error,params,examples,epochs\n1e12,0.2,1e6\n")
     with pytest.raises(FitError, match="line 2: examples: '' is not a number"):
         frontier.read_csv(short)
+    lm = tmp_path / "lm.csv"
+    lm.write_text("flops,loss,params,tokens\n6e18,3.1,1e8,1e10\n")
+    points, labels = frontier.read_table(lm)
+    assert points == [Point(6e18, 3.1, 1e8, 1e10, 1.0)], "without epochs, each row is one pass"
+    assert (labels.error, labels.compute, labels.examples) == ("loss", "flops C", "tokens")
+    both = tmp_path / "both.csv"
+    both.write_text("compute,error,loss,params,examples\n1e12,0.2,0.3,1e6,5e4\n")
+    with pytest.raises(FitError, match="both.csv: columns error and loss both give error; keep one"):
+        frontier.read_csv(both)
     latin = tmp_path / "latin.csv"
     latin.write_bytes("compute,error,params,examples,epochs,model\n1e12,0.2,1e6,5e4,4,Modèle\n".encode("latin-1"))
     with pytest.raises(FitError, match="latin.csv: not UTF-8 text \\(invalid continuation byte\\); save it as UTF-8"):
@@ -179,5 +254,5 @@ def test_a_dense_grid_is_drawn_as_a_density(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "DENSE_POINTS", 100)  # the draw has 243 points
     analysis = frontier.analyse(draw(LAW, np.random.default_rng(8)))
     figures = plots.draw_all(analysis, frontier.bootstrap(analysis, repeats=5), [1e17], tmp_path)
-    assert [f.name for f in figures] == ["error_vs_compute.png", "allocation.png", "bottlenecks.png"]
+    assert [f.name for f in figures] == ["error_vs_compute.png", "allocation.png", "isoflop.png", "bottlenecks.png"]
     assert all(f.stat().st_size > 10_000 for f in figures)

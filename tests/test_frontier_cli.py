@@ -86,8 +86,17 @@ def test_frontier_fits_queries_plots_and_logs(tmp_path, recorded_grid):
         assert q["model"].startswith("B-") and q["compute"] == pytest.approx(q["budget"], rel=0.15)
         assert 1 <= q["examples"] <= 60000 and q["epochs"] >= 1
     assert report["queries"][0]["error"] > report["queries"][1]["error"]
+    assert report["labels"]["error"] == "test error"
+    assert set(report["approaches"]) == {"envelope", "isoflop", "parametric"}
+    law = report["approaches"]["parametric"]["law"]
+    assert min(law["alpha"], law["beta"]) > 0 and 1 <= law["converged"] <= law["starts"] == 64
+    for q in report["queries"]:
+        for name, answer in q["approaches"].items():
+            low, high = answer["params_ci"]  # percentiles of the resamples: near the estimate, not always around it
+            assert low < high and low / 1.5 <= answer["params"] <= high * 1.5, name
+            assert answer["examples_per_param"] == pytest.approx(answer["examples_seen"] / answer["params"])
     figures = sorted(p.name for p in plots.iterdir())
-    assert figures == ["allocation.png", "bottlenecks.png", "error_vs_compute.png"]
+    assert figures == ["allocation.png", "bottlenecks.png", "error_vs_compute.png", "isoflop.png"]
     assert all(is_png(plots / name) for name in figures)
     client = MlflowClient(grid_run.tracking_uri)
     logged = {a.path for a in client.list_artifacts(grid_run.parent_run_id, "frontier")}
@@ -96,8 +105,25 @@ def test_frontier_fits_queries_plots_and_logs(tmp_path, recorded_grid):
     human = frontier(path, "--storage", storage, "--budget", "1e13", "--bootstrap", "20")
     assert human.exit_code == 0, human.output
     assert "29 points (left out: 1 failed, 1 diverged, 1 running)" in human.output
-    assert "E(C) = " in human.output and "P*(C) ∝ C^" in human.output
-    assert "budget C" in human.output and "B-" in human.output.splitlines()[-1]
+    assert "E(C) = " in human.output and "P*(C) ∝ C^a, D*(C) = (N·T)* ∝ C^b, three ways" in human.output
+    assert all(f"\n{name} " in human.output for name in ("1 envelope", "2 IsoFLOP", "3 E(P, D)"))
+    assert "budget C" in human.output and "3 E(P, D)" in human.output.splitlines()[-1]
+
+
+def test_the_fit_options_reach_the_report(recorded_grid):
+    path, storage, _ = recorded_grid
+    base = ["--storage", storage, "--json", "--bootstrap", "20"]
+    default = json.loads(frontier(path, *base).output)
+    assert default["options"] == {"space": "log", "bins_per_decade": 4, "e_inf": None, "starts": 64}
+    chosen = json.loads(frontier(path, *base, "--seed", "3", "--bins-per-decade", "2", "--e-inf", "0.01",
+                                 "--starts", "8").output)  # fmt: skip
+    assert chosen["options"] == {"space": "log", "bins_per_decade": 2, "e_inf": 0.01, "starts": 8}
+    assert chosen["bootstrap"]["seed"] == 3
+    assert chosen["fit"]["e_inf"] == 0.01 and chosen["approaches"]["parametric"]["law"]["e_inf"] == pytest.approx(0.01)
+    assert chosen["approaches"]["parametric"]["law"]["starts"] == 8
+    assert len(chosen["approaches"]["envelope"]["bins"]) < len(default["approaches"]["envelope"]["bins"])
+    too_high = frontier(path, "--storage", storage, "--e-inf", "0.9", "--bootstrap", "0")
+    assert too_high.exit_code == 1 and "fixed E_inf of 0.9 must be at least 0 and below every error" in too_high.output
 
 
 def test_proposed_trials_are_runnable_and_reported_against_the_prediction(tmp_path, recorded_grid):
@@ -177,3 +203,40 @@ def test_json_output_is_json_without_nan():
 
     written = _json({"ci": [float("nan"), float("inf")], "fit": {"a": 1.5}})
     assert json.loads(written) == {"ci": [None, None], "fit": {"a": 1.5}}
+
+
+CONSTANT_GRID = """name: curves
+base: {optimizer: adamw, lr: 1.0e-3, warmup_epochs: 1}
+grid:
+  model: [B-1/Wi-32, B-1/Wi-64, B-2/Wi-128, B-2/Wi-256]
+  examples: [2000, 6000, 20000, 60000]
+  epochs: [4]
+  schedule: [constant, cosine]
+"""
+
+
+def test_curves_add_the_earlier_epochs_of_constant_learning_rate_trials(tmp_path, write_grid):
+    """Each epoch from the end of warm-up on of a constant-lr trial is a point; a cosine trial
+    gives only its end; and the report says which trials gave what, and why."""
+    path, storage = write_grid(CONSTANT_GRID), tmp_path / "store"
+    grid = spec.load(path)
+    grid_run = tracking.open_grid(grid, runs.tracking_uri(StorageLayout(storage)), StorageLayout(storage))
+    rng = np.random.default_rng(0)
+    for trial in grid.trials:
+        run, cfg = tracking.TrialRun.open(grid_run, trial), trial.config
+        errors = [float(Law().error(trial.params, cfg.num_examples * t) * np.exp(rng.normal(0, 0.01)))
+                  for t in range(1, cfg.epochs + 1)]  # fmt: skip
+        run.log_epochs([dict.fromkeys(metrics.EPOCH, 1.0) | {"epoch": t + 1, "test_error": e}
+                        for t, e in enumerate(errors)])  # fmt: skip
+        run.finish("finished")
+    plain = json.loads(frontier(path, "--storage", storage, "--json", "--bootstrap", "0").output)
+    result = frontier(path, "--storage", storage, "--json", "--bootstrap", "0", "--curves")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    constant, cosine = runs.CURVE_CONSTANT, runs.CURVE_COSINE
+    assert report["curves"] == {"points": 16 * 3, "trials": {constant: 16, cosine: 16}}, "epochs 1, 2, 3 of 4"
+    assert report["points"] == plain["points"] + 48 == 80
+    ends = {p["settings"].get("end") for p in report["frontier"]}
+    assert ends & {"epoch 1 of 4", "epoch 2 of 4", "epoch 3 of 4"}, "earlier epochs reach the frontier"
+    refused = frontier("--from-csv", path, "--curves")
+    assert refused.exit_code == 2 and "--curves reads the per-epoch errors of a grid's runs" in refused.output

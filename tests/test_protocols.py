@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 
 from conftest import REPO, mlpgrid_command
 from mlpgrid import spec
+from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.cli import cli
 from mlpgrid.data import Datasets
 from mlpgrid.data.subset import split_off
@@ -34,12 +35,14 @@ def test_every_grid_file_plans_its_trials(grid):
 
 
 def test_grid_metric_must_be_measured_by_every_trial(write_grid):
-    base = "base: {model: B-1/Wi-8, epochs: 1, probe_datasets: [cifar-10]}\n"
+    base = "base: {model: B-1/Wi-8, epochs: 1, channels: 3, probe_datasets: [cifar-10]}\n"
     assert spec.load(write_grid("metric: cifar-10.linear_probe.error\n" + base)).metric == "cifar-10.linear_probe.error"
     with pytest.raises(
         SpecError, match="metric: 'cifar-100.linear_probe.error' is not measured by every trial; allowed"
     ):
         spec.load(write_grid("metric: cifar-100.linear_probe.error\n" + base))
+    with pytest.raises(SpecError, match="probe_datasets: cifar-10 has 3 channels but the model reads 1 \\(fashion"):
+        spec.load(write_grid("base: {model: B-1/Wi-8, epochs: 1, probe_datasets: [cifar-10]}\n"))
     with pytest.raises(SpecError, match="probe_datasets: unknown dataset 'cifar-1000'"):
         spec.load(write_grid("base: {model: B-1/Wi-8, epochs: 1, probe_datasets: [cifar-1000]}\n"))
 
@@ -138,3 +141,48 @@ def test_bench_models_prints_table7_columns():
     row = json.loads(result.output)[0]
     assert row["params"] == 66_894_568 and row["forward_flops"] == 66_874_368
     assert row["latency_ms"] > 0 and row["images_per_s"] > 0 and row["best_batch"] == 8
+
+
+STAGES_LATER = """name: stages-later
+base: {{model: B-1/Wi-16, epochs: 2, examples: 1000, batch_size: 200, lr: 1.0e-3, channels: 3{stages}}}
+grid:
+  seed: [0, 1]
+"""
+
+
+def test_a_probe_added_to_finished_trials_does_not_pretrain_them_again(tmp_path):
+    """A probe dataset added to a grid whose trials have finished: the trials it makes start
+    from the finished ones' final checkpoints (linked, not trained again) and run the probe
+    alone; the edit is not refused as a changed grid; a third run has nothing to do."""
+    write_cifar10(tmp_path / "cifar", np.random.default_rng(0), per_batch=40, test=20)
+    env, grid, storage = {"MLPGRID_CIFAR10": str(tmp_path / "cifar")}, tmp_path / "grid.yaml", tmp_path / "s"
+    grid.write_text(STAGES_LATER.format(stages=""))
+    first = run_cli("run", str(grid), "--in-process", "--storage", str(storage), env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("stages-later").experiment_id
+
+    def trial_runs():
+        return {r.data.tags["trial_id"]: r for r in client.search_runs([experiment], "tags.mlpgrid_role = 'trial'")}
+
+    before = trial_runs()
+    grid.write_text(STAGES_LATER.format(stages=", probe_datasets: [cifar-10], probe_epochs: 2"))
+    second = run_cli("run", str(grid), "--in-process", "--storage", str(storage), env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "2 trials: 2 finished" in second.stdout
+    after = trial_runs()
+    new = {trial_id: run for trial_id, run in after.items() if trial_id not in before}
+    assert len(new) == 2
+    for trial_id, run in new.items():
+        source = before[run.data.tags["pretrained_by"]]
+        assert run.data.tags["pretraining"] == source.data.tags["pretraining"]
+        assert run.data.params["seed"] == source.data.params["seed"], "each from its own pre-training"
+        history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "test_error")]
+        assert history == [(m.step, m.value) for m in client.get_metric_history(source.info.run_id, "test_error")]
+        assert 0 < run.data.metrics["cifar-10.linear_probe.error"] <= 1
+        mine = CheckpointDir(storage / "stages-later" / trial_id / "checkpoints")
+        theirs = CheckpointDir(storage / "stages-later" / source.data.tags["trial_id"] / "checkpoints")
+        assert mine.positions() == [(2, 0)], "no epoch trained again"
+        assert mine.file(2, 0).stat().st_ino == theirs.file(2, 0).stat().st_ino, "the finished model, linked"
+    third = run_cli("run", str(grid), "--in-process", "--storage", str(storage), env=env)
+    assert third.returncode == 0 and "Nothing to do" in third.stdout

@@ -62,6 +62,16 @@ def test_the_rest_reader_gives_what_mlflowclient_gives(tmp_path, write_grid, ser
     assert states == ["failed"] * 4 + ["finished"] * 4 + ["running"] * 4
     assert {r.tags["note"] for r in read.values()} == {"ä ✓ 'quoted'"}
 
+    # Metric histories (frontier --curves) by REST, as MlflowClient reads them.
+    run = tracking.TrialRun.open(grid_run, grid.trials[0])
+    run.log_epochs([{"epoch": e, "test_error": 0.5 / e} for e in range(2, 5)])
+    run.outbox.flush(timeout_s=60)
+    ids = [r.run_id for r in read.values()]
+    histories = runs.metric_histories(grid_run, ids, "test_error")
+    by_client = {i: {m.step: m.value for m in client.get_metric_history(i, "test_error")} for i in ids}
+    assert histories == by_client and histories[read[grid.trials[0].id].run_id] == {1: 0.1, 2: 0.25, 3: 0.5 / 3,
+                                                                                    4: 0.125}  # fmt: skip
+
 
 @pytest.mark.parametrize("store", ["server", "sqlite"])
 def test_many_runs_are_read_whole_and_once(tmp_path, write_grid, monkeypatch, server, store):
