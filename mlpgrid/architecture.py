@@ -1,6 +1,6 @@
-"""The paper's vision MLPs as plain data: their names, configs, sizes and forward FLOPs.
+"""The vision MLPs as plain data: their names, configs, sizes and forward FLOPs.
 
-Two families (Bachmann et al. 2023, "Scaling MLPs"):
+Two families of plain MLPs on flattened pixels (Bachmann et al. 2023, "Scaling MLPs"):
 
 * S-MLP, the standard MLP: ``Block(z) = act(W . norm(z))`` with isotropic width m, ReLU.
 * B-MLP, the inverted bottleneck: ``Block(z) = z + W_c . act(W_e . norm(z))`` with
@@ -9,9 +9,22 @@ Two families (Bachmann et al. 2023, "Scaling MLPs"):
 Both flatten the image, embed it with ``Linear(C*R*R, m)``, apply L blocks and end in
 ``Linear(m, classes)`` with no final norm. A model is named ``B-L/Wi-m`` or ``S-L/Wi-m``.
 
+And two patch-based all-MLP families, the structure between them and a ConvNet: both cut the
+image into non-overlapping P x P patches, embed each with one ``Linear(C*P*P, c)`` (S = (R/P)^2
+tokens of c channels), apply L blocks, pool the tokens by their mean and end in a linear head:
+
+* MLP-Mixer (Tolstikhin et al. 2021), ``Mixer-{S,B,L,H}/P``: each block is
+  ``X + MLP_tokens(LN(X)^T)^T`` (S -> D_S -> S) then ``X + MLP_channels(LN(X))`` (c -> D_C -> c),
+  GELU, and a LayerNorm before the pooling; sizes from their Table 1.
+* ResMLP (Touvron et al. 2021), ``ResMLP-{S12,S24,S36,B24}/P``: each block is
+  ``X + diag(g1) Linear_tokens(Aff(X)^T)^T`` (one S -> S layer) then
+  ``X + diag(g2) MLP(Aff(X))`` (c -> 4c -> c, GELU), with Aff(x) = a * x + b per channel
+  instead of a LayerNorm and LayerScale g; an Aff before the pooling.
+
 FLOPs follow fvcore, which the paper used: one multiply-add counts as one FLOP, LayerNorm
 with affine weights costs 5 per element, BatchNorm at inference 2 per element, activations,
-dropout and residual adds cost nothing. Hardware rates (TFLOP/s, MFU) count 2 FLOPs per
+dropout, residual adds and other elementwise products (ResMLP's Aff and LayerScale) and the
+mean pooling cost nothing. Hardware rates (TFLOP/s, MFU) count 2 FLOPs per
 multiply-add instead: see ``HARDWARE_FLOPS_PER_MAC``.
 
 Nothing here needs torch, so the commands that only plan and read results (``status``,
@@ -25,7 +38,7 @@ from dataclasses import dataclass
 
 HARDWARE_FLOPS_PER_MAC = 2
 
-FAMILIES = ("B", "S")
+FAMILIES = ("B", "S", "Mixer", "ResMLP")
 ACTIVATIONS = ("gelu", "relu")
 NORMS = ("layernorm", "batchnorm", "none")
 NORM_POSITIONS = ("pre", "post")
@@ -34,7 +47,17 @@ NORM_POSITIONS = ("pre", "post")
 # digits would be the same model under other trial ids), and sizes a machine can hold.
 _NAME = re.compile(r"(?P<family>[BS])-(?P<depth>[1-9][0-9]*)/Wi-(?P<width>[1-9][0-9]*)", re.ASCII)
 MAX_DEPTH, MAX_WIDTH = 1024, 1 << 17
-NAME_FORMAT = "'B-<depth>/Wi-<width>' or 'S-<depth>/Wi-<width>' (e.g. 'B-12/Wi-1024')"
+NAME_FORMAT = (
+    "'B-<depth>/Wi-<width>' or 'S-<depth>/Wi-<width>' (e.g. 'B-12/Wi-1024'), 'Mixer-<S|B|L|H>/<patch>'"
+    " or 'ResMLP-<S12|S24|S36|B24>/<patch>'"
+)
+# Mixer's Table 1: blocks L, channels c, token-MLP width D_S, channel-MLP width D_C.
+MIXER_SIZES = {"S": (8, 512, 256, 2048), "B": (12, 768, 384, 3072), "L": (24, 1024, 512, 4096),
+               "H": (32, 1280, 640, 5120)}  # fmt: skip
+# ResMLP's Table 1 (and their code): blocks L and channels c; the channel MLP is 4c wide.
+RESMLP_SIZES = {"S12": (12, 384), "S24": (24, 384), "S36": (36, 384), "B24": (24, 768)}
+RESMLP_EXPANSION = 4
+_PATCH_NAME = re.compile(r"(?P<family>Mixer|ResMLP)-(?P<size>[A-Z][0-9]*)/(?P<patch>[1-9][0-9]*)", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -62,8 +85,53 @@ class MLPConfig:
         return f"{self.family}-{self.depth}/Wi-{self.width}"
 
 
+@dataclass(frozen=True)
+class PatchConfig:
+    """Everything that fixes a Mixer's or a ResMLP's architecture (``token_hidden`` 0: ResMLP's
+    single linear token-mixing layer)."""
+
+    family: str  # "Mixer" or "ResMLP"
+    size: str  # "B", "S12", ...
+    patch: int
+    depth: int
+    width: int  # channels c of each token
+    token_hidden: int  # D_S
+    channel_hidden: int  # D_C
+    channels: int  # of the image
+    side: int  # of the image
+    num_classes: int
+    dropout: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}-{self.size}/{self.patch}"
+
+    @property
+    def tokens(self) -> int:
+        return (self.side // self.patch) ** 2
+
+    @property
+    def patch_features(self) -> int:
+        return self.channels * self.patch * self.patch
+
+    @property
+    def in_features(self) -> int:
+        """Pixels of an image, as an MLP's config gives them."""
+        return self.channels * self.side * self.side
+
+
+ModelConfig = MLPConfig | PatchConfig
+
+
 def parse_name(name: str) -> tuple[str, int, int]:
-    """``'B-12/Wi-1024'`` -> ``('B', 12, 1024)``; raises ValueError on anything else."""
+    """``'B-12/Wi-1024'`` -> ``('B', 12, 1024)``, ``'Mixer-B/16'`` -> ``('Mixer', 12, 768)``
+    (family, blocks, channels); raises ValueError on anything else."""
+    patch = _PATCH_NAME.fullmatch(name) if isinstance(name, str) else None
+    if patch:
+        sizes = MIXER_SIZES if patch["family"] == "Mixer" else RESMLP_SIZES
+        if patch["size"] not in sizes or len(patch["patch"]) > 4:
+            raise ValueError(f"unknown model {name!r}: {patch['family']} comes in sizes {', '.join(sizes)}")
+        return patch["family"], sizes[patch["size"]][0], sizes[patch["size"]][1]
     match = _NAME.fullmatch(name) if isinstance(name, str) else None
     if not match or len(match["depth"]) > 4 or len(match["width"]) > 6:
         raise ValueError(f"unknown model {name!r}; expected {NAME_FORMAT}")
@@ -84,9 +152,17 @@ def config_for(
     norm_position: str | None = None,
     skip: bool | None = None,
     dropout: float = 0.0,
-) -> MLPConfig:
-    """The config of a named model; options left as None take the family's paper default."""
+    image: tuple[int, int] | None = None,
+) -> ModelConfig:
+    """The config of a named model; options left as None take the family's paper default.
+    ``image`` (channels, side) is what a patch family cuts into patches."""
     family, depth, width = parse_name(name)
+    if family in ("Mixer", "ResMLP"):
+        options = dict(expansion=expansion, activation=activation, norm=norm, norm_position=norm_position, skip=skip)
+        chosen = [k for k, v in options.items() if v is not None]
+        if chosen:
+            raise ValueError(f"{name}: {', '.join(chosen)} apply to B- and S-MLPs only")
+        return _patch_config(name, num_classes, image, dropout)
     defaults = {
         "B": dict(expansion=4, activation="gelu", norm="layernorm", norm_position="pre", skip=True),
         "S": dict(expansion=0, activation="relu", norm="layernorm", norm_position="pre", skip=False),
@@ -94,6 +170,23 @@ def config_for(
     chosen = dict(expansion=expansion, activation=activation, norm=norm, norm_position=norm_position, skip=skip)
     options = {k: defaults[k] if v is None else v for k, v in chosen.items()}
     return MLPConfig(family, depth, width, in_features, num_classes, dropout=dropout, **options)
+
+
+def _patch_config(name: str, num_classes: int, image: tuple[int, int] | None, dropout: float) -> PatchConfig:
+    match = _PATCH_NAME.fullmatch(name)
+    family, size, patch = match["family"], match["size"], int(match["patch"])
+    if image is None:
+        raise ValueError(f"{name} cuts the image into patches: give its channels and side")
+    channels, side = image
+    if side % patch:
+        raise ValueError(f"{name}: images of {side}x{side} do not divide into {patch}x{patch} patches")
+    if family == "Mixer":
+        depth, width, token_hidden, channel_hidden = MIXER_SIZES[size]
+    else:
+        (depth, width), token_hidden = RESMLP_SIZES[size], 0
+        channel_hidden = RESMLP_EXPANSION * width
+    return PatchConfig(family, size, patch, depth, width, token_hidden, channel_hidden, channels, side, num_classes,
+                       dropout)  # fmt: skip
 
 
 def _block_linears(cfg: MLPConfig) -> list[tuple[int, int]]:
@@ -107,16 +200,38 @@ def _norm_params(cfg: MLPConfig) -> int:
     return 0 if cfg.norm == "none" else 2 * cfg.width
 
 
-def count_params(cfg: MLPConfig) -> int:
+def _patch_linears(cfg: PatchConfig) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """A block's linear layers (in, out), those applied to each token's channels and those
+    applied to each channel's tokens."""
+    c, s = cfg.width, cfg.tokens
+    per_token = [(c, cfg.channel_hidden), (cfg.channel_hidden, c)]
+    per_channel = [(s, cfg.token_hidden), (cfg.token_hidden, s)] if cfg.token_hidden else [(s, s)]
+    return per_token, per_channel
+
+
+def count_params(cfg: ModelConfig) -> int:
     """Trainable parameters, computed without building the model."""
+    if isinstance(cfg, PatchConfig):
+        per_token, per_channel = _patch_linears(cfg)
+        block = sum(i * o + o for i, o in per_token + per_channel) + 4 * cfg.width  # two norms (or Aff)
+        if cfg.family == "ResMLP":
+            block += 2 * cfg.width  # LayerScale
+        embed, head = cfg.patch_features * cfg.width + cfg.width, cfg.width * cfg.num_classes + cfg.num_classes
+        return embed + cfg.depth * block + 2 * cfg.width + head
     linears = [(cfg.in_features, cfg.width), (cfg.width, cfg.num_classes)]
     linears += _block_linears(cfg) * cfg.depth
     weights = sum(i * o + o for i, o in linears)
     return weights + cfg.depth * _norm_params(cfg)
 
 
-def forward_flops(cfg: MLPConfig) -> int:
+def forward_flops(cfg: ModelConfig) -> int:
     """Forward FLOPs for one example, fvcore's convention (a multiply-add is one FLOP)."""
+    if isinstance(cfg, PatchConfig):
+        per_token, per_channel = _patch_linears(cfg)
+        c, s = cfg.width, cfg.tokens
+        block = s * sum(i * o for i, o in per_token) + c * sum(i * o for i, o in per_channel)
+        norms = 2 * cfg.depth + 1 if cfg.family == "Mixer" else 0  # LayerNorms; Aff is elementwise
+        return s * cfg.patch_features * c + cfg.depth * block + norms * 5 * s * c + c * cfg.num_classes
     macs = cfg.in_features * cfg.width + cfg.width * cfg.num_classes
     macs += cfg.depth * sum(i * o for i, o in _block_linears(cfg))
     per_element = {"layernorm": 5, "batchnorm": 2, "none": 0}[cfg.norm]
@@ -128,6 +243,6 @@ def compute(flops_per_forward: int, examples: int, epochs: int) -> float:
     return float(flops_per_forward) * 3 * examples * epochs
 
 
-def hardware_training_flops(cfg: MLPConfig, images: int) -> float:
+def hardware_training_flops(cfg: ModelConfig, images: int) -> float:
     """FLOPs the hardware executes to train on ``images`` examples (two per multiply-add)."""
     return HARDWARE_FLOPS_PER_MAC * compute(forward_flops(cfg), images, 1)

@@ -586,7 +586,7 @@ def model_info(name: str, resolution: int, channels: int, classes: int, as_json:
       mlpgrid model-info B-12/Wi-1024 --resolution 64 --classes 10450 --json
     """
     try:
-        cfg = architecture.config_for(name, channels * resolution * resolution, classes)
+        cfg = architecture.config_for(name, channels * resolution * resolution, classes, image=(channels, resolution))
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     info = {

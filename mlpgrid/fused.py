@@ -1,10 +1,10 @@
 """K models of one shape trained as one: weights stacked, one batched kernel per layer.
 
-:class:`StackedMLP` holds K copies of an :class:`~mlpgrid.models.MLP`'s parameters, each
-stacked along a new first dimension, and computes all K members' logits for one batch with the
-MLP's own forward vectorised over the members (``torch.func.vmap``). Its parameters are the
-MLP's, in the MLP's order, so a member's weights go to and from an ordinary MLP ``state_dict``
-by slicing.
+:class:`StackedMLP` holds K copies of a model's parameters (any of :mod:`mlpgrid.models`),
+each stacked along a new first dimension, and computes all K members' logits for one batch with
+the model's own forward vectorised over the members (``torch.func.vmap``). Its parameters are
+the model's, in the model's order, so a member's weights go to and from an ordinary
+``state_dict`` by slicing.
 
 :class:`StackedOptimizer` applies Lion, AdamW or SGD to the stacked parameters with every
 member's own learning rate, weight decay and momentum, with the arithmetic of the
@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlpgrid.architecture import MLPConfig
-from mlpgrid.models import MLP
+from mlpgrid.architecture import ModelConfig
+from mlpgrid.models import Network, build
 
 
 class StackedMLP(nn.Module):
-    def __init__(self, cfg: MLPConfig, members: list[MLP]):
+    def __init__(self, cfg: ModelConfig, members: list[Network]):
         super().__init__()
-        if cfg.norm == "batchnorm":
+        if getattr(cfg, "norm", None) == "batchnorm":
             raise ValueError("batch normalisation keeps statistics per member: it does not stack")
         self.cfg = cfg
         self.names = [name for name, _ in members[0].named_parameters()]
@@ -37,7 +37,7 @@ class StackedMLP(nn.Module):
             nn.Parameter(torch.stack([dict(m.named_parameters())[name].detach() for m in members]))
             for name in self.names
         )
-        self._template = MLP(cfg).to("meta")  # the computation; its weights come from ``stacked``
+        self._template = build(cfg).to("meta")  # the computation; its weights come from ``stacked``
 
     @property
     def members(self) -> int:
@@ -57,8 +57,8 @@ class StackedMLP(nn.Module):
         """Member ``i``'s weights as an ordinary MLP ``state_dict``."""
         return {name: p[i].detach().clone() for name, p in zip(self.names, self.stacked, strict=True)}
 
-    def member_model(self, i: int) -> MLP:
-        model = MLP(self.cfg).to(self.stacked[0].device)
+    def member_model(self, i: int) -> Network:
+        model = build(self.cfg).to(self.stacked[0].device)
         model.load_state_dict(self.member_state(i))
         return model
 

@@ -96,7 +96,7 @@ class _Sequential:
         parts = self.members[i].parts
         return parts.model.state_dict(), parts.optimizer.state_dict()
 
-    def member_model(self, i: int) -> models.MLP:
+    def member_model(self, i: int) -> models.Network:
         return self.members[i].parts.model
 
     def keep(self, indices: list[int]) -> None:
@@ -163,7 +163,7 @@ class _Fused:
         template = {"param_groups": [g | {"lr": lr} for g in self.templates[i]["param_groups"]]}
         return self.model.member_state(i), self.optimizer.member_state(i, template)
 
-    def member_model(self, i: int) -> models.MLP:
+    def member_model(self, i: int) -> models.Network:
         return self.model.member_model(i)
 
     def keep(self, indices: list[int]) -> None:
@@ -328,7 +328,8 @@ def _save(saver: BackgroundSaver, engine: _Fused | _Sequential, active: list[Mem
     saver.save(writes, active[0].position.epoch, active[0].position.step, required=required)
 
 
-def _finish(member: Member, model: models.MLP, datasets: data.Datasets, on_end: Callable[[int, Outcome], None]) -> None:
+def _finish(member: Member, model: models.Network, datasets: data.Datasets,
+            on_end: Callable[[int, Outcome], None]) -> None:  # fmt: skip
     """A trained member's stages and picture; its outcome goes to ``on_end``, whatever it is."""
     parts = dataclasses.replace(member.parts, model=model, compiled=None)
     try:

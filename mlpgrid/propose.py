@@ -25,18 +25,26 @@ SPREAD = (1 / 4, 1 / 2, 1, 2, 4)  # model sizes around P* of a proposal, as fact
 _PLACEMENT = ("model", "examples", "epochs")
 
 
-def family_depths(grid: GridSpec, family: str) -> list[int]:
-    return sorted({architecture.parse_name(t.config.model)[1] for t in grid.trials if t.config.model[0] == family})
+def family_models(grid: GridSpec, template: TrialConfig) -> list[str]:
+    """The models a proposal may choose among, of the template's family: a B- or S-MLP of any
+    depth the grid uses at any width in :data:`WIDTHS`; a Mixer or ResMLP of any size at any
+    patch size the grid uses."""
+    family = architecture.parse_name(template.model)[0]
+    used = [t.config.model for t in grid.trials if architecture.parse_name(t.config.model)[0] == family]
+    if family in ("B", "S"):
+        depths = sorted({architecture.parse_name(name)[1] for name in used})
+        return [f"{family}-{d}/Wi-{w}" for d in depths for w in WIDTHS]
+    sizes = architecture.MIXER_SIZES if family == "Mixer" else architecture.RESMLP_SIZES
+    patches = sorted({name.rsplit("/", 1)[1] for name in used})
+    return [f"{family}-{size}/{patch}" for size in sizes for patch in patches]
 
 
 def _params(template: TrialConfig, model: str) -> int:
     return architecture.count_params(dataclasses.replace(template, model=model).model_config())
 
 
-def nearest_model(params: float, template: TrialConfig, depths: list[int]) -> str:
-    """The model of the template's family and one of ``depths`` whose size is nearest ``params``."""
-    family = template.model[0]
-    names = [f"{family}-{d}/Wi-{w}" for d in depths for w in WIDTHS]
+def nearest_model(params: float, template: TrialConfig, names: list[str]) -> str:
+    """The model of ``names`` (:func:`family_models`) whose size is nearest ``params``."""
     return min(names, key=lambda name: abs(math.log(_params(template, name) / params)))
 
 
@@ -50,10 +58,10 @@ def spend(budget: float, model: str, template: TrialConfig) -> TrialConfig:
     return dataclasses.replace(cfg, examples=examples, epochs=epochs)
 
 
-def iso_compute(budget: float, params: float, template: TrialConfig, depths: list[int]) -> list[TrialConfig]:
+def iso_compute(budget: float, params: float, template: TrialConfig, names: list[str]) -> list[TrialConfig]:
     """Trials that all spend ``budget``, with models from P*/4 to 4 P*: the one nearest P*
     should reach the lowest error if the allocation fit is right."""
-    chosen = dict.fromkeys(nearest_model(params * f, template, depths) for f in SPREAD)
+    chosen = dict.fromkeys(nearest_model(params * f, template, names) for f in SPREAD)
     return [spend(budget, model, template) for model in chosen]
 
 
@@ -92,7 +100,7 @@ def template(grid: GridSpec, frontier: list[Point], budget: float) -> TrialConfi
 def recommend(grid: GridSpec, frontier: list[Point], budget: float, params: float) -> dict[str, Any]:
     """The model nearest ``params`` in the grid's family, with the N and T that spend ``budget``."""
     base = template(grid, frontier, budget)
-    cfg = spend(budget, nearest_model(params, base, family_depths(grid, base.model[0])), base)
+    cfg = spend(budget, nearest_model(params, base, family_models(grid, base)), base)
     trial = Trial(spec.trial_id(cfg), cfg)
     return {"model": cfg.model, "model_params": trial.params, "examples": cfg.examples, "epochs": cfg.epochs,
             "compute": trial.compute}  # fmt: skip

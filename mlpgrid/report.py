@@ -137,7 +137,7 @@ def _propose(grid: GridSpec, grid_run: runs.GridRun, analysis: frontier.Analysis
         raise ReportError("cannot propose trials: " + "; ".join(analysis.notes))
     params = float(analysis.allocation.params(budget))
     base = propose.template(grid, analysis.frontier, budget)
-    configs = propose.iso_compute(budget, params, base, propose.family_depths(grid, base.model[0]))
+    configs = propose.iso_compute(budget, params, base, propose.family_models(grid, base))
     fit = analysis.fit
     header = (
         f"Proposed by `mlpgrid frontier {grid.path} --propose {budget:g}`: trials that each spend C = {budget:.3g},\n"

@@ -126,7 +126,7 @@ class TrialConfig:
     def num_examples(self) -> int:
         return self.examples or self.pool_size
 
-    def model_config(self) -> architecture.MLPConfig:
+    def model_config(self) -> architecture.ModelConfig:
         ds = self.dataset_info
         side = self.resolution or ds.resolution
         channels = self.channels or ds.channels
@@ -140,6 +140,7 @@ class TrialConfig:
             norm_position=self.norm_position,
             skip=self.skip,
             dropout=self.dropout,
+            image=(channels, side),
         )
 
 
@@ -652,6 +653,11 @@ def _trials(base: dict, grid: dict, zips: list[dict], errors: _Errors) -> list[T
             )
         if config.channels == 1 and ds.channels == 3:
             errors.add(where["channels"], f"{ds.name} has 3 channels; channels may be 3 or null")
+        try:
+            config.model_config()
+        except ValueError as e:  # a patch size that does not divide the images, MLP options on a Mixer
+            errors.add(where["model"], str(e))
+            continue
         channels = config.channels or ds.channels
         for field_name in ("probe_datasets", "finetune_datasets"):
             for stage in getattr(config, field_name):

@@ -78,7 +78,8 @@ def _stage_arrays(cfg: TrialConfig, datasets: data.Datasets, name: str) -> data.
 
 
 @torch.no_grad()
-def _features(model: models.MLP, images: np.ndarray, arrays: data.ImageArrays, device: torch.device) -> torch.Tensor:
+def _features(model: models.Network, images: np.ndarray, arrays: data.ImageArrays,
+              device: torch.device) -> torch.Tensor:  # fmt: skip
     model.eval()
     loader = make_loader(images, np.zeros(len(images), np.int64), None, EVAL_BATCH, budget_bytes=float("inf"),
                          mean=arrays.mean, std=arrays.std, device=device, shuffle=False)  # fmt: skip
@@ -121,7 +122,7 @@ def _cached_features(cache: Path, device: torch.device) -> list[torch.Tensor] | 
     return tensors
 
 
-def linear_probe(model: models.MLP, cfg: TrialConfig, dataset: str, datasets: data.Datasets, stage_dir: StageDir,
+def linear_probe(model: models.Network, cfg: TrialConfig, dataset: str, datasets: data.Datasets, stage_dir: StageDir,
                  device: torch.device) -> dict[str, float]:  # fmt: skip
     """Train a linear classifier (Lion, ``probe_lr``, ``probe_epochs``) on frozen features."""
     cache = stage_dir.path / f"features-{dataset}.pt"
@@ -181,7 +182,7 @@ def evaluate_tta(model: torch.nn.Module, arrays: data.ImageArrays, cfg: TrialCon
 
 
 def finetune(
-    model: models.MLP,
+    model: models.Network,
     cfg: TrialConfig,
     dataset: str,
     datasets: data.Datasets,
@@ -194,7 +195,7 @@ def finetune(
     arrays = _stage_arrays(cfg, datasets, dataset)
     target = data.info(dataset)
     torch.manual_seed(derive_seed(cfg.seed, _FINETUNE_STREAM))
-    net = models.MLP(dataclasses.replace(cfg.model_config(), num_classes=target.num_classes))
+    net = models.build(dataclasses.replace(cfg.model_config(), num_classes=target.num_classes))
     body = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
     net.load_state_dict(body, strict=False)
     net.to(device)
@@ -236,7 +237,7 @@ def finetune(
 
 
 def run_stages(
-    model: models.MLP,
+    model: models.Network,
     cfg: TrialConfig,
     datasets: data.Datasets,
     stage_dir: StageDir,

@@ -27,14 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlpgrid import architecture, data, pictures, spec
+from mlpgrid import architecture, data, models, pictures, spec
 from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
 from mlpgrid.data.beton import FfcvLoader
 from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, derive_seed, make_loader
 from mlpgrid.data.subset import proportional_subset, split_off
 from mlpgrid.hardware import default_data_budget, matmul_peak_tflops, pick_device
 from mlpgrid.layout import TrialLayout
-from mlpgrid.models import MLP
+from mlpgrid.models import Network
 from mlpgrid.optim import CompiledLion, make_optimizer
 from mlpgrid.spec import TrialConfig
 from mlpgrid.stages import StageDir, run_stages
@@ -145,7 +145,7 @@ class Components:
     budget_bytes: float  # images the loaders may keep on the device
     train: Loader
     test: Loader
-    model: MLP
+    model: Network
     compiled: torch.nn.Module | None  # the model through torch.compile, for full batches
     optimizer: torch.optim.Optimizer
     image_shape: tuple[int, int, int]  # (channels, side, side)
@@ -173,14 +173,14 @@ def image_shape(cfg: TrialConfig) -> tuple[int, int, int]:
     return cfg.model_config().in_features // side**2, side, side
 
 
-Model = tuple[MLP, torch.nn.Module | None, torch.optim.Optimizer, float | None]
+Model = tuple[Network, torch.nn.Module | None, torch.optim.Optimizer, float | None]
 
 
 def make_model(cfg: TrialConfig, options: TrialOptions, device: torch.device, input_dtype: torch.dtype) -> Model:
     """The trial's model, seeded, its compiled form (None when not compiled), its optimizer, and
     the seconds compiling took (None when nothing was compiled). Seeds the dropout stream last."""
     torch.manual_seed(derive_seed(cfg.seed, _INIT_STREAM))
-    model = MLP(cfg.model_config()).to(device)
+    model = models.build(cfg.model_config()).to(device)
     compiled, compile_seconds = None, None
     if compile_pays(cfg, device) if options.compile is None else options.compile:
         # Before the dropout stream is seeded: this pass draws dropout masks too.
@@ -347,6 +347,7 @@ def finish(cfg: TrialConfig, parts: Components, position: Position, layout: Tria
     stage_metrics = run_stages(parts.model, cfg, datasets, stage_dir, parts.device, parts.budget_bytes, hooks.stages)
     weight = parts.model.embed.weight.detach().float().cpu().numpy()
     channels, side, _ = parts.image_shape
+    side = getattr(parts.model.cfg, "patch", side)  # a patch model's first layer sees one patch
     picture = pictures.first_layer(weight, channels, side, stage_dir.path / "first_layer.png")
     history = position.history
     final = history[-1]

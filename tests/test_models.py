@@ -105,3 +105,70 @@ def test_model_info_cli_json():
 def test_model_info_cli_refuses_bad_name():
     out = CliRunner().invoke(cli, ["model-info", "B-12/W-1024"])
     assert out.exit_code != 0 and "unknown model 'B-12/W-1024'" in out.output
+
+
+# The papers' sizes at 224x224x3 with 1000 classes (Tolstikhin et al. 2021, Table 1; Touvron
+# et al. 2021, Table 1), in millions.
+PATCH_PAPERS = {"Mixer-S/16": 18, "Mixer-B/16": 59, "Mixer-L/16": 207, "ResMLP-S12/16": 15, "ResMLP-S24/16": 30}
+PATCH_MODELS = [f"Mixer-{s}/4" for s in architecture.MIXER_SIZES] + [f"ResMLP-{s}/4" for s in architecture.RESMLP_SIZES]
+
+
+def patch_config(name, side=224, classes=1000, channels=3):
+    return architecture.config_for(name, channels * side * side, classes, image=(channels, side))
+
+
+@pytest.mark.parametrize("name,millions", PATCH_PAPERS.items())
+def test_patch_models_have_their_papers_sizes(name, millions):
+    assert architecture.count_params(patch_config(name)) / 1e6 == pytest.approx(millions, rel=0.03)
+
+
+@pytest.mark.parametrize("name", PATCH_MODELS)
+def test_patch_models_counted_params_match_the_built_model(name):
+    cfg = patch_config(name, side=16, classes=7)
+    with torch.device("meta"):
+        built = models.build(cfg)
+    assert architecture.count_params(cfg) == sum(p.numel() for p in built.parameters())
+
+
+@pytest.mark.parametrize("name", ["Mixer-S/4", "ResMLP-S12/4"])
+def test_patch_models_matmul_flops_match_torch_flop_counter(name):
+    """torch counts 2 FLOPs per multiply-add and no norms: the matmuls, plus Mixer's LayerNorms
+    at 5 per element (ResMLP's Aff is elementwise, like a residual add)."""
+    cfg = patch_config(name, side=16, classes=7)
+    with FlopCounterMode(display=False) as counter:
+        models.build(cfg)(torch.zeros(1, 3, 16, 16))
+    norms = (2 * cfg.depth + 1) * 5 * cfg.tokens * cfg.width if cfg.family == "Mixer" else 0
+    assert counter.get_total_flops() == architecture.HARDWARE_FLOPS_PER_MAC * (architecture.forward_flops(cfg) - norms)
+
+
+def test_patch_embedding_is_a_strided_convolution_and_blocks_are_as_the_papers():
+    torch.manual_seed(0)
+    cfg = patch_config("Mixer-S/4", side=8, classes=3)
+    model, x = models.build(cfg), torch.randn(2, 3, 8, 8)
+    kernel = model.embed.weight.reshape(cfg.width, 3, 4, 4)
+    conv = torch.nn.functional.conv2d(x, kernel, model.embed.bias, stride=4).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(model.embed(model.patches(x)), conv)
+    block, z = model.blocks[0], torch.randn(2, cfg.tokens, cfg.width)
+    mixed = z + block.token_mlp(block.token_norm(z).transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(block(z), mixed + block.channel_mlp(block.channel_norm(mixed)))
+    res, y = models.build(patch_config("ResMLP-S12/4", side=8, classes=3)).blocks[0], z[..., :384]
+    mixed = y + res.token_scale * res.token_mix(res.token_affine(y).transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(res(y), mixed + res.channel_scale * res.channel_mlp(res.channel_affine(mixed)))
+    assert res.token_scale[0].item() == pytest.approx(0.1), "ResMLP-S12's LayerScale starts at 0.1"
+
+
+def test_patch_model_names_and_shapes_are_checked():
+    with pytest.raises(ValueError, match="Mixer comes in sizes S, B, L, H"):
+        architecture.parse_name("Mixer-X/16")
+    with pytest.raises(ValueError, match="images of 28x28 do not divide into 16x16 patches"):
+        patch_config("Mixer-B/16", side=28)
+    with pytest.raises(ValueError, match="expansion apply to B- and S-MLPs only"):
+        architecture.config_for("ResMLP-S12/4", 3 * 16 * 16, 10, image=(3, 16), expansion=2)
+    assert architecture.parse_name("ResMLP-B24/8") == ("ResMLP", 24, 768)
+
+
+def test_model_info_shows_patch_models():
+    result = CliRunner().invoke(cli, ["model-info", "Mixer-B/4", "--resolution", "64", "--json"])
+    info = json.loads(result.output)
+    assert info["name"] == "Mixer-B/4" and round(info["params"] / 1e6, 1) == 59.9
+    assert info["forward_flops"] == architecture.forward_flops(patch_config("Mixer-B/4", side=64))
