@@ -417,6 +417,11 @@ positive = FiniteRange(min=0, min_open=True)
 @click.option("--starts", type=click.IntRange(min=1),
               help="Starting points of the E(P, D) fit (approach 3) to optimise, the most promising of a grid "
                    "of 4,500 (default: 64; 4500 optimises them all).")  # fmt: skip
+@click.option(
+    "--by-family",
+    is_flag=True,
+    help="Also fit each model family (B-MLP, S-MLP, Mixer, ResMLP) on its own, side by side.",
+)
 @click.option("--holdout", type=FiniteRange(0, 1, min_open=True, max_open=True),
               help="Also fit without the most expensive FRACTION of trials and report how well that fit "
                    "predicts their frontier.")  # fmt: skip
@@ -426,8 +431,8 @@ positive = FiniteRange(min=0, min_open=True)
 @tracking_option
 def frontier(grid_file: str | None, csv_file: str | None, metric: str | None, curves: bool,
              budgets: tuple[float, ...], as_json: bool, plot_dir: Path | None, repeats: int, level: float, seed: int,
-             fit_space: str, bins_per_decade: float, e_inf: float | None, starts: int | None, holdout: float | None,
-             propose: float | None, out: Path | None, storage: StorageLayout,
+             fit_space: str, bins_per_decade: float, e_inf: float | None, starts: int | None, by_family: bool,
+             holdout: float | None, propose: float | None, out: Path | None, storage: StorageLayout,
              tracking_uri: str | None) -> None:  # fmt: skip
     """Fit the compute-optimal frontier of GRID_FILE's finished trials and query it.
 
@@ -454,7 +459,8 @@ def frontier(grid_file: str | None, csv_file: str | None, metric: str | None, cu
     options = FitOptions(space=fit_space, bins_per_decade=bins_per_decade, e_inf=e_inf)
     request = report.FrontierRequest(
         grid=_load_grid(grid_file) if grid_file else None, csv_file=Path(csv_file) if csv_file else None,
-        metric=metric, curves=curves, budgets=budgets, repeats=repeats, level=level, seed=seed, holdout=holdout,
+        metric=metric, curves=curves, budgets=budgets, by_family=by_family, repeats=repeats, level=level, seed=seed,
+        holdout=holdout,
         options=options if starts is None else dataclasses.replace(options, starts=starts),
         propose=propose, out=out, plot_dir=plot_dir,
     )  # fmt: skip
@@ -512,6 +518,20 @@ def _print_approaches(approaches: dict[str, Any], level: str) -> None:
         _print_table(rows, ["budget C", "sizes", "P*", "position", "error at P*", "status"])
 
 
+def _print_families(families: dict[str, Any]) -> None:
+    """Each family's E(C) exponent and allocation exponents, one row each."""
+    rows = []
+    for family, fit in families.items():
+        if "error" in fit:
+            rows.append([family, fit["points"], "-", "-", "-", "-", "-", fit["error"]])
+            continue
+        a = [f"{x['params_exponent']:.3f}" if x else "-" for x in fit["approaches"].values()]
+        alpha = [f"{fit['fit']['alpha']:.3f}", _interval(fit["fit"]["ci"]["alpha"], "{:.3f}")]
+        rows.append([family, fit["points"], *alpha, f"{fit['fit']['e_inf']:.4f}", *a])
+    click.echo("By family (a: P*(C) ∝ C^a of approaches 1, 2, 3):")
+    _print_table(rows, ["family", "points", "alpha", "interval", "E_inf", "a (1)", "a (2)", "a (3)"])
+
+
 def _print_frontier(report: dict[str, Any], source: str) -> None:
     fit, left = report["fit"], report["left_out"]
     skipped = ", ".join(f"{n} {why}" for why, n in left.items() if n)
@@ -549,6 +569,8 @@ def _print_frontier(report: dict[str, Any], source: str) -> None:
         ]  # fmt: skip
         _print_table(rows, ["budget C", "approach", "error", f"{level} interval", "P*", "interval", "N·T*", "interval",
                             "N·T*/P*"])  # fmt: skip
+    if "families" in report:
+        _print_families(report["families"])
     if "holdout" in report:
         held = report["holdout"]
         if "error" in held:

@@ -200,6 +200,25 @@ def bottlenecks(analysis: Analysis, path: Path, labels: Labels) -> Path:
     return _save(fig, path)
 
 
+def by_family(analyses: dict[str, Analysis], path: Path, labels: Labels) -> Path:
+    """Each model family's trials (a colour and marker each), its frontier and its own E(C)."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    computes = [p.compute for a in analyses.values() for p in a.points]
+    x = np.logspace(np.log10(min(computes)) - 0.2, np.log10(max(computes)) + 0.2, 200)
+    for (family, analysis), marker in zip(analyses.items(), "osD^v", strict=False):
+        points = analysis.selected
+        dots = ax.scatter([p.compute for p in points], [p.error for p in points], marker=marker, s=18, alpha=0.5)
+        colour = dots.get_facecolor()[0]
+        ax.scatter([p.compute for p in analysis.frontier], [p.error for p in analysis.frontier], marker=marker, s=60,
+                   facecolors="none", edgecolors=[colour])  # fmt: skip
+        fit = analysis.fit
+        ax.plot(x, fit(x), color=colour, linestyle="--", label=f"{family}: α = {fit.alpha:.3f}, E∞ = {fit.e_inf:.3f}")
+    ax.set(xscale="log", yscale="log", xlabel=labels.compute, ylabel=labels.error, title="By model family")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.2)
+    return _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

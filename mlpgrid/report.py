@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from mlpgrid import frontier, outputs, propose, runs
+from mlpgrid import architecture, frontier, outputs, propose, runs
 from mlpgrid.layout import StorageLayout
 from mlpgrid.points import Point
 from mlpgrid.spec import GridSpec
@@ -55,6 +55,7 @@ class FrontierRequest:
     seed: int = 0  # of the bootstrap's resampling
     options: frontier.FitOptions = frontier.FitOptions()  # fit space, bins per decade, a fixed E_inf, starts
     holdout: float | None = None  # also fit without this most expensive fraction of the trials
+    by_family: bool = False  # also fit each model family (B-MLP, S-MLP, Mixer, ResMLP) on its own
     propose: float | None = None  # write a grid of trials the fit calls compute-optimal at this budget ...
     out: Path | None = None  # ... to this file
     plot_dir: Path | None = None  # draw the figures here (and log them on the grid's run)
@@ -130,6 +131,32 @@ def _proposal_results(records: list[dict[str, Any]], points: list[Point]) -> lis
     ]
 
 
+def _family(point: Point) -> str:
+    try:
+        return architecture.parse_name(point.model)[0]
+    except ValueError:  # a CSV row without a model name, or one of another naming
+        return ""
+
+
+def _families(points: list[Point], request: FrontierRequest) -> tuple[dict[str, Any], dict[str, frontier.Analysis]]:
+    """Each model family's own frontier, E(C) and allocations (or why it has none): whether the
+    exponents and the split change with inductive bias; and the analyses, for the figure."""
+    by_family: dict[str, list[Point]] = {}
+    for p in points:
+        by_family.setdefault(_family(p), []).append(p)
+    out, analyses = {}, {}
+    for family, members in sorted(by_family.items()):
+        try:
+            analyses[family] = frontier.analyse(members, request.options)
+        except frontier.FitError as e:
+            out[family] = {"points": len(members), "error": str(e)}
+            continue
+        boot = frontier.bootstrap(analyses[family], request.repeats, request.level, request.seed)
+        summary = frontier.summary(analyses[family], boot)
+        out[family] = {k: summary[k] for k in ("points", "frontier", "fit", "approaches", "notes")}
+    return out, analyses
+
+
 def _propose(grid: GridSpec, grid_run: runs.GridRun, analysis: frontier.Analysis, boot: frontier.Bootstrap,
              budget: float, out: Path) -> dict[str, Any]:  # fmt: skip
     """Write the proposal's grid file, record it on the grid's run, and return the record."""
@@ -183,6 +210,8 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout, tracking_u
             _tracking()
         read = reading.result()
     points, left_out, grid_run = read.points, read.left_out, read.grid_run
+    if request.by_family and any(_family(p) == "" for p in points):
+        raise ReportError(f"{request.source}: --by-family needs each point's model name (a model column in a CSV)")
     try:
         analysis = frontier.analyse(points, request.options)
     except frontier.FitError as e:
@@ -194,6 +223,9 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout, tracking_u
         report["curves"] = read.curves
     report |= frontier.summary(analysis, boot)
     report["queries"] = [_query(frontier.query(analysis, boot, b), request.grid, analysis) for b in request.budgets]
+    families: dict[str, frontier.Analysis] = {}
+    if request.by_family:
+        report["families"], families = _families(points, request)
     if request.holdout:
         try:
             report["holdout"] = {"fraction": request.holdout,
@@ -215,6 +247,8 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout, tracking_u
         from mlpgrid import plots
 
         figures = plots.draw_all(analysis, boot, list(request.budgets), request.plot_dir, read.labels)
+        if families:
+            figures.append(plots.by_family(families, request.plot_dir / "families.png", read.labels))
     report["plots"] = [str(p) for p in figures]
     if grid_run:
         _tracking().log_files(grid_run, figures, "frontier")

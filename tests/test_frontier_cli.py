@@ -240,3 +240,34 @@ def test_curves_add_the_earlier_epochs_of_constant_learning_rate_trials(tmp_path
     assert ends & {"epoch 1 of 4", "epoch 2 of 4", "epoch 3 of 4"}, "earlier epochs reach the frontier"
     refused = frontier("--from-csv", path, "--curves")
     assert refused.exit_code == 2 and "--curves reads the per-epoch errors of a grid's runs" in refused.output
+
+
+FAMILIES_GRID = """name: families
+base: {optimizer: adamw, lr: 1.0e-3}
+grid:
+  model: [B-1/Wi-32, B-1/Wi-64, B-2/Wi-128, B-2/Wi-256, Mixer-S/14, Mixer-S/7, Mixer-B/14, Mixer-B/7]
+  examples: [2000, 6000, 20000, 60000]
+  epochs: [1, 4]
+"""
+
+
+def test_each_family_gets_its_own_fit(tmp_path, write_grid):
+    path, storage = write_grid(FAMILIES_GRID), tmp_path / "store"
+    grid = spec.load(path)
+    grid_run = tracking.open_grid(grid, runs.tracking_uri(StorageLayout(storage)), StorageLayout(storage))
+    rng = np.random.default_rng(0)
+    for trial in grid.trials:
+        record(grid_run, trial, "finished", law_error(trial, rng))
+    result = frontier(path, "--storage", storage, "--json", "--bootstrap", "10", "--by-family", "--plot-dir",
+                      tmp_path / "plots")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    families = json.loads(result.output)["families"]
+    assert set(families) == {"B", "Mixer"} and [f["points"] for f in families.values()] == [32, 32]
+    assert all(0 < f["fit"]["alpha"] < 1 for f in families.values())
+    assert (tmp_path / "plots" / "families.png").stat().st_size > 10_000
+    human = frontier(path, "--storage", storage, "--bootstrap", "0", "--by-family")
+    assert "By family" in human.output and "\nMixer " in human.output
+    csv = tmp_path / "points.csv"
+    csv.write_text("compute,error,params,examples,epochs\n1e12,0.2,1e6,5e4,4\n")
+    refused = frontier("--from-csv", csv, "--by-family", "--bootstrap", "0")
+    assert refused.exit_code == 1 and "--by-family needs each point's model name" in refused.output

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -18,6 +19,7 @@ from mlpgrid.data import Datasets
 from mlpgrid.layout import TrialLayout
 from mlpgrid.spec import TrialConfig
 from mlpgrid.train import Hooks, TrialDiverged, lr_at, run_trial
+from test_sources import write_cifar10
 
 TINY = dict(model="B-1/Wi-32", examples=2000, epochs=2, batch_size=100)
 
@@ -200,3 +202,23 @@ def test_a_trial_directory_has_one_writer_at_a_time(tmp_path):
         holder.wait()
     with exclusive(tmp_path / "lock", wait_s=5):  # the lock died with its holder
         pass
+
+
+@pytest.mark.parametrize("model", ["Mixer-S/16", "ResMLP-S12/16"])
+def test_a_patch_model_trains_resumes_exactly_and_evaluates_its_pooled_features(tmp_path, model):
+    """Mixer and ResMLP run as the MLPs do: trained, resumed from a checkpoint to the same
+    history, a stage on the pooled representation, their patch-embedding filters drawn (on a
+    small CIFAR-format set: Fashion-MNIST's 10,000 test images cost minutes per evaluation)."""
+    write_cifar10(tmp_path / "cifar", np.random.default_rng(0), per_batch=40, test=20)
+    cfg = TrialConfig(model=model, dataset="cifar-10", examples=200, epochs=2, batch_size=50, optimizer="adamw",
+                      lr=1e-3, tta=2)  # fmt: skip
+    datasets = Datasets({"cifar-10": tmp_path / "cifar"})
+    layout = TrialLayout(tmp_path / "trial")
+    first = run_trial(cfg, layout, datasets=datasets)
+    assert first.status == "finished" and 0 <= first.stages["test_error_tta"] <= 1
+    CheckpointDir(layout.checkpoints).file(2, 0).unlink()  # back to the end of epoch 1
+    (layout.stages / "stages.json").unlink()
+    again = run_trial(cfg, layout, datasets=datasets)
+    assert without_timing(again.history) == without_timing(first.history) and again.resumed_from == [[1, 0]]
+    assert again.stages == first.stages
+    assert (layout.stages / "first_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
