@@ -48,8 +48,8 @@ NORM_POSITIONS = ("pre", "post")
 _NAME = re.compile(r"(?P<family>[BS])-(?P<depth>[1-9][0-9]*)/Wi-(?P<width>[1-9][0-9]*)", re.ASCII)
 MAX_DEPTH, MAX_WIDTH = 1024, 1 << 17
 NAME_FORMAT = (
-    "'B-<depth>/Wi-<width>' or 'S-<depth>/Wi-<width>' (e.g. 'B-12/Wi-1024'), 'Mixer-<S|B|L|H>/<patch>'"
-    " or 'ResMLP-<S12|S24|S36|B24>/<patch>'"
+    "'B-<depth>/Wi-<width>' or 'S-<depth>/Wi-<width>' (e.g. 'B-12/Wi-1024'), 'Mixer-<size>/<patch>'"
+    " (size S, B, L or H) or 'ResMLP-<size>/<patch>' (size S12, S24, S36 or B24)"
 )
 # Mixer's Table 1: blocks L, channels c, token-MLP width D_S, channel-MLP width D_C.
 MIXER_SIZES = {"S": (8, 512, 256, 2048), "B": (12, 768, 384, 3072), "L": (24, 1024, 512, 4096),
