@@ -305,20 +305,24 @@ class Trials:
             errors = np.bincount(config, weights=self.sorted_error[rows], minlength=n) / self.sizes
         return np.where(counts > 0, errors, np.inf), counts
 
-    def fit(self, config_error: np.ndarray, options: FitOptions, near: Fitted | None = None,
-            counts: np.ndarray | None = None) -> Fitted:  # fmt: skip
-        """All three approaches on the cells at these configuration errors. ``near``: the fit of
-        similar data (the analysis', for a resample), where each fit starts; ``counts``: how many
-        times each configuration was drawn (approach 3 counts a cell that many times)."""
-        cell_error, cell_config = self.cells(config_error)
+    def fit_frontier(self, cell_error: np.ndarray, space: str = "log", near: PowerLaw | None = None,
+                     e_inf: float | None = None) -> tuple[np.ndarray, PowerLaw]:  # fmt: skip
+        """The frontier's cells and E(C) fitted to them (:func:`fit_power_law`)."""
         frontier = self.frontier(cell_error)
         if len(frontier) < MIN_FRONTIER_POINTS:
             raise FitError(
                 f"{len(self.points)} points give a frontier of {len(frontier)}; fitting E(C) = a(b+C)^-alpha + E_inf"
                 f" needs at least {MIN_FRONTIER_POINTS} frontier points: add trials at more compute budgets"
             )
-        fit = fit_power_law(self.compute[frontier], cell_error[frontier], options.space,
-                            near.fit if near else None, options.e_inf)  # fmt: skip
+        return frontier, fit_power_law(self.compute[frontier], cell_error[frontier], space, near, e_inf)
+
+    def fit(self, config_error: np.ndarray, options: FitOptions, near: Fitted | None = None,
+            counts: np.ndarray | None = None) -> Fitted:  # fmt: skip
+        """All three approaches on the cells at these configuration errors. ``near``: the fit of
+        similar data (the analysis', for a resample), where each fit starts; ``counts``: how many
+        times each configuration was drawn (approach 3 counts a cell that many times)."""
+        cell_error, cell_config = self.cells(config_error)
+        frontier, fit = self.fit_frontier(cell_error, options.space, near.fit if near else None, options.e_inf)
         fitted = Fitted(fit, None, {}, [], cell_error, cell_config, frontier)
         try:
             bins = self.best_per_bin(cell_error, options.bins_per_decade)
@@ -674,11 +678,7 @@ def holdout(points: list[Point], fraction: float = 1 / 3, space: str = "log",
     ordered = sorted(points, key=lambda p: p.compute)
     cut = len(ordered) - max(1, round(len(ordered) * fraction))
     cheaper = Trials(ordered[:cut])
-    frontier = cheaper.frontier(cheaper.cells(cheaper.config_error)[0])
-    if len(frontier) < MIN_FRONTIER_POINTS:
-        raise FitError(f"the cheaper {cut} trials give a frontier of {len(frontier)}; E(C) needs {MIN_FRONTIER_POINTS}")
-    fit = fit_power_law(cheaper.compute[frontier], cheaper.cells(cheaper.config_error)[0][frontier], space,
-                        e_inf=e_inf)  # fmt: skip
+    _, fit = cheaper.fit_frontier(cheaper.cells(cheaper.config_error)[0], space, e_inf=e_inf)
     held_out = [p for p in lower_envelope(ordered) if p.compute > ordered[cut - 1].compute]
     rows = []
     for p in held_out:

@@ -660,9 +660,9 @@ def _trials(base: dict, grid: dict, zips: list[dict], errors: _Errors) -> list[T
             continue
         channels = config.channels or ds.channels
         for field_name in ("probe_datasets", "finetune_datasets"):
-            for stage in getattr(config, field_name):
-                if data.info(stage).channels > channels:
-                    errors.add(where[field_name], f"{stage} has {data.info(stage).channels} channels but the model "
+            for stage in map(data.info, getattr(config, field_name)):
+                if stage.channels > channels:
+                    errors.add(where[field_name], f"{stage.name} has {stage.channels} channels but the model "
                                f"reads {channels} ({ds.name}'s): a stage reads its images as pre-training does;"
                                " set channels: 3 to pre-train on 3")  # fmt: skip
         tid = trial_id(config)
