@@ -9,6 +9,7 @@
   log per epoch (the first epoch left out: it compiles).
 - ``rule``: for growing steps, 8 members fused against one trial alone, both compiled: where
   fusing stops paying (``mlpgrid.groups.FUSE_BELOW_STEP_FLOPS``).
+- ``patch``: the same for Mixer and ResMLP (their matmuls are over batch x patches rows).
 - ``leave``: a compiled fused group of four B-6/Wi-512 at batch 4096 whose members end at
   T = 1, 3, 5, 7 (each leaving the stack, which is compiled again for the members left) against
   four that all end at T = 4: the same 16 member-epochs. Wall time of each group, from its
@@ -51,6 +52,8 @@ from mlpgrid.train import Hooks, TrialOptions, run_trial  # noqa: E402
 SIDE = 64
 RECIPE = dict(optimizer="adamw", flip=True, crop_padding=4, mixup=0.8, label_smoothing=0.3)
 RULE = (("B-6/Wi-256", 4096), ("B-6/Wi-256", 16384), ("B-6/Wi-512", 16384), ("B-6/Wi-1024", 16384))
+# The patch families' steps on either side of FUSE_BELOW_STEP_FLOPS (0.36 to 1.9 TFLOP).
+PATCH_RULE = (("ResMLP-S12/16", 256), ("Mixer-S/16", 256), ("ResMLP-S12/8", 256), ("Mixer-S/8", 256))
 
 
 def _rate(history: list[dict]) -> float:
@@ -118,9 +121,10 @@ def sweep(datasets: Datasets, work: Path, examples: int, epochs: int) -> dict:
     return result
 
 
-def rule(datasets: Datasets, work: Path, examples: int, members: int) -> list[dict]:
+def rule(datasets: Datasets, work: Path, examples: int, members: int,
+         sizes: tuple[tuple[str, int], ...] = RULE) -> list[dict]:  # fmt: skip
     rows = []
-    for model, batch in RULE:
+    for model, batch in sizes:
         base = dict(model=model, dataset="cifar-10", resolution=SIDE, examples=examples, batch_size=batch, epochs=3,
                     **RECIPE)  # fmt: skip
         cfgs = [TrialConfig(**base, lr=1e-3 * (i + 1)) for i in range(members)]
@@ -216,16 +220,19 @@ def vmap_against_bmm(members: int, batch: int, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", action="append", choices=("sweep", "rule", "leave", "vmap"),
+    parser.add_argument("--part", action="append", choices=("sweep", "rule", "patch", "leave", "vmap"),
                         help="default: all")  # fmt: skip
     parser.add_argument("--examples", type=int, default=65536, help="training images of the synthetic dataset")
     parser.add_argument("--members", type=int, default=8, help="members of a group in the rule part")
     parser.add_argument("--steps", type=int, default=30, help="timed steps in the vmap part")
+    parser.add_argument("--size", action="append", metavar="MODEL:BATCH",
+                        help="(model, batch) of the rule or patch part instead of its own; repeatable")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("groups.py measures GPU speed; no CUDA device here")
-    parts = args.part or ["sweep", "rule", "leave", "vmap"]
+    parts = args.part or ["sweep", "rule", "patch", "leave", "vmap"]
+    sizes = tuple((model, int(batch)) for model, batch in (s.rsplit(":", 1) for s in args.size or ()))
     print(torch.cuda.get_device_name(), flush=True)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -241,7 +248,8 @@ def main() -> None:
         measures = {
             "vmap": lambda: vmap_against_bmm(8, 4096, args.steps),
             "sweep": lambda: sweep(datasets, work, min(args.examples, 50_000), epochs=4),
-            "rule": lambda: rule(datasets, work, args.examples, args.members),
+            "rule": lambda: rule(datasets, work, args.examples, args.members, sizes or RULE),
+            "patch": lambda: rule(datasets, work, min(args.examples, 32_768), args.members, sizes or PATCH_RULE),
             "leave": lambda: leave(datasets, work, args.examples),
         }
         for part in parts:

@@ -101,6 +101,7 @@ class PatchConfig:
     side: int  # of the image
     num_classes: int
     dropout: float = 0.0
+    drop_path: float = 0.0  # stochastic depth: each block's residual branches dropped per example
 
     @property
     def name(self) -> str:
@@ -152,6 +153,7 @@ def config_for(
     norm_position: str | None = None,
     skip: bool | None = None,
     dropout: float = 0.0,
+    drop_path: float = 0.0,
     image: tuple[int, int] | None = None,
 ) -> ModelConfig:
     """The config of a named model; options left as None take the family's paper default.
@@ -162,7 +164,9 @@ def config_for(
         chosen = [k for k, v in options.items() if v is not None]
         if chosen:
             raise ValueError(f"{name}: {', '.join(chosen)} apply to B- and S-MLPs only")
-        return _patch_config(name, num_classes, image, dropout)
+        return _patch_config(name, num_classes, image, dropout, drop_path)
+    if drop_path:
+        raise ValueError(f"{name}: drop_path (stochastic depth) applies to Mixer and ResMLP only")
     defaults = {
         "B": dict(expansion=4, activation="gelu", norm="layernorm", norm_position="pre", skip=True),
         "S": dict(expansion=0, activation="relu", norm="layernorm", norm_position="pre", skip=False),
@@ -172,7 +176,9 @@ def config_for(
     return MLPConfig(family, depth, width, in_features, num_classes, dropout=dropout, **options)
 
 
-def _patch_config(name: str, num_classes: int, image: tuple[int, int] | None, dropout: float) -> PatchConfig:
+def _patch_config(
+    name: str, num_classes: int, image: tuple[int, int] | None, dropout: float, drop_path: float
+) -> PatchConfig:
     match = _PATCH_NAME.fullmatch(name)
     family, size, patch = match["family"], match["size"], int(match["patch"])
     if image is None:
@@ -186,7 +192,7 @@ def _patch_config(name: str, num_classes: int, image: tuple[int, int] | None, dr
         (depth, width), token_hidden = RESMLP_SIZES[size], 0
         channel_hidden = RESMLP_EXPANSION * width
     return PatchConfig(family, size, patch, depth, width, token_hidden, channel_hidden, channels, side, num_classes,
-                       dropout)  # fmt: skip
+                       dropout, drop_path)  # fmt: skip
 
 
 def _block_linears(cfg: MLPConfig) -> list[tuple[int, int]]:

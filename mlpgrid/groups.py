@@ -12,9 +12,9 @@ differ between members (:data:`MEMBER_FIELDS`) changes neither the model's shape
 - ``label_smoothing``: each member's own loss;
 - ``clip_grad``: each member's gradient norm is clipped on its own.
 
-The optimizer itself is shared (one update rule for all members), and trials with dropout
-do not group: their masks would come from one random stream, so a member would no longer be
-the trial it is alone. Everything else (the model, its architecture options, the data, the
+The optimizer itself is shared (one update rule for all members), and trials with dropout or
+stochastic depth do not group: their masks would come from one random stream, so a member
+would no longer be the trial it is alone. Everything else (the model, its architecture options, the data, the
 stages after pre-training) is the group's.
 
 A group's members are stepped either fused (:mod:`mlpgrid.fused`: weights stacked, one
@@ -62,7 +62,7 @@ FUSED_COMPILE_PAYS_FLOPS = 1e15
 def group_key(cfg: TrialConfig) -> tuple | None:
     """What a trial's group must share: every setting but :data:`MEMBER_FIELDS`; None for a
     trial that cannot share a worker with others."""
-    if cfg.dropout > 0:
+    if cfg.dropout > 0 or cfg.drop_path > 0:
         return None
     return tuple((name, getattr(cfg, name)) for name in FIELDS if name not in MEMBER_FIELDS)
 

@@ -77,6 +77,22 @@ class Affine(nn.Module):
         return self.alpha * x + self.beta
 
 
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016), as ResMLP's recipe uses it: in training each
+    example's residual branch is dropped with probability ``rate`` and the kept ones scaled by
+    1 / (1 - rate); the identity in evaluation. One rate for every block, as in ResMLP's code."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, branch: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0:
+            return branch
+        keep = torch.rand((len(branch),) + (1,) * (branch.dim() - 1), device=branch.device) >= self.rate
+        return branch * keep.to(branch.dtype) / (1 - self.rate)
+
+
 def _channel_mlp(width: int, hidden: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width),
                          nn.Dropout(dropout))  # fmt: skip
@@ -90,10 +106,11 @@ class MixerBlock(nn.Module):
         self.token_norm, self.channel_norm = nn.LayerNorm(cfg.width), nn.LayerNorm(cfg.width)
         self.token_mlp = _channel_mlp(cfg.tokens, cfg.token_hidden, cfg.dropout)
         self.channel_mlp = _channel_mlp(cfg.width, cfg.channel_hidden, cfg.dropout)
+        self.drop_path = DropPath(cfg.drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.token_mlp(self.token_norm(x).transpose(1, 2)).transpose(1, 2)
-        return x + self.channel_mlp(self.channel_norm(x))
+        x = x + self.drop_path(self.token_mlp(self.token_norm(x).transpose(1, 2)).transpose(1, 2))
+        return x + self.drop_path(self.channel_mlp(self.channel_norm(x)))
 
 
 class ResMLPBlock(nn.Module):
@@ -109,10 +126,12 @@ class ResMLPBlock(nn.Module):
         scale = self.LAYER_SCALE[min(self.LAYER_SCALE, key=lambda d: abs(d - cfg.depth))]
         self.token_scale = nn.Parameter(torch.full((cfg.width,), scale))
         self.channel_scale = nn.Parameter(torch.full((cfg.width,), scale))
+        self.drop_path = DropPath(cfg.drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.token_scale * self.token_mix(self.token_affine(x).transpose(1, 2)).transpose(1, 2)
-        return x + self.channel_scale * self.channel_mlp(self.channel_affine(x))
+        mixed = self.token_mix(self.token_affine(x).transpose(1, 2)).transpose(1, 2)
+        x = x + self.drop_path(self.token_scale * mixed)
+        return x + self.drop_path(self.channel_scale * self.channel_mlp(self.channel_affine(x)))
 
 
 class PatchMLP(nn.Module):

@@ -26,6 +26,8 @@ DPI = 200
 # edges took 34 s, plain dots of one size 9 s, hexagonal cells 3.5 s (and markers that dense
 # hide each other anyway).
 DENSE_POINTS = 20_000
+FAMILY_MARKERS = {"B": "o", "S": "v", "Mixer": "s", "ResMLP": "D", "": "o"}  # by Point.family
+_FAMILY_NAMES = {"B": "B-MLP", "S": "S-MLP"}
 
 
 def _band(ax: plt.Axes, x: np.ndarray, curves: list[np.ndarray], level: float, color: str) -> None:
@@ -69,7 +71,8 @@ def error_vs_compute(analysis: Analysis, boot: Bootstrap, budgets: list[float], 
 
 
 def _markers(ax: plt.Axes, points: list[Point], params: np.ndarray, norm: LogNorm) -> Any:
-    """Each point a marker sized by its N; a line through each (model, N)'s epochs."""
+    """Each point a marker sized by its N, shaped by its model family; a line through each
+    (model, N)'s epochs."""
     examples = np.array([p.examples for p in points])
     span = np.log(examples.max() / examples.min()) or 1.0
 
@@ -84,8 +87,14 @@ def _markers(ax: plt.Axes, points: list[Point], params: np.ndarray, norm: LogNor
     ax.add_collection(LineCollection([[(p.compute, p.error) for p in line] for line in lines], cmap="viridis",
                                      norm=norm, array=[line[0].params for line in lines], alpha=0.6, linewidth=1,
                                      zorder=1))  # fmt: skip
-    dots = ax.scatter([p.compute for p in points], [p.error for p in points], c=params, cmap="viridis", norm=norm,
-                      s=size(examples), edgecolors="white", linewidths=0.5, zorder=2)  # fmt: skip
+    families = np.array([p.family for p in points])
+    for family in dict.fromkeys(families):  # a marker per model family, when there are several
+        mine = families == family
+        dots = ax.scatter(np.array([p.compute for p in points])[mine], np.array([p.error for p in points])[mine],
+                          c=params[mine], cmap="viridis", norm=norm, s=size(examples[mine]),
+                          marker=FAMILY_MARKERS[family], edgecolors="white", linewidths=0.5, zorder=2)  # fmt: skip
+        if len(set(families)) > 1:
+            ax.scatter([], [], marker=FAMILY_MARKERS[family], color="grey", label=_FAMILY_NAMES.get(family, family))
     shown: list[float] = []  # sizes for the legend, each at least 1.5x apart
     for n in sorted(set(examples), reverse=True):
         if not shown or n <= shown[-1] / 1.5:
@@ -205,14 +214,15 @@ def by_family(analyses: dict[str, Analysis], path: Path, labels: Labels) -> Path
     fig, ax = plt.subplots(figsize=(7, 5))
     computes = [p.compute for a in analyses.values() for p in a.points]
     x = np.logspace(np.log10(min(computes)) - 0.2, np.log10(max(computes)) + 0.2, 200)
-    for (family, analysis), marker in zip(analyses.items(), "osD^v", strict=False):
-        points = analysis.selected
+    for family, analysis in analyses.items():
+        points, marker = analysis.selected, FAMILY_MARKERS[family]
         dots = ax.scatter([p.compute for p in points], [p.error for p in points], marker=marker, s=18, alpha=0.5)
         colour = dots.get_facecolor()[0]
         ax.scatter([p.compute for p in analysis.frontier], [p.error for p in analysis.frontier], marker=marker, s=60,
                    facecolors="none", edgecolors=[colour])  # fmt: skip
         fit = analysis.fit
-        ax.plot(x, fit(x), color=colour, linestyle="--", label=f"{family}: α = {fit.alpha:.3f}, E∞ = {fit.e_inf:.3f}")
+        name = _FAMILY_NAMES.get(family, family)
+        ax.plot(x, fit(x), color=colour, linestyle="--", label=f"{name}: α = {fit.alpha:.3f}, E∞ = {fit.e_inf:.3f}")
     ax.set(xscale="log", yscale="log", xlabel=labels.compute, ylabel=labels.error, title="By model family")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.2)

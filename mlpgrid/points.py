@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mlpgrid import architecture
+
 
 @dataclass(frozen=True)
 class Point:
@@ -22,6 +24,15 @@ class Point:
     model: str = ""
     trial_id: str = ""
     settings: tuple[tuple[str, str], ...] = ()  # swept settings other than model, N, T and seed
+
+    @property
+    def family(self) -> str:
+        """The model's family (``B``, ``S``, ``Mixer``, ``ResMLP``); "" for a model of no known
+        name (a CSV row without one)."""
+        try:
+            return architecture.parse_name(self.model)[0]
+        except ValueError:
+            return ""
 
     @property
     def examples_seen(self) -> float:

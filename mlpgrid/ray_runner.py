@@ -156,8 +156,8 @@ def _share_datasets(groups: list[GroupTask]) -> dict[tuple, Any]:
 
 
 def start_ray(address: str | None) -> dict[str, float]:
-    """Connect to the Ray cluster at ``address`` (None: a local instance) unless already
-    connected; returns its resources."""
+    """Connect to the Ray cluster at ``address`` (None: a local instance of its own, never
+    another one running here) unless already connected; returns its resources."""
     import ray
 
     # Tune's own console reporter would print beside our progress view; verbose=0 silences
@@ -168,7 +168,9 @@ def start_ray(address: str | None) -> dict[str, float]:
         # configures MLflow (credentials included, never printed) and mlpgrid.
         forwarded = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "MLPGRID_"))}
         ray.init(
-            address=address,
+            # Without an address Ray joins the cluster started last on this machine, if any
+            # (/tmp/ray/ray_current_cluster); "local" starts the instance of this grid's own.
+            address=address or "local",
             include_dashboard=False,
             log_to_driver=False,
             logging_level="WARNING",

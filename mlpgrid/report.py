@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from mlpgrid import architecture, frontier, outputs, propose, runs
+from mlpgrid import frontier, outputs, propose, runs
 from mlpgrid.layout import StorageLayout
 from mlpgrid.points import Point
 from mlpgrid.spec import GridSpec
@@ -131,19 +131,12 @@ def _proposal_results(records: list[dict[str, Any]], points: list[Point]) -> lis
     ]
 
 
-def _family(point: Point) -> str:
-    try:
-        return architecture.parse_name(point.model)[0]
-    except ValueError:  # a CSV row without a model name, or one of another naming
-        return ""
-
-
 def _families(points: list[Point], request: FrontierRequest) -> tuple[dict[str, Any], dict[str, frontier.Analysis]]:
     """Each model family's own frontier, E(C) and allocations (or why it has none): whether the
     exponents and the split change with inductive bias; and the analyses, for the figure."""
     by_family: dict[str, list[Point]] = {}
     for p in points:
-        by_family.setdefault(_family(p), []).append(p)
+        by_family.setdefault(p.family, []).append(p)
     out, analyses = {}, {}
     for family, members in sorted(by_family.items()):
         try:
@@ -210,7 +203,7 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout, tracking_u
             _tracking()
         read = reading.result()
     points, left_out, grid_run = read.points, read.left_out, read.grid_run
-    if request.by_family and any(_family(p) == "" for p in points):
+    if request.by_family and any(p.family == "" for p in points):
         raise ReportError(f"{request.source}: --by-family needs each point's model name (a model column in a CSV)")
     try:
         analysis = frontier.analyse(points, request.options)

@@ -83,6 +83,11 @@ class TrialConfig:
         default=None, metadata=_opt("residual connection around each block; null = family default")
     )
     dropout: float = field(default=0.0, metadata=_opt("dropout in B-MLP blocks", min=0, lt=1))
+    drop_path: float = field(
+        default=0.0,
+        metadata=_opt("stochastic depth of Mixer and ResMLP: each block's residual branches dropped per "
+                      "example with this probability", min=0, lt=1),
+    )  # fmt: skip
     # Stages after pre-training. Compute C counts pre-training only; these record their own.
     probe_datasets: tuple[str, ...] = field(
         default=(), metadata=_opt("datasets to linear-probe the trained body on (a list)", parse=data.info)
@@ -140,6 +145,7 @@ class TrialConfig:
             norm_position=self.norm_position,
             skip=self.skip,
             dropout=self.dropout,
+            drop_path=self.drop_path,
             image=(channels, side),
         )
 

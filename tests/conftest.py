@@ -27,6 +27,18 @@ def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
     return path
 
 
+def write_fashion_mnist_subset(root: Path, train: int, test: int) -> Path:
+    """Fashion-MNIST's first ``train`` and ``test`` images (and labels) in its own layout: the real
+    images, fewer of them (evaluating a patch model on all 10,000 test images takes minutes on a CPU)."""
+    from mlpgrid.data.idx import find_idx, read_idx
+
+    root.mkdir(parents=True)
+    for stem, n in (("train-images-idx3-ubyte", train), ("train-labels-idx1-ubyte", train),
+                    ("t10k-images-idx3-ubyte", test), ("t10k-labels-idx1-ubyte", test)):  # fmt: skip
+        write_idx(root / stem, read_idx(find_idx(FASHION_MNIST, stem))[:n])
+    return root
+
+
 @pytest.fixture
 def fashion_mnist() -> Path:
     if not FASHION_MNIST.is_dir():

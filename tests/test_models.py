@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -155,6 +156,24 @@ def test_patch_embedding_is_a_strided_convolution_and_blocks_are_as_the_papers()
     mixed = y + res.token_scale * res.token_mix(res.token_affine(y).transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(res(y), mixed + res.channel_scale * res.channel_mlp(res.channel_affine(mixed)))
     assert res.token_scale[0].item() == pytest.approx(0.1), "ResMLP-S12's LayerScale starts at 0.1"
+
+
+def test_stochastic_depth_drops_whole_branches_per_example_in_training_only():
+    drop = models.DropPath(0.25).train()
+    torch.manual_seed(0)
+    out = drop(torch.ones(4000, 3, 5))
+    per_example = out.flatten(1)
+    assert per_example.unique().tolist() == pytest.approx([0.0, 4 / 3]), "a branch dropped whole or scaled 1/(1-p)"
+    assert (per_example == per_example[:, :1]).all()
+    assert (per_example[:, 0] == 0).float().mean().item() == pytest.approx(0.25, abs=0.03)
+    torch.manual_seed(0)
+    cfg = architecture.config_for("ResMLP-S12/4", 3 * 8 * 8, 3, image=(3, 8), drop_path=0.5)
+    model, plain, x = models.build(cfg), models.build(dataclasses.replace(cfg, drop_path=0.0)), torch.randn(8, 3, 8, 8)
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model.eval()(x), plain.eval()(x))
+    assert not torch.allclose(model.train()(x), plain.train()(x))
+    with pytest.raises(ValueError, match="drop_path \\(stochastic depth\\) applies to Mixer and ResMLP only"):
+        architecture.config_for("B-2/Wi-64", 784, 10, drop_path=0.1)
 
 
 def test_patch_model_names_and_shapes_are_checked():

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -213,6 +214,11 @@ def test_trials_use_both_nodes_and_survive_losing_one(tmp_path, write_grid, fash
     worker_node = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     head_id = cluster.head_node.node_id
+    # Without --address a grid starts a Ray of its own: it never joins (nor loses) this cluster.
+    local = subprocess.run([sys.executable, "-c", "import ray; from mlpgrid.ray_runner import start_ray; "
+                            "start_ray(None); print(ray.get_runtime_context().gcs_address); ray.shutdown()"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert local.returncode == 0 and local.stdout.strip() not in ("", cluster.address), local.stdout + local.stderr
     killed: dict[str, str] = {}
 
     def kill_worker_node_mid_trial():

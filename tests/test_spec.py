@@ -99,6 +99,16 @@ def test_unknown_model(write_grid):
     assert "grid.model[1]: unknown model 'B-2/Wx-64'; expected 'B-<depth>/Wi-<width>'" in message
 
 
+def test_stochastic_depth_is_for_patch_models_and_keeps_trials_apart(write_grid):
+    message = refused(write_grid, "base: {epochs: 1, drop_path: 0.1}\ngrid:\n  model: [Mixer-S/7, B-2/Wi-64]\n")
+    assert "grid.model[1]: B-2/Wi-64: drop_path (stochastic depth) applies to Mixer and ResMLP only" in message
+    from mlpgrid.groups import group_key
+
+    (trial,) = spec.load(write_grid("base: {model: ResMLP-S12/7, epochs: 1, drop_path: 0.1}\n")).trials
+    assert trial.config.model_config().drop_path == 0.1
+    assert group_key(trial.config) is None, "its masks come from its own random stream"
+
+
 def test_unknown_dataset(write_grid):
     message = refused(write_grid, "base: {model: B-1/Wi-8, epochs: 1, dataset: imagenet42}\n")
     assert (

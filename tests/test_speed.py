@@ -114,7 +114,7 @@ def test_a_small_grid_gets_a_gpu_per_trial_from_ray(write_grid):
             return ray.get_gpu_ids()
 
     shares = gpu_shares([Group((t,)) for t in spec.load(write_grid(EIGHT_TRIALS)).trials], 8)
-    ray.init(num_cpus=1, num_gpus=8, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=1, num_gpus=8, include_dashboard=False, logging_level="ERROR")
     try:
         groups = [placement_group([{"GPU": share}]) for share in shares.values()]
         ray.get([g.ready() for g in groups], timeout=60)
