@@ -56,6 +56,9 @@ def loaders(root: Path, batch: int, device: torch.device, names: list[str]) -> d
         "device (compiled aug)": lambda: DeviceLoader(np.asarray(mapped), labels, batch, compile=True, **common),
         "stream from RAM": lambda: StreamingLoader(np.array(mapped), labels, batch, compile=True, **common),
         "stream from memmap": lambda: StreamingLoader(mapped, labels, batch, compile=True, **common),
+        "half resident, rest memmap": lambda: StreamingLoader(
+            mapped, labels, batch, resident=len(labels) // 2, compile=True, **common
+        ),
         "ffcv (.beton)": lambda: beton.FfcvLoader(root / "train.beton", labels, batch, compile=True, **common),
     }
     return {name: makers[name] for name in names}
@@ -159,7 +162,7 @@ def main() -> None:
     except RuntimeError as e:
         print(f"ffcv: skipped ({str(e)[:60]}...)")
         have_ffcv = False
-    names = ["device (eager aug)", "stream from RAM", "stream from memmap"]
+    names = ["device (eager aug)", "stream from RAM", "stream from memmap", "half resident, rest memmap"]
     if cuda:
         names.insert(1, "device (compiled aug)")
     if have_ffcv:
@@ -201,10 +204,10 @@ def main() -> None:
             eager = next(iter(made["device (eager aug)"].epoch(0))).images
             results["compiled_vs_eager_max_abs_diff"] = (fixed.images.float() - eager).abs().max().item()
 
-    print(f"{'loader':24} {'ms/batch':>9} {'images/s':>12}" + (f" {'step ms':>9} {'loader share':>13}" if
+    print(f"{'loader':27} {'ms/batch':>9} {'images/s':>12}" + (f" {'step ms':>9} {'loader share':>13}" if
           "step" in results else ""))  # fmt: skip
     for name, r in results["loaders"].items():
-        line = f"{name:24} {r['ms_per_batch']:9.2f} {r['images_per_s']:12,.0f}"
+        line = f"{name:27} {r['ms_per_batch']:9.2f} {r['images_per_s']:12,.0f}"
         if "step_ms" in r:
             line += f" {r['step_ms']:9.2f} {100 * r['loader_share']:12.1f}%"
         print(line)

@@ -30,7 +30,7 @@ import torch
 from mlpgrid import architecture, data, models, pictures, spec
 from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
 from mlpgrid.data.beton import FfcvLoader
-from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, derive_seed, make_loader
+from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, derive_seed, device_bytes, make_loader
 from mlpgrid.data.subset import proportional_subset, split_off
 from mlpgrid.hardware import default_data_budget, matmul_peak_tflops, pick_device
 from mlpgrid.layout import TrialLayout
@@ -129,8 +129,9 @@ def make_loaders(
         return train, test
     train = make_loader(arrays.train_images, arrays.train_labels, subset, cfg.batch_size, budget_bytes=budget_bytes,
                         seed=cfg.seed, augmentation=augmentation, **common)  # fmt: skip
-    test = make_loader(arrays.test_images, arrays.test_labels, None, EVAL_BATCH, budget_bytes=budget_bytes,
-                       shuffle=False, **common)  # fmt: skip
+    # The test images get what the training images left of the budget.
+    test = make_loader(arrays.test_images, arrays.test_labels, None, EVAL_BATCH,
+                       budget_bytes=budget_bytes - device_bytes(train), shuffle=False, **common)  # fmt: skip
     return train, test
 
 

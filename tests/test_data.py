@@ -4,8 +4,9 @@ import torch
 
 from conftest import write_idx
 from mlpgrid import data
+from mlpgrid.data import loader as loader_module
 from mlpgrid.data.idx import read_idx
-from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, augment, make_loader
+from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, augment, device_bytes, make_loader
 from mlpgrid.data.subset import proportional_order, proportional_subset
 
 CPU = torch.device("cpu")
@@ -136,8 +137,11 @@ def test_restart_mid_epoch_gives_the_same_batches(aug):
     same_batches(full[4:], resumed)
 
 
-def test_streaming_from_a_memory_map_equals_the_device_loader(tmp_path):
-    """Same subset, same order, same augmentation: the two loaders yield identical batches, resumed too."""
+@pytest.mark.parametrize("resident", [0, 1, 75, 149, 150])
+def test_streaming_from_a_memory_map_equals_the_device_loader(tmp_path, monkeypatch, resident):
+    """Same subset, same order, same augmentation: the two loaders yield identical batches,
+    resumed too, whatever part of the subset stays on the device."""
+    monkeypatch.setattr(loader_module, "RESIDENT_COPY_BYTES", 1000)  # the resident part copied in several parts
     images, labels = small_images(200)
     np.save(tmp_path / "images.npy", images)
     mapped = np.load(tmp_path / "images.npy", mmap_mode="r")
@@ -145,7 +149,8 @@ def test_streaming_from_a_memory_map_equals_the_device_loader(tmp_path):
     mean, std = data.channel_stats(images)
     kw = dict(mean=mean, std=std, device=CPU, seed=3, augmentation=Augmentation(flip=True, crop_padding=2, mixup=0.5))
     on_device = DeviceLoader(images[subset], labels[subset], 32, **kw)
-    streamed = StreamingLoader(mapped, labels, 32, subset=subset, prefetch=2, **kw)
+    streamed = StreamingLoader(mapped, labels, 32, subset=subset, resident=resident, prefetch=2, **kw)
+    assert streamed.resident_bytes == resident * 3 * 8 * 8
     for epoch in (0, 1):
         same_batches(on_device.epoch(epoch), streamed.epoch(epoch))
     same_batches(list(on_device.epoch(2))[3:], streamed.epoch(2, start_step=3))
@@ -160,7 +165,11 @@ def test_make_loader_keeps_on_the_device_what_fits_the_budget():
     images, labels = small_images(100)
     kw = dict(mean=(0.5,) * 3, std=(0.25,) * 3, device=CPU)
     assert isinstance(make_loader(images, labels, np.arange(50), 10, budget_bytes=50 * 192, **kw), DeviceLoader)
-    assert isinstance(make_loader(images, labels, np.arange(50), 10, budget_bytes=50 * 192 - 1, **kw), StreamingLoader)
+    part = make_loader(images, labels, np.arange(50), 10, budget_bytes=50 * 192 - 1, **kw)
+    assert isinstance(part, StreamingLoader) and part.resident == 49, "what fits stays, the rest streams"
+    assert device_bytes(part) == 49 * 192
+    none = make_loader(images, labels, np.arange(50), 10, budget_bytes=191, **kw)
+    assert none.resident == 0 and sum(len(b.labels) for b in none.epoch(0)) == 50, "too small a budget streams all"
 
 
 def test_mixup_pairs_each_example_with_its_neighbour():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import REPO, final_checkpoint, mlpgrid_command, without_timing
+from conftest import REPO, final_checkpoint, mlpgrid_command, without_timing, write_fashion_mnist_subset
 from mlpgrid import spec
 from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.cli import cli
@@ -222,3 +222,16 @@ def test_a_patch_model_trains_resumes_exactly_and_evaluates_its_pooled_features(
     assert without_timing(again.history) == without_timing(first.history) and again.resumed_from == [[1, 0]]
     assert again.stages == first.stages
     assert (layout.stages / "first_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_test_images_get_what_the_training_subset_leaves_of_the_budget(tmp_path):
+    from mlpgrid.data import loader as loaders
+    from mlpgrid.train import make_loaders
+
+    arrays = Datasets({"fashion-mnist": write_fashion_mnist_subset(tmp_path / "f", 300, 100)}).load("fashion-mnist")
+    cfg = TrialConfig(model="B-1/Wi-16", epochs=1, examples=200)
+    train, test = make_loaders(arrays, cfg, torch.device("cpu"), budget_bytes=250 * 784)
+    assert isinstance(train, loaders.DeviceLoader) and loaders.device_bytes(train) == 200 * 784
+    assert isinstance(test, loaders.StreamingLoader) and test.resident == 50, "50 of the 100 test images fit"
+    train, test = make_loaders(arrays, cfg, torch.device("cpu"), budget_bytes=150 * 784)
+    assert train.resident == 150 and test.resident == 0

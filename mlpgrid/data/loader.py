@@ -6,8 +6,9 @@ and mixes in one pass on the device; on CUDA it is compiled into a single fused 
 writes bf16. Where the uint8 images come from is what differs:
 
 - :class:`DeviceLoader` keeps the (subset of the) dataset on the device: nothing moves per step.
-- :class:`StreamingLoader` gathers each batch from host memory or a memory-mapped file in a
-  background thread and copies it to the GPU on a side stream, overlapping the previous step.
+- :class:`StreamingLoader` keeps what fits of the subset on the device and gathers the rest of
+  each batch from host memory or a memory-mapped file in a background thread, copying it to
+  the GPU on a side stream, overlapping the previous step.
 - :class:`mlpgrid.data.beton.FfcvLoader` reads an FFCV ``.beton`` file with FFCV's pipeline.
 
 All randomness of step ``s`` of epoch ``e`` comes from generators seeded by ``(seed, e)``
@@ -189,25 +190,42 @@ class DeviceLoader(_Loader):
             yield self.batch(self.images, idx, self.labels[idx], epoch, step, lams)
 
 
+RESIDENT_COPY_BYTES = 1 << 30  # the resident images go to the device in parts of this size
+
+
 class StreamingLoader(_Loader):
-    """Batches gathered on the host (RAM or a memory-mapped file) and sent to the device ahead of use.
+    """Batches gathered on the host (RAM or a memory-mapped file) and sent to the device ahead of
+    use, but for the first ``resident`` examples of the subset, which stay on the device.
 
     ``images`` may be a whole memory-mapped split; ``subset`` picks the examples of this trial.
-    A background thread gathers each batch in sorted index order (sequential reads from the
-    file; ``threads`` copy parts of it at once) into pinned memory and starts its copy on a side
-    CUDA stream; the batch is put back in visiting order by the gather inside :func:`augment`.
+    A background thread gathers the streamed examples of each batch in sorted index order
+    (sequential reads from the file; ``threads`` copy parts of it at once) into pinned memory and
+    starts their copy on a side CUDA stream. On the device they join the batch's resident
+    examples, and the batch is put in visiting order by the gather inside :func:`augment`: the
+    order and the augmentation are those of the :class:`DeviceLoader`, whatever is resident.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, subset: np.ndarray | None = None,
-                 prefetch: int = 3, threads: int | None = None, **kwargs):  # fmt: skip
+                 resident: int = 0, prefetch: int = 3, threads: int | None = None, **kwargs):  # fmt: skip
         subset = np.arange(len(labels)) if subset is None else np.asarray(subset)
         super().__init__(len(subset), batch_size, **kwargs)
         self.images = images
         self.subset = subset
         self.labels = torch.from_numpy(np.ascontiguousarray(labels[subset])).to(self.device)
+        self.resident = min(resident, len(subset))
+        # Position p < resident is row p; copied a part at a time, never all of it on the host.
+        self.resident_images = torch.empty((self.resident, *images.shape[1:]), dtype=torch.uint8, device=self.device)
+        step = max(1, RESIDENT_COPY_BYTES // max(1, int(np.prod(images.shape[1:]))))
+        for start in range(0, self.resident, step):
+            rows = subset[start : min(start + step, self.resident)]
+            self.resident_images[start : start + len(rows)] = torch.from_numpy(np.take(images, rows, axis=0))
         self.prefetch = prefetch
         self.threads = threads or min(8, os.cpu_count() or 1)
         self.cuda = self.device.type == "cuda"
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.resident_images.numel()
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order = self.order(epoch)
@@ -229,6 +247,8 @@ class StreamingLoader(_Loader):
                     source.record_stream(current)
                     where.record_stream(current)
                 positions = order_on_device[step * self.batch_size : (step + 1) * self.batch_size]
+                if self.resident:
+                    source, where = self._with_resident(positions, source, where)
                 yield self.batch(source, where, self.labels[positions], epoch, step, lams)
         finally:
             stop.set()
@@ -237,6 +257,18 @@ class StreamingLoader(_Loader):
                     ready.get_nowait()
                 except queue.Empty:
                     thread.join(0.01)
+
+    def _with_resident(
+        self, positions: torch.Tensor, streamed: torch.Tensor, where: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's resident examples, then its streamed ones (``streamed[where]`` in visiting
+        order), as one source; and where each visiting position's image is in it."""
+        kept = positions < self.resident
+        source = torch.cat([self.resident_images[positions[kept]], streamed])
+        slot = torch.empty_like(positions)
+        slot[kept] = torch.arange(int(kept.sum()), device=self.device)
+        slot[~kept] = where + (len(positions) - len(where))
+        return source, slot
 
     def _gather(self, rows: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor) -> None:
         """``out[:] = images[rows]``, in ``threads`` parts at once (numpy copies without holding the GIL)."""
@@ -250,8 +282,8 @@ class StreamingLoader(_Loader):
             for step in range(start_step, len(self)):
                 if stop.is_set():
                     return
-                positions = order[step * self.batch_size : (step + 1) * self.batch_size]
-                rows = self.subset[positions.numpy()]
+                positions = order[step * self.batch_size : (step + 1) * self.batch_size].numpy()
+                rows = self.subset[positions[positions >= self.resident]]
                 sort = np.argsort(rows, kind="stable")
                 gathered = torch.empty((len(rows), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=self.cuda)
                 self._gather(rows[sort], gathered.numpy(), pool)
@@ -274,10 +306,19 @@ class StreamingLoader(_Loader):
 def make_loader(
     images: np.ndarray, labels: np.ndarray, subset: np.ndarray | None, batch_size: int, *, budget_bytes: float, **kwargs
 ) -> DeviceLoader | StreamingLoader:
-    """A :class:`DeviceLoader` when the selected images fit in ``budget_bytes``, else a :class:`StreamingLoader`."""
+    """A :class:`DeviceLoader` when the selected images fit in ``budget_bytes``, else a
+    :class:`StreamingLoader` keeping as many of them on the device as do."""
     count = len(labels) if subset is None else len(subset)
-    needed = count * int(np.prod(images.shape[1:]))
-    if needed <= budget_bytes:
+    per_image = int(np.prod(images.shape[1:]))
+    if count * per_image <= budget_bytes:
         chosen = images if subset is None else images[np.asarray(subset)]
         return DeviceLoader(chosen, labels if subset is None else labels[subset], batch_size, **kwargs)
-    return StreamingLoader(images, labels, batch_size, subset=subset, **kwargs)
+    resident = int(max(budget_bytes, 0) // per_image)
+    return StreamingLoader(images, labels, batch_size, subset=subset, resident=resident, **kwargs)
+
+
+def device_bytes(loader: object) -> int:
+    """Bytes of images ``loader`` keeps on its device."""
+    if isinstance(loader, DeviceLoader):
+        return loader.images.numel()
+    return loader.resident_bytes if isinstance(loader, StreamingLoader) else 0
