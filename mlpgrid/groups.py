@@ -14,8 +14,8 @@ differ between members (:data:`MEMBER_FIELDS`) changes neither the model's shape
 
 The optimizer itself is shared (one update rule for all members), and trials with dropout or
 stochastic depth do not group: their masks would come from one random stream, so a member
-would no longer be the trial it is alone. Everything else (the model, its architecture options, the data, the
-stages after pre-training) is the group's.
+would no longer be the trial it is alone. Everything else (the model, its architecture
+options, the data, the stages after pre-training) is the group's.
 
 A group's members are stepped either fused (:mod:`mlpgrid.fused`: weights stacked, one
 batched matmul per layer for all members) or one after another on the same batch, each its

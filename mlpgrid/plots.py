@@ -87,12 +87,13 @@ def _markers(ax: plt.Axes, points: list[Point], params: np.ndarray, norm: LogNor
     ax.add_collection(LineCollection([[(p.compute, p.error) for p in line] for line in lines], cmap="viridis",
                                      norm=norm, array=[line[0].params for line in lines], alpha=0.6, linewidth=1,
                                      zorder=1))  # fmt: skip
+    compute, error = np.array([p.compute for p in points]), np.array([p.error for p in points])
     families = np.array([p.family for p in points])
     for family in dict.fromkeys(families):  # a marker per model family, when there are several
         mine = families == family
-        dots = ax.scatter(np.array([p.compute for p in points])[mine], np.array([p.error for p in points])[mine],
-                          c=params[mine], cmap="viridis", norm=norm, s=size(examples[mine]),
-                          marker=FAMILY_MARKERS[family], edgecolors="white", linewidths=0.5, zorder=2)  # fmt: skip
+        dots = ax.scatter(compute[mine], error[mine], c=params[mine], cmap="viridis", norm=norm,
+                          s=size(examples[mine]), marker=FAMILY_MARKERS[family], edgecolors="white", linewidths=0.5,
+                          zorder=2)  # fmt: skip
         if len(set(families)) > 1:
             ax.scatter([], [], marker=FAMILY_MARKERS[family], color="grey", label=_FAMILY_NAMES.get(family, family))
     shown: list[float] = []  # sizes for the legend, each at least 1.5x apart
