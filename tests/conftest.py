@@ -97,6 +97,21 @@ def wait_until_held(held: Path, process: subprocess.Popen, timeout_s: float = 30
     return int(held.read_text().split()[1])
 
 
+def wait_until_gone(pid: int, timeout_s: float = 120) -> None:
+    """Wait for process ``pid`` to exit: a Ray worker outlives its killed driver until it sees
+    its raylet gone, and holds its trial until then."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state == "Z":  # exited, its files (and locks) closed, not yet reaped
+            return
+        assert time.monotonic() < deadline, f"process {pid} is still running"
+        time.sleep(0.1)
+
+
 def stop_group(process: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)

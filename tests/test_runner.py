@@ -12,7 +12,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow_server import free_port
 
-from conftest import REPO, mlpgrid_command, start_driver, stop_group, without_timing
+from conftest import REPO, mlpgrid_command, start_driver, stop_group, wait_until_gone, without_timing
 from mlpgrid import runs, spec, tracking
 from mlpgrid.checkpoint import HOLD_AT, CheckpointDir
 from mlpgrid.layout import StorageLayout
@@ -147,6 +147,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_
         driver.wait()
     finally:
         stop_group(driver)
+    wait_until_gone(int((long_dir.root / "held").read_text().split()[1]))
     monkeypatch.delenv(HOLD_AT)
     before = runs_of(path, storage)
     assert before[long.id].tags["status"] == "running", "cut off mid-trial"
