@@ -26,7 +26,7 @@ from lion_pytorch import Lion
 
 from mlpgrid import architecture, data, metrics, models
 from mlpgrid.checkpoint import CheckpointDir, load_tensors
-from mlpgrid.data.loader import Augmentation, derive_seed, make_loader
+from mlpgrid.data.loader import Augmentation, derive_seed, device_bytes, make_loader
 from mlpgrid.data.subset import proportional_order, split_off
 from mlpgrid.spec import TrialConfig
 from mlpgrid.step import EVAL_BATCH, autocast, cosine, evaluate, train_step
@@ -225,10 +225,11 @@ def finetune(
             raise ValueError(f"fine-tuning on {dataset} diverged in epoch {epoch + 1}: loss {loss.item()}")
         epoch += 1
         checkpoints.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}, epoch, 0)
+    left = budget_bytes - device_bytes(loader)  # the test images get what the training images left
     if cfg.tta:
-        error = evaluate_tta(net, arrays, cfg, device, budget_bytes)
+        error = evaluate_tta(net, arrays, cfg, device, left)
     else:
-        test = make_loader(arrays.test_images, arrays.test_labels, None, EVAL_BATCH, budget_bytes=budget_bytes,
+        test = make_loader(arrays.test_images, arrays.test_labels, None, EVAL_BATCH, budget_bytes=left,
                            mean=arrays.mean, std=arrays.std, device=device, shuffle=False)  # fmt: skip
         error = evaluate(net, test)[1]
     flops = architecture.forward_flops(net.cfg)
