@@ -89,12 +89,13 @@ def _markers(ax: plt.Axes, points: list[Point], params: np.ndarray, norm: LogNor
                                      zorder=1))  # fmt: skip
     compute, error = np.array([p.compute for p in points]), np.array([p.error for p in points])
     families = np.array([p.family for p in points])
-    for family in dict.fromkeys(families):  # a marker per model family, when there are several
+    several = len(set(families)) > 1
+    for family in dict.fromkeys(families):  # a marker per model family, named when there are several
         mine = families == family
         dots = ax.scatter(compute[mine], error[mine], c=params[mine], cmap="viridis", norm=norm,
                           s=size(examples[mine]), marker=FAMILY_MARKERS[family], edgecolors="white", linewidths=0.5,
                           zorder=2)  # fmt: skip
-        if len(set(families)) > 1:
+        if several:
             ax.scatter([], [], marker=FAMILY_MARKERS[family], color="grey", label=_FAMILY_NAMES.get(family, family))
     shown: list[float] = []  # sizes for the legend, each at least 1.5x apart
     for n in sorted(set(examples), reverse=True):

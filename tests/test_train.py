@@ -207,8 +207,9 @@ def test_a_trial_directory_has_one_writer_at_a_time(tmp_path):
 @pytest.mark.parametrize("model", ["Mixer-S/16", "ResMLP-S12/16"])
 def test_a_patch_model_trains_resumes_exactly_and_evaluates_its_pooled_features(tmp_path, model):
     """Mixer and ResMLP run as the MLPs do: trained (with stochastic depth), resumed from a
-    checkpoint to the same history, a stage on the pooled representation, their patch-embedding filters drawn (on a
-    small CIFAR-format set: Fashion-MNIST's 10,000 test images cost minutes per evaluation)."""
+    checkpoint to the same history, a stage on the pooled representation, their patch-embedding
+    filters drawn (on a small CIFAR-format set: Fashion-MNIST's 10,000 test images cost minutes
+    per evaluation)."""
     write_cifar10(tmp_path / "cifar", np.random.default_rng(0), per_batch=40, test=20)
     cfg = TrialConfig(model=model, dataset="cifar-10", examples=200, epochs=2, batch_size=50, optimizer="adamw",
                       lr=1e-3, tta=2, drop_path=0.1)  # fmt: skip

@@ -240,15 +240,15 @@ class StreamingLoader(_Loader):
                 item = ready.get()
                 if isinstance(item, BaseException):
                     raise item
-                source, where, copied = item
+                source, where, kept, copied = item
                 if copied is not None:
                     current = torch.cuda.current_stream(self.device)
                     current.wait_event(copied)
-                    source.record_stream(current)
-                    where.record_stream(current)
-                positions = order_on_device[step * self.batch_size : (step + 1) * self.batch_size]
+                    for tensor in (source, where, kept):
+                        tensor.record_stream(current)
                 if self.resident:
-                    source, where = self._with_resident(positions, source, where)
+                    source = torch.cat([self.resident_images[kept], source])
+                positions = order_on_device[step * self.batch_size : (step + 1) * self.batch_size]
                 yield self.batch(source, where, self.labels[positions], epoch, step, lams)
         finally:
             stop.set()
@@ -257,18 +257,6 @@ class StreamingLoader(_Loader):
                     ready.get_nowait()
                 except queue.Empty:
                     thread.join(0.01)
-
-    def _with_resident(
-        self, positions: torch.Tensor, streamed: torch.Tensor, where: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's resident examples, then its streamed ones (``streamed[where]`` in visiting
-        order), as one source; and where each visiting position's image is in it."""
-        kept = positions < self.resident
-        source = torch.cat([self.resident_images[positions[kept]], streamed])
-        slot = torch.empty_like(positions)
-        slot[kept] = torch.arange(int(kept.sum()), device=self.device)
-        slot[~kept] = where + (len(positions) - len(where))
-        return source, slot
 
     def _gather(self, rows: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor) -> None:
         """``out[:] = images[rows]``, in ``threads`` parts at once (numpy copies without holding the GIL)."""
@@ -283,20 +271,29 @@ class StreamingLoader(_Loader):
                 if stop.is_set():
                     return
                 positions = order[step * self.batch_size : (step + 1) * self.batch_size].numpy()
-                rows = self.subset[positions[positions >= self.resident]]
+                on_device = positions < self.resident
+                rows = self.subset[positions[~on_device]]
                 sort = np.argsort(rows, kind="stable")
                 gathered = torch.empty((len(rows), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=self.cuda)
                 self._gather(rows[sort], gathered.numpy(), pool)
-                where = torch.from_numpy(np.argsort(sort))  # visiting position -> row of ``gathered``
+                # The batch's source is its resident images (``kept``, in visiting order), then
+                # ``gathered``; ``where``: visiting position -> row of that source. Both made
+                # here, so the step waits on no device-to-host copy.
+                kept = positions[on_device]
+                where = np.empty(len(positions), dtype=np.int64)
+                where[on_device] = np.arange(len(kept))
+                where[~on_device] = len(kept) + np.argsort(sort)
+                where, kept = torch.from_numpy(where), torch.from_numpy(kept)
                 copied = None
                 if self.cuda:
-                    where = where.pin_memory()
+                    where, kept = where.pin_memory(), kept.pin_memory()
                     with torch.cuda.stream(stream):
                         gathered = gathered.to(self.device, non_blocking=True)
                         where = where.to(self.device, non_blocking=True)
+                        kept = kept.to(self.device, non_blocking=True)
                         copied = torch.cuda.Event()
                         copied.record(stream)
-                ready.put((gathered, where, copied))
+                ready.put((gathered, where, kept, copied))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             ready.put(e)
         finally:
