@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from mlpgrid import architecture, data, models
 from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
+from mlpgrid.data.loader import resident_share
 from mlpgrid.fused import StackedMLP, StackedOptimizer, clip_members, member_losses
 from mlpgrid.groups import FUSED_COMPILE_PAYS_FLOPS, hardware_flops
 from mlpgrid.hardware import matmul_peak_tflops
@@ -216,8 +217,8 @@ def run_group(
     as member ``i`` ends, with its :class:`TrialResult` or the exception that ended it
     (:class:`TrialDiverged` for a diverged one). ``fuse`` steps the members fused."""
     lead = cfgs[0]
-    budget = data_budget(options, device)
-    train, test = load_data(lead, datasets, device, budget)
+    budget = data_budget(options, device, cfgs)
+    train, test = load_data(lead, datasets, device, budget, len(cfgs))
     mc = lead.model_config()
     shared = Components(
         device=device, budget_bytes=budget, train=train, test=test, model=None, compiled=None, optimizer=None,
@@ -282,7 +283,7 @@ def run_group(
                 continue
             metrics = {
                 "epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss, "test_error": test_error,
-                "lr": lrs[i], "images_per_s": images / train_seconds,
+                "lr": lrs[i], "images_per_s": images / train_seconds, "resident_share": resident_share(train),
                 "tflops": m.parts.flops_per_image * images / train_seconds / 1e12,
                 "epoch_seconds": time.perf_counter() - started,
             }  # fmt: skip

@@ -24,7 +24,7 @@ from mlpgrid import data, tracking
 from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.data import prepared
 from mlpgrid.groups import Group, form_groups, fuses
-from mlpgrid.hardware import default_data_budget, pick_device
+from mlpgrid.hardware import pick_device
 from mlpgrid.layout import GridLayout, StorageLayout, TrialLayout
 from mlpgrid.locks import claim, holder
 from mlpgrid.progress import Progress
@@ -167,11 +167,12 @@ class _Recorder:
         return FAILED
 
 
-def _trial_options(options: RunOptions, device: Any, gpu_share: float) -> TrialOptions:
+def _trial_options(options: RunOptions, gpu_share: float) -> TrialOptions:
     chosen_budget = options.data_budget_gb
     return TrialOptions(
         checkpoint_every_steps=options.checkpoint_every_steps,
-        data_budget_bytes=default_data_budget(device, gpu_share) if chosen_budget is None else chosen_budget * 2**30,
+        data_budget_bytes=None if chosen_budget is None else chosen_budget * 2**30,
+        gpu_share=gpu_share,
         compile=options.compile,
     )
 
@@ -281,7 +282,7 @@ def execute_group(
             return statuses
         device = device or pick_device()
         lead = members[0]
-        options = _trial_options(lead.options, device, gpu_share)
+        options = _trial_options(lead.options, gpu_share)
         datasets = _datasets(members, arrays)
         if len(group.trials) == 1:
             if lead.pretrained_by and not CheckpointDir(lead.layout.checkpoints).positions():

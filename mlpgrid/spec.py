@@ -169,8 +169,8 @@ class RunOptions:
     data_budget_gb: float | None = field(
         default=None,
         metadata=_opt(
-            "keep at most this many GiB of images on the device, stream the rest; auto = 40% "
-            "of the trial's share of GPU memory, 8 on a CPU"
+            "keep at most this many GiB of images on the device, stream the rest; auto = what 90% "
+            "of the trial's share of GPU memory spares beside its model's measured memory, 8 on a CPU"
         ),  # fmt: skip
     )
     gpus_per_trial: float | None = field(

@@ -30,7 +30,15 @@ import torch
 from mlpgrid import architecture, data, models, pictures, spec
 from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
 from mlpgrid.data.beton import FfcvLoader
-from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, derive_seed, device_bytes, make_loader
+from mlpgrid.data.loader import (
+    Augmentation,
+    DeviceLoader,
+    StreamingLoader,
+    derive_seed,
+    device_bytes,
+    make_loader,
+    resident_share,
+)
 from mlpgrid.data.subset import proportional_subset, split_off
 from mlpgrid.hardware import default_data_budget, matmul_peak_tflops, pick_device
 from mlpgrid.layout import TrialLayout
@@ -38,7 +46,7 @@ from mlpgrid.models import Network
 from mlpgrid.optim import CompiledLion, make_optimizer
 from mlpgrid.spec import TrialConfig
 from mlpgrid.stages import StageDir, run_stages
-from mlpgrid.step import EVAL_BATCH, compile_for_training, cosine, evaluate, train_step
+from mlpgrid.step import EVAL_BATCH, autocast, compile_for_training, cosine, evaluate, train_step
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,7 @@ class TrialOptions:
 
     checkpoint_every_steps: int = 0  # besides the checkpoint at each epoch's end; 0 = none
     data_budget_bytes: float | None = None  # images kept on the device; None: default_data_budget
+    gpu_share: float = 1.0  # of the GPU the trial has: the default data budget takes its part of it
     compile: bool | None = None  # torch.compile the model; None: where compile_pays
 
 
@@ -112,10 +121,19 @@ def lr_at(cfg: TrialConfig, step: int, steps_per_epoch: int) -> float:
     return cfg.lr * cosine((step - warmup) / max(1, total - warmup))
 
 
+# Streamed images reach the step from CPU threads at ~0.88M/s (16 cores of the H200 machine) and
+# at 3.5M/s when the GPU reads them from host memory itself, which costs the step SM time:
+# B-6/Wi-256 (batch 16384) streamed at 1.22M/s reading host memory, 0.81M/s from threads;
+# B-12/Wi-1024 at 90% of its resident rate reading host memory, 99% from threads. Threads keep
+# up with a step of at least this many hardware FLOPs per image (400 TFLOP/s / 0.88M images/s).
+THREADS_KEEP_UP_FLOPS = 4.5e8
+
+
 def make_loaders(
-    arrays: data.ImageArrays, cfg: TrialConfig, device: torch.device, budget_bytes: float
+    arrays: data.ImageArrays, cfg: TrialConfig, device: torch.device, budget_bytes: float, members: int = 1
 ) -> tuple[Loader, Loader]:
-    """The trial's training loader (its class-proportional subset, augmented) and test loader."""
+    """The trial's training loader (its class-proportional subset, augmented) and test loader;
+    ``members`` trials share it (a group's step trains them all on each batch)."""
     pool = np.arange(len(arrays.train_labels))
     if cfg.probes_itself:  # the probe's examples stay unseen
         pool, _ = split_off(arrays.train_labels, cfg.probe_examples)
@@ -127,8 +145,10 @@ def make_loaders(
                            augmentation=augmentation, **common)  # fmt: skip
         test = FfcvLoader(arrays.beton["test"], arrays.test_labels, EVAL_BATCH, shuffle=False, **common)
         return train, test
+    step_flops = members * architecture.hardware_training_flops(cfg.model_config(), 1)
     train = make_loader(arrays.train_images, arrays.train_labels, subset, cfg.batch_size, budget_bytes=budget_bytes,
-                        seed=cfg.seed, augmentation=augmentation, **common)  # fmt: skip
+                        seed=cfg.seed, augmentation=augmentation, host_view=step_flops < THREADS_KEEP_UP_FLOPS,
+                        **common)  # fmt: skip
     # The test images get what the training images left of the budget.
     test = make_loader(arrays.test_images, arrays.test_labels, None, EVAL_BATCH,
                        budget_bytes=budget_bytes - device_bytes(train), shuffle=False, **common)  # fmt: skip
@@ -155,17 +175,50 @@ class Components:
     compile_seconds: float | None  # spent compiling in this attempt, until logged
 
 
-def data_budget(options: TrialOptions, device: torch.device) -> float:
-    """Bytes of images the trial's loaders may keep on ``device``."""
-    return default_data_budget(device) if options.data_budget_bytes is None else options.data_budget_bytes
+def training_bytes(model_config: architecture.ModelConfig, batch_shape: tuple[int, ...],
+                   optimizer_for: Callable[[Any], torch.optim.Optimizer], device: torch.device) -> int:  # fmt: skip
+    """Device memory training a model takes, measured: the peak of one eager step of a scratch
+    copy on a zero batch of ``batch_shape`` (weights, activations, gradients, the state of
+    ``optimizer_for(parameters)``), plus three copies of the weights for compiling the optimizer
+    on scratch tensors. Random streams are left as they were."""
+    with torch.random.fork_rng(devices=[device]):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        model = models.build(model_config).to(device)
+        optimizer = optimizer_for(model.parameters())
+        images = torch.zeros(batch_shape, dtype=torch.bfloat16, device=device)
+        with autocast(device):
+            model(images).float().logsumexp(1).mean().backward()
+        optimizer.step()
+        peak = torch.cuda.max_memory_allocated(device) - before
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        del model, optimizer, images
+        torch.cuda.empty_cache()
+    return peak + 3 * weights
 
 
-def load_data(cfg: TrialConfig, datasets: data.Datasets, device: torch.device, budget: float) -> tuple[Loader, Loader]:
+def data_budget(options: TrialOptions, device: torch.device, cfgs: list[TrialConfig]) -> float:
+    """Bytes of images the loaders of the trials ``cfgs`` (one trial, or a group trained
+    together) may keep on ``device``: the chosen budget, else what the GPU share spares beside
+    their models' measured memory."""
+    if options.data_budget_bytes is not None:
+        return options.data_budget_bytes
+    if device.type != "cuda":
+        return default_data_budget(device)
+    cfg = cfgs[0]
+    member = training_bytes(cfg.model_config(), (cfg.batch_size, *image_shape(cfg)),
+                            lambda params: make_optimizer(cfg, params, device, compiled=False), device)  # fmt: skip
+    return default_data_budget(device, options.gpu_share, len(cfgs) * member)
+
+
+def load_data(cfg: TrialConfig, datasets: data.Datasets, device: torch.device, budget: float,
+              members: int = 1) -> tuple[Loader, Loader]:  # fmt: skip
     """The trial's loaders (see :func:`make_loaders`) on its pre-training dataset."""
     # Kept for the stages that read the pre-training dataset again; otherwise let go once loaded.
     reread = bool(cfg.tta) or cfg.dataset in (*cfg.probe_datasets, *cfg.finetune_datasets)
     arrays = datasets.load(cfg.dataset, cfg.resolution, cfg.channels, keep=reread)
-    return make_loaders(arrays, cfg, device, budget)
+    return make_loaders(arrays, cfg, device, budget, members)
 
 
 def image_shape(cfg: TrialConfig) -> tuple[int, int, int]:
@@ -199,7 +252,7 @@ def make_model(cfg: TrialConfig, options: TrialOptions, device: torch.device, in
 
 
 def set_up(cfg: TrialConfig, options: TrialOptions, datasets: data.Datasets, device: torch.device) -> Components:
-    budget = data_budget(options, device)
+    budget = data_budget(options, device, [cfg])
     train, test = load_data(cfg, datasets, device, budget)
     model, compiled, optimizer, compile_seconds = make_model(cfg, options, device, train.out_dtype)
     return Components(
@@ -324,6 +377,7 @@ def train_epoch(cfg: TrialConfig, parts: Components, position: Position, saver: 
         "test_error": test_error,
         "lr": lr,
         "images_per_s": images / train_seconds,
+        "resident_share": resident_share(parts.train),
         "tflops": parts.flops_per_image * images / train_seconds / 1e12,
         "epoch_seconds": time.perf_counter() - started,
     }

@@ -236,3 +236,20 @@ def test_the_test_images_get_what_the_training_subset_leaves_of_the_budget(tmp_p
     assert isinstance(test, loaders.StreamingLoader) and test.resident == 50, "50 of the 100 test images fit"
     train, test = make_loaders(arrays, cfg, torch.device("cpu"), budget_bytes=150 * 784)
     assert train.resident == 150 and test.resident == 0
+
+
+def test_a_trial_trains_the_same_at_every_residency_and_records_it(tmp_path, fashion_mnist):
+    from mlpgrid.train import TrialOptions, data_budget
+
+    cfg = TrialConfig(**TINY, mixup=0.2, crop_padding=2)
+    datasets = Datasets({"fashion-mnist": fashion_mnist})
+    cpu = torch.device("cpu")
+    assert data_budget(TrialOptions(), cpu, [cfg]) == 8 * 2**30, "a CPU trial keeps up to 8 GiB of host RAM"
+    assert data_budget(TrialOptions(data_budget_bytes=5.0), cpu, [cfg]) == 5.0
+    results = {}
+    for budget in (None, 500 * 784, 0):  # all resident, a quarter, none (a budget smaller than one image)
+        layout = TrialLayout(tmp_path / str(budget))
+        results[budget] = run_trial(cfg, layout, TrialOptions(data_budget_bytes=budget), datasets=datasets, device=cpu)
+    assert [[m["resident_share"] for m in r.history] for r in results.values()] == [[1.0] * 2, [0.25] * 2, [0.0] * 2]
+    losses = {budget: [(m["train_loss"], m["test_loss"]) for m in r.history] for budget, r in results.items()}
+    assert losses[None] == losses[500 * 784] == losses[0], "the same batches, whatever is resident"

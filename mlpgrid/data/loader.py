@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mlpgrid.data.host_view import device_view
+
 
 def derive_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from several integers."""
@@ -193,20 +195,28 @@ class DeviceLoader(_Loader):
 RESIDENT_COPY_BYTES = 1 << 30  # the resident images go to the device in parts of this size
 
 
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class StreamingLoader(_Loader):
     """Batches gathered on the host (RAM or a memory-mapped file) and sent to the device ahead of
     use, but for the first ``resident`` examples of the subset, which stay on the device.
 
     ``images`` may be a whole memory-mapped split; ``subset`` picks the examples of this trial.
-    A background thread gathers the streamed examples of each batch in sorted index order
-    (sequential reads from the file; ``threads`` copy parts of it at once) into pinned memory and
-    starts their copy on a side CUDA stream. On the device they join the batch's resident
+    A background thread starts each batch's streamed examples on their way ahead of use, on a
+    side CUDA stream: where ``images`` can be registered with CUDA (see
+    :mod:`mlpgrid.data.host_view`) the device gathers them from host memory itself; otherwise
+    ``threads`` CPU threads gather them, in sorted row order (sequential reads from the file),
+    into pinned memory, which is then copied. On the device they join the batch's resident
     examples, and the batch is put in visiting order by the gather inside :func:`augment`: the
     order and the augmentation are those of the :class:`DeviceLoader`, whatever is resident.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, subset: np.ndarray | None = None,
-                 resident: int = 0, prefetch: int = 3, threads: int | None = None, **kwargs):  # fmt: skip
+                 resident: int = 0, prefetch: int = 3, threads: int | None = None, host_view: bool = True,
+                 **kwargs):  # fmt: skip
         subset = np.arange(len(labels)) if subset is None else np.asarray(subset)
         super().__init__(len(subset), batch_size, **kwargs)
         self.images = images
@@ -220,8 +230,10 @@ class StreamingLoader(_Loader):
             rows = subset[start : min(start + step, self.resident)]
             self.resident_images[start : start + len(rows)] = torch.from_numpy(np.take(images, rows, axis=0))
         self.prefetch = prefetch
-        self.threads = threads or min(8, os.cpu_count() or 1)
+        self.threads = threads or usable_cores()
         self.cuda = self.device.type == "cuda"
+        streams = self.resident < len(subset)
+        self.host_view = device_view(images, self.device) if self.cuda and streams and host_view else None
 
     @property
     def resident_bytes(self) -> int:
@@ -273,24 +285,28 @@ class StreamingLoader(_Loader):
                 positions = order[step * self.batch_size : (step + 1) * self.batch_size].numpy()
                 on_device = positions < self.resident
                 rows = self.subset[positions[~on_device]]
-                sort = np.argsort(rows, kind="stable")
-                gathered = torch.empty((len(rows), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=self.cuda)
-                self._gather(rows[sort], gathered.numpy(), pool)
                 # The batch's source is its resident images (``kept``, in visiting order), then
-                # ``gathered``; ``where``: visiting position -> row of that source. Both made
-                # here, so the step waits on no device-to-host copy.
+                # ``gathered``, the streamed ones in ``streamed_order``; ``where``: visiting
+                # position -> row of that source. Made here, so the step waits on no copy back.
+                if self.host_view is None:
+                    streamed_order = np.argsort(rows, kind="stable")
+                    gathered = torch.empty((len(rows), *self.images.shape[1:]), dtype=torch.uint8,
+                                           pin_memory=self.cuda)  # fmt: skip
+                    self._gather(rows[streamed_order], gathered.numpy(), pool)
+                else:
+                    streamed_order, gathered = np.arange(len(rows)), torch.from_numpy(rows)
                 kept = positions[on_device]
                 where = np.empty(len(positions), dtype=np.int64)
                 where[on_device] = np.arange(len(kept))
-                where[~on_device] = len(kept) + np.argsort(sort)
+                where[~on_device] = len(kept) + np.argsort(streamed_order)
                 where, kept = torch.from_numpy(where), torch.from_numpy(kept)
                 copied = None
                 if self.cuda:
-                    where, kept = where.pin_memory(), kept.pin_memory()
                     with torch.cuda.stream(stream):
-                        gathered = gathered.to(self.device, non_blocking=True)
-                        where = where.to(self.device, non_blocking=True)
-                        kept = kept.to(self.device, non_blocking=True)
+                        where, kept, gathered = (t.pin_memory().to(self.device, non_blocking=True)
+                                                 for t in (where, kept, gathered))  # fmt: skip
+                        if self.host_view is not None:  # ``gathered`` holds the rows: read them from the host
+                            gathered = torch.index_select(self.host_view, 0, gathered)
                         copied = torch.cuda.Event()
                         copied.record(stream)
                 ready.put((gathered, where, kept, copied))
@@ -301,17 +317,18 @@ class StreamingLoader(_Loader):
 
 
 def make_loader(
-    images: np.ndarray, labels: np.ndarray, subset: np.ndarray | None, batch_size: int, *, budget_bytes: float, **kwargs
-) -> DeviceLoader | StreamingLoader:
+    images: np.ndarray, labels: np.ndarray, subset: np.ndarray | None, batch_size: int, *, budget_bytes: float,
+    host_view: bool = True, **kwargs,
+) -> DeviceLoader | StreamingLoader:  # fmt: skip
     """A :class:`DeviceLoader` when the selected images fit in ``budget_bytes``, else a
-    :class:`StreamingLoader` keeping as many of them on the device as do."""
+    :class:`StreamingLoader` keeping as many of them on the device as do (``host_view``: see it)."""
     count = len(labels) if subset is None else len(subset)
     per_image = int(np.prod(images.shape[1:]))
     if count * per_image <= budget_bytes:
         chosen = images if subset is None else images[np.asarray(subset)]
         return DeviceLoader(chosen, labels if subset is None else labels[subset], batch_size, **kwargs)
     resident = int(max(budget_bytes, 0) // per_image)
-    return StreamingLoader(images, labels, batch_size, subset=subset, resident=resident, **kwargs)
+    return StreamingLoader(images, labels, batch_size, subset=subset, resident=resident, host_view=host_view, **kwargs)
 
 
 def device_bytes(loader: object) -> int:
@@ -319,3 +336,10 @@ def device_bytes(loader: object) -> int:
     if isinstance(loader, DeviceLoader):
         return loader.images.numel()
     return loader.resident_bytes if isinstance(loader, StreamingLoader) else 0
+
+
+def resident_share(loader: object) -> float:
+    """The part of ``loader``'s examples kept on its device (the rest is streamed)."""
+    if isinstance(loader, DeviceLoader):
+        return 1.0
+    return loader.resident / loader.size if isinstance(loader, StreamingLoader) else 0.0
