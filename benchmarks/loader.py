@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlpgrid import architecture, models  # noqa: E402
 from mlpgrid.data import beton  # noqa: E402
-from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader  # noqa: E402
+from mlpgrid.data.loader import Augmentation, Batch, DeviceLoader, StreamingLoader  # noqa: E402
 
 AUG = Augmentation(flip=True, crop_padding=4, mixup=0.8)
 
@@ -100,11 +100,11 @@ def make_step(model_name: str, side: int, device: torch.device):
     model = models.MLP(architecture.config_for(model_name, 3 * side * side, 1000)).to(device)
     optimizer = Lion(model.parameters(), lr=1e-5, weight_decay=1e-3)
 
-    def step(images: torch.Tensor, labels: torch.Tensor, mixed: torch.Tensor, lam: torch.Tensor) -> None:
+    def step(batch: Batch) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(images).float()
-        loss = lam * F.cross_entropy(logits, labels, label_smoothing=0.3)
-        loss = loss + (1 - lam) * F.cross_entropy(logits, mixed, label_smoothing=0.3)
+            logits = model(batch.images).float()
+        loss = batch.lam * F.cross_entropy(logits, batch.labels, label_smoothing=0.3)
+        loss = loss + (1 - batch.lam) * F.cross_entropy(logits, batch.mixed_labels, label_smoothing=0.3)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -114,12 +114,12 @@ def make_step(model_name: str, side: int, device: torch.device):
 
 def time_steps(step, source, steps: int, warmup: int, device: torch.device) -> float:
     """Seconds per training step; ``source(n)`` yields n batches (a loader's, or one batch repeated)."""
-    for b in source(warmup):
-        step(b.images, b.labels, b.mixed_labels, b.lam)
+    for batch in source(warmup):
+        step(batch)
     sync(device)
     started = time.perf_counter()
-    for b in source(steps):
-        step(b.images, b.labels, b.mixed_labels, b.lam)
+    for batch in source(steps):
+        step(batch)
     sync(device)
     return (time.perf_counter() - started) / steps
 

@@ -40,6 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from loader import batches, time_loader, time_steps  # noqa: E402  (benchmarks/loader.py)
+
 from mlpgrid import architecture, models  # noqa: E402
 from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, device_bytes, usable_cores  # noqa: E402
 from mlpgrid.hardware import default_data_budget  # noqa: E402
@@ -106,23 +108,11 @@ def host_limits(images: np.ndarray, batch: int, rounds: int, cuda: bool) -> dict
     return results
 
 
-def epochs(loader):
-    epoch = 0
-    while True:
-        yield from loader.epoch(epoch)
-        epoch += 1
-
-
-def loader_rate(loader, steps: int, device: torch.device) -> float:
-    stream = epochs(loader)
-    for _ in range(3):
-        next(stream).images.sum()
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
-    started = time.perf_counter()
-    for _ in range(steps):
-        next(stream).images.sum()
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
-    return steps * loader.batch_size / (time.perf_counter() - started)
+def continuing(loader, total: int):
+    """``source(n)`` for :func:`loader.time_steps`: the next n of ``total`` batches of one stream of
+    epochs, so that warming up and timing share one producer."""
+    stream = batches(loader, total)
+    return lambda n: itertools.islice(stream, n)
 
 
 def make_step(name: str, side: int, batch: int, device: torch.device):
@@ -134,17 +124,6 @@ def make_step(name: str, side: int, batch: int, device: torch.device):
     optimizer = CompiledLion(model.parameters(), lr=1e-5, weight_decay=1e-3)
     optimizer.compile_now()
     return lambda b: train_step(compiled, optimizer, b, 0.3, 0.0)
-
-
-def step_rate(step, batches, steps: int, warmup: int, batch: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        step(next(batches))
-    torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step(next(batches))
-    torch.cuda.synchronize(device)
-    return steps * batch / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -183,7 +162,7 @@ def main() -> None:
             alone["device reads host memory"] = {}
         for key, how in alone.items():
             loader = StreamingLoader(images, labels, args.batch, **how, **common)
-            rate = max(loader_rate(loader, args.steps, device) for _ in range(args.rounds))
+            rate = args.batch / min(time_loader(loader, args.steps, 3, device) for _ in range(args.rounds))
             results["stream alone"][key] = rate
             print(f"  streaming loader alone, {key:25} {rate:12,.0f} images/s", flush=True)
             del loader
@@ -218,9 +197,11 @@ def main() -> None:
             ready = next(made["resident"].epoch(0))
             rates: dict[str, float] = {}
             for _ in range(args.rounds):
-                sources = {"batch on the GPU": itertools.repeat(ready), **{k: epochs(v) for k, v in made.items()}}
-                for key, batches in sources.items():
-                    rate = step_rate(step, batches, args.steps, args.warmup, args.batch, device)
+                total = args.warmup + args.steps
+                sources = {"batch on the GPU": lambda n, r=ready: itertools.repeat(r, n),
+                           **{key: continuing(loader, total) for key, loader in made.items()}}  # fmt: skip
+                for key, source in sources.items():
+                    rate = args.batch / time_steps(step, source, args.steps, args.warmup, device)
                     rates[key] = max(rates.get(key, 0.0), rate)
             results["models"][name] = {"images_per_s": rates, "training_gb": model_bytes / 2**30,
                                        "data_budget_gb": budget / 2**30}  # fmt: skip

@@ -1,3 +1,6 @@
+import importlib
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -170,6 +173,22 @@ def test_make_loader_keeps_on_the_device_what_fits_the_budget():
     assert device_bytes(part) == 49 * 192
     none = make_loader(images, labels, np.arange(50), 10, budget_bytes=191, **kw)
     assert none.resident == 0 and sum(len(b.labels) for b in none.epoch(0)) == 50, "too small a budget streams all"
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8), (1, 28, 28), (3, 5, 5), (2, 3, 3), (3, 64, 96)])
+def test_the_devices_gather_copies_any_rows_of_any_width(monkeypatch, shape):
+    """The Triton kernel a GPU gathers streamed rows with, run by Triton's interpreter: rows of
+    int32, int16 and uint8 words, wider than one chunk, repeated, fewer than its programs, none."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernel is defined, on import
+    monkeypatch.delitem(sys.modules, "mlpgrid.data.row_gather", raising=False)
+    row_gather = importlib.import_module("mlpgrid.data.row_gather")
+    monkeypatch.delitem(sys.modules, "mlpgrid.data.row_gather")  # no interpreted kernel left behind
+    images = torch.randint(0, 256, (40, *shape), dtype=torch.uint8)
+    for rows in ([], [7], [3, 3, 39, 0], list(range(40))[::-1] * 2):
+        rows = torch.tensor(rows, dtype=torch.int64)
+        gathered = row_gather.gather_rows(images, rows)
+        assert gathered.shape == (len(rows), *shape) and torch.equal(gathered, images[rows])
 
 
 def test_mixup_pairs_each_example_with_its_neighbour():

@@ -2,10 +2,10 @@
 
 An array is page-locked and registered with CUDA (``cudaHostRegister``) and handed to PyTorch
 through the CUDA array interface as a CUDA tensor whose storage is the host's pages; a gather
-on the device (``index_select``) then reads its rows across the bus with no CPU copying them.
-Measured on the H200 machine with 16384 random 12 KiB rows (64x64x3 images) of a 12 GB array:
-4.07M rows/s (50 GB/s, 91% of a pinned host-to-device copy), from RAM and from a page-cached
-memory map alike, where 16 CPU threads gathering into pinned memory reach 1.37M.
+on the device (:mod:`mlpgrid.data.row_gather`) then reads its rows across the bus with no CPU
+copying them. Measured on the H200 machine with 16384 random 12 KiB rows (64x64x3 images) of a
+12 GB array: 4.07M rows/s (50 GB/s, 91% of a pinned host-to-device copy), from RAM and from a
+page-cached memory map alike, where 16 CPU threads gathering into pinned memory reach 1.37M.
 """
 
 from __future__ import annotations

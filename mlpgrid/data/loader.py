@@ -207,7 +207,8 @@ class StreamingLoader(_Loader):
     ``images`` may be a whole memory-mapped split; ``subset`` picks the examples of this trial.
     A background thread starts each batch's streamed examples on their way ahead of use, on a
     side CUDA stream: where ``images`` can be registered with CUDA (see
-    :mod:`mlpgrid.data.host_view`) the device gathers them from host memory itself; otherwise
+    :mod:`mlpgrid.data.host_view`) the device gathers them from host memory itself
+    (:mod:`mlpgrid.data.row_gather`); otherwise
     ``threads`` CPU threads gather them, in sorted row order (sequential reads from the file),
     into pinned memory, which is then copied. On the device they join the batch's resident
     examples, and the batch is put in visiting order by the gather inside :func:`augment`: the
@@ -276,6 +277,8 @@ class StreamingLoader(_Loader):
         list(pool.map(lambda p: np.take(self.images, rows[p], axis=0, out=out[p[0] : p[-1] + 1]), parts))
 
     def _produce(self, order: torch.Tensor, start_step: int, ready: queue.Queue, stop: threading.Event) -> None:
+        if self.host_view is not None:
+            from mlpgrid.data.row_gather import gather_rows  # Triton: shipped with every CUDA build of torch
         stream = torch.cuda.Stream(self.device) if self.cuda else None
         pool = ThreadPoolExecutor(self.threads)
         try:
@@ -306,7 +309,7 @@ class StreamingLoader(_Loader):
                         where, kept, gathered = (t.pin_memory().to(self.device, non_blocking=True)
                                                  for t in (where, kept, gathered))  # fmt: skip
                         if self.host_view is not None:  # ``gathered`` holds the rows: read them from the host
-                            gathered = torch.index_select(self.host_view, 0, gathered)
+                            gathered = gather_rows(self.host_view, gathered)
                         copied = torch.cuda.Event()
                         copied.record(stream)
                 ready.put((gathered, where, kept, copied))
