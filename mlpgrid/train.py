@@ -121,11 +121,11 @@ def lr_at(cfg: TrialConfig, step: int, steps_per_epoch: int) -> float:
     return cfg.lr * cosine((step - warmup) / max(1, total - warmup))
 
 
-# Streamed images reach the step from CPU threads at ~0.88M/s (16 cores of the H200 machine) and
-# at 3.5M/s when the GPU reads them from host memory itself, which costs the step SM time:
-# B-6/Wi-256 (batch 16384) streamed at 1.22M/s reading host memory, 0.81M/s from threads;
-# B-12/Wi-1024 at 90% of its resident rate reading host memory, 99% from threads. Threads keep
-# up with a step of at least this many hardware FLOPs per image (400 TFLOP/s / 0.88M images/s).
+# Streamed images reach the step from CPU threads at ~0.86M/s (16 cores of the H200 machine) and
+# at 2.9M/s when the GPU reads them from host memory itself, which costs the step SM time:
+# B-6/Wi-256 (batch 16384) streamed at 1.54M/s reading host memory, 0.84M/s from threads;
+# B-12/Wi-1024 at 95% of its resident rate reading host memory, 99% from threads. Threads keep
+# up with a step of at least this many hardware FLOPs per image (400 TFLOP/s / 0.86M images/s).
 THREADS_KEEP_UP_FLOPS = 4.5e8
 
 
