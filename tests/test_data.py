@@ -178,10 +178,7 @@ def test_make_loader_keeps_on_the_device_what_fits_the_budget():
 @pytest.mark.parametrize("shape", [(3, 8, 8), (1, 28, 28), (3, 5, 5), (2, 3, 3), (3, 64, 96)])
 def test_the_devices_gather_copies_any_rows_of_any_width(monkeypatch, shape):
     """The Triton kernel a GPU gathers streamed rows with, run by Triton's interpreter: rows of
-    int32, int16 and uint8 words, wider than one chunk, repeated, fewer than its programs, none.
-
-    Triton comes with CUDA builds of torch; it is not installed for the CPU-only tests because
-    with it installed torch imports it in every process that touches ``torch._inductor``."""
+    int32, int16 and uint8 words, wider than one chunk, repeated, fewer than its programs, none."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernel is defined, on import
     monkeypatch.delitem(sys.modules, "mlpgrid.data.row_gather", raising=False)
