@@ -58,7 +58,7 @@ def run(storage: Path, group: str, env: dict[str, str], timeout: float, gpus_per
     }
     print("  " + ", ".join(f"{k} {v:.1f}" for k, v in timeline.items()), flush=True)
     return {"group": group, "wall_s": wall, "returncode": out.returncode, "test_errors": errors, "plan": plan,
-            "timeline": timeline, "per_trial": trials}  # fmt: skip
+            "timeline": timeline, "per_trial": trials, "output": out.stdout}  # fmt: skip
 
 
 def main() -> None:

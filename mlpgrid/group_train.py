@@ -44,6 +44,7 @@ from mlpgrid.train import (
     TrialOptions,
     TrialResult,
     checkpoint_state,
+    compiles,
     data_budget,
     finish,
     image_shape,
@@ -217,17 +218,18 @@ def run_group(
     as member ``i`` ends, with its :class:`TrialResult` or the exception that ended it
     (:class:`TrialDiverged` for a diverged one). ``fuse`` steps the members fused."""
     lead = cfgs[0]
+    compile_pays = device.type == "cuda" and hardware_flops(cfgs) >= FUSED_COMPILE_PAYS_FLOPS
+    compile_stack = fuse and (compile_pays if options.compile is None else options.compile)
+    member_options = dataclasses.replace(options, compile=False) if fuse else options
+    compile_loader = compile_stack or any(compiles(cfg, member_options, device) for cfg in cfgs)
     budget = data_budget(options, device, cfgs)
-    train, test = load_data(lead, datasets, device, budget, len(cfgs))
+    train, test = load_data(lead, datasets, device, budget, len(cfgs), compile_loader)
     mc = lead.model_config()
     shared = Components(
         device=device, budget_bytes=budget, train=train, test=test, model=None, compiled=None, optimizer=None,
         image_shape=image_shape(lead), flops_per_image=architecture.hardware_training_flops(mc, 1),
         peak_tflops=matmul_peak_tflops(device) if device.type == "cuda" else None, compile_seconds=None,
     )  # fmt: skip
-    compile_pays = device.type == "cuda" and hardware_flops(cfgs) >= FUSED_COMPILE_PAYS_FLOPS
-    compile_stack = fuse and (compile_pays if options.compile is None else options.compile)
-    member_options = dataclasses.replace(options, compile=False) if fuse else options
     members = []
     for i, (cfg, layout, h) in enumerate(zip(cfgs, layouts, hooks, strict=True)):
         try:

@@ -177,7 +177,8 @@ class RunOptions:
         default=None, metadata=_opt("share of a GPU per trial (0.5: two per GPU); auto = by the step's size")
     )
     compile: bool | None = field(
-        default=None, metadata=_opt("torch.compile the model; auto = on GPU trials of at least 2e16 FLOPs")
+        default=None,
+        metadata=_opt("torch.compile the model and the augmentation; auto = on GPU trials of at least 2e16 FLOPs"),
     )
     group: int | None = field(
         default=None,

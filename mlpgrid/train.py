@@ -52,7 +52,10 @@ log = logging.getLogger(__name__)
 
 # torch.compile takes tens of seconds for a model shape it has not seen (seconds once
 # Inductor's on-disk cache holds it) and saves 10-20% of every step on a GPU: it pays from
-# about this much training compute (hardware FLOPs; a minute or two of an H100).
+# about this much training compute (hardware FLOPs; a minute or two of an H100). The loader's
+# augmentation is compiled with the model: alone, it cost a fresh worker 8-10 s (H200 machine,
+# benchmarks/trial_startup.py: a quick-start B-2/Wi-64 trial from launch to its end 20.0 s
+# compiled, 9.5 s not; its second epoch 0.13 s and 0.20 s), which only long trials win back.
 COMPILE_PAYS_FLOPS = 2e16
 
 # Separate seed streams, so adding randomness in one place never shifts another.
@@ -72,7 +75,7 @@ class TrialOptions:
     checkpoint_every_steps: int = 0  # besides the checkpoint at each epoch's end; 0 = none
     data_budget_bytes: float | None = None  # images kept on the device; None: default_data_budget
     gpu_share: float = 1.0  # of the GPU the trial has: the default data budget takes its part of it
-    compile: bool | None = None  # torch.compile the model; None: where compile_pays
+    compile: bool | None = None  # torch.compile the model and the augmentation; None: where compile_pays
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,12 @@ def compile_pays(cfg: TrialConfig, device: torch.device) -> bool:
     )
 
 
+def compiles(cfg: TrialConfig, options: TrialOptions, device: torch.device) -> bool:
+    """Whether the trial compiles its model and its loader's augmentation: as chosen, else
+    where :func:`compile_pays`."""
+    return compile_pays(cfg, device) if options.compile is None else options.compile
+
+
 def lr_at(cfg: TrialConfig, step: int, steps_per_epoch: int) -> float:
     """Learning rate before optimizer step ``step`` (0-based): linear warm-up, then decay."""
     total = cfg.epochs * steps_per_epoch
@@ -129,16 +138,16 @@ def lr_at(cfg: TrialConfig, step: int, steps_per_epoch: int) -> float:
 THREADS_KEEP_UP_FLOPS = 4.5e8
 
 
-def make_loaders(
-    arrays: data.ImageArrays, cfg: TrialConfig, device: torch.device, budget_bytes: float, members: int = 1
-) -> tuple[Loader, Loader]:
+def make_loaders(arrays: data.ImageArrays, cfg: TrialConfig, device: torch.device, budget_bytes: float,
+                 members: int = 1, compile: bool = False) -> tuple[Loader, Loader]:  # fmt: skip
     """The trial's training loader (its class-proportional subset, augmented) and test loader;
-    ``members`` trials share it (a group's step trains them all on each batch)."""
+    ``members`` trials share it (a group's step trains them all on each batch). ``compile``
+    fuses the augmentation into one kernel on a GPU."""
     pool = np.arange(len(arrays.train_labels))
     if cfg.probes_itself:  # the probe's examples stay unseen
         pool, _ = split_off(arrays.train_labels, cfg.probe_examples)
     subset = pool[proportional_subset(arrays.train_labels[pool], cfg.num_examples, cfg.seed)]
-    common = dict(mean=arrays.mean, std=arrays.std, device=device, compile=device.type == "cuda")
+    common = dict(mean=arrays.mean, std=arrays.std, device=device, compile=compile)
     augmentation = Augmentation(flip=cfg.flip, crop_padding=cfg.crop_padding, mixup=cfg.mixup)
     if arrays.beton is not None:
         train = FfcvLoader(arrays.beton["train"], arrays.train_labels, cfg.batch_size, subset=subset, seed=cfg.seed,
@@ -213,12 +222,12 @@ def data_budget(options: TrialOptions, device: torch.device, cfgs: list[TrialCon
 
 
 def load_data(cfg: TrialConfig, datasets: data.Datasets, device: torch.device, budget: float,
-              members: int = 1) -> tuple[Loader, Loader]:  # fmt: skip
+              members: int = 1, compile: bool = False) -> tuple[Loader, Loader]:  # fmt: skip
     """The trial's loaders (see :func:`make_loaders`) on its pre-training dataset."""
     # Kept for the stages that read the pre-training dataset again; otherwise let go once loaded.
     reread = bool(cfg.tta) or cfg.dataset in (*cfg.probe_datasets, *cfg.finetune_datasets)
     arrays = datasets.load(cfg.dataset, cfg.resolution, cfg.channels, keep=reread)
-    return make_loaders(arrays, cfg, device, budget, members)
+    return make_loaders(arrays, cfg, device, budget, members, compile)
 
 
 def image_shape(cfg: TrialConfig) -> tuple[int, int, int]:
@@ -236,7 +245,7 @@ def make_model(cfg: TrialConfig, options: TrialOptions, device: torch.device, in
     torch.manual_seed(derive_seed(cfg.seed, _INIT_STREAM))
     model = models.build(cfg.model_config()).to(device)
     compiled, compile_seconds = None, None
-    if compile_pays(cfg, device) if options.compile is None else options.compile:
+    if compiles(cfg, options, device):
         # Before the dropout stream is seeded: this pass draws dropout masks too.
         example = torch.zeros((cfg.batch_size, *image_shape(cfg)), dtype=input_dtype, device=device)
         compiled, compile_seconds = compile_for_training(model, example)
@@ -253,7 +262,7 @@ def make_model(cfg: TrialConfig, options: TrialOptions, device: torch.device, in
 
 def set_up(cfg: TrialConfig, options: TrialOptions, datasets: data.Datasets, device: torch.device) -> Components:
     budget = data_budget(options, device, [cfg])
-    train, test = load_data(cfg, datasets, device, budget)
+    train, test = load_data(cfg, datasets, device, budget, compile=compiles(cfg, options, device))
     model, compiled, optimizer, compile_seconds = make_model(cfg, options, device, train.out_dtype)
     return Components(
         device=device, budget_bytes=budget, train=train, test=test, model=model, compiled=compiled,

@@ -18,7 +18,7 @@ from mlpgrid.cli import cli
 from mlpgrid.data import Datasets
 from mlpgrid.layout import TrialLayout
 from mlpgrid.spec import TrialConfig
-from mlpgrid.train import Hooks, TrialDiverged, lr_at, run_trial
+from mlpgrid.train import Hooks, TrialDiverged, TrialOptions, compiles, lr_at, run_trial
 from test_sources import write_cifar10
 
 TINY = dict(model="B-1/Wi-32", examples=2000, epochs=2, batch_size=100)
@@ -72,6 +72,16 @@ def test_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
     constant = TrialConfig(model="B-1/Wi-8", epochs=4, lr=1.0, schedule="constant")
     assert {lr_at(constant, s, 10) for s in range(40)} == {1.0}
+
+
+def test_only_trials_long_enough_to_win_back_compiling_compile_model_and_augmentation():
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    quick = spec.load(REPO / "grids" / "quickstart.yaml").trials
+    long = max(spec.load(REPO / "grids" / "scaling.yaml").trials, key=lambda t: t.compute)
+    assert not any(compiles(t.config, TrialOptions(), gpu) for t in quick)
+    assert compiles(long.config, TrialOptions(), gpu) and not compiles(long.config, TrialOptions(), cpu)
+    assert compiles(quick[0].config, TrialOptions(compile=True), gpu)
+    assert not compiles(long.config, TrialOptions(compile=False), gpu)
 
 
 # --- kill and resume ---------------------------------------------------------------------
