@@ -40,10 +40,11 @@ def child(grid_file: str, index: int, storage: Path, launched: float, augment: s
     import torch
 
     from mlpgrid import runner, spec, train  # noqa: F401  (runner: a worker imports MLflow through it)
+    from mlpgrid.layout import TrialLayout
 
     if augment != "auto":  # the trial's augmentation compiled, or not, whatever the trial would choose
-        chosen, forced = train.make_loaders, augment == "compiled"
-        train.make_loaders = lambda *args, **kwargs: chosen(*args[:5], compile=forced)
+        chosen, forced = train.load_data, augment == "compiled"
+        train.load_data = lambda *args, **kwargs: chosen(*args, **(kwargs | {"compile": forced}))
 
     marks["imports"] = time.time() - launched
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -67,8 +68,6 @@ def child(grid_file: str, index: int, storage: Path, launched: float, augment: s
         epochs.append(metrics["epoch_seconds"])
 
     trial = spec.load(grid_file).trials[index]
-    from mlpgrid.layout import TrialLayout
-
     options = train.TrialOptions(data_budget_bytes=None if budget == "measured" else 2**30)
     train.run_trial(trial.config, TrialLayout(storage), options, hooks=train.Hooks(epoch=on_epoch), device=device)
     marks["end"] = time.time() - launched
