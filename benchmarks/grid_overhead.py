@@ -3,6 +3,7 @@
     python benchmarks/grid_overhead.py                         # 24 trials, packing chosen by mlpgrid
     python benchmarks/grid_overhead.py --trials 8 --scale 0.3 --packing 1 --packing 0.5 --packing 0.25
     python benchmarks/grid_overhead.py --group auto --group off  # trial groups on and off, side by side
+    python benchmarks/grid_overhead.py --scale 0.3 --ceiling --group none  # only the ceiling below
 
 The grid: B-6/Wi-256 ... B-12/Wi-1024 on a CIFAR-10-sized dataset (random pixels in CIFAR-10's
 file layout, at 64x64) with the paper's recipe at batch 4096, each model at four epoch counts
@@ -17,6 +18,13 @@ over it (NVML: the share of time a kernel was running); the share of wall time d
 least one trial was training (from the trials' epoch timestamps in MLflow); per-trial GPU-idle
 overhead = idle wall time / trials; the median start-up (runner launch to first step) and
 compile seconds.
+
+``--ceiling`` also measures what no grouping or packing can beat: per model, the GPU's images/s
+of its bare compiled step (``mps.py``: a batch already on the GPU, no loader, no start-up) with
+eight of it fused in one process and with eight processes of it at once, time-sliced. At the
+better of the two for each model, the grid's images take the ceiling's seconds; a run's wall
+time against them is how near it came, and the slowest run's wall time over them the most any
+other way of running the grid could gain on it.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from mlflow import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mps import run_together  # noqa: E402
 from synthetic import write_cifar10  # noqa: E402
 from trial_step import RECIPE, bare_step  # noqa: E402
 
@@ -189,6 +198,20 @@ def run_grid(grid: Path, storage: Path, packing: str, timeout: float | None = No
     }
 
 
+def best_rates(models: tuple[str, ...], members: int = 8, steps: int = 30, timeout: float = 300) -> dict[str, dict]:
+    """Per model, the GPU's images/s at batch ``BATCH`` with ``members`` of it fused in one process
+    and with as many processes of it at once, time-sliced, and the better of the two."""
+    settings = argparse.Namespace(steps=steps, timeout=timeout)
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in models:
+            fused = run_together(m, BATCH, 1, members, settings, dict(os.environ), Path(tmp))
+            sliced = run_together(m, BATCH, members, 1, settings, dict(os.environ), Path(tmp))
+            rates[m] = {"fused": fused, "time_sliced": sliced, "best": max(fused, sliced)}
+            print(f"  {m:>13}: {members} fused {fused:>12,.0f} img/s, {members} time-sliced {sliced:>12,.0f}")
+    return rates
+
+
 def prepare_grid(work: Path, name: str, models: tuple[str, ...], scale: float, trials: int) -> tuple[Path, list[dict]]:
     """Write the dataset and the grid file ``work/<name>.yaml`` (epochs from each model's bare
     eager step rate, measured here) and print the plan; returns the file and its trials."""
@@ -210,11 +233,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--packing", action="append", help="GPUs per trial (e.g. 1, 0.5, 0.25) or auto; repeatable")
     parser.add_argument(
-        "--group", action="append", help="trial groups: auto, off or K (mlpgrid run --group); repeatable"
+        "--group", action="append", help="trial groups: auto, off, K (mlpgrid run --group) or none (no run); repeatable"
     )
     parser.add_argument("--trials", type=int, default=24, help="the first this many trials of the grid")
     parser.add_argument("--scale", type=float, default=1.0, help="training time targets times this")
     parser.add_argument("--timeout", type=float, help="stop a grid after this many seconds")
+    parser.add_argument("--ceiling", action="store_true", help="also measure each model's best bare rate (slow)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -223,8 +247,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         grid, plan = prepare_grid(work, "overhead", MODELS, args.scale, args.trials)
+        ceiling = None
+        if args.ceiling:
+            print("ceiling: bare compiled steps on a batch already on the GPU, at batch", BATCH, flush=True)
+            rates = best_rates(MODELS)
+            ceiling = {"rates": rates, "seconds": sum(p["epochs"] * TRAIN / rates[p["model"]]["best"] for p in plan)}
         results = []
-        for group in args.group or ["auto"]:
+        for group in [g for g in args.group or ["auto"] if g != "none"]:
             for packing in args.packing or ["auto"]:
                 result = run_grid(grid, work / f"storage-{packing}-{group}", packing, args.timeout, group=group)
                 results.append(result)
@@ -247,8 +276,14 @@ def main() -> None:
         "(TFLOP C/s: the finished trials' compute C per second of wall; train s: the trials' own training seconds, "
         "summed; start-up and compile: medians per trial)"
     )
+    if ceiling:
+        print(f"ceiling: the grid's images at each model's best bare rate take {ceiling['seconds']:.0f} s")
+        for r in results:
+            gain = r["wall_s"] / ceiling["seconds"]
+            print(f"  {r['packing']}/{r['group']}: {1 / gain:.1%} of the ceiling's pace; "
+                  f"no other way of running the grid gains more than {gain:.2f}x on it")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"plan": plan, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"plan": plan, "ceiling": ceiling, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

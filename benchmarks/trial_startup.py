@@ -3,6 +3,7 @@
     python benchmarks/trial_startup.py --json trial_startup.json
     python benchmarks/trial_startup.py --trial 0 --trial 15 --augment compiled eager
     python benchmarks/trial_startup.py --trial 15 --budget measured given
+    python benchmarks/trial_startup.py --grid benchmarks/augment.yaml --trial 0 --trial 1 --augment compiled eager
 
 Each measurement starts fresh Python processes (``--at-once`` of them together, as the first
 wave of a grid starts its workers), each training one trial of ``--grid`` (by its index there)
@@ -10,10 +11,11 @@ the way a Ray worker does: imports, CUDA set-up, then :func:`mlpgrid.train.run_t
 set-up's parts timed. Every process has a torch.compile cache of its own that starts empty, so
 nothing is compiled from an earlier measurement. ``--augment`` compiles the loader's
 augmentation or leaves it uncompiled whatever the trial would choose; ``--budget given`` skips
-measuring the model's memory for the data budget. Fashion-MNIST is read from where mlpgrid finds
-it; where it is not installed, random pixels in its layout stand in. Prints per process the
-seconds from its launch to imports done, CUDA ready, each part of the set-up, the first step and
-the end, and the first two epochs' seconds.
+measuring the model's memory for the data budget. Datasets are read from where the grid's
+``data:`` section says, else where mlpgrid finds them; where Fashion-MNIST or CIFAR-10 is not
+installed, random pixels in its layout stand in. Prints per process the seconds from its launch
+to imports done, CUDA ready, each part of the set-up, the first step and the end, and the first
+two epochs' seconds.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def child(grid_file: str, index: int, storage: Path, launched: float, augment: s
     marks = {"interpreter": time.time() - launched}
     import torch
 
-    from mlpgrid import runner, spec, train  # noqa: F401  (runner: a worker imports MLflow through it)
+    from mlpgrid import data, runner, spec, train  # noqa: F401  (runner: a worker imports MLflow through it)
     from mlpgrid.layout import TrialLayout
 
     if augment != "auto":  # the trial's augmentation compiled, or not, whatever the trial would choose
@@ -67,9 +69,12 @@ def child(grid_file: str, index: int, storage: Path, launched: float, augment: s
             marks["first step"] = time.time() - launched - metrics["epoch_seconds"]
         epochs.append(metrics["epoch_seconds"])
 
-    trial = spec.load(grid_file).trials[index]
+    grid = spec.load(grid_file)
+    trial = grid.trials[index]
+    datasets = data.Datasets({name: str(grid.data_root(name)) for name in trial.config.datasets})
     options = train.TrialOptions(data_budget_bytes=None if budget == "measured" else 2**30)
-    train.run_trial(trial.config, TrialLayout(storage), options, hooks=train.Hooks(epoch=on_epoch), device=device)
+    train.run_trial(trial.config, TrialLayout(storage), options, datasets=datasets,
+                    hooks=train.Hooks(epoch=on_epoch), device=device)  # fmt: skip
     marks["end"] = time.time() - launched
     return {"trial": trial.id, "model": trial.config.model, "marks": marks, "epoch_seconds": epochs}
 
@@ -110,15 +115,21 @@ def main() -> None:
         grid_file, index, storage, launched, augment, budget = args.child
         print(json.dumps(child(grid_file, int(index), Path(storage), float(launched), augment, budget)))
         return
-    from synthetic import write_fashion_mnist
+    from synthetic import write_cifar10, write_fashion_mnist
+
+    from mlpgrid import data, spec
 
     env = dict(os.environ)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if not Path(env.get("MLPGRID_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")).is_dir():
-            env["MLPGRID_FASHION_MNIST"] = str(write_fashion_mnist(work / "fashion-mnist"))
-            print("Fashion-MNIST not installed: random pixels in its layout", flush=True)
+        stand_ins = {"Fashion-MNIST": ("MLPGRID_FASHION_MNIST", "fashion-mnist", write_fashion_mnist),
+                     "CIFAR-10": ("MLPGRID_CIFAR10", "cifar-10", write_cifar10)}  # fmt: skip
+        used = {d for i in args.trial or [0] for d in spec.load(args.grid).trials[i].config.datasets}
+        for name, (variable, dataset, write) in stand_ins.items():
+            if dataset in used and not Path(env.get(variable) or data.info(dataset).default_root).is_dir():
+                env[variable] = str(write(work / dataset))
+                print(f"{name} not installed: random pixels in its layout", flush=True)
         for index in args.trial or [0]:
             for at_once, augment, budget in itertools.product(args.at_once, args.augment, args.budget):
                 runs = measure(args.grid, index, at_once, augment, budget, env, work)

@@ -44,7 +44,7 @@ from mlpgrid.train import (
     TrialOptions,
     TrialResult,
     checkpoint_state,
-    compiles,
+    compiles_augmentation,
     data_budget,
     finish,
     image_shape,
@@ -221,7 +221,7 @@ def run_group(
     compile_pays = device.type == "cuda" and hardware_flops(cfgs) >= FUSED_COMPILE_PAYS_FLOPS
     compile_stack = fuse and (compile_pays if options.compile is None else options.compile)
     member_options = dataclasses.replace(options, compile=False) if fuse else options
-    compile_loader = compile_stack or any(compiles(cfg, member_options, device) for cfg in cfgs)
+    compile_loader = compile_stack or any(compiles_augmentation(cfg, options, device) for cfg in cfgs)
     budget = data_budget(options, device, cfgs)
     train, test = load_data(lead, datasets, device, budget, len(cfgs), compile_loader)
     mc = lead.model_config()

@@ -178,7 +178,10 @@ class RunOptions:
     )
     compile: bool | None = field(
         default=None,
-        metadata=_opt("torch.compile the model and the augmentation; auto = on GPU trials of at least 2e16 FLOPs"),
+        metadata=_opt(
+            "torch.compile the model and the augmentation; "
+            "auto = on GPU, the model from 2e16 FLOPs, the augmentation with it or from 4M images"
+        ),
     )
     group: int | None = field(
         default=None,

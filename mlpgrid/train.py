@@ -52,11 +52,17 @@ log = logging.getLogger(__name__)
 
 # torch.compile takes tens of seconds for a model shape it has not seen (seconds once
 # Inductor's on-disk cache holds it) and saves 10-20% of every step on a GPU: it pays from
-# about this much training compute (hardware FLOPs; a minute or two of an H100). The loader's
-# augmentation is compiled with the model: alone, it cost a fresh worker 8-10 s (H200 machine,
-# benchmarks/trial_startup.py: a quick-start B-2/Wi-64 trial from launch to its end 20.0 s
-# compiled, 9.5 s not; its second epoch 0.13 s and 0.20 s), which only long trials win back.
+# about this much training compute (hardware FLOPs; a minute or two of an H100).
 COMPILE_PAYS_FLOPS = 2e16
+
+# Compiling the loader's augmentation costs a fresh worker about 8 s and saves a few
+# microseconds an image (H200 machine, benchmarks/trial_startup.py, 50k images of 64x64 at
+# batch 4096, model not compiled: the first epoch 7.98 s compiled against 0.34 s eager; the
+# second 0.13 s against 0.41 s for B-6/Wi-256 alone, 0.16 s against 0.29 s eight at once, and
+# 0.28 s against 0.36 s for B-12/Wi-1024 eight at once; a quick-start B-2/Wi-64 trial at batch
+# 256 took 20.0 s from launch to its end compiled, 9.5 s not). At about 2 us an image it pays
+# from this many training images, whatever the model; quick-start trials see at most 480k.
+AUGMENT_COMPILE_PAYS_IMAGES = 4e6
 
 # Separate seed streams, so adding randomness in one place never shifts another.
 _INIT_STREAM, _DROPOUT_STREAM = 1, 2
@@ -75,7 +81,7 @@ class TrialOptions:
     checkpoint_every_steps: int = 0  # besides the checkpoint at each epoch's end; 0 = none
     data_budget_bytes: float | None = None  # images kept on the device; None: default_data_budget
     gpu_share: float = 1.0  # of the GPU the trial has: the default data budget takes its part of it
-    compile: bool | None = None  # torch.compile the model and the augmentation; None: where compile_pays
+    compile: bool | None = None  # torch.compile the model and the augmentation; None: each where it pays
 
 
 @dataclass(frozen=True)
@@ -114,9 +120,17 @@ def compile_pays(cfg: TrialConfig, device: torch.device) -> bool:
 
 
 def compiles(cfg: TrialConfig, options: TrialOptions, device: torch.device) -> bool:
-    """Whether the trial compiles its model and its loader's augmentation: as chosen, else
-    where :func:`compile_pays`."""
+    """Whether the trial compiles its model: as chosen, else where :func:`compile_pays`."""
     return compile_pays(cfg, device) if options.compile is None else options.compile
+
+
+def compiles_augmentation(cfg: TrialConfig, options: TrialOptions, device: torch.device) -> bool:
+    """Whether the trial's loader compiles its augmentation: as chosen, else where its model
+    compiles or it trains on at least ``AUGMENT_COMPILE_PAYS_IMAGES`` images on a GPU."""
+    if options.compile is not None:
+        return options.compile
+    many_images = cfg.num_examples * cfg.epochs >= AUGMENT_COMPILE_PAYS_IMAGES
+    return compile_pays(cfg, device) or (device.type == "cuda" and many_images)
 
 
 def lr_at(cfg: TrialConfig, step: int, steps_per_epoch: int) -> float:
@@ -262,7 +276,7 @@ def make_model(cfg: TrialConfig, options: TrialOptions, device: torch.device, in
 
 def set_up(cfg: TrialConfig, options: TrialOptions, datasets: data.Datasets, device: torch.device) -> Components:
     budget = data_budget(options, device, [cfg])
-    train, test = load_data(cfg, datasets, device, budget, compile=compiles(cfg, options, device))
+    train, test = load_data(cfg, datasets, device, budget, compile=compiles_augmentation(cfg, options, device))
     model, compiled, optimizer, compile_seconds = make_model(cfg, options, device, train.out_dtype)
     return Components(
         device=device, budget_bytes=budget, train=train, test=test, model=model, compiled=compiled,

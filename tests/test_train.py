@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from mlpgrid.cli import cli
 from mlpgrid.data import Datasets
 from mlpgrid.layout import TrialLayout
 from mlpgrid.spec import TrialConfig
-from mlpgrid.train import Hooks, TrialDiverged, TrialOptions, compiles, lr_at, run_trial
+from mlpgrid.train import Hooks, TrialDiverged, TrialOptions, compiles, compiles_augmentation, lr_at, run_trial
 from test_sources import write_cifar10
 
 TINY = dict(model="B-1/Wi-32", examples=2000, epochs=2, batch_size=100)
@@ -74,7 +75,7 @@ def test_warmup_then_cosine():
     assert {lr_at(constant, s, 10) for s in range(40)} == {1.0}
 
 
-def test_only_trials_long_enough_to_win_back_compiling_compile_model_and_augmentation():
+def test_only_trials_long_enough_to_win_back_compiling_compile_their_model():
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     quick = spec.load(REPO / "grids" / "quickstart.yaml").trials
     long = max(spec.load(REPO / "grids" / "scaling.yaml").trials, key=lambda t: t.compute)
@@ -82,6 +83,20 @@ def test_only_trials_long_enough_to_win_back_compiling_compile_model_and_augment
     assert compiles(long.config, TrialOptions(), gpu) and not compiles(long.config, TrialOptions(), cpu)
     assert compiles(quick[0].config, TrialOptions(compile=True), gpu)
     assert not compiles(long.config, TrialOptions(compile=False), gpu)
+
+
+def test_the_augmentation_compiles_with_the_model_or_for_many_images():
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    quick = spec.load(REPO / "grids" / "quickstart.yaml").trials
+    long = max(spec.load(REPO / "grids" / "scaling.yaml").trials, key=lambda t: t.compute).config
+    # a small model for many epochs: too little compute to compile the model, images enough for the augmentation
+    many = dataclasses.replace(quick[0].config, examples=50_000, epochs=100)
+    assert not any(compiles_augmentation(t.config, TrialOptions(), gpu) for t in quick)
+    assert compiles_augmentation(long, TrialOptions(), gpu)
+    assert compiles_augmentation(many, TrialOptions(), gpu) and not compiles(many, TrialOptions(), gpu)
+    assert not compiles_augmentation(many, TrialOptions(), cpu)
+    assert not compiles_augmentation(many, TrialOptions(compile=False), gpu)
+    assert compiles_augmentation(quick[0].config, TrialOptions(compile=True), gpu)
 
 
 # --- kill and resume ---------------------------------------------------------------------

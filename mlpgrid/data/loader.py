@@ -224,7 +224,7 @@ class StreamingLoader(_Loader):
         self.subset = subset
         self.labels = torch.from_numpy(np.ascontiguousarray(labels[subset])).to(self.device)
         self.resident = min(resident, len(subset))
-        # Position p < resident is row p; copied a part at a time, never all of it on the host.
+        # Position p < resident holds row subset[p]; copied a part at a time, never all of it on the host.
         self.resident_images = torch.empty((self.resident, *images.shape[1:]), dtype=torch.uint8, device=self.device)
         step = max(1, RESIDENT_COPY_BYTES // max(1, int(np.prod(images.shape[1:]))))
         for start in range(0, self.resident, step):
