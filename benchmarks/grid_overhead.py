@@ -22,9 +22,9 @@ compile seconds.
 ``--ceiling`` also measures what no grouping or packing can beat: per model, the GPU's images/s
 of its bare compiled step (``mps.py``: a batch already on the GPU, no loader, no start-up) with
 eight of it fused in one process and with eight processes of it at once, time-sliced. At the
-better of the two for each model, the grid's images take the ceiling's seconds; a run's wall
-time against them is how near it came, and the slowest run's wall time over them the most any
-other way of running the grid could gain on it.
+better of the two for each model, the grid's images take the ceiling's seconds; they over a
+run's wall time are how near it came, and its wall time over them the most any other way of
+running the grid could gain on it.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def child(grid_file: str, index: int, storage: Path, launched: float, augment: s
 
     grid = spec.load(grid_file)
     trial = grid.trials[index]
-    datasets = data.Datasets({name: str(grid.data_root(name)) for name in trial.config.datasets})
+    datasets = data.Datasets(grid.data_roots)  # the grid's data section; the other datasets where mlpgrid finds them
     options = train.TrialOptions(data_budget_bytes=None if budget == "measured" else 2**30)
     train.run_trial(trial.config, TrialLayout(storage), options, datasets=datasets,
                     hooks=train.Hooks(epoch=on_epoch), device=device)  # fmt: skip
@@ -117,17 +117,18 @@ def main() -> None:
         return
     from synthetic import write_cifar10, write_fashion_mnist
 
-    from mlpgrid import data, spec
+    from mlpgrid import spec
 
     env = dict(os.environ)
     results = []
+    grid = spec.load(args.grid)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         stand_ins = {"Fashion-MNIST": ("MLPGRID_FASHION_MNIST", "fashion-mnist", write_fashion_mnist),
                      "CIFAR-10": ("MLPGRID_CIFAR10", "cifar-10", write_cifar10)}  # fmt: skip
-        used = {d for i in args.trial or [0] for d in spec.load(args.grid).trials[i].config.datasets}
+        used = {d for i in args.trial or [0] for d in grid.trials[i].config.datasets}
         for name, (variable, dataset, write) in stand_ins.items():
-            if dataset in used and not Path(env.get(variable) or data.info(dataset).default_root).is_dir():
+            if dataset in used and not grid.data_root(dataset).is_dir():
                 env[variable] = str(write(work / dataset))
                 print(f"{name} not installed: random pixels in its layout", flush=True)
         for index in args.trial or [0]:
