@@ -4,6 +4,7 @@
     python benchmarks/grid_overhead.py --trials 8 --scale 0.3 --packing 1 --packing 0.5 --packing 0.25
     python benchmarks/grid_overhead.py --group auto --group off  # trial groups on and off, side by side
     python benchmarks/grid_overhead.py --scale 0.3 --ceiling --group none  # only the ceiling below
+    python benchmarks/grid_overhead.py --sweep 40 --group auto --group off   # an lr sweep instead
 
 The grid: B-6/Wi-256 ... B-12/Wi-1024 on a CIFAR-10-sized dataset (random pixels in CIFAR-10's
 file layout, at 64x64) with the paper's recipe at batch 4096, each model at four epoch counts
@@ -18,6 +19,13 @@ over it (NVML: the share of time a kernel was running); the share of wall time d
 least one trial was training (from the trials' epoch timestamps in MLflow); per-trial GPU-idle
 overhead = idle wall time / trials; the median start-up (runner launch to first step) and
 compile seconds.
+
+``--sweep T`` runs a 16-trial learning-rate sweep (factor 2 around the recipe's) of B-6/Wi-256 at batch 1024 for T
+epochs on the same data instead: the trials of one shape and T that ``auto`` fuses into one
+group on a GPU.
+
+Each run also reports its seconds outside its trials: before the first trial's launch (Ray's
+start, the driver) and after the last one's end. No grouping changes them.
 
 ``--ceiling`` also measures what no grouping or packing can beat: per model, the GPU's images/s
 of its bare compiled step (``mps.py``: a batch already on the GPU, no loader, no start-up) with
@@ -56,6 +64,22 @@ from mlpgrid.layout import StorageLayout  # noqa: E402
 MODELS = ("B-6/Wi-256", "B-6/Wi-512", "B-6/Wi-1024", "B-12/Wi-512", "B-12/Wi-768", "B-12/Wi-1024")
 TARGET_SECONDS = (10, 15, 20, 40)
 BATCH, TRAIN = 4096, 50_000
+
+
+SWEEP_MODEL, SWEEP_BATCH, SWEEP_LRS = "B-6/Wi-256", 1024, [RECIPE["lr"] * 2.0**k for k in range(-8, 8)]
+
+
+def sweep_file(path: Path, root: Path, epochs: int) -> list[dict]:
+    """Write the lr-sweep grid (named after the file); returns its trials."""
+    doc = {
+        "name": path.stem,
+        "data": {"cifar-10": str(root)},
+        "base": {"dataset": "cifar-10", "resolution": 64, "examples": TRAIN, "batch_size": SWEEP_BATCH,
+                 "model": SWEEP_MODEL, "epochs": epochs, **{k: v for k, v in RECIPE.items() if k != "lr"}},
+        "grid": {"lr": SWEEP_LRS},
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(doc))
+    return [{"model": SWEEP_MODEL, "epochs": epochs, "lr": lr} for lr in SWEEP_LRS]
 
 
 def grid_file(path: Path, root: Path, rates: dict[str, float], scale: float, trials: int) -> list[dict]:
@@ -169,6 +193,8 @@ def run_grid(grid: Path, storage: Path, packing: str, timeout: float | None = No
         if t["error"]:
             print(f"  {t['model']} failed after {t['epochs']} epochs: {t['error'][-1500:]}")
     wall = ended - started
+    launches = [t["start"] - t["startup_s"] for t in trials if t["startup_s"] is not None]
+    outside = (min(launches) - started) + (ended - max(t["end"] for t in trials)) if launches else None
     per_gpu = [sampler.busy(i, started, ended) for i in visible]
     busy = statistics.mean(per_gpu)
     training = covered([(t["start"], t["end"]) for t in trials]) / wall
@@ -182,6 +208,7 @@ def run_grid(grid: Path, storage: Path, packing: str, timeout: float | None = No
         "trials": len(trials),
         "finished": sum(t["status"] == "finished" for t in trials),
         "wall_s": wall,
+        "outside_trials_s": outside,
         "train_s": sum(t["train_s"] for t in trials),
         "gpu_util": busy,
         "training_share": training,
@@ -239,14 +266,23 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="training time targets times this")
     parser.add_argument("--timeout", type=float, help="stop a grid after this many seconds")
     parser.add_argument("--ceiling", action="store_true", help="also measure each model's best bare rate (slow)")
+    parser.add_argument("--sweep", type=int, metavar="T", help="run the lr sweep of T epochs instead of the grid")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("grid_overhead.py measures GPU time; no CUDA device here")
+    if args.sweep and args.ceiling:
+        sys.exit("--ceiling is the 24-trial grid's; leave it out with --sweep")
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        grid, plan = prepare_grid(work, "overhead", MODELS, args.scale, args.trials)
+        if args.sweep:
+            grid = work / "sweep.yaml"
+            plan = sweep_file(grid, write_cifar10(work / "cifar-10-batches-py", train=TRAIN), args.sweep)
+            print(f"{torch.cuda.get_device_name()}; {len(plan)} trials of {SWEEP_MODEL} at batch {SWEEP_BATCH}, "
+                  f"T = {args.sweep}, lr {SWEEP_LRS[0]:g} to {SWEEP_LRS[-1]:g}")  # fmt: skip
+        else:
+            grid, plan = prepare_grid(work, "overhead", MODELS, args.scale, args.trials)
         ceiling = None
         if args.ceiling:
             print("ceiling: bare compiled steps on a batch already on the GPU, at batch", BATCH, flush=True)
@@ -261,11 +297,12 @@ def main() -> None:
                       f"{result['wall_s']:.0f} s {result['progress']}", flush=True)  # fmt: skip
 
     print()
-    print(f"{'packing':>8} {'groups':>6} {'trials':>6} {'wall s':>7} {'TFLOP C/s':>9} {'train s':>8} {'GPU util':>8} "
-          f"{'training':>8} {'idle/trial s':>12} {'start-up s':>10} {'compile s':>9}")  # fmt: skip
+    print(f"{'packing':>8} {'groups':>6} {'trials':>6} {'wall s':>7} {'outside s':>9} {'TFLOP C/s':>9} {'train s':>8} "
+          f"{'GPU util':>8} {'training':>8} {'idle/trial s':>12} {'start-up s':>10} {'compile s':>9}")  # fmt: skip
     for r in results:
         work = r["work_per_s"] / 1e12
-        print(f"{r['packing']:>8} {r['group']:>6} {r['finished']:>6} {r['wall_s']:>7.0f} {work:>9.2f} "
+        outside = r["outside_trials_s"] if r["outside_trials_s"] is not None else float("nan")
+        print(f"{r['packing']:>8} {r['group']:>6} {r['finished']:>6} {r['wall_s']:>7.0f} {outside:>9.0f} {work:>9.2f} "
               f"{r['train_s']:>8.0f} {r['gpu_util']:>8.1%} {r['training_share']:>8.1%} {r['idle_per_trial_s']:>12.1f} "
               f"{r['startup_median_s']:>10.1f} {r['compile_median_s']:>9.1f}")  # fmt: skip
     if len(results) > 1:
@@ -273,8 +310,9 @@ def main() -> None:
               + ", ".join(f"{r['packing']}/{r['group']} {r['work_per_s'] / results[-1]['work_per_s']:.2f}x"
                           for r in results[:-1]))  # fmt: skip
     print(
-        "(TFLOP C/s: the finished trials' compute C per second of wall; train s: the trials' own training seconds, "
-        "summed; start-up and compile: medians per trial)"
+        "(TFLOP C/s: the finished trials' compute C per second of wall; outside: before the first trial's launch "
+        "and after the last one's end; train s: the trials' own training seconds, summed; start-up and compile: "
+        "medians per trial)"
     )
     if ceiling:
         print(f"ceiling: the grid's images at each model's best bare rate take {ceiling['seconds']:.0f} s")
@@ -282,6 +320,9 @@ def main() -> None:
             gain = r["wall_s"] / ceiling["seconds"]
             print(f"  {r['packing']}/{r['group']}: {1 / gain:.1%} of the ceiling's pace; "
                   f"no other way of running the grid gains more than {gain:.2f}x on it")  # fmt: skip
+            if r["outside_trials_s"] is not None:
+                bound = r["wall_s"] / (ceiling["seconds"] + r["outside_trials_s"])
+                print(f"    nor more than {bound:.2f}x with its {r['outside_trials_s']:.0f} s outside its trials")
     if args.json:
         args.json.write_text(json.dumps({"plan": plan, "ceiling": ceiling, "results": results}, indent=2))
 

@@ -13,7 +13,7 @@
 - ``leave``: a compiled fused group of four B-6/Wi-512 at batch 4096 whose members end at
   T = 1, 3, 5, 7 (each leaving the stack, which is compiled again for the members left) against
   four that all end at T = 4: the same 16 member-epochs. Wall time of each group, from its
-  start to its last member's end.
+  start to its last member's end, and the seconds of each compile of the stack.
 - ``vmap``: the fused step two ways, bare (no loader): batched matmuls written by hand and
   mlpgrid's ``StackedMLP`` (``torch.func.vmap`` over ``functional_call`` of the MLP), both
   compiled, with fused AdamW on the stacked weights.
@@ -80,14 +80,20 @@ def fused(cfgs: list[TrialConfig], datasets: Datasets, work: Path) -> float:
     return len(cfgs) * statistics.mean(_rate(r.history) for r in results.values())
 
 
-def _member_ends(cfgs: list[TrialConfig], datasets: Datasets, work: Path) -> list[float]:
-    """Seconds from a fused, compiled group's start to each member's end."""
-    root, ended = Path(tempfile.mkdtemp(dir=work)), {}
+def _member_ends(cfgs: list[TrialConfig], datasets: Datasets, work: Path) -> tuple[list[float], list[float]]:
+    """Seconds from a fused, compiled group's start to each member's end, and the seconds the
+    stack spent compiling, each time (as the last member to end logged them)."""
+    root, ended, results = Path(tempfile.mkdtemp(dir=work)), {}, {}
+
+    def end(i: int, outcome: object) -> None:
+        ended[i], results[i] = time.perf_counter() - started, outcome
+
     started = time.perf_counter()
     run_group(cfgs, [TrialLayout(root / str(i)) for i in range(len(cfgs))], TrialOptions(compile=True),
               datasets=datasets(), hooks=[Hooks()] * len(cfgs), device=torch.device("cuda"), fuse=True,
-              on_end=lambda i, _: ended.setdefault(i, time.perf_counter() - started))  # fmt: skip
-    return [ended[i] for i in range(len(cfgs))]
+              on_end=end)  # fmt: skip
+    last = results[max(ended, key=ended.get)]
+    return [ended[i] for i in range(len(cfgs))], [m["compile_seconds"] for m in last.history if "compile_seconds" in m]
 
 
 def leave(datasets: Datasets, work: Path, examples: int) -> dict:
@@ -95,14 +101,15 @@ def leave(datasets: Datasets, work: Path, examples: int) -> dict:
                 **RECIPE)  # fmt: skip
     result = {}
     for name, epochs in (("end together", (4, 4, 4, 4)), ("leave at their T", (1, 3, 5, 7))):
-        ends = _member_ends([TrialConfig(**base, epochs=t, lr=1e-3 * (i + 1)) for i, t in enumerate(epochs)],
-                            datasets, work)  # fmt: skip
+        ends, compiles = _member_ends([TrialConfig(**base, epochs=t, lr=1e-3 * (i + 1))
+                                       for i, t in enumerate(epochs)], datasets, work)  # fmt: skip
         wall = max(ends)
         result[name] = {"epochs": epochs, "wall_s": wall, "member_epochs_per_s": sum(epochs) / wall,
-                        "ended_at_s": [round(e, 1) for e in ends]}  # fmt: skip
+                        "ended_at_s": [round(e, 1) for e in ends],
+                        "compile_s": [round(c, 1) for c in compiles]}  # fmt: skip
         print(f"fused compiled group of 4 x B-6/Wi-512, T = {epochs} ({name}): {wall:.1f} s, "
-              f"{sum(epochs) / wall:.2f} member-epochs/s, members ended at {result[name]['ended_at_s']} s",
-              flush=True)  # fmt: skip
+              f"{sum(epochs) / wall:.2f} member-epochs/s, members ended at {result[name]['ended_at_s']} s, "
+              f"the stack compiled for {result[name]['compile_s']} s", flush=True)  # fmt: skip
         torch.cuda.empty_cache()
     return result
 

@@ -64,9 +64,13 @@ class StackedMLP(nn.Module):
 
     @torch.no_grad()
     def keep(self, members: list[int]) -> None:
-        """Only ``members`` (indices) go on; the others leave the stack."""
-        for p in self.stacked:
-            p.data, p.grad = p.data[members].clone(), None
+        """Only ``members`` (indices) go on; the others leave the stack.
+
+        The stack gets new parameters rather than new data in the old ones: torch.compile's
+        guards see a new shape on a new parameter and compile that graph again, where an old
+        parameter given a new shape ran the old graph on it (torch 2.11 on an H200).
+        """
+        self.stacked = nn.ParameterList(nn.Parameter(p.detach()[members].clone()) for p in self.stacked)
 
 
 def member_losses(logits: torch.Tensor, batch: Any, label_smoothing: torch.Tensor) -> torch.Tensor:
@@ -184,7 +188,9 @@ class StackedOptimizer:
                 self.steps = int(found["step"])
         self.started = self.started or bool(saved["state"])
 
-    def keep(self, members: list[int]) -> None:
+    def keep(self, members: list[int], params: list[nn.Parameter]) -> None:
+        """Only ``members`` (indices) go on, whose stacked parameters are now ``params``."""
+        self.params = params
         self.weight_decay, self.momentum, self.lr = (
             t[members].clone() for t in (self.weight_decay, self.momentum, self.lr)
         )

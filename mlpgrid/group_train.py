@@ -30,7 +30,7 @@ from mlpgrid import architecture, data, models
 from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
 from mlpgrid.data.loader import resident_share
 from mlpgrid.fused import StackedMLP, StackedOptimizer, clip_members, member_losses
-from mlpgrid.groups import FUSED_COMPILE_PAYS_FLOPS, hardware_flops
+from mlpgrid.groups import FUSED_COMPILE_PAYS_FLOPS, MAX_MEMBERS, hardware_flops
 from mlpgrid.hardware import matmul_peak_tflops
 from mlpgrid.layout import TrialLayout
 from mlpgrid.spec import TrialConfig
@@ -125,11 +125,21 @@ class _Fused:
         self.label_smoothing = self._per_member([m.cfg.label_smoothing for m in members])
         self.clip = self._per_member([m.cfg.clip_grad for m in members])
         self.batch_size = lead.cfg.batch_size
+        self.example = (self.batch_size, *lead.parts.image_shape), lead.parts.train.out_dtype  # a full batch's
         self.compiled, self.compile_seconds = None, None
         if compile:
-            example = torch.zeros((self.batch_size, *lead.parts.image_shape), dtype=lead.parts.train.out_dtype,
-                                  device=self.device)  # fmt: skip
-            self.compiled, self.compile_seconds = compile_for_training(self.model, example)
+            # The stack compiles once for each number of members it has (see keep), up to
+            # MAX_MEMBERS graphs of each function; torch.compile runs a function eagerly past
+            # its recompile limit, and this worker's earlier groups count against it.
+            torch.compiler.reset()
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_MEMBERS)
+            self._compile()
+
+    def _compile(self) -> None:
+        """Compile the stack for its members now; the seconds it took count until logged."""
+        shape, dtype = self.example
+        self.compiled, seconds = compile_for_training(self.model, torch.zeros(shape, dtype=dtype, device=self.device))
+        self.compile_seconds = (self.compile_seconds or 0.0) + seconds
 
     def _per_member(self, values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=self.device)
@@ -169,16 +179,18 @@ class _Fused:
         return self.model.member_model(i)
 
     def keep(self, indices: list[int]) -> None:
+        members = self.model.members
+        if indices == list(range(members)):
+            return
         self.model.keep(indices)
-        self.optimizer.keep(indices)
+        self.optimizer.keep(indices, list(self.model.stacked))
         self.templates = [self.templates[i] for i in indices]
         self.label_smoothing, self.clip = self.label_smoothing[indices], self.clip[indices]
-        if self.compiled is not None:  # the shapes changed: compile again for the members left
-            # The stacked parameters keep their identity and change shape, and torch 2.11's
-            # guards miss that: the old graph ran on the new shapes and failed an
-            # assert_size_stride on an H200 (benchmarks/grid_overhead.py). So drop every graph.
-            torch.compiler.reset()
-            self.compiled = torch.compile(self.model, dynamic=False)
+        if self.compiled is not None and len(indices) != members:
+            # Only the stack's own graphs compile again, for the new number of members (and
+            # the optimizer's update at its next step): four B-6/Wi-512 at batch 4096 on an
+            # H200 leaving one by one, 9.8, 7.0 and 8.5 s (benchmarks/groups.py --part leave).
+            self._compile()
 
 
 class _Checkpoints:
@@ -251,7 +263,6 @@ def run_group(
     if not active:
         return
     engine = _Fused(active, compile_stack) if fuse else _Sequential(active)
-    compile_seconds = engine.compile_seconds
     steps = len(train)
     while active:
         epoch, start_step = active[0].position.epoch, active[0].position.step
@@ -291,7 +302,7 @@ def run_group(
             }  # fmt: skip
             if m.parts.peak_tflops:
                 metrics["mfu"] = metrics["tflops"] / m.parts.peak_tflops
-            member_compile = compile_seconds if fuse else m.parts.compile_seconds
+            member_compile = engine.compile_seconds if fuse else m.parts.compile_seconds
             if member_compile is not None:
                 metrics["compile_seconds"] = member_compile
                 m.parts.compile_seconds = None
@@ -299,7 +310,7 @@ def run_group(
             m.position.epoch, m.position.step = epoch + 1, 0
             epoch_metrics.append((m, metrics))
             (ending if m.position.epoch >= m.cfg.epochs else going_on).append(i)
-        compile_seconds = None
+        engine.compile_seconds = None
         kept = going_on + ending
         active = [active[i] for i in kept]
         engine.keep(kept)

@@ -90,10 +90,10 @@ class Group:
         return sum(t.step_flops for t in self.trials)
 
 
-def form_groups(trials: Iterable[Trial], size: int | None, workers: int = 1, device_type: str = "cpu",
+def form_groups(trials: Iterable[Trial], size: int | None, units: int = 1, device_type: str = "cpu",
                 fuse: bool | None = None) -> list[Group]:  # fmt: skip
     """The trials in groups of at most ``size`` members (None: automatic; 1: none), for
-    ``workers`` running at once on ``device_type``, members fused as ``fuse`` says (see
+    ``units`` parallel units of ``device_type``, members fused as ``fuse`` says (see
     :func:`fuses`).
 
     Automatic grouping takes :data:`MAX_MEMBERS` at most, and on a GPU only members of one T
@@ -102,30 +102,30 @@ def form_groups(trials: Iterable[Trial], size: int | None, workers: int = 1, dev
     GPU (``benchmarks/quickstart.py``: 59 s against 48 s; ``benchmarks/grid_overhead.py``).
     On the CPU, members one after another share the loader's work and the start-up.
 
-    With ``workers`` groups running at once, no group takes more than an even share of the
-    trials' compute (unless a single trial does): a grid whose largest model and data make most
-    of its compute would otherwise train that part on one worker while the others wait. Groups
-    come in the order of their first trial; members by the compute they need, largest first.
+    Groups are balanced over ``units`` parallel units (GPUs, on which a group runs on at most
+    one; else the trials at once): no group takes more than an even share of the trials' compute
+    (unless a single trial does). A grid whose largest model and data make most of its compute
+    would otherwise train that part on one unit while the others wait. Groups come in the order
+    of their first trial; members by the compute they need, largest first.
     """
     trials = list(trials)
     automatic, size = size is None, MAX_MEMBERS if size is None else size
-    most = sum(t.compute for t in trials) / workers
+    most = sum(t.compute for t in trials) / units
     buckets: dict[object, list[Trial]] = {}
     for trial in trials:
         key = group_key(trial.config) if size > 1 else None
         if key is not None and automatic and device_type == "cuda":
-            # Members that end together (an lr or weight-decay sweep at one T): a compiled fused
-            # group compiles again from scratch when a member leaves (group_train._Fused.keep).
-            # On an H200, benchmarks/grid_overhead.py --scale 0.3 with groups across T did not
-            # finish its grouped run in 560 s, against 233 s before that recompiling and 196 s
-            # with every trial alone. --group K still groups across T.
+            # Members that end together (an lr or weight-decay sweep at one T). On an H200,
+            # benchmarks/grid_overhead.py --scale 0.3 with groups across T (two fused groups of
+            # four, the rest alone, eight at a time) did 0.85x the training work per second of
+            # every trial alone: the stack compiles again as each member leaves (7-10 s), a
+            # group's process gets one time slice of the GPU among the others for its members'
+            # work, and a group asking for four of the eight places waited 163 s for them.
+            # --group K still groups across T.
             key += (("epochs", trial.config.epochs),)
         buckets.setdefault(key if key is not None else ("alone", trial.id), []).append(trial)
     groups = []
     for members in buckets.values():
-        if automatic and device_type == "cuda" and not pays_on_gpu([t.config for t in members], fuse):
-            groups.extend(Group((t,)) for t in members)
-            continue
         current: list[Trial] = []
         for trial in sorted(members, key=lambda t: -t.compute):
             if current and (len(current) == size or sum(t.compute for t in current) + trial.compute > most):
@@ -133,7 +133,15 @@ def form_groups(trials: Iterable[Trial], size: int | None, workers: int = 1, dev
                 current = []
             current.append(trial)
         groups.append(Group(tuple(current)))
-    return groups
+    if not (automatic and device_type == "cuda"):
+        return groups
+    paying = []
+    for group in groups:  # each compiles its own stack, which a part of a bucket may not train enough for
+        if len(group.trials) > 1 and not pays_on_gpu([t.config for t in group.trials], fuse):
+            paying.extend(Group((t,)) for t in group.trials)
+        else:
+            paying.append(group)
+    return paying
 
 
 def hardware_flops(cfgs: list[TrialConfig]) -> float:

@@ -35,12 +35,12 @@ def gpu_share(group: Group) -> float:
     return min(1.0, sum(SMALL_SHARE if t.step_flops < SMALL_STEP_FLOPS else LARGE_SHARE for t in group.trials))
 
 
-def workers_at_once(resources: dict[str, float], cpus_per_trial: float, max_concurrent: int | None) -> int:
-    """How many trials can run at once at the most: eight small ones per GPU, or a trial per
-    ``cpus_per_trial`` cores without GPUs; what groups are balanced over."""
-    gpus = resources.get("GPU", 0)
-    slots = gpus / SMALL_SHARE if gpus else resources.get("CPU", 1) / cpus_per_trial
-    return max(1, min(math.floor(slots + 1e-9), max_concurrent or math.inf))
+def parallel_units(resources: dict[str, float], cpus_per_trial: float, max_concurrent: int | None) -> int:
+    """What a grid's groups are balanced over: its GPUs (a group runs on one at most, whatever
+    its members), or without GPUs the trials that can run at once, one per ``cpus_per_trial``
+    cores."""
+    units = resources.get("GPU", 0) or resources.get("CPU", 1) / cpus_per_trial
+    return max(1, min(math.floor(units + 1e-9), max_concurrent or math.inf))
 
 
 def gpu_shares(trials: list[Group], gpus: float, chosen: float | None = None) -> dict[str, float]:

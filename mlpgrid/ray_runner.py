@@ -21,7 +21,7 @@ import numpy as np
 from mlpgrid import data
 from mlpgrid.groups import describe
 from mlpgrid.layout import StorageLayout
-from mlpgrid.placement import Placement, launch_order, place, workers_at_once
+from mlpgrid.placement import Placement, launch_order, parallel_units, place
 from mlpgrid.progress import Progress
 from mlpgrid.runner import GroupTask, TrialTask, execute_group, group_tasks
 from mlpgrid.spec import GridSpec, Trial
@@ -209,8 +209,8 @@ def run_on_ray(tasks: list[TrialTask], group_size: int | None, grid: GridSpec, s
     """Run the tasks as one Ray Tune experiment, in groups of at most ``group_size`` (see
     :func:`mlpgrid.runner.group_tasks`; None: as many as can, 1: each alone)."""
     resources = start_ray(opts.address)
-    workers = workers_at_once(resources, opts.cpus_per_trial, opts.max_concurrent)
-    groups = group_tasks(tasks, group_size, workers, "cuda" if resources.get("GPU", 0) > 0 else "cpu")
+    units = parallel_units(resources, opts.cpus_per_trial, opts.max_concurrent)
+    groups = group_tasks(tasks, group_size, units, "cuda" if resources.get("GPU", 0) > 0 else "cpu")
     progress.note(describe(groups))
     chosen = opts.gpus_per_trial if opts.gpus_per_trial is not None else grid.run.gpus_per_trial
     placement = place(groups, resources, gpus_per_trial=chosen, cpus_per_trial=opts.cpus_per_trial,

@@ -199,14 +199,14 @@ class GroupTask(Group):
     members: tuple[TrialTask, ...] = ()
 
 
-def group_tasks(tasks: list[TrialTask], size: int | None, workers: int = 1,
+def group_tasks(tasks: list[TrialTask], size: int | None, units: int = 1,
                 device_type: str = "cpu") -> list[GroupTask]:  # fmt: skip
     """The tasks in groups of at most ``size`` trials (None: automatic, 1: each alone), for
-    ``workers`` running at once on ``device_type`` (see :func:`mlpgrid.groups.form_groups`)."""
+    ``units`` parallel units of ``device_type`` (see :func:`mlpgrid.groups.form_groups`)."""
     by_id = {t.trial.id: t for t in tasks}
     fuse = tasks[0].options.fuse if tasks else None
     training = [t.trial for t in tasks if t.pretrained_by is None]
-    groups = form_groups(training, size, workers, device_type, fuse)
+    groups = form_groups(training, size, units, device_type, fuse)
     grouped = [GroupTask(g.trials, tuple(by_id[t.id] for t in g.trials)) for g in groups]
     # A trial whose pre-training is done runs alone: nothing of it would share a batch stream.
     return grouped + [GroupTask((t.trial,), (t,)) for t in tasks if t.pretrained_by is not None]

@@ -73,6 +73,11 @@ def test_a_gpu_groups_automatically_only_where_fused_compiled_steps_pay():
     sweep = "base: {model: B-6/Wi-256, examples: 60000, batch_size: 4096, epochs: 500}\ngrid:\n  lr: [1.0e-4, 3.0e-4]\n"
     lrs = spec.parse(sweep, spec.Path("g.yaml")).trials
     assert [len(g.trials) for g in form_groups(lrs, None, device_type="cuda")] == [2], "an lr sweep ends together"
+    eight = spec.parse(sweep.replace("lr: [1.0e-4, 3.0e-4]", "lr: [1, 2, 3, 4, 5, 6, 7, 8]"), spec.Path("g.yaml"))
+    assert [len(g.trials) for g in form_groups(eight.trials, None, 1, device_type="cuda")] == [8], "one GPU"
+    per_gpu = [len(g.trials) for g in form_groups(eight.trials, None, 4, device_type="cuda")]
+    assert per_gpu == [2, 2, 2, 2], "on four GPUs a group each, where each still compiles"
+    assert [len(g.trials) for g in form_groups(lrs, None, 4, device_type="cuda")] == [1, 1], "a GPU each"
     short_lrs = spec.parse(sweep.replace("epochs: 500", "epochs: 1"), spec.Path("g.yaml")).trials
     assert [len(g.trials) for g in form_groups(short_lrs, None, device_type="cuda")] == [1, 1], "too short to compile"
     assert [len(g.trials) for g in form_groups(short_lrs, None, device_type="cuda", fuse=True)] == [2], "fuse: true"
@@ -131,6 +136,23 @@ def test_members_match_their_trials_alone_end_at_their_t_and_a_diverging_one_lea
             assert got["train_loss"] == pytest.approx(want["train_loss"], rel=FUSED_LOSS_TOLERANCE)
             assert got["test_loss"] == pytest.approx(want["test_loss"], rel=FUSED_LOSS_TOLERANCE)
             assert abs(got["test_error"] - want["test_error"]) <= FUSED_ERROR_TOLERANCE
+
+
+def test_a_compiled_stack_compiles_again_only_when_its_member_count_changes(tmp_path, fashion_mnist):
+    """Graphs compiled by the end of each epoch of the member that goes on: none while the same
+    members go on, the stack's again when one leaves; and its compile seconds are logged."""
+    from torch._dynamo.utils import counters
+
+    cfgs = [TrialConfig(**SHARED, optimizer="adamw", epochs=t, lr=1e-3) for t in (1, 3)]
+    graphs, outcomes = [], {}
+    hooks = [Hooks(), Hooks(epoch=lambda metrics: graphs.append(counters["stats"]["unique_graphs"]))]
+    run_group(cfgs, [TrialLayout(tmp_path / str(i)) for i in range(2)], TrialOptions(compile=True),
+              datasets=Datasets({"fashion-mnist": fashion_mnist}), hooks=hooks, device=torch.device("cpu"),
+              fuse=True, on_end=outcomes.__setitem__)  # fmt: skip
+    assert isinstance(outcomes[1], TrialResult) and outcomes[1].epochs == 3
+    assert graphs[2] == graphs[1] > graphs[0], "compiled for two members, then one, then nothing new"
+    logged = [("compile_seconds" in m) for m in outcomes[1].history]
+    assert logged == [True, True, False], "the first compile and the one after the member left"
 
 
 def test_a_fused_members_checkpoint_is_an_ordinary_one(tmp_path, fashion_mnist):
