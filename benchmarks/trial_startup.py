@@ -126,12 +126,13 @@ def main() -> None:
         work = Path(tmp)
         stand_ins = {"Fashion-MNIST": ("MLPGRID_FASHION_MNIST", "fashion-mnist", write_fashion_mnist),
                      "CIFAR-10": ("MLPGRID_CIFAR10", "cifar-10", write_cifar10)}  # fmt: skip
-        used = {d for i in args.trial or [0] for d in grid.trials[i].config.datasets}
+        indexes = args.trial or [0]
+        used = {d for i in indexes for d in grid.trials[i].config.datasets}
         for name, (variable, dataset, write) in stand_ins.items():
             if dataset in used and not grid.data_root(dataset).is_dir():
                 env[variable] = str(write(work / dataset))
                 print(f"{name} not installed: random pixels in its layout", flush=True)
-        for index in args.trial or [0]:
+        for index in indexes:
             for at_once, augment, budget in itertools.product(args.at_once, args.augment, args.budget):
                 runs = measure(args.grid, index, at_once, augment, budget, env, work)
                 first = runs[0]

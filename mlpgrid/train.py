@@ -127,10 +127,8 @@ def compiles(cfg: TrialConfig, options: TrialOptions, device: torch.device) -> b
 def compiles_augmentation(cfg: TrialConfig, options: TrialOptions, device: torch.device) -> bool:
     """Whether the trial's loader compiles its augmentation: as chosen, else where its model
     compiles or it trains on at least ``AUGMENT_COMPILE_PAYS_IMAGES`` images on a GPU."""
-    if options.compile is not None:
-        return options.compile
-    many_images = cfg.num_examples * cfg.epochs >= AUGMENT_COMPILE_PAYS_IMAGES
-    return compile_pays(cfg, device) or (device.type == "cuda" and many_images)
+    many_images = device.type == "cuda" and cfg.num_examples * cfg.epochs >= AUGMENT_COMPILE_PAYS_IMAGES
+    return compiles(cfg, options, device) or (options.compile is None and many_images)
 
 
 def lr_at(cfg: TrialConfig, step: int, steps_per_epoch: int) -> float:
