@@ -137,6 +137,7 @@ def training_intervals(storage: Path, grid_name: str) -> list[dict]:
         if not epochs:
             continue
         first, last = min(epochs, key=lambda m: m.step), max(epochs, key=lambda m: m.step)
+        rates = [m.value for m in client.get_metric_history(run.info.run_id, "images_per_s") if m.step > 1]
         trials.append({
             "model": run.data.params.get("model"),
             "epochs": len(epochs),
@@ -145,6 +146,8 @@ def training_intervals(storage: Path, grid_name: str) -> list[dict]:
             "train_s": sum(m.value for m in epochs),
             "startup_s": run.data.metrics.get("startup_seconds"),
             "compile_s": run.data.metrics.get("compile_seconds", 0.0),
+            "images_per_s": statistics.mean(rates) if rates else None,  # its epochs after the first
+            "resident_share": run.data.metrics.get("resident_share"),
             "status": run.data.tags.get("status"),
             "error": run.data.tags.get("error"),
             "compute": float(run.data.tags["compute"]),
@@ -198,6 +201,7 @@ def run_grid(grid: Path, storage: Path, packing: str, timeout: float | None = No
     per_gpu = [sampler.busy(i, started, ended) for i in visible]
     busy = statistics.mean(per_gpu)
     training = covered([(t["start"], t["end"]) for t in trials]) / wall
+    rates = [t["images_per_s"] for t in trials if t["images_per_s"]]
     return {
         "packing": packing,
         "group": group,
@@ -215,6 +219,7 @@ def run_grid(grid: Path, storage: Path, packing: str, timeout: float | None = No
         "idle_per_trial_s": wall * (1 - busy) / max(1, len(trials)),
         "startup_median_s": statistics.median(t["startup_s"] for t in trials) if trials else None,
         "compile_median_s": statistics.median(t["compile_s"] for t in trials) if trials else None,
+        "trial_rate_median": statistics.median(rates) if rates else None,
         "per_trial": trials,
         # mlpgrid's notes on how it placed the trials ("[summary] Ray: ... trials at a time ...")
         "progress": [
@@ -298,21 +303,23 @@ def main() -> None:
 
     print()
     print(f"{'packing':>8} {'groups':>6} {'trials':>6} {'wall s':>7} {'outside s':>9} {'TFLOP C/s':>9} {'train s':>8} "
-          f"{'GPU util':>8} {'training':>8} {'idle/trial s':>12} {'start-up s':>10} {'compile s':>9}")  # fmt: skip
+          f"{'GPU util':>8} {'training':>8} {'idle/trial s':>12} {'start-up s':>10} {'compile s':>9} "
+          f"{'trial img/s':>11}")  # fmt: skip
     for r in results:
         work = r["work_per_s"] / 1e12
         outside = r["outside_trials_s"] if r["outside_trials_s"] is not None else float("nan")
         print(f"{r['packing']:>8} {r['group']:>6} {r['finished']:>6} {r['wall_s']:>7.0f} {outside:>9.0f} {work:>9.2f} "
               f"{r['train_s']:>8.0f} {r['gpu_util']:>8.1%} {r['training_share']:>8.1%} {r['idle_per_trial_s']:>12.1f} "
-              f"{r['startup_median_s']:>10.1f} {r['compile_median_s']:>9.1f}")  # fmt: skip
+              f"{r['startup_median_s']:>10.1f} {r['compile_median_s']:>9.1f} "
+              f"{r['trial_rate_median'] or 0:>11,.0f}")  # fmt: skip
     if len(results) > 1:
         print(f"work per second against {results[-1]['packing']}/{results[-1]['group']}: "
               + ", ".join(f"{r['packing']}/{r['group']} {r['work_per_s'] / results[-1]['work_per_s']:.2f}x"
                           for r in results[:-1]))  # fmt: skip
     print(
         "(TFLOP C/s: the finished trials' compute C per second of wall; outside: before the first trial's launch "
-        "and after the last one's end; train s: the trials' own training seconds, summed; start-up and compile: "
-        "medians per trial)"
+        "and after the last one's end; train s: the trials' own training seconds, summed; start-up, compile and "
+        "trial img/s (each trial's own, its first epoch left out): medians per trial)"
     )
     if ceiling:
         print(f"ceiling: the grid's images at each model's best bare rate take {ceiling['seconds']:.0f} s")

@@ -105,9 +105,12 @@ def clip_members(params: list[torch.Tensor], clip: torch.Tensor) -> None:
 
 def _update(kind: str, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[list[torch.Tensor]],
             lr: torch.Tensor, weight_decay: torch.Tensor, momentum: torch.Tensor, betas: tuple[float, float],
-            eps: float, correction1: torch.Tensor, correction2_sqrt: torch.Tensor) -> None:  # fmt: skip
-    """One step of every stacked parameter; hyperparameters (K,) per member."""
+            eps: float, steps: torch.Tensor) -> None:  # fmt: skip
+    """One step of every stacked parameter; hyperparameters (K,) per member, ``steps`` taken
+    (this one included) for AdamW's bias corrections."""
     b1, b2 = betas
+    if kind == "adamw":
+        correction1, correction2_sqrt = 1 - b1**steps, (1 - b2**steps).sqrt()
     for p, g, state in zip(params, grads, states, strict=True):
         lr_, wd = _per_member(lr, p), _per_member(weight_decay, p)
         if kind == "lion":  # lion-pytorch's update
@@ -142,8 +145,10 @@ class StackedOptimizer:
         self.weight_decay = torch.tensor(weight_decay, dtype=torch.float32, device=device)
         self.momentum = torch.tensor(momentum, dtype=torch.float32, device=device)
         self.lr = torch.zeros(len(weight_decay), dtype=torch.float32, device=device)
-        self.corrections = torch.ones(2, dtype=torch.float32, device=device)  # AdamW's bias corrections
         self.steps = 0
+        # The same count on the device, where the update reads it: a copy from the host each
+        # step would make the host wait for the device.
+        self.steps_on_device = torch.zeros((), dtype=torch.float32, device=device)
         self.started = False  # whether the state holds anything: a step taken, or a member's state loaded
         self.state = [{slot: torch.zeros_like(p) for slot in self.SLOTS[kind]} for p in params]
         self._update = torch.compile(_update, dynamic=False) if compiled else _update
@@ -156,11 +161,9 @@ class StackedOptimizer:
     def step(self) -> None:
         self.steps += 1
         self.started = True
-        b1, b2 = self.betas
-        self.corrections.copy_(torch.tensor([1 - b1**self.steps, (1 - b2**self.steps) ** 0.5]))
+        self.steps_on_device += 1
         self._update(self.kind, self.params, [p.grad for p in self.params], [list(s.values()) for s in self.state],
-                     self.lr, self.weight_decay, self.momentum, self.betas, self.eps, self.corrections[0],
-                     self.corrections[1])  # fmt: skip
+                     self.lr, self.weight_decay, self.momentum, self.betas, self.eps, self.steps_on_device)  # fmt: skip
 
     # --- the members' ordinary optimizer state -----------------------------------------------
 
@@ -186,6 +189,7 @@ class StackedOptimizer:
                 t[i] = found.get(name, 0)
             if "step" in found:  # AdamW's, for its bias corrections
                 self.steps = int(found["step"])
+        self.steps_on_device.fill_(self.steps)
         self.started = self.started or bool(saved["state"])
 
     def keep(self, members: list[int], params: list[nn.Parameter]) -> None:

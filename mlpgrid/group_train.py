@@ -79,13 +79,18 @@ class _Sequential:
     def __init__(self, members: list[Member]):
         self.members = members
         self.compile_seconds = None
+        self.lrs: list[list[float]] = []
 
-    def step(self, batch: Any, lrs: list[float]) -> torch.Tensor:
+    def schedule(self, lrs: list[list[float]]) -> None:
+        """Each member's learning rate at every step of the coming epoch."""
+        self.lrs = lrs
+
+    def step(self, batch: Any, step: int) -> torch.Tensor:
         losses = []
-        for member, lr in zip(self.members, lrs, strict=True):
+        for member, lrs in zip(self.members, self.lrs, strict=True):
             parts, cfg = member.parts, member.cfg
             for group in parts.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lrs[step]
             full = parts.compiled is not None and len(batch.labels) == cfg.batch_size
             losses.append(train_step(parts.compiled if full else parts.model, parts.optimizer, batch,
                                      cfg.label_smoothing, cfg.clip_grad))  # fmt: skip
@@ -124,6 +129,8 @@ class _Fused:
             m.parts = dataclasses.replace(m.parts, model=None, optimizer=None)  # the stack holds them now
         self.label_smoothing = self._per_member([m.cfg.label_smoothing for m in members])
         self.clip = self._per_member([m.cfg.clip_grad for m in members])
+        self.clips = any(m.cfg.clip_grad > 0 for m in members)  # known here: asking the device would wait for it
+        self.lrs: torch.Tensor | None = None  # (members, steps of the epoch)
         self.batch_size = lead.cfg.batch_size
         self.example = (self.batch_size, *lead.parts.image_shape), lead.parts.train.out_dtype  # a full batch's
         self.compiled, self.compile_seconds = None, None
@@ -144,15 +151,21 @@ class _Fused:
     def _per_member(self, values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=self.device)
 
-    def step(self, batch: Any, lrs: list[float]) -> torch.Tensor:
-        self.optimizer.lr.copy_(torch.tensor(lrs, dtype=torch.float32))
+    def schedule(self, lrs: list[list[float]]) -> None:
+        """Each member's learning rate at every step of the coming epoch, copied to the device
+        once. A copy from the host every step would make the host wait for the device each
+        step, as would anything read back from it: the step only queues work."""
+        self.lrs = torch.tensor(lrs, dtype=torch.float32).to(self.device)
+
+    def step(self, batch: Any, step: int) -> torch.Tensor:
+        self.optimizer.lr.copy_(self.lrs[:, step])
         net = self.compiled if self.compiled is not None and len(batch.labels) == self.batch_size else self.model
         with autocast(self.device):
             logits = net(batch.images)
         losses = member_losses(logits, batch, self.label_smoothing)
         self.optimizer.zero_grad()
         losses.sum().backward()
-        if bool((self.clip > 0).any()):
+        if self.clips:
             clip_members(self.optimizer.params, self.clip)
         self.optimizer.step()
         return losses.detach()
@@ -186,6 +199,7 @@ class _Fused:
         self.optimizer.keep(indices, list(self.model.stacked))
         self.templates = [self.templates[i] for i in indices]
         self.label_smoothing, self.clip = self.label_smoothing[indices], self.clip[indices]
+        self.clips = bool(self.clip.gt(0).any())
         if self.compiled is not None and len(indices) != members:
             # Only the stack's own graphs compile again, for the new number of members (and
             # the optimizer's update at its next step): four B-6/Wi-512 at batch 4096 on an
@@ -268,12 +282,12 @@ def run_group(
         epoch, start_step = active[0].position.epoch, active[0].position.step
         sums = torch.stack([m.position.loss_sum for m in active])
         seen = active[0].position.seen
-        lrs = [0.0] * len(active)
+        schedule = [[lr_at(m.cfg, epoch * steps + step, steps) for step in range(steps)] for m in active]
+        engine.schedule(schedule)
         started, images = time.perf_counter(), 0
 
         for step, batch in enumerate(train.epoch(epoch, start_step), start=start_step):
-            lrs = [lr_at(m.cfg, epoch * steps + step, steps) for m in active]
-            losses = engine.step(batch, lrs)
+            losses = engine.step(batch, step)
             n = len(batch.labels)
             sums += losses * n
             seen += n
@@ -282,11 +296,12 @@ def run_group(
             if every and (step + 1) % every == 0 and step + 1 < steps:
                 for m in active:
                     m.position.step = step + 1
-                _save(saver, engine, active, sums, seen, lrs, device, required=False)
+                _save(saver, engine, active, sums, seen, [lrs[step] for lrs in schedule], device, required=False)
                 hold_if_asked(saver, epoch, step + 1, [m.layout.root for m in active])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - started
+        lrs = [member_lrs[-1] for member_lrs in schedule]  # of the epoch's last step, as a trial alone logs
         results = engine.evaluate(test)
         going_on, ending, epoch_metrics = [], [], []
         for i, (m, (test_loss, test_error)) in enumerate(zip(active, results, strict=True)):
