@@ -48,7 +48,7 @@ def test_the_rest_reader_gives_what_mlflowclient_gives(tmp_path, write_grid, ser
         if i % 3 != 2:
             run.finish(runs.FINISHED if i % 3 == 0 else runs.FAILED, error=None if i % 3 == 0 else "boom")
         else:
-            run.outbox.flush(timeout_s=60)  # still running, its metrics delivered
+            run.flush(timeout_s=60)  # still running, its metrics delivered
 
     read = runs.trial_runs(grid_run)
     client = MlflowClient(mlflow_server)
@@ -65,7 +65,7 @@ def test_the_rest_reader_gives_what_mlflowclient_gives(tmp_path, write_grid, ser
     # Metric histories (frontier --curves) by REST, as MlflowClient reads them.
     run = tracking.TrialRun.open(grid_run, grid.trials[0])
     run.log_epochs([{"epoch": e, "test_error": 0.5 / e} for e in range(2, 5)])
-    run.outbox.flush(timeout_s=60)
+    run.flush(timeout_s=60)
     ids = [r.run_id for r in read.values()]
     histories = runs.metric_histories(grid_run, ids, "test_error")
     by_client = {i: {m.step: m.value for m in client.get_metric_history(i, "test_error")} for i in ids}
