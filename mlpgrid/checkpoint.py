@@ -165,9 +165,14 @@ class BackgroundSaver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
+    @property
+    def busy(self) -> bool:
+        """Whether a write is still in flight (a checkpoint not ``required`` would be skipped)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def save(self, state: dict[str, Any], epoch: int, step: int, *, required: bool = False) -> bool:
         """Start writing ``state``; False when skipped because a write is still in flight."""
-        if self._thread is not None and self._thread.is_alive() and not required:
+        if self.busy and not required:
             return False
         self.wait()
         snapshot = _host_copy(state)

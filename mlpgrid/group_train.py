@@ -349,9 +349,12 @@ def run_group(
 def _save(saver: BackgroundSaver, engine: _Fused | _Sequential, active: list[Member], sums: torch.Tensor, seen: int,
           lrs: list[float], device: torch.device, *, required: bool) -> None:  # fmt: skip
     """Checkpoint every active member at its (common) position, in one background write."""
+    for i, m in enumerate(active):
+        m.position.loss_sum, m.position.seen = sums[i].clone(), seen  # where the next epoch starts from, too
+    if saver.busy and not required:
+        return  # it would be skipped: copy no member's state for it
     writes = []
     for i, m in enumerate(active):
-        m.position.loss_sum, m.position.seen = sums[i].clone(), seen
         model_state, optimizer_state = engine.states(i, lrs[i])
         writes.append((m.checkpoints, checkpoint_state(m.cfg, model_state, optimizer_state, m.position, device)))
     saver.save(writes, active[0].position.epoch, active[0].position.step, required=required)
