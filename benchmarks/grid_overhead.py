@@ -148,6 +148,8 @@ def training_intervals(storage: Path, grid_name: str) -> list[dict]:
             "compile_s": run.data.metrics.get("compile_seconds", 0.0),
             "images_per_s": statistics.mean(rates) if rates else None,  # its epochs after the first
             "status": run.data.tags.get("status"),
+            "train_loss": run.data.metrics.get("train_loss"),  # its last epoch's
+            "trial_id": run.data.tags.get("trial_id"),
             "error": run.data.tags.get("error"),
             "compute": float(run.data.tags["compute"]),
         })  # fmt: skip

@@ -2,6 +2,7 @@
 
     python benchmarks/quickstart.py                  # --group auto, then --group off
     python benchmarks/quickstart.py --json quickstart.json
+    python benchmarks/quickstart.py --fuse            # grouped members fused, against each alone
 
 Each run is the real ``mlpgrid run grids/quickstart.yaml`` (local Ray, MLflow on SQLite) from a
 fresh storage directory. Fashion-MNIST is read from where mlpgrid finds it; where it is not
@@ -23,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from grid_overhead import covered, training_intervals  # noqa: E402
@@ -31,9 +34,9 @@ from synthetic import write_fashion_mnist  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(storage: Path, group: str, env: dict[str, str], timeout: float, gpus_per_trial: float | None) -> dict:
-    command = [sys.executable, "-m", "mlpgrid", "run", str(REPO / "grids" / "quickstart.yaml"), "--storage",
-               str(storage), "--group", group]  # fmt: skip
+def run(grid: Path, storage: Path, group: str, env: dict[str, str], timeout: float,
+        gpus_per_trial: float | None) -> dict:  # fmt: skip
+    command = [sys.executable, "-m", "mlpgrid", "run", str(grid), "--storage", str(storage), "--group", group]
     if gpus_per_trial:
         command += ["--gpus-per-trial", str(gpus_per_trial)]
     started = time.time()
@@ -66,6 +69,7 @@ def main() -> None:
     parser.add_argument("--group", action="append", help="mlpgrid run --group values; default auto, then off")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--gpus-per-trial", type=float, help="mlpgrid run --gpus-per-trial for every run")
+    parser.add_argument("--fuse", action="store_true", help="run.fuse: true (members fused even on the CPU)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     env = dict(os.environ)
@@ -74,15 +78,25 @@ def main() -> None:
         if not Path(env.get("MLPGRID_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")).is_dir():
             env["MLPGRID_FASHION_MNIST"] = str(write_fashion_mnist(work / "fashion-mnist"))
             print("Fashion-MNIST not installed: random pixels in its layout", flush=True)
-        results = [run(work / f"storage-{g}", g, env, args.timeout, args.gpus_per_trial)
+        grid = REPO / "grids" / "quickstart.yaml"
+        if args.fuse:
+            doc = yaml.safe_load(grid.read_text())
+            doc["run"] = {**doc.get("run", {}), "fuse": True}
+            grid = work / "quickstart.yaml"
+            grid.write_text(yaml.safe_dump(doc))
+        results = [run(grid, work / f"storage-{g}", g, env, args.timeout, args.gpus_per_trial)
                    for g in args.group or ["auto", "off"]]  # fmt: skip
     first, *others = results
     for other in others:
         same = [t for t in first["test_errors"] if t in other["test_errors"]]
         differ = max((abs(first["test_errors"][t] - other["test_errors"][t]) for t in same), default=float("nan"))
+        losses = [{t["trial_id"]: t["train_loss"] for t in r["per_trial"]} for r in (first, other)]
+        loss_differ = max((abs(a - losses[1][t]) / abs(losses[1][t]) for t, a in losses[0].items() if t in losses[1]),
+                          default=float("nan"))  # fmt: skip
         print(f"--group {first['group']} against --group {other['group']}: {other['wall_s'] / first['wall_s']:.2f}x "
               f"faster ({first['wall_s']:.0f} s against {other['wall_s']:.0f} s); largest difference in final test "
-              f"error over {len(same)} trials: {differ:.4f}")  # fmt: skip
+              f"error over {len(same)} trials: {differ:.4f}, in final train loss: {loss_differ:.1e} "
+              "relative")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
