@@ -128,8 +128,8 @@ class _Fused:
             self.templates.append({"param_groups": saved["param_groups"]})
             m.parts = dataclasses.replace(m.parts, model=None, optimizer=None)  # the stack holds them now
         self.label_smoothing = self._per_member([m.cfg.label_smoothing for m in members])
-        self.clip = self._per_member([m.cfg.clip_grad for m in members])
-        self.clips = any(m.cfg.clip_grad > 0 for m in members)  # known here: asking the device would wait for it
+        self.clip_grads = [m.cfg.clip_grad for m in members]  # on the host: asking the device would wait for it
+        self.clip = self._per_member(self.clip_grads)
         self.lrs: torch.Tensor | None = None  # (members, steps of the epoch)
         self.batch_size = lead.cfg.batch_size
         self.example = (self.batch_size, *lead.parts.image_shape), lead.parts.train.out_dtype  # a full batch's
@@ -165,7 +165,7 @@ class _Fused:
         losses = member_losses(logits, batch, self.label_smoothing)
         self.optimizer.zero_grad()
         losses.sum().backward()
-        if self.clips:
+        if any(c > 0 for c in self.clip_grads):
             clip_members(self.optimizer.params, self.clip)
         self.optimizer.step()
         return losses.detach()
@@ -199,7 +199,7 @@ class _Fused:
         self.optimizer.keep(indices, list(self.model.stacked))
         self.templates = [self.templates[i] for i in indices]
         self.label_smoothing, self.clip = self.label_smoothing[indices], self.clip[indices]
-        self.clips = bool(self.clip.gt(0).any())
+        self.clip_grads = [self.clip_grads[i] for i in indices]
         if self.compiled is not None and len(indices) != members:
             # Only the stack's own graphs compile again, for the new number of members (and
             # the optimizer's update at its next step): four B-6/Wi-512 at batch 4096 on an
