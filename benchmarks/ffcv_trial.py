@@ -27,9 +27,9 @@ from synthetic import write_cifar10  # noqa: E402
 
 from mlpgrid import data  # noqa: E402
 from mlpgrid.data.prepare import Request, prepare  # noqa: E402
-from mlpgrid.layout import TrialLayout  # noqa: E402
-from mlpgrid.spec import TrialConfig  # noqa: E402
-from mlpgrid.train import TrialOptions, load_data, run_trial  # noqa: E402
+from mlpgrid.grid.layout import TrialLayout  # noqa: E402
+from mlpgrid.grid.spec import TrialConfig  # noqa: E402
+from mlpgrid.training.loop import TrialOptions, load_data, run_trial  # noqa: E402
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from mlpgrid import frontier  # noqa: E402
+from mlpgrid.analysis import frontier  # noqa: E402
 from synthetic_law import Law, draw  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

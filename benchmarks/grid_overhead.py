@@ -58,8 +58,8 @@ from mps import run_together  # noqa: E402
 from synthetic import write_cifar10  # noqa: E402
 from trial_step import RECIPE, bare_step  # noqa: E402
 
-from mlpgrid import runs  # noqa: E402
-from mlpgrid.layout import StorageLayout  # noqa: E402
+from mlpgrid.grid.layout import StorageLayout  # noqa: E402
+from mlpgrid.tracking import reader  # noqa: E402
 
 MODELS = ("B-6/Wi-256", "B-6/Wi-512", "B-6/Wi-1024", "B-12/Wi-512", "B-12/Wi-768", "B-12/Wi-1024")
 TARGET_SECONDS = (10, 15, 20, 40)
@@ -129,7 +129,7 @@ class GpuSampler:
 
 def training_intervals(storage: Path, grid_name: str) -> list[dict]:
     """Per trial: when its training ran (from its epoch timestamps), start-up and compile seconds."""
-    client = MlflowClient(runs.tracking_uri(StorageLayout(storage)))
+    client = MlflowClient(reader.tracking_uri(StorageLayout(storage)))
     experiment = client.get_experiment_by_name(grid_name)
     trials = []
     for run in client.search_runs([experiment.experiment_id], "tags.mlpgrid_role = 'trial'"):

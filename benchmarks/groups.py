@@ -8,7 +8,7 @@
   compiled). Rates are images per second of all members together, from the rates the trials
   log per epoch (the first epoch left out: it compiles).
 - ``rule``: for growing steps, 8 members fused against one trial alone, both compiled: where
-  fusing stops paying (``mlpgrid.groups.FUSE_BELOW_STEP_FLOPS``).
+  fusing stops paying (``mlpgrid.execution.groups.FUSE_BELOW_STEP_FLOPS``).
 - ``patch``: the same for Mixer and ResMLP (their matmuls are over batch x patches rows).
 - ``leave``: a compiled fused group of four B-6/Wi-512 at batch 4096 whose members end at
   T = 1, 3, 5, 7 (each leaving the stack, which is compiled again for the members left) against
@@ -41,13 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from synthetic import write_cifar10  # noqa: E402
 
-from mlpgrid import architecture, data, models  # noqa: E402
-from mlpgrid.fused import StackedMLP  # noqa: E402
-from mlpgrid.group_train import run_group  # noqa: E402
-from mlpgrid.layout import TrialLayout  # noqa: E402
-from mlpgrid.spec import Trial, TrialConfig  # noqa: E402
-from mlpgrid.step import autocast  # noqa: E402
-from mlpgrid.train import Hooks, TrialOptions, run_trial  # noqa: E402
+from mlpgrid import data  # noqa: E402
+from mlpgrid.grid.layout import TrialLayout  # noqa: E402
+from mlpgrid.grid.spec import Trial, TrialConfig  # noqa: E402
+from mlpgrid.models import architecture, networks
+from mlpgrid.training.fused import StackedMLP  # noqa: E402
+from mlpgrid.training.group import run_group  # noqa: E402
+from mlpgrid.training.loop import Hooks, TrialOptions, run_trial  # noqa: E402
+from mlpgrid.training.step import autocast  # noqa: E402
 
 SIDE = 64
 RECIPE = dict(optimizer="adamw", flip=True, crop_padding=4, mixup=0.8, label_smoothing=0.3)
@@ -150,7 +151,7 @@ class BatchedMatmuls(StackedMLP):
     """The fused forward written out by hand, for comparison: the first layer as one multiply of
     the batch with every member's embedding side by side, the later ones as ``torch.baddbmm``."""
 
-    def __init__(self, cfg: architecture.MLPConfig, members: list[models.MLP]):
+    def __init__(self, cfg: architecture.MLPConfig, members: list[networks.MLP]):
         super().__init__(cfg, members)
         self._index = {name: i for i, name in enumerate(self.names)}
 
@@ -202,7 +203,7 @@ def bare_fused_step(model, optimizer, x, labels) -> None:  # noqa: ANN001
 def vmap_against_bmm(members: int, batch: int, steps: int) -> dict:
     """Bare fused steps/s of StackedMLP and of torch.func.vmap over the MLP, both compiled."""
     cfg = architecture.config_for("B-6/Wi-256", 3 * SIDE * SIDE, 10)
-    nets = [models.MLP(cfg).cuda() for _ in range(members)]
+    nets = [networks.MLP(cfg).cuda() for _ in range(members)]
     x = torch.randn(batch, 3, SIDE, SIDE, device="cuda", dtype=torch.bfloat16)
     labels = torch.randint(0, 10, (batch,), device="cuda")
     stacked, by_hand = StackedMLP(cfg, nets), BatchedMatmuls(cfg, nets)

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlpgrid import architecture, models  # noqa: E402
 from mlpgrid.data import beton  # noqa: E402
 from mlpgrid.data.loader import Augmentation, Batch, DeviceLoader, StreamingLoader  # noqa: E402
+from mlpgrid.models import architecture, networks  # noqa: E402
 
 AUG = Augmentation(flip=True, crop_padding=4, mixup=0.8)
 
@@ -97,7 +97,7 @@ def make_step(model_name: str, side: int, device: torch.device):
     from lion_pytorch import Lion
 
     torch.manual_seed(0)
-    model = models.MLP(architecture.config_for(model_name, 3 * side * side, 1000)).to(device)
+    model = networks.MLP(architecture.config_for(model_name, 3 * side * side, 1000)).to(device)
     optimizer = Lion(model.parameters(), lr=1e-5, weight_decay=1e-3)
 
     def step(batch: Batch) -> None:

@@ -5,7 +5,7 @@
 
 Trials that share a GPU are, unless mlpgrid groups them, each its own process. By default the
 GPU runs one process's kernels at a time (time-slicing); under MPS (the Multi-Process Service)
-kernels of different processes run side by side; a fused group (``mlpgrid.fused``) is one
+kernels of different processes run side by side; a fused group (``mlpgrid.training.fused``) is one
 process stepping all K models in one batched step. For each model and batch this measures,
 side by side, the GPU's images/s of: one process alone; K processes at once, time-sliced; K
 processes at once under an MPS control daemon this script starts (pipe and log directories in
@@ -41,11 +41,11 @@ def make_step(model: str, batch: int, members: int) -> Callable[[], None]:
     import torch
     from groups import SIDE, bare_fused_step
 
-    from mlpgrid import architecture, models
-    from mlpgrid.fused import StackedMLP
+    from mlpgrid.models import architecture, networks
+    from mlpgrid.training.fused import StackedMLP
 
     cfg = architecture.config_for(model, 3 * SIDE * SIDE, 10)
-    stacked = StackedMLP(cfg, [models.MLP(cfg).cuda() for _ in range(members)])
+    stacked = StackedMLP(cfg, [networks.MLP(cfg).cuda() for _ in range(members)])
     optimizer = torch.optim.AdamW(stacked.parameters(), lr=1e-4, fused=True)
     net = torch.compile(stacked)
     x = torch.randn(batch, 3, SIDE, SIDE, device="cuda", dtype=torch.bfloat16)

@@ -20,7 +20,7 @@ cache. Pixel values do not change any cost measured here; the file repeats one r
    device reading host memory, and with CPU threads gathering); against the same step on one
    batch already on the GPU. Rounds interleave them all, so that clocks and
    the page cache treat them alike; all run beside images filling the model's data budget:
-   what :func:`mlpgrid.train.training_bytes` measures for it leaves.
+   what :func:`mlpgrid.training.loop.training_bytes` measures for it leaves.
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loader import batches, time_loader, time_steps  # noqa: E402  (benchmarks/loader.py)
 
-from mlpgrid import architecture, models  # noqa: E402
 from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, device_bytes, usable_cores  # noqa: E402
-from mlpgrid.hardware import default_data_budget  # noqa: E402
-from mlpgrid.optim import CompiledLion  # noqa: E402
-from mlpgrid.step import compile_for_training, train_step  # noqa: E402
-from mlpgrid.train import training_bytes  # noqa: E402
+from mlpgrid.models import architecture, networks  # noqa: E402
+from mlpgrid.training.hardware import default_data_budget  # noqa: E402
+from mlpgrid.training.loop import training_bytes  # noqa: E402
+from mlpgrid.training.optim import CompiledLion  # noqa: E402
+from mlpgrid.training.step import compile_for_training, train_step  # noqa: E402
 
 AUG = Augmentation(flip=True, crop_padding=4, mixup=0.8)
 CLASSES = 10_450  # ImageNet-21k's, as in the paper's pre-training
@@ -118,7 +118,7 @@ def continuing(loader, total: int):
 def make_step(name: str, side: int, batch: int, device: torch.device):
     """The trial's compiled model and optimizer, and one step of them on a batch."""
     torch.manual_seed(0)
-    model = models.build(architecture.config_for(name, 3 * side * side, CLASSES)).to(device)
+    model = networks.build(architecture.config_for(name, 3 * side * side, CLASSES)).to(device)
     example = torch.zeros((batch, 3, side, side), dtype=torch.bfloat16, device=device)
     compiled, _ = compile_for_training(model, example)
     optimizer = CompiledLion(model.parameters(), lr=1e-5, weight_decay=1e-3)

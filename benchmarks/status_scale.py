@@ -9,7 +9,7 @@ tracking code (``TrialRun``: params, tags, two epochs of metrics; the test error
 power law in compute, so the frontier has something to fit), then times each command as a user
 runs it, in a fresh process, three times each (the median is reported): ``status GRID --json``
 and ``frontier GRID --json --bootstrap 0``. Side by side, in this process, it times reading the
-grid's runs with mlpgrid's reader (``runs.trial_runs``, the server's REST API) and with
+grid's runs with mlpgrid's reader (``reader.trial_runs``, the server's REST API) and with
 ``MlflowClient.search_runs`` page by page, as mlpgrid read them before.
 
 Every worker of a freshly started server answers its first search slowly (16 s for the first,
@@ -36,8 +36,9 @@ sys.path.insert(0, str(REPO / "tests"))
 from mlflow import MlflowClient  # noqa: E402
 from mlflow_server import MlflowServer  # noqa: E402
 
-from mlpgrid import runs, spec, tracking  # noqa: E402
-from mlpgrid.layout import StorageLayout  # noqa: E402
+from mlpgrid.grid import spec  # noqa: E402
+from mlpgrid.grid.layout import StorageLayout  # noqa: E402
+from mlpgrid.tracking import reader, writer  # noqa: E402
 
 
 def grid_text(trials: int) -> str:
@@ -50,12 +51,12 @@ def grid_text(trials: int) -> str:
             f"  examples: [{examples}]\n  epochs: [1, 2, 3, 4, 5]\n  seed: [{seed_list}]\n")  # fmt: skip
 
 
-def record(grid_run: runs.GridRun, trial: spec.Trial) -> None:
-    run = tracking.TrialRun.open(grid_run, trial)
+def record(grid_run: reader.GridRun, trial: spec.Trial) -> None:
+    run = writer.TrialRun.open(grid_run, trial)
     error = 0.05 + 30 * trial.compute**-0.3
     run.log_epochs([{"epoch": e, "train_loss": 1.0, "test_loss": 1.0, "test_error": error * (1.1 - 0.1 * e / 2),
                      "lr": 1e-3, "images_per_s": 1e4, "epoch_seconds": 1.0} for e in (1, 2)])  # fmt: skip
-    run.finish(runs.FINISHED)
+    run.finish(reader.FINISHED)
 
 
 def timed(*args: str) -> tuple[float, subprocess.CompletedProcess]:
@@ -69,22 +70,22 @@ def timed(*args: str) -> tuple[float, subprocess.CompletedProcess]:
     return statistics.median(times), done
 
 
-def mlflowclient_search(grid_run: runs.GridRun) -> int:
+def mlflowclient_search(grid_run: reader.GridRun) -> int:
     """The grid's trial runs through ``MlflowClient.search_runs``, page by page; how many."""
     client, found, token = MlflowClient(grid_run.tracking_uri), 0, None
     while True:
-        page = client.search_runs([grid_run.experiment_id], runs.TRIAL_RUNS, max_results=1000, page_token=token)
+        page = client.search_runs([grid_run.experiment_id], reader.TRIAL_RUNS, max_results=1000, page_token=token)
         found, token = found + len(page), page.token
         if not token:
             return found
 
 
-def search_times(grid_run: runs.GridRun, trials: int) -> dict[str, float]:
+def search_times(grid_run: reader.GridRun, trials: int) -> dict[str, float]:
     """Seconds to read every trial run: mlpgrid's reader and MlflowClient, alternately, best of three."""
     reader, client = [], []
     for _ in range(3):
         started = time.perf_counter()
-        assert len(runs.trial_runs(grid_run)) == trials
+        assert len(reader.trial_runs(grid_run)) == trials
         reader.append(time.perf_counter() - started)
         started = time.perf_counter()
         assert mlflowclient_search(grid_run) == trials
@@ -106,7 +107,7 @@ def main() -> None:
         server.start()
         uri = server.url
         try:
-            grid_run = tracking.open_grid(grid, uri, StorageLayout(work / "storage"))
+            grid_run = writer.open_grid(grid, uri, StorageLayout(work / "storage"))
             started = time.perf_counter()
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(lambda t: record(grid_run, t), grid.trials))

@@ -7,7 +7,7 @@
 
 Each measurement starts fresh Python processes (``--at-once`` of them together, as the first
 wave of a grid starts its workers), each training one trial of ``--grid`` (by its index there)
-the way a Ray worker does: imports, CUDA set-up, then :func:`mlpgrid.train.run_trial`, with its
+the way a Ray worker does: imports, CUDA set-up, then :func:`mlpgrid.training.loop.run_trial`, with its
 set-up's parts timed. Every process has a torch.compile cache of its own that starts empty, so
 nothing is compiled from an earlier measurement. ``--augment`` compiles the loader's
 augmentation or leaves it uncompiled whatever the trial would choose; ``--budget given`` skips
@@ -41,12 +41,15 @@ def child(grid_file: str, index: int, storage: Path, launched: float, augment: s
     marks = {"interpreter": time.time() - launched}
     import torch
 
-    from mlpgrid import data, runner, spec, train  # noqa: F401  (runner: a worker imports MLflow through it)
-    from mlpgrid.layout import TrialLayout
+    from mlpgrid import data
+    from mlpgrid.execution import runner  # noqa: F401  (a worker imports MLflow through it)
+    from mlpgrid.grid import spec
+    from mlpgrid.grid.layout import TrialLayout
+    from mlpgrid.training import loop
 
     if augment != "auto":  # the trial's augmentation compiled, or not, whatever the trial would choose
-        chosen, forced = train.load_data, augment == "compiled"
-        train.load_data = lambda *args, **kwargs: chosen(*args, **(kwargs | {"compile": forced}))
+        chosen, forced = loop.load_data, augment == "compiled"
+        loop.load_data = lambda *args, **kwargs: chosen(*args, **(kwargs | {"compile": forced}))
 
     marks["imports"] = time.time() - launched
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -54,14 +57,14 @@ def child(grid_file: str, index: int, storage: Path, launched: float, augment: s
         torch.zeros(1, device=device)
     marks["device ready"] = time.time() - launched
     for name in ("data_budget", "load_data", "make_model"):  # run_trial finds them in its module
-        timed = getattr(train, name)
+        timed = getattr(loop, name)
 
         def wrapper(*args, _timed=timed, _name=name, **kwargs):  # noqa: ANN002, ANN003, ANN202
             result = _timed(*args, **kwargs)
             marks[_name] = time.time() - launched
             return result
 
-        setattr(train, name, wrapper)
+        setattr(loop, name, wrapper)
     epochs = []
 
     def on_epoch(metrics: dict) -> None:
@@ -72,9 +75,9 @@ def child(grid_file: str, index: int, storage: Path, launched: float, augment: s
     grid = spec.load(grid_file)
     trial = grid.trials[index]
     datasets = data.Datasets(grid.data_roots)  # the grid's data section; the other datasets where mlpgrid finds them
-    options = train.TrialOptions(data_budget_bytes=None if budget == "measured" else 2**30)
-    train.run_trial(trial.config, TrialLayout(storage), options, datasets=datasets,
-                    hooks=train.Hooks(epoch=on_epoch), device=device)  # fmt: skip
+    options = loop.TrialOptions(data_budget_bytes=None if budget == "measured" else 2**30)
+    loop.run_trial(trial.config, TrialLayout(storage), options, datasets=datasets,
+                    hooks=loop.Hooks(epoch=on_epoch), device=device)  # fmt: skip
     marks["end"] = time.time() - launched
     return {"trial": trial.id, "model": trial.config.model, "marks": marks, "epoch_seconds": epochs}
 
@@ -117,7 +120,7 @@ def main() -> None:
         return
     from synthetic import write_cifar10, write_fashion_mnist
 
-    from mlpgrid import spec
+    from mlpgrid.grid import spec
 
     env = dict(os.environ)
     results = []

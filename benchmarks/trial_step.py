@@ -7,7 +7,7 @@ For each model and batch size:
 
 - bare step: the model on one random bf16 batch already on the GPU, bf16 autocast, fused
   AdamW, plain cross-entropy; eager and ``torch.compile``'d. The hardware's pace for the model.
-- trial step: :func:`mlpgrid.train.run_trial` itself on a CIFAR-10-sized dataset (random
+- trial step: :func:`mlpgrid.training.loop.run_trial` itself on a CIFAR-10-sized dataset (random
   pixels in CIFAR-10's file layout, 32x32 resized to 64x64, kept on the GPU) with the paper's
   recipe: flips, 4-pixel crops, MixUp 0.8, Lion, label smoothing 0.3, warm-up and cosine
   decay. Its images/s are the ones it logs per epoch (training only, the first epoch left out:
@@ -36,12 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from synthetic import write_cifar10  # noqa: E402
 
-from mlpgrid import architecture, data, models  # noqa: E402
-from mlpgrid.hardware import matmul_peak_tflops  # noqa: E402
-from mlpgrid.layout import TrialLayout  # noqa: E402
-from mlpgrid.spec import TrialConfig  # noqa: E402
-from mlpgrid.step import autocast  # noqa: E402
-from mlpgrid.train import TrialOptions, run_trial  # noqa: E402
+from mlpgrid import data  # noqa: E402
+from mlpgrid.grid.layout import TrialLayout  # noqa: E402
+from mlpgrid.grid.spec import TrialConfig  # noqa: E402
+from mlpgrid.models import architecture, networks
+from mlpgrid.training.hardware import matmul_peak_tflops  # noqa: E402
+from mlpgrid.training.loop import TrialOptions, run_trial  # noqa: E402
+from mlpgrid.training.step import autocast  # noqa: E402
 
 SIDE, CLASSES = 64, 10
 RECIPE = dict(optimizer="lion", lr=1e-4, weight_decay=1e-4, label_smoothing=0.3, flip=True, crop_padding=4,
@@ -55,7 +56,7 @@ def sync() -> None:
 def make_bare_step(name: str, batch: int, compiled: bool) -> Callable[[], None]:
     """One training step of the model on a random bf16 batch already on the GPU."""
     cfg = architecture.config_for(name, 3 * SIDE * SIDE, CLASSES)
-    model = models.MLP(cfg).cuda()
+    model = networks.MLP(cfg).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randn(batch, 3, SIDE, SIDE, device="cuda", dtype=torch.bfloat16)
     y = torch.randint(0, CLASSES, (batch,), device="cuda")
@@ -109,10 +110,10 @@ def optimizer_update(name: str, steps: int) -> dict[str, float]:
     from lion_pytorch import Lion
     from lion_pytorch.foreach import Lion as ForeachLion
 
-    from mlpgrid.optim import CompiledLion
+    from mlpgrid.training.optim import CompiledLion
 
     cfg = architecture.config_for(name, 3 * SIDE * SIDE, CLASSES)
-    params = [p.detach().requires_grad_() for p in models.MLP(cfg).cuda().parameters()]
+    params = [p.detach().requires_grad_() for p in networks.MLP(cfg).cuda().parameters()]
     for p in params:
         p.grad = torch.randn_like(p)
     makers = {

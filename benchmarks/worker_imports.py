@@ -1,7 +1,7 @@
 """What a Ray worker pays to import mlpgrid before its trial starts.
 
     python benchmarks/worker_imports.py                       # the worker's module, 5 fresh processes
-    python benchmarks/worker_imports.py --module mlpgrid.runner --repeats 9 --json imports.json
+    python benchmarks/worker_imports.py --module mlpgrid.execution.runner --repeats 9 --json imports.json
 
 Ray hands a worker its trial function by reference, so the worker process imports the module
 that defines it (and everything that module imports) before it trains. Each repeat imports
@@ -22,8 +22,8 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# The module holding the function every Ray worker runs (mlpgrid.ray_runner._run_group).
-WORKER_MODULE = "mlpgrid.ray_runner"
+# The module holding the function every Ray worker runs (mlpgrid.execution.ray_tune._run_group).
+WORKER_MODULE = "mlpgrid.execution.ray_tune"
 HEAVY = ("scipy", "matplotlib")
 
 _PROBE = """

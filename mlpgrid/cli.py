@@ -12,10 +12,11 @@ from typing import Any
 
 import click
 
-from mlpgrid import architecture, metrics, spec
 from mlpgrid.data.prepare import FORMATS, LAYOUTS
-from mlpgrid.layout import StorageLayout
-from mlpgrid.spec import GridSpec, SpecError
+from mlpgrid.grid import metrics, spec
+from mlpgrid.grid.layout import StorageLayout
+from mlpgrid.grid.spec import GridSpec, SpecError
+from mlpgrid.models import architecture
 
 
 def _json(value: Any, indent: int | None = None) -> str:
@@ -120,11 +121,11 @@ def _first_lines(lines: list[str], shown: int = 5) -> str:
 
 def _tracking(grid: GridSpec, storage: StorageLayout, uri: str | None) -> Any:
     """The grid's MLflow experiment and parent run, or a clear error before any trial starts."""
-    from mlpgrid import runs, tracking
+    from mlpgrid.tracking import reader, writer
 
-    uri = runs.tracking_uri(storage, uri)
+    uri = reader.tracking_uri(storage, uri)
     try:
-        return tracking.open_grid(grid, uri, storage)
+        return writer.open_grid(grid, uri, storage)
     except Exception as e:  # noqa: BLE001 - whatever stops MLflow, stop before training
         raise click.ClickException(f"cannot use MLflow tracking URI {uri}: {e}") from None
 
@@ -230,10 +231,11 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
       mlpgrid run grids/quickstart.yaml --address ray://head:10001 --gpus-per-trial 0.5 \\
           --storage /shared/mlpgrid --tracking-uri http://mlflow:5000
     """
-    from mlpgrid import runner, runs
-    from mlpgrid.groups import describe
-    from mlpgrid.hardware import pick_device
-    from mlpgrid.progress import Progress
+    from mlpgrid.execution import runner
+    from mlpgrid.execution.groups import describe
+    from mlpgrid.execution.progress import Progress
+    from mlpgrid.tracking import reader
+    from mlpgrid.training.hardware import pick_device
 
     grid = _load_grid(grid_file)
     size = grid.run.group if group is None else None if group == "auto" else group
@@ -245,15 +247,15 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
     except runner.DataError as e:
         raise click.ClickException(str(e)) from None
     grid_run = _tracking(grid, storage, tracking_uri)
-    ended = runs.trial_runs(grid_run)  # one search for the checks below and the pending trials
-    changed = [] if allow_changes else runs.changed_trials(_load_grid(grid_file, filtered=False), grid_run, ended)
+    ended = reader.trial_runs(grid_run)  # one search for the checks below and the pending trials
+    changed = [] if allow_changes else reader.changed_trials(_load_grid(grid_file, filtered=False), grid_run, ended)
     if changed:
         raise click.ClickException(
             f"{grid_file} changed since its trials ran: {len(changed)} ended trials are no longer in it. "
             f"As run -> in the file now:\n  {_first_lines(changed)}\nPut the setting back, give the grid a new name, "
             "or pass --allow-changes to run the file as it is (the ended trials stay in MLflow)."
         )
-    stale = [] if allow_changes else runs.data_changed(ended, checksums)
+    stale = [] if allow_changes else reader.data_changed(ended, checksums)
     if stale:
         raise click.ClickException(
             f"the data changed since {len(stale)} trials of {grid.name} trained on it (dataset checksum as run -> "
@@ -277,23 +279,23 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
             progress.note(describe(groups))
             runner.run_in_process(groups, progress)
         elif mine:
-            from mlpgrid import ray_runner
+            from mlpgrid.execution import ray_tune
 
-            opts = ray_runner.RayOptions(address, max_concurrent, gpus_per_trial, cpus_per_trial, retries, wait_s)
+            opts = ray_tune.RayOptions(address, max_concurrent, gpus_per_trial, cpus_per_trial, retries, wait_s)
             try:
-                ray_runner.run_on_ray(mine, size, grid, storage, opts, progress)
-            except ray_runner.ResourcesError as e:
+                ray_tune.run_on_ray(mine, size, grid, storage, opts, progress)
+            except ray_tune.ResourcesError as e:
                 progress.note(str(e))
                 failure = str(e)
     finally:
         progress.close()
         still_held = runner.settle(grid, storage, grid_run)  # also after Ctrl-C: cut-off trials say so
-    rows = runs.grid_status(grid, grid_run)
+    rows = reader.grid_status(grid, grid_run)
     _print_status(rows)
     # Failure is what this run did not bring to an end; diverged trials found from an earlier
     # run are reported in the table, and a re-run with nothing left to do succeeds.
     ran = {t.trial.id for t in tasks}
-    bad = [r for r in rows if r["state"] != runs.FINISHED and (r["trial_id"] in ran or r["state"] not in runs.DONE)]
+    bad = [r for r in rows if r["state"] != reader.FINISHED and (r["trial_id"] in ran or r["state"] not in reader.DONE)]
     elsewhere = {r["trial_id"]: still_held[r["trial_id"]] for r in bad if r["trial_id"] in still_held}
     for r in bad:
         why = f"another process trains it ({elsewhere[r['trial_id']]})" if r["trial_id"] in elsewhere else None
@@ -317,19 +319,20 @@ def status(grid_file: str, as_json: bool, storage: StorageLayout, tracking_uri: 
       mlpgrid status grids/quickstart.yaml
       mlpgrid status grids/quickstart.yaml --json
     """
-    from mlpgrid import locks, runs
+    from mlpgrid.grid import locks
+    from mlpgrid.tracking import reader
 
     grid = _load_grid(grid_file)
-    uri = runs.tracking_uri(storage, tracking_uri)
+    uri = reader.tracking_uri(storage, tracking_uri)
     try:
-        rows = runs.grid_status(grid, runs.find_grid(grid, uri))
+        rows = reader.grid_status(grid, reader.find_grid(grid, uri))
     except Exception as e:  # noqa: BLE001 - e.g. a store still being created, or unreachable
         raise click.ClickException(f"cannot read MLflow tracking URI {uri}: {e}") from None
     trials = storage.grid(grid.name)
     for row in rows:  # a run still saying running whose driver was killed: nothing holds its trial
         lock = trials.trial(row["trial_id"]).lock
-        if row["state"] == runs.RUNNING and lock.exists() and locks.holder(lock) is None:
-            row["state"] = runs.INTERRUPTED
+        if row["state"] == reader.RUNNING and lock.exists() and locks.holder(lock) is None:
+            row["state"] = reader.INTERRUPTED
     if as_json:
         click.echo(_json({"grid": grid.name, "trials": rows, "totals": _totals(rows)}, indent=2))
     else:
@@ -350,8 +353,8 @@ def trial(grid_file: str, trial_id: str, storage: StorageLayout, tracking_uri: s
     Example:
       mlpgrid trial grids/quickstart.yaml --trial 3fa2
     """
-    from mlpgrid import runner
-    from mlpgrid.progress import Progress
+    from mlpgrid.execution import runner
+    from mlpgrid.execution.progress import Progress
 
     grid = _load_grid(grid_file)
     try:
@@ -453,8 +456,8 @@ def frontier(grid_file: str | None, csv_file: str | None, metric: str | None, cu
       mlpgrid frontier --from-csv results.csv --budget 1e18
       mlpgrid frontier --from-csv lm.csv --bootstrap 0   # columns flops,loss,params,tokens
     """
-    from mlpgrid import report
-    from mlpgrid.frontier import FitOptions
+    from mlpgrid.analysis import report
+    from mlpgrid.analysis.frontier import FitOptions
 
     options = FitOptions(space=fit_space, bins_per_decade=bins_per_decade, e_inf=e_inf)
     request = report.FrontierRequest(
@@ -649,8 +652,8 @@ def bench_models(names: tuple[str, ...], resolution: int, channels: int, classes
     """
     import torch
 
-    from mlpgrid.bench import efficiency
-    from mlpgrid.hardware import pick_device
+    from mlpgrid.models.bench import efficiency
+    from mlpgrid.training.hardware import pick_device
 
     device = pick_device()
     batch_sizes = batch_sizes or ((256, 1024, 4096, 16384) if device.type == "cuda" else (16, 64, 256))

@@ -62,7 +62,7 @@ def mlpgrid_command(*args: str) -> list[str]:
 
 def without_timing(history: list[dict]) -> list[dict]:
     """Epoch metrics less the timings, which differ between runs of the same trial."""
-    from mlpgrid import metrics
+    from mlpgrid.grid import metrics
 
     return [{k: v for k, v in m.items() if k not in metrics.TIMING} for m in history]
 
@@ -71,7 +71,7 @@ def final_checkpoint(storage: Path, grid, trial) -> dict:
     """The state a finished trial of ``grid`` left under ``storage``: its checkpoint after the last epoch."""
     import torch
 
-    from mlpgrid.checkpoint import CheckpointDir
+    from mlpgrid.training.checkpoint import CheckpointDir
 
     checkpoints = CheckpointDir(storage / grid.name / trial.id / "checkpoints")
     assert checkpoints.positions()[-1] == (trial.config.epochs, 0)

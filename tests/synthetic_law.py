@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlpgrid.frontier import Point
+from mlpgrid.analysis.frontier import Point
 
 
 @dataclass(frozen=True)

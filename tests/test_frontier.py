@@ -5,8 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from mlpgrid import frontier, isoflop, parametric
-from mlpgrid.frontier import FitError, FitOptions, Point, Trials
+from mlpgrid.analysis import frontier, isoflop, parametric
+from mlpgrid.analysis.frontier import FitError, FitOptions, Point, Trials
 from synthetic_law import Law, draw
 
 LAW = Law()
@@ -249,7 +249,7 @@ def test_seeds_widen_the_intervals_by_their_spread():
 
 
 def test_a_dense_grid_is_drawn_as_a_density(tmp_path, monkeypatch):
-    from mlpgrid import plots
+    from mlpgrid.analysis import plots
 
     monkeypatch.setattr(plots, "DENSE_POINTS", 100)  # the draw has 243 points
     analysis = frontier.analyse(draw(LAW, np.random.default_rng(8)))

@@ -12,9 +12,10 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from mlpgrid import metrics, runs, spec, tracking
 from mlpgrid.cli import cli
-from mlpgrid.layout import StorageLayout
+from mlpgrid.grid import metrics, spec
+from mlpgrid.grid.layout import StorageLayout
+from mlpgrid.tracking import reader, writer
 from synthetic_law import Law
 
 GRID = """name: synthetic
@@ -28,7 +29,7 @@ grid:
 
 def record(grid_run, trial, status="finished", error=None):
     """A trial run as the trainer leaves it: params, tags, epoch metrics, final state."""
-    run = tracking.TrialRun.open(grid_run, trial)
+    run = writer.TrialRun.open(grid_run, trial)
     if error is not None:
         values = dict.fromkeys(metrics.EPOCH, 1.0) | {"epoch": trial.config.epochs, "test_error": error}
         run.log_epochs([values])
@@ -46,7 +47,7 @@ def recorded_grid(tmp_path, write_grid):
     """A 32-trial grid whose runs all finished, but one failed, one diverged and one running."""
     path, storage = write_grid(GRID), tmp_path / "store"
     grid = spec.load(path)
-    grid_run = tracking.open_grid(grid, runs.tracking_uri(StorageLayout(storage)), StorageLayout(storage))
+    grid_run = writer.open_grid(grid, reader.tracking_uri(StorageLayout(storage)), StorageLayout(storage))
     rng = np.random.default_rng(0)
     for i, trial in enumerate(grid.trials):
         status = {0: "failed", 1: "diverged", 2: "running"}.get(i, "finished")
@@ -220,10 +221,10 @@ def test_curves_add_the_earlier_epochs_of_constant_learning_rate_trials(tmp_path
     gives only its end; and the report says which trials gave what, and why."""
     path, storage = write_grid(CONSTANT_GRID), tmp_path / "store"
     grid = spec.load(path)
-    grid_run = tracking.open_grid(grid, runs.tracking_uri(StorageLayout(storage)), StorageLayout(storage))
+    grid_run = writer.open_grid(grid, reader.tracking_uri(StorageLayout(storage)), StorageLayout(storage))
     rng = np.random.default_rng(0)
     for trial in grid.trials:
-        run, cfg = tracking.TrialRun.open(grid_run, trial), trial.config
+        run, cfg = writer.TrialRun.open(grid_run, trial), trial.config
         errors = [float(Law().error(trial.params, cfg.num_examples * t) * np.exp(rng.normal(0, 0.01)))
                   for t in range(1, cfg.epochs + 1)]  # fmt: skip
         run.log_epochs([dict.fromkeys(metrics.EPOCH, 1.0) | {"epoch": t + 1, "test_error": e}
@@ -233,7 +234,7 @@ def test_curves_add_the_earlier_epochs_of_constant_learning_rate_trials(tmp_path
     result = frontier(path, "--storage", storage, "--json", "--bootstrap", "0", "--curves")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    constant, cosine = runs.CURVE_CONSTANT, runs.CURVE_COSINE
+    constant, cosine = reader.CURVE_CONSTANT, reader.CURVE_COSINE
     assert report["curves"] == {"points": 16 * 3, "trials": {constant: 16, cosine: 16}}, "epochs 1, 2, 3 of 4"
     assert report["points"] == plain["points"] + 48 == 80
     ends = {p["settings"].get("end") for p in report["frontier"]}
@@ -254,7 +255,7 @@ grid:
 def test_each_family_gets_its_own_fit(tmp_path, write_grid):
     path, storage = write_grid(FAMILIES_GRID), tmp_path / "store"
     grid = spec.load(path)
-    grid_run = tracking.open_grid(grid, runs.tracking_uri(StorageLayout(storage)), StorageLayout(storage))
+    grid_run = writer.open_grid(grid, reader.tracking_uri(StorageLayout(storage)), StorageLayout(storage))
     rng = np.random.default_rng(0)
     for trial in grid.trials:
         record(grid_run, trial, "finished", law_error(trial, rng))

@@ -21,16 +21,17 @@ from conftest import (
     wait_until_held,
     without_timing,
 )
-from mlpgrid import runs, spec, tracking
-from mlpgrid.checkpoint import HOLD_AT, CheckpointDir
 from mlpgrid.cli import cli
 from mlpgrid.data import Datasets
-from mlpgrid.group_train import run_group
-from mlpgrid.groups import form_groups, group_key
-from mlpgrid.layout import StorageLayout, TrialLayout
-from mlpgrid.runner import execute, pending_tasks
-from mlpgrid.spec import TrialConfig
-from mlpgrid.train import Hooks, TrialDiverged, TrialOptions, TrialResult, run_trial
+from mlpgrid.execution.groups import form_groups, group_key
+from mlpgrid.execution.runner import execute, pending_tasks
+from mlpgrid.grid import spec
+from mlpgrid.grid.layout import StorageLayout, TrialLayout
+from mlpgrid.grid.spec import TrialConfig
+from mlpgrid.tracking import reader, writer
+from mlpgrid.training.checkpoint import HOLD_AT, CheckpointDir
+from mlpgrid.training.group import run_group
+from mlpgrid.training.loop import Hooks, TrialDiverged, TrialOptions, TrialResult, run_trial
 
 SHARED = dict(model="B-1/Wi-32", examples=1500, batch_size=100, flip=True, crop_padding=2, mixup=0.2)
 MEMBERS = [
@@ -185,18 +186,18 @@ zip:
 
 
 def _runs(grid, storage):
-    return runs.trial_runs(runs.find_grid(grid, runs.tracking_uri(StorageLayout(storage))))
+    return reader.trial_runs(reader.find_grid(grid, reader.tracking_uri(StorageLayout(storage))))
 
 
 def _history(storage, run, key):
-    client = MlflowClient(runs.tracking_uri(StorageLayout(storage)))
+    client = MlflowClient(reader.tracking_uri(StorageLayout(storage)))
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run.run_id, key), key=lambda m: m.step)]
 
 
 def _alone_in_this_process(grid, storage):
     """Each trial alone, with a Ray CPU trial's single torch thread, recorded in MLflow."""
     layout = StorageLayout(storage)
-    grid_run = tracking.open_grid(grid, runs.tracking_uri(layout), layout)
+    grid_run = writer.open_grid(grid, reader.tracking_uri(layout), layout)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -243,7 +244,7 @@ def test_a_grouped_grid_on_ray_records_its_trials_as_alone_and_resumes_a_killed_
         for key in ("test_error", "train_loss", "test_loss", "lr"):
             assert _history(storage, run, key) == _history(tmp_path / "alone", single, key), key
         assert [step for step, _ in _history(storage, run, "epoch")] == list(range(1, trial.config.epochs + 1))
-        client = MlflowClient(runs.tracking_uri(StorageLayout(storage)))
+        client = MlflowClient(reader.tracking_uri(StorageLayout(storage)))
         assert {"trial_config.json", "first_layer.png"} <= {a.path for a in client.list_artifacts(run.run_id)}
         final, expected = final_checkpoint(storage, grid, trial), final_checkpoint(tmp_path / "alone", grid, trial)
         if trial.config.epochs > 1:  # the one-epoch member had left the group before the kill

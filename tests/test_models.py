@@ -6,8 +6,8 @@ import torch
 from click.testing import CliRunner
 from torch.utils.flop_counter import FlopCounterMode
 
-from mlpgrid import architecture, models
 from mlpgrid.cli import cli
+from mlpgrid.models import architecture, networks
 
 IN_64 = 64 * 64 * 3
 
@@ -47,7 +47,7 @@ OPTION_SETS = [
 @pytest.mark.parametrize("options", OPTION_SETS)
 def test_counted_params_match_the_built_model(family, options):
     cfg = architecture.config_for(f"{family}-3/Wi-48", 7 * 7 * 3, 11, **options)
-    built = models.MLP(cfg)
+    built = networks.MLP(cfg)
     assert architecture.count_params(cfg) == sum(p.numel() for p in built.parameters())
 
 
@@ -56,7 +56,7 @@ def test_matmul_flops_match_torch_flop_counter(name):
     # torch counts 2 FLOPs per multiply-add and ignores norms: compare the matmul part.
     cfg = architecture.config_for(name, 5 * 5 * 3, 7, norm="none")
     with FlopCounterMode(display=False) as counter:
-        models.MLP(cfg)(torch.zeros(1, 3, 5, 5))
+        networks.MLP(cfg)(torch.zeros(1, 3, 5, 5))
     assert counter.get_total_flops() == architecture.HARDWARE_FLOPS_PER_MAC * architecture.forward_flops(cfg)
 
 
@@ -68,7 +68,7 @@ def test_layernorm_adds_five_flops_per_element_like_fvcore():
 
 def test_b_mlp_block_is_pre_norm_inverted_bottleneck():
     cfg = architecture.config_for("B-1/Wi-8", 4, 2)
-    block = models.MLP(cfg).blocks[0]
+    block = networks.MLP(cfg).blocks[0]
     first, last = block.fn[0], block.fn[3]
     assert (first.in_features, first.out_features, last.out_features) == (8, 32, 8)
     z = torch.randn(5, 8)
@@ -78,7 +78,7 @@ def test_b_mlp_block_is_pre_norm_inverted_bottleneck():
 
 def test_s_mlp_block_has_no_skip_and_relu():
     cfg = architecture.config_for("S-1/Wi-8", 4, 2)
-    block = models.MLP(cfg).blocks[0]
+    block = networks.MLP(cfg).blocks[0]
     z = torch.randn(5, 8)
     torch.testing.assert_close(block(z), torch.relu(block.fn[0](block.norm(z))))
 
@@ -127,7 +127,7 @@ def test_patch_models_have_their_papers_sizes(name, millions):
 def test_patch_models_counted_params_match_the_built_model(name):
     cfg = patch_config(name, side=16, classes=7)
     with torch.device("meta"):
-        built = models.build(cfg)
+        built = networks.build(cfg)
     assert architecture.count_params(cfg) == sum(p.numel() for p in built.parameters())
 
 
@@ -137,7 +137,7 @@ def test_patch_models_matmul_flops_match_torch_flop_counter(name):
     at 5 per element (ResMLP's Aff is elementwise, like a residual add)."""
     cfg = patch_config(name, side=16, classes=7)
     with FlopCounterMode(display=False) as counter:
-        models.build(cfg)(torch.zeros(1, 3, 16, 16))
+        networks.build(cfg)(torch.zeros(1, 3, 16, 16))
     norms = (2 * cfg.depth + 1) * 5 * cfg.tokens * cfg.width if cfg.family == "Mixer" else 0
     assert counter.get_total_flops() == architecture.HARDWARE_FLOPS_PER_MAC * (architecture.forward_flops(cfg) - norms)
 
@@ -145,21 +145,21 @@ def test_patch_models_matmul_flops_match_torch_flop_counter(name):
 def test_patch_embedding_is_a_strided_convolution_and_blocks_are_as_the_papers():
     torch.manual_seed(0)
     cfg = patch_config("Mixer-S/4", side=8, classes=3)
-    model, x = models.build(cfg), torch.randn(2, 3, 8, 8)
+    model, x = networks.build(cfg), torch.randn(2, 3, 8, 8)
     kernel = model.embed.weight.reshape(cfg.width, 3, 4, 4)
     conv = torch.nn.functional.conv2d(x, kernel, model.embed.bias, stride=4).flatten(2).transpose(1, 2)
     torch.testing.assert_close(model.embed(model.patches(x)), conv)
     block, z = model.blocks[0], torch.randn(2, cfg.tokens, cfg.width)
     mixed = z + block.token_mlp(block.token_norm(z).transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(block(z), mixed + block.channel_mlp(block.channel_norm(mixed)))
-    res, y = models.build(patch_config("ResMLP-S12/4", side=8, classes=3)).blocks[0], z[..., :384]
+    res, y = networks.build(patch_config("ResMLP-S12/4", side=8, classes=3)).blocks[0], z[..., :384]
     mixed = y + res.token_scale * res.token_mix(res.token_affine(y).transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(res(y), mixed + res.channel_scale * res.channel_mlp(res.channel_affine(mixed)))
     assert res.token_scale[0].item() == pytest.approx(0.1), "ResMLP-S12's LayerScale starts at 0.1"
 
 
 def test_stochastic_depth_drops_whole_branches_per_example_in_training_only():
-    drop = models.DropPath(0.25).train()
+    drop = networks.DropPath(0.25).train()
     torch.manual_seed(0)
     out = drop(torch.ones(4000, 3, 5))
     per_example = out.flatten(1)
@@ -168,7 +168,8 @@ def test_stochastic_depth_drops_whole_branches_per_example_in_training_only():
     assert (per_example[:, 0] == 0).float().mean().item() == pytest.approx(0.25, abs=0.03)
     torch.manual_seed(0)
     cfg = architecture.config_for("ResMLP-S12/4", 3 * 8 * 8, 3, image=(3, 8), drop_path=0.5)
-    model, plain, x = models.build(cfg), models.build(dataclasses.replace(cfg, drop_path=0.0)), torch.randn(8, 3, 8, 8)
+    model, plain = networks.build(cfg), networks.build(dataclasses.replace(cfg, drop_path=0.0))
+    x = torch.randn(8, 3, 8, 8)
     plain.load_state_dict(model.state_dict())
     torch.testing.assert_close(model.eval()(x), plain.eval()(x))
     assert not torch.allclose(model.train()(x), plain.train()(x))

@@ -2,8 +2,8 @@ import io
 
 import pytest
 
-from mlpgrid import spec
-from mlpgrid.progress import Progress
+from mlpgrid.execution.progress import Progress
+from mlpgrid.grid import spec
 
 
 class Terminal(io.StringIO):

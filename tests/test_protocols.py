@@ -12,15 +12,16 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from conftest import REPO, mlpgrid_command, write_fashion_mnist_subset
-from mlpgrid import architecture, spec
-from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.cli import cli
 from mlpgrid.data import Datasets
 from mlpgrid.data.subset import split_off
-from mlpgrid.layout import TrialLayout
-from mlpgrid.spec import SpecError, TrialConfig
-from mlpgrid.stages import probe_examples
-from mlpgrid.train import Hooks, run_trial
+from mlpgrid.grid import spec
+from mlpgrid.grid.layout import TrialLayout
+from mlpgrid.grid.spec import SpecError, TrialConfig
+from mlpgrid.models import architecture
+from mlpgrid.training.checkpoint import CheckpointDir
+from mlpgrid.training.loop import Hooks, run_trial
+from mlpgrid.training.stages import probe_examples
 from test_sources import write_cifar10
 
 GRIDS = sorted((REPO / "grids").glob("*.yaml"))

@@ -13,10 +13,11 @@ from mlflow import MlflowClient
 from mlflow_server import free_port
 
 from conftest import REPO, mlpgrid_command, start_driver, stop_group, wait_until_gone, without_timing
-from mlpgrid import runs, spec, tracking
-from mlpgrid.checkpoint import HOLD_AT, CheckpointDir
-from mlpgrid.layout import StorageLayout
-from mlpgrid.runner import execute, pending_tasks
+from mlpgrid.execution.runner import execute, pending_tasks
+from mlpgrid.grid import spec
+from mlpgrid.grid.layout import StorageLayout
+from mlpgrid.tracking import reader, writer
+from mlpgrid.training.checkpoint import HOLD_AT, CheckpointDir
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +31,8 @@ def mlpgrid(*args, timeout=300):
 
 def runs_of(path, storage, uri=None):
     grid = spec.load(path)
-    grid_run = runs.find_grid(grid, runs.tracking_uri(StorageLayout(storage), uri))
-    return runs.trial_runs(grid_run) if grid_run else {}
+    grid_run = reader.find_grid(grid, reader.tracking_uri(StorageLayout(storage), uri))
+    return reader.trial_runs(grid_run) if grid_run else {}
 
 
 def test_grid_runs_on_ray_once_per_trial_and_resumes_only_new_trials(tmp_path, write_grid, fashion_mnist):
@@ -45,7 +46,7 @@ def test_grid_runs_on_ray_once_per_trial_and_resumes_only_new_trials(tmp_path, w
     grid = spec.load(path)
     recorded = runs_of(path, storage)
     assert set(recorded) == {t.id for t in grid.trials}, "exactly one run per trial"
-    client = MlflowClient(runs.tracking_uri(StorageLayout(storage)))
+    client = MlflowClient(reader.tracking_uri(StorageLayout(storage)))
     for trial in grid.trials:
         run = recorded[trial.id]
         tags = run.tags
@@ -165,7 +166,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_
     assert after[quick.id].end_time == before[quick.id].end_time
     assert after[long.id].run_id == before[long.id].run_id
 
-    client = MlflowClient(runs.tracking_uri(StorageLayout(storage)))
+    client = MlflowClient(reader.tracking_uri(StorageLayout(storage)))
     steps = [m.step for m in client.get_metric_history(after[long.id].run_id, "test_error")]
     assert steps == [1, 2, 3, 4], "no epoch lost or logged twice"
     state = torch.load(long_ckpt.file(4, 0), weights_only=True)
@@ -175,7 +176,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_
     # thread count, ends with the same weights.
     assert after[long.id].tags["torch_threads"] == "1"
     reference = tmp_path / "reference"
-    grid_run = tracking.open_grid(grid, runs.tracking_uri(StorageLayout(reference)), StorageLayout(reference))
+    grid_run = writer.open_grid(grid, reader.tracking_uri(StorageLayout(reference)), StorageLayout(reference))
     (task,) = [t for t in pending_tasks(grid, StorageLayout(reference), grid_run) if t.trial.id == long.id]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -203,12 +204,12 @@ def test_trials_use_both_nodes_and_survive_losing_one(tmp_path, write_grid, fash
     import ray
     from ray.cluster_utils import Cluster
 
-    from mlpgrid.progress import Progress
-    from mlpgrid.ray_runner import RayOptions, run_on_ray
+    from mlpgrid.execution.progress import Progress
+    from mlpgrid.execution.ray_tune import RayOptions, run_on_ray
 
     path, storage = write_grid(TWO_NODE_GRID), tmp_path / "store"
     grid = spec.load(path)
-    grid_run = tracking.open_grid(grid, runs.tracking_uri(StorageLayout(storage)), StorageLayout(storage))
+    grid_run = writer.open_grid(grid, reader.tracking_uri(StorageLayout(storage)), StorageLayout(storage))
     tasks = pending_tasks(grid, StorageLayout(storage), grid_run)
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
@@ -216,7 +217,7 @@ def test_trials_use_both_nodes_and_survive_losing_one(tmp_path, write_grid, fash
     cluster.wait_for_nodes()
     head_id = cluster.head_node.node_id
     # Without --address a grid starts a Ray of its own: it never joins (nor loses) this cluster.
-    local = subprocess.run([sys.executable, "-c", "import ray; from mlpgrid.ray_runner import start_ray; "
+    local = subprocess.run([sys.executable, "-c", "import ray; from mlpgrid.execution.ray_tune import start_ray; "
                             "start_ray(None); print(ray.get_runtime_context().gcs_address); ray.shutdown()"],
                            cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert local.returncode == 0 and local.stdout.strip() not in ("", cluster.address), local.stdout + local.stderr
@@ -225,7 +226,7 @@ def test_trials_use_both_nodes_and_survive_losing_one(tmp_path, write_grid, fash
     def kill_worker_node_mid_trial():
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            for tid, run in runs.trial_runs(grid_run).items():
+            for tid, run in reader.trial_runs(grid_run).items():
                 on_worker = run.tags.get("ray_node_id") == worker_node.node_id
                 attempt_logged = "startup_seconds" in run.metrics  # its outbox is slow on a loaded machine
                 ckpt = CheckpointDir(storage / grid.name / tid / "checkpoints")
@@ -253,7 +254,7 @@ def test_trials_use_both_nodes_and_survive_losing_one(tmp_path, write_grid, fash
     watcher.join(timeout=5)
     assert "trial" in killed, "a trial ran on the worker node and was cut off there"
 
-    recorded = runs.trial_runs(grid_run)
+    recorded = reader.trial_runs(grid_run)
     assert len(recorded) == 2 and all(r.tags["status"] == "finished" for r in recorded.values())
     moved = recorded[killed["trial"]]
     assert moved.tags["ray_node_id"] == head_id, "the retry ran on the surviving node"

@@ -1,4 +1,4 @@
-"""Reading a grid's runs back (mlpgrid.runs) from a real `mlflow server`: the REST reader gives
+"""Reading a grid's runs back (mlpgrid.tracking.reader) from a real `mlflow server`: the REST reader gives
 what MlflowClient gives, for every kind of trial run a grid holds."""
 
 import dataclasses
@@ -9,8 +9,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow_server import MlflowServer
 
-from mlpgrid import runs, spec, tracking
-from mlpgrid.layout import StorageLayout
+from mlpgrid.grid import spec
+from mlpgrid.grid.layout import StorageLayout
+from mlpgrid.tracking import reader, writer
 
 GRID = """name: {name}
 grid:
@@ -38,21 +39,21 @@ def comparable(record):
 
 def test_the_rest_reader_gives_what_mlflowclient_gives(tmp_path, write_grid, server):
     grid, mlflow_server = spec.load(write_grid(GRID.format(name="reader"))), server
-    assert runs.find_grid(grid, mlflow_server) is None, "no experiment yet: nothing is created"
-    grid_run = tracking.open_grid(grid, mlflow_server, StorageLayout(tmp_path / "store"))
-    assert runs.find_grid(grid, mlflow_server) == grid_run
+    assert reader.find_grid(grid, mlflow_server) is None, "no experiment yet: nothing is created"
+    grid_run = writer.open_grid(grid, mlflow_server, StorageLayout(tmp_path / "store"))
+    assert reader.find_grid(grid, mlflow_server) == grid_run
     for i, trial in enumerate(grid.trials):  # finished, failed, running, one with a NaN loss
-        run = tracking.TrialRun.open(grid_run, trial, tags={"note": "ä ✓ 'quoted'"})
+        run = writer.TrialRun.open(grid_run, trial, tags={"note": "ä ✓ 'quoted'"})
         run.log_epochs([{"epoch": 1, "train_loss": math.nan if i == 3 else 0.5, "test_loss": 0.6,
                          "test_error": 0.1 + i / 100}])  # fmt: skip
         if i % 3 != 2:
-            run.finish(runs.FINISHED if i % 3 == 0 else runs.FAILED, error=None if i % 3 == 0 else "boom")
+            run.finish(reader.FINISHED if i % 3 == 0 else reader.FAILED, error=None if i % 3 == 0 else "boom")
         else:
             run.flush(timeout_s=60)  # still running, its metrics delivered
 
-    read = runs.trial_runs(grid_run)
+    read = reader.trial_runs(grid_run)
     client = MlflowClient(mlflow_server)
-    expected = {r.data.tags["trial_id"]: runs.record_of(r) for r in client.search_runs([grid_run.experiment_id])
+    expected = {r.data.tags["trial_id"]: reader.record_of(r) for r in client.search_runs([grid_run.experiment_id])
                 if r.data.tags.get("mlpgrid_role") == "trial"}  # fmt: skip
     assert set(read) == set(expected) == {t.id for t in grid.trials}
     for trial_id, record in read.items():
@@ -63,11 +64,11 @@ def test_the_rest_reader_gives_what_mlflowclient_gives(tmp_path, write_grid, ser
     assert {r.tags["note"] for r in read.values()} == {"ä ✓ 'quoted'"}
 
     # Metric histories (frontier --curves) by REST, as MlflowClient reads them.
-    run = tracking.TrialRun.open(grid_run, grid.trials[0])
+    run = writer.TrialRun.open(grid_run, grid.trials[0])
     run.log_epochs([{"epoch": e, "test_error": 0.5 / e} for e in range(2, 5)])
     run.flush(timeout_s=60)
     ids = [r.run_id for r in read.values()]
-    histories = runs.metric_histories(grid_run, ids, "test_error")
+    histories = reader.metric_histories(grid_run, ids, "test_error")
     by_client = {i: {m.step: m.value for m in client.get_metric_history(i, "test_error")} for i in ids}
     assert histories == by_client and histories[read[grid.trials[0].id].run_id] == {1: 0.1, 2: 0.25, 3: 0.5 / 3,
                                                                                     4: 0.125}  # fmt: skip
@@ -76,10 +77,10 @@ def test_the_rest_reader_gives_what_mlflowclient_gives(tmp_path, write_grid, ser
 @pytest.mark.parametrize("store", ["server", "sqlite"])
 def test_many_runs_are_read_whole_and_once(tmp_path, write_grid, monkeypatch, server, store):
     """More runs than a page holds (in every shard, on a server): none lost, none twice."""
-    monkeypatch.setattr(runs, "PAGE_SIZE", 2)
+    monkeypatch.setattr(reader, "PAGE_SIZE", 2)
     grid, layout = spec.load(write_grid(GRID.format(name=f"pages-{store}"))), StorageLayout(tmp_path / "store")
-    uri = server if store == "server" else runs.tracking_uri(layout)
-    grid_run = tracking.open_grid(grid, uri, layout)
+    uri = server if store == "server" else reader.tracking_uri(layout)
+    grid_run = writer.open_grid(grid, uri, layout)
     client = MlflowClient(uri)
     made = set()
     for i in range(40):
@@ -87,6 +88,6 @@ def test_many_runs_are_read_whole_and_once(tmp_path, write_grid, monkeypatch, se
         run = client.create_run(grid_run.experiment_id, tags={"mlpgrid_role": "trial", "trial_id": trial_id})
         client.log_batch(run.info.run_id, metrics=[Metric("epoch", float(i), 0, 1)])
         made.add(trial_id)
-    read = runs.trial_runs(grid_run)
+    read = reader.trial_runs(grid_run)
     assert set(read) == made
     assert sorted(int(r.metrics["epoch"]) for r in read.values()) == list(range(40))

@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mlpgrid import spec
 from mlpgrid.cli import cli
-from mlpgrid.spec import SpecError
+from mlpgrid.grid import spec
+from mlpgrid.grid.spec import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def test_unknown_model(write_grid):
 def test_stochastic_depth_is_for_patch_models_and_keeps_trials_apart(write_grid):
     message = refused(write_grid, "base: {epochs: 1, drop_path: 0.1}\ngrid:\n  model: [Mixer-S/7, B-2/Wi-64]\n")
     assert "grid.model[1]: B-2/Wi-64: drop_path (stochastic depth) applies to Mixer and ResMLP only" in message
-    from mlpgrid.groups import group_key
+    from mlpgrid.execution.groups import group_key
 
     (trial,) = spec.load(write_grid("base: {model: ResMLP-S12/7, epochs: 1, drop_path: 0.1}\n")).trials
     assert trial.config.model_config().drop_path == 0.1

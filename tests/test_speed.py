@@ -7,15 +7,15 @@ import pytest
 import torch
 from lion_pytorch import Lion
 
-from mlpgrid import spec
-from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir
 from mlpgrid.data import Datasets
-from mlpgrid.groups import Group
-from mlpgrid.layout import TrialLayout
-from mlpgrid.optim import CompiledLion
-from mlpgrid.placement import gpu_share, gpu_shares, launch_order
-from mlpgrid.spec import TrialConfig
-from mlpgrid.train import TrialOptions, run_trial
+from mlpgrid.execution.groups import Group
+from mlpgrid.execution.placement import gpu_share, gpu_shares, launch_order
+from mlpgrid.grid import spec
+from mlpgrid.grid.layout import TrialLayout
+from mlpgrid.grid.spec import TrialConfig
+from mlpgrid.training.checkpoint import BackgroundSaver, CheckpointDir
+from mlpgrid.training.loop import TrialOptions, run_trial
+from mlpgrid.training.optim import CompiledLion
 
 
 def test_compiled_lion_is_lion_pytorch_step_for_step():

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from conftest import REPO
-from mlpgrid import spec
-from mlpgrid.layout import StorageLayout
+from mlpgrid.grid import spec
+from mlpgrid.grid.layout import StorageLayout
 
 
 def test_storage_layout_is_absolute_and_per_trial(tmp_path, monkeypatch):
@@ -22,10 +22,10 @@ def test_storage_layout_is_absolute_and_per_trial(tmp_path, monkeypatch):
 
 def test_the_readmes_grid_file_reference_is_made_from_the_code():
     readme = (REPO / "README.md").read_text()
-    start = readme.index("<!-- grid-file reference: python -m mlpgrid.spec -->\n")
+    start = readme.index("<!-- grid-file reference: python -m mlpgrid.grid.spec -->\n")
     end = readme.index("<!-- end of grid-file reference -->")
     shown = readme[start:end].split("\n", 1)[1]
-    assert shown == spec.reference(), "regenerate it with python -m mlpgrid.spec"
+    assert shown == spec.reference(), "regenerate it with python -m mlpgrid.grid.spec"
     for name in [*spec.FIELDS, "checkpoint_every_steps", "data_budget_gb", "gpus_per_trial", "compile"]:
         assert f"| `{name}` |" in shown
 
@@ -47,16 +47,22 @@ def imports(blocked: list[str], modules: list[str], shown: str) -> str:
 def test_a_ray_worker_needs_neither_scipy_nor_matplotlib():
     """The module Ray imports for a worker's function imports without the frontier's and the
     figures' libraries (MLflow imports SciPy itself where it is installed, and goes on without)."""
-    loaded = set(eval(imports(["scipy", "matplotlib"], ["mlpgrid.ray_runner"],
+    loaded = set(eval(imports(["scipy", "matplotlib"], ["mlpgrid.execution.ray_tune"],
                               "sorted(m for m in sys.modules if m.startswith('mlpgrid.'))")))  # fmt: skip
-    assert "mlpgrid.runner" in loaded and "mlpgrid.train" in loaded
-    assert not loaded & {"mlpgrid.frontier", "mlpgrid.plots", "mlpgrid.report", "mlpgrid.bench", "mlpgrid.cli"}
+    assert "mlpgrid.execution.runner" in loaded and "mlpgrid.training.loop" in loaded
+    assert not loaded & {
+        "mlpgrid.analysis.frontier",
+        "mlpgrid.analysis.plots",
+        "mlpgrid.analysis.report",
+        "mlpgrid.models.bench",
+        "mlpgrid.cli",
+    }
 
 
 def test_status_and_frontier_import_no_torch_and_mlflow_only_to_log():
     """What `status` and `frontier` import stays free of torch, and of MLflow's client, SciPy's
     optimizer and matplotlib until a report is fitted, logged or drawn: each costs 0.6 to 2.3 s."""
     later = ["mlflow", "matplotlib", "scipy.optimize"]
-    shown = imports(["torch"], ["mlpgrid.cli", "mlpgrid.runs", "mlpgrid.locks", "mlpgrid.report"],
-                    f"[m for m in {later!r} if m in sys.modules]")  # fmt: skip
+    modules = ["mlpgrid.cli", "mlpgrid.tracking.reader", "mlpgrid.grid.locks", "mlpgrid.analysis.report"]
+    shown = imports(["torch"], modules, f"[m for m in {later!r} if m in sys.modules]")
     assert shown == "[]", f"imported at start: {shown}"

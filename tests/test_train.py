@@ -13,13 +13,13 @@ import torch
 from click.testing import CliRunner
 
 from conftest import REPO, final_checkpoint, mlpgrid_command, without_timing, write_fashion_mnist_subset
-from mlpgrid import spec
-from mlpgrid.checkpoint import CheckpointDir
 from mlpgrid.cli import cli
 from mlpgrid.data import Datasets
-from mlpgrid.layout import TrialLayout
-from mlpgrid.spec import TrialConfig
-from mlpgrid.train import Hooks, TrialDiverged, TrialOptions, compiles, compiles_augmentation, lr_at, run_trial
+from mlpgrid.grid import spec
+from mlpgrid.grid.layout import TrialLayout
+from mlpgrid.grid.spec import TrialConfig
+from mlpgrid.training.checkpoint import CheckpointDir
+from mlpgrid.training.loop import Hooks, TrialDiverged, TrialOptions, compiles, compiles_augmentation, lr_at, run_trial
 from test_sources import write_cifar10
 
 TINY = dict(model="B-1/Wi-32", examples=2000, epochs=2, batch_size=100)
@@ -210,10 +210,10 @@ def test_run_refuses_a_missing_dataset_before_training(tmp_path, write_grid):
 
 
 def test_a_trial_directory_has_one_writer_at_a_time(tmp_path):
-    from mlpgrid.locks import exclusive
+    from mlpgrid.grid.locks import exclusive
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from mlpgrid.locks import exclusive\nimport time\n"
+        [sys.executable, "-c", f"from mlpgrid.grid.locks import exclusive\nimport time\n"
          f"with exclusive({str(tmp_path / 'lock')!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -252,7 +252,7 @@ def test_a_patch_model_trains_resumes_exactly_and_evaluates_its_pooled_features(
 
 def test_the_test_images_get_what_the_training_subset_leaves_of_the_budget(tmp_path):
     from mlpgrid.data import loader as loaders
-    from mlpgrid.train import make_loaders
+    from mlpgrid.training.loop import make_loaders
 
     arrays = Datasets({"fashion-mnist": write_fashion_mnist_subset(tmp_path / "f", 300, 100)}).load("fashion-mnist")
     cfg = TrialConfig(model="B-1/Wi-16", epochs=1, examples=200)
@@ -264,7 +264,7 @@ def test_the_test_images_get_what_the_training_subset_leaves_of_the_budget(tmp_p
 
 
 def test_a_trial_trains_the_same_at_every_residency_and_records_it(tmp_path, fashion_mnist):
-    from mlpgrid.train import TrialOptions, data_budget
+    from mlpgrid.training.loop import TrialOptions, data_budget
 
     cfg = TrialConfig(**TINY, mixup=0.2, crop_padding=2)
     datasets = Datasets({"fashion-mnist": fashion_mnist})

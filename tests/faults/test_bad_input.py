@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO
-from mlpgrid import spec
-from mlpgrid.spec import RunOptions, SpecError
+from mlpgrid.grid import spec
+from mlpgrid.grid.spec import RunOptions, SpecError
 
 TOP = ["name", "description", "metric", "data", "run", "base", "grid", "zip"]
 KNOWN = TOP + list(spec.FIELDS) + [f for f in RunOptions.__dataclass_fields__] + ["modle", "n", "bs"]
@@ -152,7 +152,7 @@ def test_an_output_that_cannot_be_written_whole_leaves_nothing(tmp_path):
     script = (
         "import resource, signal, sys\n"
         "from pathlib import Path\n"
-        "from mlpgrid import outputs\n"
+        "from mlpgrid.analysis import outputs\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
         "try:\n"

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import without_timing
-from mlpgrid.checkpoint import CheckpointDir, CheckpointError
 from mlpgrid.data import Datasets
-from mlpgrid.layout import TrialLayout
-from mlpgrid.spec import TrialConfig
-from mlpgrid.train import run_trial
+from mlpgrid.grid.layout import TrialLayout
+from mlpgrid.grid.spec import TrialConfig
+from mlpgrid.training.checkpoint import CheckpointDir, CheckpointError
+from mlpgrid.training.loop import run_trial
 
 CFG = TrialConfig(model="B-1/Wi-32", examples=1000, epochs=3, batch_size=100, optimizer="adamw", lr=1e-3)
 

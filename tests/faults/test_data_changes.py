@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from mlpgrid import runs
 from mlpgrid.cli import cli
 from mlpgrid.data import prepare, prepared
 from mlpgrid.data.prepare import Request
-from mlpgrid.layout import StorageLayout
+from mlpgrid.grid.layout import StorageLayout
+from mlpgrid.tracking import reader
 from test_prepare import write_tree
 
 
@@ -40,7 +40,7 @@ def run(grid, storage, *extra):
 
 def test_a_run_records_the_checksum_of_its_data(animals):
     root, grid, storage = animals
-    uri = runs.tracking_uri(StorageLayout(storage))
+    uri = reader.tracking_uri(StorageLayout(storage))
     [trial] = MlflowClient(uri).search_runs(
         [MlflowClient(uri).get_experiment_by_name("animals").experiment_id], "tags.mlpgrid_role = 'trial'"
     )

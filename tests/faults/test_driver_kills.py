@@ -12,9 +12,10 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import REPO, final_checkpoint, mlpgrid_command
-from mlpgrid import runs, spec
-from mlpgrid.checkpoint import CheckpointDir
-from mlpgrid.layout import StorageLayout
+from mlpgrid.grid import spec
+from mlpgrid.grid.layout import StorageLayout
+from mlpgrid.tracking import reader
+from mlpgrid.training.checkpoint import CheckpointDir
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,7 @@ def test_driver_killed_again_and_again_loses_and_repeats_nothing(tmp_path, write
     out, err = last.communicate(timeout=600)
     assert last.returncode == 0, out + err
 
-    grid_run = runs.find_grid(grid, runs.tracking_uri(StorageLayout(storage)))
+    grid_run = reader.find_grid(grid, reader.tracking_uri(StorageLayout(storage)))
     client = MlflowClient(grid_run.tracking_uri)
     recorded = client.search_runs([grid_run.experiment_id], "tags.mlpgrid_role = 'trial'")
     assert sorted(r.data.tags["trial_id"] for r in recorded) == sorted(t.id for t in grid.trials), "one run per trial"

@@ -10,9 +10,10 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import REPO, mlpgrid_command, stop_group, wait_until_held
-from mlpgrid import runs, spec
-from mlpgrid.checkpoint import HOLD_AT
-from mlpgrid.layout import StorageLayout
+from mlpgrid.grid import spec
+from mlpgrid.grid.layout import StorageLayout
+from mlpgrid.tracking import reader
+from mlpgrid.training.checkpoint import HOLD_AT
 
 pytestmark = pytest.mark.slow
 
@@ -49,18 +50,18 @@ def test_a_cut_off_trial_says_so_and_resumes(tmp_path, write_grid, fashion_mnist
     finally:
         stop_group(driver)
     assert driver.returncode != 0, out
-    grid_run = runs.find_grid(grid, runs.tracking_uri(StorageLayout(storage)))
+    grid_run = reader.find_grid(grid, reader.tracking_uri(StorageLayout(storage)))
     client = MlflowClient(grid_run.tracking_uri)
     assert state(path, storage) == "interrupted"
     if how == signal.SIGINT:  # the driver recorded it as it stopped
-        (cut,) = runs.trial_runs(grid_run).values()
+        (cut,) = reader.trial_runs(grid_run).values()
         assert cut.tags["status"] == "interrupted" and cut.status == "KILLED"
         assert client.get_run(grid_run.parent_run_id).info.status == "KILLED"
 
     again = run(path, storage)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out
-    (done,) = runs.trial_runs(grid_run).values()
+    (done,) = reader.trial_runs(grid_run).values()
     assert done.tags["status"] == "finished" and done.status == "FINISHED"
     assert client.get_run(grid_run.parent_run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(done.run_id, "test_error")] == [1, 2]

@@ -6,8 +6,9 @@ import subprocess
 from mlflow import MlflowClient
 
 from conftest import mlpgrid_command
-from mlpgrid import runs, spec
-from mlpgrid.layout import StorageLayout
+from mlpgrid.grid import spec
+from mlpgrid.grid.layout import StorageLayout
+from mlpgrid.tracking import reader
 
 SECRET = "pa55-9f8e7d6c5b4a"
 GRID = """
@@ -34,7 +35,7 @@ def test_writes_stay_in_storage_and_credentials_stay_out_of_logs(tmp_path, write
     written = files_under(tmp_path) - before
     assert written and all(storage in p.parents for p in written), sorted(map(str, written - files_under(storage)))
 
-    grid_run = runs.find_grid(spec.load(path), runs.tracking_uri(StorageLayout(storage)))
+    grid_run = reader.find_grid(spec.load(path), reader.tracking_uri(StorageLayout(storage)))
     client = MlflowClient(grid_run.tracking_uri)
     for run in client.search_runs([grid_run.experiment_id]):
         recorded = {**run.data.params, **run.data.tags, **{k: str(v) for k, v in run.data.metrics.items()}}
@@ -57,9 +58,9 @@ def test_a_planted_or_damaged_stage_cache_never_runs_and_is_rebuilt(tmp_path, fa
     import torch
 
     from mlpgrid.data import Datasets
-    from mlpgrid.layout import TrialLayout
-    from mlpgrid.spec import TrialConfig
-    from mlpgrid.train import run_trial
+    from mlpgrid.grid.layout import TrialLayout
+    from mlpgrid.grid.spec import TrialConfig
+    from mlpgrid.training.loop import run_trial
 
     cfg = TrialConfig(model="B-1/Wi-16", epochs=1, examples=500, batch_size=100, probe_datasets=("fashion-mnist",),
                       probe_examples=500, probe_epochs=2)  # fmt: skip

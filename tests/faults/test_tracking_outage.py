@@ -9,9 +9,9 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import REPO, mlpgrid_command, wait_until_held
-from mlpgrid import spec
-from mlpgrid.checkpoint import HOLD_AT, CheckpointDir
-from mlpgrid.layout import StorageLayout
+from mlpgrid.grid import spec
+from mlpgrid.grid.layout import StorageLayout
+from mlpgrid.training.checkpoint import HOLD_AT, CheckpointDir
 
 pytestmark = pytest.mark.slow
 

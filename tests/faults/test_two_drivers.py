@@ -12,9 +12,10 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import REPO, mlpgrid_command, stop_group, wait_until_held
-from mlpgrid import runs, spec
-from mlpgrid.checkpoint import HOLD_AT
-from mlpgrid.layout import StorageLayout
+from mlpgrid.grid import spec
+from mlpgrid.grid.layout import StorageLayout
+from mlpgrid.tracking import reader
+from mlpgrid.training.checkpoint import HOLD_AT
 
 pytestmark = pytest.mark.slow
 
@@ -53,14 +54,14 @@ def test_a_second_driver_leaves_the_first_ones_trial_alone(tmp_path, write_grid,
         first.wait(timeout=60)
     finally:
         stop_group(first)
-    grid_run = runs.find_grid(grid, runs.tracking_uri(StorageLayout(storage)))
-    before = runs.trial_runs(grid_run)
+    grid_run = reader.find_grid(grid, reader.tracking_uri(StorageLayout(storage)))
+    before = reader.trial_runs(grid_run)
     assert before[first_trial.id].tags["status"] == "running", "left to its driver, not marked failed"
 
     last = driver(path, storage)
     out, _ = last.communicate(timeout=300)
     assert last.returncode == 0, out
-    after = runs.trial_runs(grid_run)
+    after = reader.trial_runs(grid_run)
     client = MlflowClient(grid_run.tracking_uri)
     recorded = client.search_runs([grid_run.experiment_id], "tags.mlpgrid_role = 'trial'")
     assert sorted(r.data.tags["trial_id"] for r in recorded) == sorted(t.id for t in grid.trials), "one run per trial"
@@ -76,13 +77,14 @@ def test_a_second_driver_leaves_the_first_ones_trial_alone(tmp_path, write_grid,
 OPEN = """
 import sys, time
 from pathlib import Path
-from mlpgrid import runs, spec, tracking
-from mlpgrid.layout import StorageLayout
+from mlpgrid.grid import spec
+from mlpgrid.tracking import reader, writer
+from mlpgrid.grid.layout import StorageLayout
 storage = StorageLayout(sys.argv[2])
 Path(sys.argv[3] + "." + sys.argv[4]).touch()  # ready: MLflow imported
 while not Path(sys.argv[3]).exists():
     time.sleep(0.01)
-run = tracking.open_grid(spec.load(sys.argv[1]), runs.tracking_uri(storage), storage)
+run = writer.open_grid(spec.load(sys.argv[1]), reader.tracking_uri(storage), storage)
 print(run.experiment_id, run.parent_run_id)
 """
 
@@ -103,5 +105,5 @@ def test_drivers_started_together_on_a_fresh_store_create_it_once(tmp_path, writ
         assert d.returncode == 0, err
         opened.append(out.split())
     assert len({tuple(o) for o in opened}) == 1, "one experiment, one parent run"
-    client = MlflowClient(runs.tracking_uri(StorageLayout(storage)))
+    client = MlflowClient(reader.tracking_uri(StorageLayout(storage)))
     assert len(client.search_runs([opened[0][0]], "tags.mlpgrid_role = 'grid'")) == 1

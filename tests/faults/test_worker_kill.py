@@ -8,9 +8,10 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import start_driver, stop_group, wait_until_held
-from mlpgrid import runs, spec
-from mlpgrid.checkpoint import HOLD_AT, CheckpointDir
-from mlpgrid.layout import StorageLayout
+from mlpgrid.grid import spec
+from mlpgrid.grid.layout import StorageLayout
+from mlpgrid.tracking import reader
+from mlpgrid.training.checkpoint import HOLD_AT, CheckpointDir
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +27,12 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, write_grid, fash
     (trial,) = grid.trials
     layout = StorageLayout(storage).grid(grid.name).trial(trial.id)
     checkpoints = CheckpointDir(layout.checkpoints)
-    uri = runs.tracking_uri(StorageLayout(storage))
+    uri = reader.tracking_uri(StorageLayout(storage))
     monkeypatch.setenv(HOLD_AT, "1:30")  # the worker stops after its checkpoint at step 30 of epoch 2
     driver = start_driver(path, storage)
     try:
         victim = wait_until_held(layout.root / "held", driver)
-        (run,) = runs.trial_runs(runs.find_grid(grid, uri)).values()
+        (run,) = reader.trial_runs(reader.find_grid(grid, uri)).values()
         assert int(run.tags["worker_pid"]) == victim, "the trial's worker holds"
         os.kill(victim, signal.SIGKILL)
         out, _ = driver.communicate(timeout=300)
@@ -39,7 +40,7 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, write_grid, fash
         stop_group(driver)
     assert driver.returncode == 0, out
 
-    (run,) = runs.trial_runs(runs.find_grid(grid, uri)).values()
+    (run,) = reader.trial_runs(reader.find_grid(grid, uri)).values()
     assert run.tags["status"] == "finished" and int(run.tags["worker_pid"]) != victim
     assert "retry  " in out and "restarts from its last checkpoint" in out
     history = MlflowClient(uri).get_metric_history(run.run_id, "test_error")

@@ -7,7 +7,7 @@ trial id). That skips importing MLflow and decoding its protobuf messages: for 1
 2-core machine, MLflow's import took 2.3 s and the decoding 1.5 s of the 9 s `status` took
 (see ``benchmarks/status_scale.py``). Other stores (SQLite, files), and servers reached
 through an MLflow auth plugin, are read through ``MlflowClient``. Nothing here writes; the
-writing side is :mod:`mlpgrid.tracking`.
+writing side is :mod:`mlpgrid.tracking.writer`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlpgrid import metrics
-from mlpgrid.layout import StorageLayout
-from mlpgrid.points import Point
-from mlpgrid.spec import GridSpec, TrialConfig
+from mlpgrid.grid import metrics
+from mlpgrid.grid.layout import StorageLayout
+from mlpgrid.grid.spec import GridSpec, TrialConfig
+from mlpgrid.tracking.points import Point
 
 # Run states, kept in the run's ``status`` tag.
 RUNNING, FINISHED, FAILED, DIVERGED = "running", "finished", "failed", "diverged"

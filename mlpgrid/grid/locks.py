@@ -18,7 +18,7 @@ from pathlib import Path
 
 @contextmanager
 def claim(path: str | Path, wait_s: float = 0.0) -> Iterator[str | None]:
-    """Hold the lock file ``path`` (a trial's :attr:`~mlpgrid.layout.TrialLayout.lock`) while a
+    """Hold the lock file ``path`` (a trial's :attr:`~mlpgrid.grid.layout.TrialLayout.lock`) while a
     trial writes its directory and its MLflow run, so two attempts of one trial never overlap,
     whichever drivers they come from.
 

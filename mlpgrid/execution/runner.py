@@ -1,5 +1,5 @@
 """Run a grid's trials: the tasks still to do, one trial with its MLflow run, and the trials
-one after another in this process (:mod:`mlpgrid.ray_runner` runs them on Ray).
+one after another in this process (:mod:`mlpgrid.execution.ray_tune` runs them on Ray).
 
 Either way trials run through :func:`execute_group`, which claims each trial, opens its MLflow
 run, trains (resuming from the trial's checkpoint directory) and records how it ended.
@@ -20,18 +20,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlpgrid import data, tracking
-from mlpgrid.checkpoint import CheckpointDir
+from mlpgrid import data
 from mlpgrid.data import prepared
-from mlpgrid.groups import Group, form_groups, fuses
-from mlpgrid.hardware import pick_device
-from mlpgrid.layout import GridLayout, StorageLayout, TrialLayout
-from mlpgrid.locks import claim, holder
-from mlpgrid.progress import Progress
-from mlpgrid.runs import DIVERGED, DONE, FAILED, FINISHED, GridRun, RunRecord, data_tag, trial_runs
-from mlpgrid.spec import GridSpec, RunOptions, Trial
-from mlpgrid.tracking import TrialRun, trial_run
-from mlpgrid.train import Hooks, TrialDiverged, TrialOptions, TrialResult, run_trial
+from mlpgrid.execution.groups import Group, form_groups, fuses
+from mlpgrid.execution.progress import Progress
+from mlpgrid.grid.layout import GridLayout, StorageLayout, TrialLayout
+from mlpgrid.grid.locks import claim, holder
+from mlpgrid.grid.spec import GridSpec, RunOptions, Trial
+from mlpgrid.tracking import writer
+from mlpgrid.tracking.reader import DIVERGED, DONE, FAILED, FINISHED, GridRun, RunRecord, data_tag, trial_runs
+from mlpgrid.tracking.writer import TrialRun, trial_run
+from mlpgrid.training.checkpoint import CheckpointDir
+from mlpgrid.training.hardware import pick_device
+from mlpgrid.training.loop import Hooks, TrialDiverged, TrialOptions, TrialResult, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def pending_tasks(grid: GridSpec, storage: StorageLayout, grid_run: GridRun, che
                   runs: dict[str, RunRecord] | None = None) -> list[TrialTask]:  # fmt: skip
     """Tasks for the trials MLflow does not show as done, in grid order; ``checksums`` (of
     :func:`check_data`) are recorded on their runs. ``runs``: the grid's trial runs where the
-    caller has searched them already (:func:`mlpgrid.runs.trial_runs`)."""
+    caller has searched them already (:func:`mlpgrid.tracking.reader.trial_runs`)."""
     runs = trial_runs(grid_run) if runs is None else runs
     done = {tid for tid, run in runs.items() if run.tags.get("status") in DONE}
     directory = storage.grid(grid.name)
@@ -194,7 +195,7 @@ def execute(task: TrialTask, **options: Any) -> str:
 
 @dataclass(frozen=True)
 class GroupTask(Group):
-    """A :class:`~mlpgrid.groups.Group` with what a worker needs to run each of its trials."""
+    """A :class:`~mlpgrid.execution.groups.Group` with what a worker needs to run each of its trials."""
 
     members: tuple[TrialTask, ...] = ()
 
@@ -202,7 +203,7 @@ class GroupTask(Group):
 def group_tasks(tasks: list[TrialTask], size: int | None, units: int = 1,
                 device_type: str = "cpu") -> list[GroupTask]:  # fmt: skip
     """The tasks in groups of at most ``size`` trials (None: automatic, 1: each alone), for
-    ``units`` parallel units of ``device_type`` (see :func:`mlpgrid.groups.form_groups`)."""
+    ``units`` parallel units of ``device_type`` (see :func:`mlpgrid.execution.groups.form_groups`)."""
     by_id = {t.trial.id: t for t in tasks}
     fuse = tasks[0].options.fuse if tasks else None
     training = [t.trial for t in tasks if t.pretrained_by is None]
@@ -221,14 +222,14 @@ def held_elsewhere(tasks: list[TrialTask]) -> dict[str, str]:
 
 def settle(grid: GridSpec, storage: StorageLayout, grid_run: GridRun) -> dict[str, str]:
     """What a driver leaves behind as it stops, however it stops: the trials whose runs say
-    running but that no process trains are marked :data:`~mlpgrid.runs.INTERRUPTED`, and
+    running but that no process trains are marked :data:`~mlpgrid.tracking.reader.INTERRUPTED`, and
     the grid's parent run ends (finished once every trial has ended) unless another process
     still trains some of them. Returns those, as :func:`held_elsewhere` does."""
     left = pending_tasks(grid, storage, grid_run)
     held = held_elsewhere(left)
-    tracking.mark_interrupted(grid_run, [t.trial.id for t in left if t.trial.id not in held])
+    writer.mark_interrupted(grid_run, [t.trial.id for t in left if t.trial.id not in held])
     if not held:
-        tracking.end_grid(grid_run, all_ended=not left)
+        writer.end_grid(grid_run, all_ended=not left)
     return held
 
 
@@ -243,10 +244,10 @@ def execute_group(
     gpu_share: float = 1.0,
 ) -> dict[str, str]:
     """Run a group's trials, each with its MLflow run, and return each one's status by trial id:
-    a group of one alone (:func:`mlpgrid.train.run_trial`), a larger one together
-    (:func:`mlpgrid.group_train.run_group`), its runs tagged with the group.
+    a group of one alone (:func:`mlpgrid.training.loop.run_trial`), a larger one together
+    (:func:`mlpgrid.training.group.run_group`), its runs tagged with the group.
 
-    Each trial is claimed first (its lock; see :func:`mlpgrid.checkpoint.claim`): one that
+    Each trial is claimed first (its lock; see :func:`mlpgrid.training.checkpoint.claim`): one that
     another process holds is left to it (:data:`ELSEWHERE`), and one that ended meanwhile (a
     retry, or another driver) is not run again; only then is its run opened, so a trial never
     gets two runs or an epoch logged twice. Raises when training fails, after recording it.
@@ -299,7 +300,7 @@ def execute_group(
                 raise
             ended(lead.trial.id, recorder.end(outcome))
             return statuses
-        from mlpgrid.group_train import run_group
+        from mlpgrid.training.group import run_group
 
         fused = fuses(lead.trial.config, device.type, lead.options.fuse)
         group_tags = {"ran_in": "group", "group_id": group.id, "group_size": str(len(group.trials)),

@@ -17,7 +17,7 @@ stochastic depth do not group: their masks would come from one random stream, so
 would no longer be the trial it is alone. Everything else (the model, its architecture
 options, the data, the stages after pre-training) is the group's.
 
-A group's members are stepped either fused (:mod:`mlpgrid.fused`: weights stacked, one
+A group's members are stepped either fused (:mod:`mlpgrid.training.fused`: weights stacked, one
 batched matmul per layer for all members) or one after another on the same batch, each its
 own model and optimizer as when it runs alone (see :func:`fuses`).
 """
@@ -28,8 +28,8 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mlpgrid import architecture
-from mlpgrid.spec import FIELDS, Trial, TrialConfig
+from mlpgrid.grid.spec import FIELDS, Trial, TrialConfig
+from mlpgrid.models import architecture
 
 MEMBER_FIELDS = (
     "epochs",

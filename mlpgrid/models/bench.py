@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from mlpgrid import architecture, models
-from mlpgrid.step import autocast
+from mlpgrid.models import architecture, networks
+from mlpgrid.training.step import autocast
 
 
 def _seconds(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -33,7 +33,7 @@ def efficiency(name: str, resolution: int, channels: int, classes: int, device: 
                batch_sizes: tuple[int, ...], repeats: int = 20) -> dict[str, float | str]:  # fmt: skip
     """Inference figures of one model (bf16 autocast on a GPU, float32 on the CPU)."""
     cfg = architecture.config_for(name, channels * resolution * resolution, classes, image=(channels, resolution))
-    model = models.build(cfg).to(device).eval()
+    model = networks.build(cfg).to(device).eval()
     shape = (channels, resolution, resolution)
     latency = _seconds(model, torch.randn(1, *shape, device=device), repeats)
     rates = {b: b / _seconds(model, torch.randn(b, *shape, device=device), repeats) for b in batch_sizes}

@@ -1,6 +1,6 @@
 """K models of one shape trained as one: weights stacked, one batched kernel per layer.
 
-:class:`StackedMLP` holds K copies of a model's parameters (any of :mod:`mlpgrid.models`),
+:class:`StackedMLP` holds K copies of a model's parameters (any of :mod:`mlpgrid.models.networks`),
 each stacked along a new first dimension, and computes all K members' logits for one batch with
 the model's own forward vectorised over the members (``torch.func.vmap``). Its parameters are
 the model's, in the model's order, so a member's weights go to and from an ordinary
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlpgrid.architecture import ModelConfig
-from mlpgrid.models import Network, build
+from mlpgrid.models.architecture import ModelConfig
+from mlpgrid.models.networks import Network, build
 
 
 class StackedMLP(nn.Module):
@@ -134,7 +134,7 @@ class StackedOptimizer:
     """One optimizer (``lion``, ``adamw`` or ``sgd``) over stacked parameters, with per-member
     hyperparameters: ``lr`` is set before each step, ``weight_decay`` and ``momentum`` are fixed.
     ``compiled``: the update of all parameters is one compiled function (as
-    :class:`~mlpgrid.optim.CompiledLion` is for a compiled trial alone)."""
+    :class:`~mlpgrid.training.optim.CompiledLion` is for a compiled trial alone)."""
 
     SLOTS = {"lion": ("exp_avg",), "adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
 

@@ -1,9 +1,9 @@
 """Run a grid's tasks on Ray: one Ray Tune trial per grid trial.
 
 Each Tune trial is a function that trains one group of grid trials
-(:func:`mlpgrid.runner.execute_group`) on its share of a GPU (or CPU cores), in a Ray actor
+(:func:`mlpgrid.execution.runner.execute_group`) on its share of a GPU (or CPU cores), in a Ray actor
 that Tune reuses from one group to the next. Where trials run and how
-many at once is :mod:`mlpgrid.placement`'s policy. The driver loads each in-memory dataset
+many at once is :mod:`mlpgrid.execution.placement`'s policy. The driver loads each in-memory dataset
 once and hands it to every trial through Ray's object store.
 
 This module imports only what a worker needs: Ray imports it to find the worker's function.
@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 
 from mlpgrid import data
-from mlpgrid.groups import describe
-from mlpgrid.layout import StorageLayout
-from mlpgrid.placement import Placement, launch_order, parallel_units, place
-from mlpgrid.progress import Progress
-from mlpgrid.runner import GroupTask, TrialTask, execute_group, group_tasks
-from mlpgrid.spec import GridSpec, Trial
+from mlpgrid.execution.groups import describe
+from mlpgrid.execution.placement import Placement, launch_order, parallel_units, place
+from mlpgrid.execution.progress import Progress
+from mlpgrid.execution.runner import GroupTask, TrialTask, execute_group, group_tasks
+from mlpgrid.grid.layout import StorageLayout
+from mlpgrid.grid.spec import GridSpec, Trial
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ def make_tuner(groups: list[GroupTask], grid: GridSpec, storage: StorageLayout, 
 def run_on_ray(tasks: list[TrialTask], group_size: int | None, grid: GridSpec, storage: StorageLayout,
                opts: RayOptions, progress: Progress) -> None:  # fmt: skip
     """Run the tasks as one Ray Tune experiment, in groups of at most ``group_size`` (see
-    :func:`mlpgrid.runner.group_tasks`; None: as many as can, 1: each alone)."""
+    :func:`mlpgrid.execution.runner.group_tasks`; None: as many as can, 1: each alone)."""
     resources = start_ray(opts.address)
     units = parallel_units(resources, opts.cpus_per_trial, opts.max_concurrent)
     groups = group_tasks(tasks, group_size, units, "cuda" if resources.get("GPU", 0) > 0 else "cpu")

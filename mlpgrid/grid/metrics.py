@@ -38,7 +38,7 @@ def stage_metrics(stage: str, result: dict[str, float]) -> dict[str, float]:
 
 
 def errors_reported(cfg: Any) -> set[str]:
-    """The errors a trial of config ``cfg`` (a :class:`mlpgrid.spec.TrialConfig`) logs."""
+    """The errors a trial of config ``cfg`` (a :class:`mlpgrid.grid.spec.TrialConfig`) logs."""
     names = {TEST_ERROR} | ({TTA_ERROR} if cfg.tta else set())
     names |= {f"{probe_stage(d)}.error" for d in cfg.probe_datasets}
     return names | {f"{finetune_stage(d)}.error" for d in cfg.finetune_datasets}

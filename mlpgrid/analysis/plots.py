@@ -17,9 +17,9 @@ import numpy as np  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from mlpgrid.frontier import APPROACHES, Analysis, Bootstrap, Labels, PowerLaw  # noqa: E402
-from mlpgrid.isoflop import USED  # noqa: E402
-from mlpgrid.points import Point  # noqa: E402
+from mlpgrid.analysis.frontier import APPROACHES, Analysis, Bootstrap, Labels, PowerLaw  # noqa: E402
+from mlpgrid.analysis.isoflop import USED  # noqa: E402
+from mlpgrid.tracking.points import Point  # noqa: E402
 
 DPI = 200
 # Above this many points Fig. 1 shows their density: drawing a million sized markers with white

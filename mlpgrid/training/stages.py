@@ -24,12 +24,14 @@ import torch
 import torch.nn.functional as F
 from lion_pytorch import Lion
 
-from mlpgrid import architecture, data, metrics, models
-from mlpgrid.checkpoint import CheckpointDir, load_tensors
+from mlpgrid import data
 from mlpgrid.data.loader import Augmentation, derive_seed, device_bytes, make_loader
 from mlpgrid.data.subset import proportional_order, split_off
-from mlpgrid.spec import TrialConfig
-from mlpgrid.step import EVAL_BATCH, autocast, cosine, evaluate, train_step
+from mlpgrid.grid import metrics
+from mlpgrid.grid.spec import TrialConfig
+from mlpgrid.models import architecture, networks
+from mlpgrid.training.checkpoint import CheckpointDir, load_tensors
+from mlpgrid.training.step import EVAL_BATCH, autocast, cosine, evaluate, train_step
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ def _stage_arrays(cfg: TrialConfig, datasets: data.Datasets, name: str) -> data.
 
 
 @torch.no_grad()
-def _features(model: models.Network, images: np.ndarray, arrays: data.ImageArrays,
+def _features(model: networks.Network, images: np.ndarray, arrays: data.ImageArrays,
               device: torch.device) -> torch.Tensor:  # fmt: skip
     model.eval()
     loader = make_loader(images, np.zeros(len(images), np.int64), None, EVAL_BATCH, budget_bytes=float("inf"),
@@ -122,7 +124,7 @@ def _cached_features(cache: Path, device: torch.device) -> list[torch.Tensor] | 
     return tensors
 
 
-def linear_probe(model: models.Network, cfg: TrialConfig, dataset: str, datasets: data.Datasets, stage_dir: StageDir,
+def linear_probe(model: networks.Network, cfg: TrialConfig, dataset: str, datasets: data.Datasets, stage_dir: StageDir,
                  device: torch.device) -> dict[str, float]:  # fmt: skip
     """Train a linear classifier (Lion, ``probe_lr``, ``probe_epochs``) on frozen features."""
     cache = stage_dir.path / f"features-{dataset}.pt"
@@ -182,7 +184,7 @@ def evaluate_tta(model: torch.nn.Module, arrays: data.ImageArrays, cfg: TrialCon
 
 
 def finetune(
-    model: models.Network,
+    model: networks.Network,
     cfg: TrialConfig,
     dataset: str,
     datasets: data.Datasets,
@@ -195,7 +197,7 @@ def finetune(
     arrays = _stage_arrays(cfg, datasets, dataset)
     target = data.info(dataset)
     torch.manual_seed(derive_seed(cfg.seed, _FINETUNE_STREAM))
-    net = models.build(dataclasses.replace(cfg.model_config(), num_classes=target.num_classes))
+    net = networks.build(dataclasses.replace(cfg.model_config(), num_classes=target.num_classes))
     body = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
     net.load_state_dict(body, strict=False)
     net.to(device)
@@ -238,7 +240,7 @@ def finetune(
 
 
 def run_stages(
-    model: models.Network,
+    model: networks.Network,
     cfg: TrialConfig,
     datasets: data.Datasets,
     stage_dir: StageDir,

@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlpgrid import architecture, data, models, pictures, spec
-from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
+from mlpgrid import data
 from mlpgrid.data.beton import FfcvLoader
 from mlpgrid.data.loader import (
     Augmentation,
@@ -40,13 +39,17 @@ from mlpgrid.data.loader import (
     resident_share,
 )
 from mlpgrid.data.subset import proportional_subset, split_off
-from mlpgrid.hardware import default_data_budget, matmul_peak_tflops, pick_device
-from mlpgrid.layout import TrialLayout
-from mlpgrid.models import Network
-from mlpgrid.optim import CompiledLion, make_optimizer
-from mlpgrid.spec import TrialConfig
-from mlpgrid.stages import StageDir, run_stages
-from mlpgrid.step import EVAL_BATCH, autocast, compile_for_training, cosine, evaluate, train_step
+from mlpgrid.grid import spec
+from mlpgrid.grid.layout import TrialLayout
+from mlpgrid.grid.spec import TrialConfig
+from mlpgrid.models import architecture, networks
+from mlpgrid.models.networks import Network
+from mlpgrid.training import pictures
+from mlpgrid.training.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
+from mlpgrid.training.hardware import default_data_budget, matmul_peak_tflops, pick_device
+from mlpgrid.training.optim import CompiledLion, make_optimizer
+from mlpgrid.training.stages import StageDir, run_stages
+from mlpgrid.training.step import EVAL_BATCH, autocast, compile_for_training, cosine, evaluate, train_step
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +209,7 @@ def training_bytes(model_config: architecture.ModelConfig, batch_shape: tuple[in
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        model = models.build(model_config).to(device)
+        model = networks.build(model_config).to(device)
         optimizer = optimizer_for(model.parameters())
         images = torch.zeros(batch_shape, dtype=torch.bfloat16, device=device)
         with autocast(device):
@@ -255,7 +258,7 @@ def make_model(cfg: TrialConfig, options: TrialOptions, device: torch.device, in
     """The trial's model, seeded, its compiled form (None when not compiled), its optimizer, and
     the seconds compiling took (None when nothing was compiled). Seeds the dropout stream last."""
     torch.manual_seed(derive_seed(cfg.seed, _INIT_STREAM))
-    model = models.build(cfg.model_config()).to(device)
+    model = networks.build(cfg.model_config()).to(device)
     compiled, compile_seconds = None, None
     if compiles(cfg, options, device):
         # Before the dropout stream is seeded: this pass draws dropout masks too.
@@ -446,7 +449,7 @@ def run_trial(
     device: torch.device | None = None,
 ) -> TrialResult:
     """Train ``cfg`` to the end in the trial directory ``layout`` (resuming from its checkpoints),
-    run the stages ``cfg`` declares (see :mod:`mlpgrid.stages`) and return the result.
+    run the stages ``cfg`` declares (see :mod:`mlpgrid.training.stages`) and return the result.
 
     ``datasets`` says where each dataset lives and may already hold the pre-training arrays
     (default: every dataset from its default place). The training set is kept on ``device`` when

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from mlpgrid.spec import Trial
+from mlpgrid.grid.spec import Trial
 
 
 def _duration(seconds: float) -> str:

@@ -15,10 +15,11 @@ from typing import Any
 
 import yaml
 
-from mlpgrid import architecture, spec
-from mlpgrid.frontier import Point
-from mlpgrid.outputs import write_new
-from mlpgrid.spec import GridSpec, RunOptions, Trial, TrialConfig
+from mlpgrid.analysis.frontier import Point
+from mlpgrid.analysis.outputs import write_new
+from mlpgrid.grid import spec
+from mlpgrid.grid.spec import GridSpec, RunOptions, Trial, TrialConfig
+from mlpgrid.models import architecture
 
 WIDTHS = range(32, 16384 + 1, 32)
 SPREAD = (1 / 4, 1 / 2, 1, 2, 4)  # model sizes around P* of a proposal, as factors of P*
@@ -68,7 +69,7 @@ def iso_compute(budget: float, params: float, template: TrialConfig, names: list
 def write_grid(path: Path, source: GridSpec, configs: list[TrialConfig], header: str) -> GridSpec:
     """A new grid file of ``configs`` (which differ only in model, N and T) under the source
     grid's name, so that their runs join its experiment; read back to validate it. Raises
-    :class:`~mlpgrid.outputs.OutputError` where ``path`` exists or cannot be written."""
+    :class:`~mlpgrid.analysis.outputs.OutputError` where ``path`` exists or cannot be written."""
     defaults = TrialConfig(model=configs[0].model, epochs=1)
     first = dataclasses.asdict(configs[0])
     base = {

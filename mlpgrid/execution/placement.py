@@ -15,7 +15,7 @@ import collections
 import math
 from dataclasses import dataclass
 
-from mlpgrid.groups import Group
+from mlpgrid.execution.groups import Group
 
 # A step of fewer hardware FLOPs than this (about 5 ms of an H100) leaves a GPU waiting for
 # kernel launches, and idle through a trial's start-up: eight such trials share a GPU by

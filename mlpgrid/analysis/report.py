@@ -1,7 +1,7 @@
 """The frontier of a grid, as one report: what ``mlpgrid frontier`` computes, callable without the CLI.
 
 :func:`frontier_report` takes the points (a grid's finished trials from MLflow, or a CSV),
-fits the frontier (:func:`mlpgrid.frontier.analyse`) with bootstrap intervals, answers the
+fits the frontier (:func:`mlpgrid.analysis.frontier.analyse`) with bootstrap intervals, answers the
 budget queries with a concrete trial of the grid's family, holds out the costliest trials if
 asked, compares earlier proposals with what their trials measured, writes a new proposal if
 asked, draws the figures if asked (``plot_dir``), and logs the report (and the figures) on the
@@ -22,15 +22,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from mlpgrid import frontier, outputs, propose, runs
-from mlpgrid.layout import StorageLayout
-from mlpgrid.points import Point
-from mlpgrid.spec import GridSpec
+from mlpgrid.analysis import frontier, outputs, propose
+from mlpgrid.grid.layout import StorageLayout
+from mlpgrid.grid.spec import GridSpec
+from mlpgrid.tracking import reader
+from mlpgrid.tracking.points import Point
 
 
 def _tracking() -> ModuleType:
-    """:mod:`mlpgrid.tracking`, imported on first use: it imports MLflow's client."""
-    return importlib.import_module("mlpgrid.tracking")
+    """:mod:`mlpgrid.tracking.writer`, imported on first use: it imports MLflow's client."""
+    return importlib.import_module("mlpgrid.tracking.writer")
 
 
 class ReportError(ValueError):
@@ -83,7 +84,7 @@ def _check(request: FrontierRequest) -> None:
 class _Read:
     points: list[Point]
     left_out: dict[str, int]  # trials not used, by why
-    grid_run: runs.GridRun | None
+    grid_run: reader.GridRun | None
     labels: frontier.Labels
     curves: dict[str, Any] | None = None  # with --curves: the trials that give earlier epochs, and why
 
@@ -99,12 +100,12 @@ def _points(request: FrontierRequest, uri: str) -> _Read:
             raise ReportError(str(e)) from None
     metric = request.metric or request.grid.metric
     try:
-        grid_run = runs.find_grid(request.grid, uri)
-        records = runs.trial_runs(grid_run) if grid_run else {}
-        points, left_out = runs.finished_points(grid_run, metric, records) if grid_run else ([], {})
+        grid_run = reader.find_grid(request.grid, uri)
+        records = reader.trial_runs(grid_run) if grid_run else {}
+        points, left_out = reader.finished_points(grid_run, metric, records) if grid_run else ([], {})
         curves = None
         if request.curves and points:
-            extra, trials = runs.curve_points(grid_run, metric, records, points)
+            extra, trials = reader.curve_points(grid_run, metric, records, points)
             curves = {"points": len(extra), "trials": trials}
             points = points + extra
     except Exception as e:  # noqa: BLE001 - e.g. an unreachable server
@@ -150,7 +151,7 @@ def _families(points: list[Point], request: FrontierRequest) -> tuple[dict[str, 
     return out, analyses
 
 
-def _propose(grid: GridSpec, grid_run: runs.GridRun, analysis: frontier.Analysis, boot: frontier.Bootstrap,
+def _propose(grid: GridSpec, grid_run: reader.GridRun, analysis: frontier.Analysis, boot: frontier.Bootstrap,
              budget: float, out: Path) -> dict[str, Any]:  # fmt: skip
     """Write the proposal's grid file, record it on the grid's run, and return the record."""
     if analysis.allocation is None:
@@ -193,7 +194,7 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout, tracking_u
     the figures and the report are logged on the grid's run there.
     """
     _check(request)
-    uri = runs.tracking_uri(storage, tracking_uri)
+    uri = reader.tracking_uri(storage, tracking_uri)
     with ThreadPoolExecutor(1) as pool:
         reading = pool.submit(_points, request, uri)
         if request.grid is not None:
@@ -237,7 +238,7 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout, tracking_u
         report["proposed"] = _propose(request.grid, grid_run, analysis, boot, request.propose, request.out)
     figures = []
     if request.plot_dir:
-        from mlpgrid import plots
+        from mlpgrid.analysis import plots
 
         figures = plots.draw_all(analysis, boot, list(request.budgets), request.plot_dir, read.labels)
         if families:

@@ -1,4 +1,4 @@
-"""The torch modules of the vision MLPs that :mod:`mlpgrid.architecture` describes.
+"""The torch modules of the vision MLPs that :mod:`mlpgrid.models.architecture` describes.
 
 Every model has ``embed`` (its first layer: what the first-layer picture shows), ``features``
 (the representation the head and a linear probe read) and ``head``; :func:`build` makes the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlpgrid.architecture import MLPConfig, ModelConfig, PatchConfig
+from mlpgrid.models.architecture import MLPConfig, ModelConfig, PatchConfig
 
 
 def _norm(kind: str, width: int) -> nn.Module:

@@ -9,7 +9,7 @@
       ray/                      Ray Tune's own files
       <grid>/<trial id>/
         lock                    held by the one process writing this trial
-        checkpoints/            see mlpgrid.checkpoint
+        checkpoints/            see mlpgrid.training.checkpoint
         stages/                 results of the stages after pre-training, feature caches, pictures
 
 A :class:`StorageLayout` is made once from ``--storage``; it hands out a :class:`GridLayout`

@@ -15,8 +15,8 @@ The input is one :class:`Point` per finished trial. :func:`analyse` then, as Bac
 5. Fits the bottlenecked laws E(P) and E(N): the best error per model size and per subset
    size, as E_inf + A x^-alpha with E_inf from the E(C) fit.
 6. Fits the allocation two more ways, as Hoffmann et al. do, on the same selection: IsoFLOP
-   profiles (approach 2, :mod:`mlpgrid.isoflop`) and one law E(P, D) through every selected
-   trial (approach 3, :mod:`mlpgrid.parametric`). A fit the trials cannot support is left out
+   profiles (approach 2, :mod:`mlpgrid.analysis.isoflop`) and one law E(P, D) through every selected
+   trial (approach 3, :mod:`mlpgrid.analysis.parametric`). A fit the trials cannot support is left out
    with a note saying why.
 
 :func:`bootstrap` repeats all of it on resamples: the configurations (a (model, N, T) at
@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from mlpgrid import isoflop, parametric
-from mlpgrid.points import Point
+from mlpgrid.analysis import isoflop, parametric
+from mlpgrid.tracking.points import Point
 
 MIN_FRONTIER_POINTS = 5  # E(C) has 4 parameters: at least one point more to judge the fit
 MIN_ALLOCATION_BINS = 3  # a line through log C needs more than 2 points to mean anything

@@ -6,7 +6,7 @@ retry), so a trial never has two runs. Metrics logged while a trial trains go th
 them and tries again, so training neither waits for the server nor loses what it measured.
 Epoch metrics are logged with ``step = epoch``; on resume the run is reconciled with the
 history stored in the checkpoint, so an epoch whose metrics were lost between checkpoint and
-logging is filled in and none is logged twice. Reading the runs back is :mod:`mlpgrid.runs`.
+logging is filled in and none is logged twice. Reading the runs back is :mod:`mlpgrid.tracking.reader`.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from mlpgrid import metrics, runs
-from mlpgrid.layout import StorageLayout
-from mlpgrid.locks import exclusive
-from mlpgrid.runs import FINISHED, INTERRUPTED, RUNNING, GridRun
-from mlpgrid.spec import GridSpec, Trial
+from mlpgrid.grid import metrics
+from mlpgrid.grid.layout import StorageLayout
+from mlpgrid.grid.locks import exclusive
+from mlpgrid.grid.spec import GridSpec, Trial
+from mlpgrid.tracking import reader
+from mlpgrid.tracking.reader import FINISHED, INTERRUPTED, RUNNING, GridRun
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def _open_grid(grid: GridSpec, uri: str, artifacts: str | None) -> GridRun:
         experiment_id = experiment.experiment_id
         if experiment.tags.get(_KIND) != _EXPERIMENT_TAGS[_KIND]:  # made by an earlier version
             client.set_experiment_tag(experiment_id, _KIND, _EXPERIMENT_TAGS[_KIND])
-    parent_id = runs.parent_run_id(uri, experiment_id)
+    parent_id = reader.parent_run_id(uri, experiment_id)
     if parent_id is None:
         parent = client.create_run(experiment_id, run_name=grid.name, tags={"mlpgrid_role": "grid"})
         parent_id = parent.info.run_id
@@ -280,7 +281,7 @@ class TrialRun:
 def mark_interrupted(grid_run: GridRun, trial_ids: list[str]) -> None:
     """Record that the trials' runs were cut off (:data:`INTERRUPTED`): no process trains them."""
     client = MlflowClient(grid_run.tracking_uri)
-    found = runs.trial_runs(grid_run)  # one search, not one per trial
+    found = reader.trial_runs(grid_run)  # one search, not one per trial
     for trial_id in trial_ids:
         run = found.get(trial_id)
         if run is not None and run.tags.get("status") == RUNNING:

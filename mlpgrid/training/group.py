@@ -1,10 +1,10 @@
 """A group of trials trained together by one worker, on one stream of batches.
 
-:func:`run_group` is :func:`mlpgrid.train.run_trial` for the members of a
-:class:`~mlpgrid.groups.Group`: one set of loaders, then every step one batch fed to every
+:func:`run_group` is :func:`mlpgrid.training.loop.run_trial` for the members of a
+:class:`~mlpgrid.execution.groups.Group`: one set of loaders, then every step one batch fed to every
 member. Each member is set up and resumed from its own checkpoint directory exactly as it would
 be alone, so its checkpoints are the ordinary ones (it could go on alone from any of them);
-the members step either fused (:mod:`mlpgrid.fused`) or one after another (each its own model
+the members step either fused (:mod:`mlpgrid.training.fused`) or one after another (each its own model
 and optimizer, as alone). A member that reaches its epochs ends there: its last checkpoint is
 written, its stages run and it leaves the group; one whose loss stops being finite leaves as
 diverged. Neither changes what the others compute.
@@ -26,16 +26,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mlpgrid import architecture, data, models
-from mlpgrid.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
+from mlpgrid import data
 from mlpgrid.data.loader import resident_share
-from mlpgrid.fused import StackedMLP, StackedOptimizer, clip_members, member_losses
-from mlpgrid.groups import FUSED_COMPILE_PAYS_FLOPS, MAX_MEMBERS, hardware_flops
-from mlpgrid.hardware import matmul_peak_tflops
-from mlpgrid.layout import TrialLayout
-from mlpgrid.spec import TrialConfig
-from mlpgrid.step import autocast, compile_for_training, evaluate, train_step
-from mlpgrid.train import (
+from mlpgrid.execution.groups import FUSED_COMPILE_PAYS_FLOPS, MAX_MEMBERS, hardware_flops
+from mlpgrid.grid.layout import TrialLayout
+from mlpgrid.grid.spec import TrialConfig
+from mlpgrid.models import architecture, networks
+from mlpgrid.training.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
+from mlpgrid.training.fused import StackedMLP, StackedOptimizer, clip_members, member_losses
+from mlpgrid.training.hardware import matmul_peak_tflops
+from mlpgrid.training.loop import (
     Components,
     Hooks,
     Loader,
@@ -53,6 +53,7 @@ from mlpgrid.train import (
     make_model,
     resume,
 )
+from mlpgrid.training.step import autocast, compile_for_training, evaluate, train_step
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class _Sequential:
         parts = self.members[i].parts
         return parts.model.state_dict(), parts.optimizer.state_dict()
 
-    def member_model(self, i: int) -> models.Network:
+    def member_model(self, i: int) -> networks.Network:
         return self.members[i].parts.model
 
     def keep(self, indices: list[int]) -> None:
@@ -188,7 +189,7 @@ class _Fused:
         template = {"param_groups": [g | {"lr": lr} for g in self.templates[i]["param_groups"]]}
         return self.model.member_state(i), self.optimizer.member_state(i, template)
 
-    def member_model(self, i: int) -> models.Network:
+    def member_model(self, i: int) -> networks.Network:
         return self.model.member_model(i)
 
     def keep(self, indices: list[int]) -> None:
@@ -239,7 +240,7 @@ def run_group(
     fuse: bool,
     on_end: Callable[[int, Outcome], None],
 ) -> None:
-    """Train the trials ``cfgs`` (one group: see :func:`mlpgrid.groups.group_key`) in their
+    """Train the trials ``cfgs`` (one group: see :func:`mlpgrid.execution.groups.group_key`) in their
     directories ``layouts``, resuming each from its checkpoints; ``on_end(i, outcome)`` is called
     as member ``i`` ends, with its :class:`TrialResult` or the exception that ended it
     (:class:`TrialDiverged` for a diverged one). ``fuse`` steps the members fused."""
@@ -360,7 +361,7 @@ def _save(saver: BackgroundSaver, engine: _Fused | _Sequential, active: list[Mem
     saver.save(writes, active[0].position.epoch, active[0].position.step, required=required)
 
 
-def _finish(member: Member, model: models.Network, datasets: data.Datasets,
+def _finish(member: Member, model: networks.Network, datasets: data.Datasets,
             on_end: Callable[[int, Outcome], None]) -> None:  # fmt: skip
     """A trained member's stages and picture; its outcome goes to ``on_end``, whatever it is."""
     parts = dataclasses.replace(member.parts, model=model, compiled=None)

@@ -8,7 +8,7 @@ import torch
 from lion_pytorch import Lion
 from lion_pytorch.foreach import Lion as ForeachLion
 
-from mlpgrid.spec import TrialConfig
+from mlpgrid.grid.spec import TrialConfig
 
 
 def _lion_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],

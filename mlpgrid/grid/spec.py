@@ -24,7 +24,9 @@ from typing import Any
 
 import yaml
 
-from mlpgrid import architecture, data, metrics
+from mlpgrid import data
+from mlpgrid.grid import metrics
+from mlpgrid.models import architecture
 
 OPTIMIZERS = ("lion", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -453,7 +455,7 @@ def _expand(base: dict, grid: dict, zips: list[dict]) -> list[dict[str, tuple[st
 # --- sections ----------------------------------------------------------------------------
 
 _TOP_KEYS = ("name", "description", "metric", "data", "run", "base", "grid", "zip")
-RESERVED_NAMES = ("mlflow.db", "mlflow.lock", "mlartifacts", "ray", "data-checks")  # see mlpgrid.layout
+RESERVED_NAMES = ("mlflow.db", "mlflow.lock", "mlartifacts", "ray", "data-checks")  # see mlpgrid.grid.layout
 MAX_INT = 10**12  # larger whole numbers are typos (a model width of 200 digits)
 MAX_VALUES = 10**6  # values in a grid file once its YAML aliases are expanded
 MAX_DEPTH = 100  # [ and { nested in a grid file
@@ -778,7 +780,7 @@ def _shown(value: Any) -> str:
 
 def reference() -> str:
     """The grid file's fields as Markdown tables, made from :class:`TrialConfig` and
-    :class:`RunOptions` (the README's copy is checked against it: ``python -m mlpgrid.spec``)."""
+    :class:`RunOptions` (the README's copy is checked against it: ``python -m mlpgrid.grid.spec``)."""
     lines = ["Trial settings (any of them in `base`, `grid` or `zip`):", "",
              "| field | meaning | default |", "|---|---|---|"]  # fmt: skip
     for f in FIELDS.values():

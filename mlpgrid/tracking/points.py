@@ -1,6 +1,6 @@
 """A finished trial as the frontier sees it: its compute, error, P, N and T.
 
-Kept apart from :mod:`mlpgrid.frontier` so that what records trials (:mod:`mlpgrid.tracking`)
+Kept apart from :mod:`mlpgrid.analysis.frontier` so that what records trials (:mod:`mlpgrid.tracking.writer`)
 need not import the fitting code and SciPy.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mlpgrid import architecture
+from mlpgrid.models import architecture
 
 
 @dataclass(frozen=True)

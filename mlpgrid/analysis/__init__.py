@@ -1,0 +1,1 @@
+"""The frontier from finished trials: fits, the report, proposed grids, figures."""

@@ -1,0 +1,1 @@
+"""The networks: their shapes as plain data (no torch in ``architecture``) and as torch modules."""

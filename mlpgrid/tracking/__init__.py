@@ -1,0 +1,1 @@
+"""MLflow: writing a grid's runs (``writer``) and reading them back (``reader``)."""
