@@ -29,7 +29,8 @@ from mlpgrid import data  # noqa: E402
 from mlpgrid.data.prepare import Request, prepare  # noqa: E402
 from mlpgrid.grid.layout import TrialLayout  # noqa: E402
 from mlpgrid.grid.spec import TrialConfig  # noqa: E402
-from mlpgrid.training.loop import TrialOptions, load_data, run_trial  # noqa: E402
+from mlpgrid.training.loop import run_trial  # noqa: E402
+from mlpgrid.training.setup import TrialOptions, load_data  # noqa: E402
 
 
 def main() -> None:

@@ -46,8 +46,8 @@ from mlpgrid.grid.layout import TrialLayout  # noqa: E402
 from mlpgrid.grid.spec import Trial, TrialConfig  # noqa: E402
 from mlpgrid.models import architecture, networks
 from mlpgrid.training.fused import StackedMLP  # noqa: E402
-from mlpgrid.training.group import run_group  # noqa: E402
-from mlpgrid.training.loop import Hooks, TrialOptions, run_trial  # noqa: E402
+from mlpgrid.training.loop import Hooks, run_group, run_trial  # noqa: E402
+from mlpgrid.training.setup import TrialOptions  # noqa: E402
 from mlpgrid.training.step import autocast  # noqa: E402
 
 SIDE = 64

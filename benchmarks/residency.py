@@ -45,8 +45,8 @@ from loader import batches, time_loader, time_steps  # noqa: E402  (benchmarks/l
 from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, device_bytes, usable_cores  # noqa: E402
 from mlpgrid.models import architecture, networks  # noqa: E402
 from mlpgrid.training.hardware import default_data_budget  # noqa: E402
-from mlpgrid.training.loop import training_bytes  # noqa: E402
 from mlpgrid.training.optim import CompiledLion  # noqa: E402
+from mlpgrid.training.setup import training_bytes  # noqa: E402
 from mlpgrid.training.step import compile_for_training, train_step  # noqa: E402
 
 AUG = Augmentation(flip=True, crop_padding=4, mixup=0.8)

@@ -45,26 +45,27 @@ def child(grid_file: str, index: int, storage: Path, launched: float, augment: s
     from mlpgrid.execution import runner  # noqa: F401  (a worker imports MLflow through it)
     from mlpgrid.grid import spec
     from mlpgrid.grid.layout import TrialLayout
-    from mlpgrid.training import loop
+    from mlpgrid.training import loop, setup
 
     if augment != "auto":  # the trial's augmentation compiled, or not, whatever the trial would choose
-        chosen, forced = loop.load_data, augment == "compiled"
-        loop.load_data = lambda *args, **kwargs: chosen(*args, **(kwargs | {"compile": forced}))
+        chosen, forced = setup.load_data, augment == "compiled"
+        setup.load_data = lambda *args, **kwargs: chosen(*args, **(kwargs | {"compile": forced}))
 
     marks["imports"] = time.time() - launched
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.zeros(1, device=device)
     marks["device ready"] = time.time() - launched
-    for name in ("data_budget", "load_data", "make_model"):  # run_trial finds them in its module
-        timed = getattr(loop, name)
+    # Where the loop finds each: set_up_data calls the first two in its module, the loop make_model in its own.
+    for module, name in ((setup, "data_budget"), (setup, "load_data"), (loop, "make_model")):
+        timed = getattr(module, name)
 
         def wrapper(*args, _timed=timed, _name=name, **kwargs):  # noqa: ANN002, ANN003, ANN202
             result = _timed(*args, **kwargs)
             marks[_name] = time.time() - launched
             return result
 
-        setattr(loop, name, wrapper)
+        setattr(module, name, wrapper)
     epochs = []
 
     def on_epoch(metrics: dict) -> None:
@@ -75,7 +76,7 @@ def child(grid_file: str, index: int, storage: Path, launched: float, augment: s
     grid = spec.load(grid_file)
     trial = grid.trials[index]
     datasets = data.Datasets(grid.data_roots)  # the grid's data section; the other datasets where mlpgrid finds them
-    options = loop.TrialOptions(data_budget_bytes=None if budget == "measured" else 2**30)
+    options = setup.TrialOptions(data_budget_bytes=None if budget == "measured" else 2**30)
     loop.run_trial(trial.config, TrialLayout(storage), options, datasets=datasets,
                     hooks=loop.Hooks(epoch=on_epoch), device=device)  # fmt: skip
     marks["end"] = time.time() - launched

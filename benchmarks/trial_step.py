@@ -41,7 +41,8 @@ from mlpgrid.grid.layout import TrialLayout  # noqa: E402
 from mlpgrid.grid.spec import TrialConfig  # noqa: E402
 from mlpgrid.models import architecture, networks
 from mlpgrid.training.hardware import matmul_peak_tflops  # noqa: E402
-from mlpgrid.training.loop import TrialOptions, run_trial  # noqa: E402
+from mlpgrid.training.loop import run_trial  # noqa: E402
+from mlpgrid.training.setup import TrialOptions  # noqa: E402
 from mlpgrid.training.step import autocast  # noqa: E402
 
 SIDE, CLASSES = 64, 10

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +88,13 @@ def _reduce_options(command: Any) -> Any:
     )(command)  # fmt: skip
 
 
-def _millions(n: float) -> str:
+def _millions(n: Any) -> str:
     if n < 1e4:
         return f"{n:.3g}"
     return f"{n / 1e6:.2f}M" if n < 1e9 else f"{n / 1e9:.2f}G"
 
 
-def _print_table(rows: list[list[str]], header: list[str]) -> None:
+def _print_table(rows: Sequence[Sequence[Any]], header: list[str]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         click.echo(
@@ -783,9 +784,9 @@ def data_ls(directory: Path | None, verify: bool, as_json: bool) -> None:
         click.echo("checksums match")
 
 
-def main() -> None:
+def main() -> Any:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not its INFO lines on database setup
-    cli(prog_name="mlpgrid")
+    return cli(prog_name="mlpgrid")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ from mlpgrid.grid.layout import StorageLayout, TrialLayout
 from mlpgrid.grid.spec import TrialConfig
 from mlpgrid.tracking import reader, writer
 from mlpgrid.training.checkpoint import HOLD_AT, CheckpointDir
-from mlpgrid.training.group import run_group
-from mlpgrid.training.loop import Hooks, TrialDiverged, TrialOptions, TrialResult, run_trial
+from mlpgrid.training.loop import Hooks, TrialDiverged, TrialResult, run_group, run_trial
+from mlpgrid.training.setup import TrialOptions
 
 SHARED = dict(model="B-1/Wi-32", examples=1500, batch_size=100, flip=True, crop_padding=2, mixup=0.2)
 MEMBERS = [

@@ -7,15 +7,17 @@ import pytest
 import torch
 from lion_pytorch import Lion
 
+from mlpgrid import policy
 from mlpgrid.data import Datasets
 from mlpgrid.execution.groups import Group
-from mlpgrid.execution.placement import gpu_share, gpu_shares, launch_order
+from mlpgrid.execution.placement import gpu_shares, launch_order
 from mlpgrid.grid import spec
 from mlpgrid.grid.layout import TrialLayout
 from mlpgrid.grid.spec import TrialConfig
 from mlpgrid.training.checkpoint import BackgroundSaver, CheckpointDir
-from mlpgrid.training.loop import TrialOptions, run_trial
+from mlpgrid.training.loop import run_trial
 from mlpgrid.training.optim import CompiledLion
+from mlpgrid.training.setup import TrialOptions
 
 
 def test_compiled_lion_is_lion_pytorch_step_for_step():
@@ -81,6 +83,10 @@ EIGHT_TRIALS = (
     "base: {dataset: fashion-mnist, batch_size: 8192, examples: 8192}\n"
     "grid:\n  model: [B-2/Wi-64, B-12/Wi-1024]\n  epochs: [1, 4, 2, 3]\n"
 )
+
+
+def gpu_share(group: Group) -> float:
+    return policy.gpu_share([t.step_flops for t in group.trials])
 
 
 def test_small_trials_share_a_gpu_more_and_shares_grow_until_the_trials_cover_every_gpu(write_grid):

@@ -1,4 +1,4 @@
-import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -19,7 +19,8 @@ from mlpgrid.grid import spec
 from mlpgrid.grid.layout import TrialLayout
 from mlpgrid.grid.spec import TrialConfig
 from mlpgrid.training.checkpoint import CheckpointDir
-from mlpgrid.training.loop import Hooks, TrialDiverged, TrialOptions, compiles, compiles_augmentation, lr_at, run_trial
+from mlpgrid.training.loop import Hooks, TrialDiverged, lr_at, run_trial
+from mlpgrid.training.setup import TrialOptions
 from test_sources import write_cifar10
 
 TINY = dict(model="B-1/Wi-32", examples=2000, epochs=2, batch_size=100)
@@ -75,28 +76,11 @@ def test_warmup_then_cosine():
     assert {lr_at(constant, s, 10) for s in range(40)} == {1.0}
 
 
-def test_only_trials_long_enough_to_win_back_compiling_compile_their_model():
-    gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    quick = spec.load(REPO / "grids" / "quickstart.yaml").trials
-    long = max(spec.load(REPO / "grids" / "scaling.yaml").trials, key=lambda t: t.compute)
-    assert not any(compiles(t.config, TrialOptions(), gpu) for t in quick)
-    assert compiles(long.config, TrialOptions(), gpu) and not compiles(long.config, TrialOptions(), cpu)
-    assert compiles(quick[0].config, TrialOptions(compile=True), gpu)
-    assert not compiles(long.config, TrialOptions(compile=False), gpu)
-
-
-def test_the_augmentation_compiles_with_the_model_or_for_many_images():
-    gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    quick = spec.load(REPO / "grids" / "quickstart.yaml").trials
-    long = max(spec.load(REPO / "grids" / "scaling.yaml").trials, key=lambda t: t.compute).config
-    # a small model for many epochs: too little compute to compile the model, images enough for the augmentation
-    many = dataclasses.replace(quick[0].config, examples=50_000, epochs=100)
-    assert not any(compiles_augmentation(t.config, TrialOptions(), gpu) for t in quick)
-    assert compiles_augmentation(long, TrialOptions(), gpu)
-    assert compiles_augmentation(many, TrialOptions(), gpu) and not compiles(many, TrialOptions(), gpu)
-    assert not compiles_augmentation(many, TrialOptions(), cpu)
-    assert not compiles_augmentation(many, TrialOptions(compile=False), gpu)
-    assert compiles_augmentation(quick[0].config, TrialOptions(compile=True), gpu)
+def _run_trial_process(grid, trial_id, storage):
+    return subprocess.Popen(
+        mlpgrid_command("trial", str(grid), "--trial", trial_id, "--storage", str(storage)),
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
 
 
 # --- kill and resume ---------------------------------------------------------------------
@@ -119,13 +103,6 @@ base:
   warmup_epochs: 0.5
   seed: 11
 """
-
-
-def _run_trial_process(grid, trial_id, storage):
-    return subprocess.Popen(
-        mlpgrid_command("trial", str(grid), "--trial", trial_id, "--storage", str(storage)),
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, write_grid, fashion_mnist):
@@ -252,7 +229,7 @@ def test_a_patch_model_trains_resumes_exactly_and_evaluates_its_pooled_features(
 
 def test_the_test_images_get_what_the_training_subset_leaves_of_the_budget(tmp_path):
     from mlpgrid.data import loader as loaders
-    from mlpgrid.training.loop import make_loaders
+    from mlpgrid.training.setup import make_loaders
 
     arrays = Datasets({"fashion-mnist": write_fashion_mnist_subset(tmp_path / "f", 300, 100)}).load("fashion-mnist")
     cfg = TrialConfig(model="B-1/Wi-16", epochs=1, examples=200)
@@ -264,7 +241,7 @@ def test_the_test_images_get_what_the_training_subset_leaves_of_the_budget(tmp_p
 
 
 def test_a_trial_trains_the_same_at_every_residency_and_records_it(tmp_path, fashion_mnist):
-    from mlpgrid.training.loop import TrialOptions, data_budget
+    from mlpgrid.training.setup import data_budget
 
     cfg = TrialConfig(**TINY, mixup=0.2, crop_padding=2)
     datasets = Datasets({"fashion-mnist": fashion_mnist})
@@ -278,3 +255,30 @@ def test_a_trial_trains_the_same_at_every_residency_and_records_it(tmp_path, fas
     assert [[m["resident_share"] for m in r.history] for r in results.values()] == [[1.0] * 2, [0.25] * 2, [0.0] * 2]
     losses = {budget: [(m["train_loss"], m["test_loss"]) for m in r.history] for budget, r in results.items()}
     assert losses[None] == losses[500 * 784] == losses[0], "the same batches, whatever is resident"
+
+
+def _weights_digest(state: dict) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("name", ["lion-mixup", "adamw-clip", "sgd"])
+def test_a_trial_alone_trains_as_recorded(tmp_path, fashion_mnist, name):
+    """A trial alone, one torch thread on the CPU, against the history and final weights that the
+    code before the one training loop recorded (tests/data/lone_trials.json, from commit 9da03a0:
+    three optimizers, warm-up, both schedules, clipping, MixUp, flips, crops, checkpoints mid-epoch):
+    the loop that trains groups trains a trial alone bit for bit as before."""
+    recorded = json.loads((REPO / "tests" / "data" / "lone_trials.json").read_text())[name]
+    layout = TrialLayout(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_trial(TrialConfig(**recorded["config"]), layout, TrialOptions(checkpoint_every_steps=7),
+                           datasets=Datasets({"fashion-mnist": fashion_mnist}))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert without_timing(result.history) == recorded["history"]
+    assert _weights_digest(CheckpointDir(layout.checkpoints).latest()["model"]) == recorded["weights_sha256"]

@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -50,6 +51,23 @@ class Batch:
     labels: torch.Tensor  # int64 (B,)
     mixed_labels: torch.Tensor  # labels of the examples mixed in (== labels without MixUp)
     lam: torch.Tensor | None  # weight of ``labels`` in the loss (a 0-d device tensor); None without MixUp
+
+
+class Loader(Protocol):
+    """What training reads batches from: every loader here, and FFCV's."""
+
+    size: int  # examples
+    batch_size: int
+    device: torch.device
+    out_dtype: torch.dtype  # of the images it hands out
+
+    def __len__(self) -> int:
+        """Steps per epoch."""
+        ...
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """The batches of ``epoch`` from step ``start_step`` on: the same whenever asked."""
+        ...
 
 
 def augment(

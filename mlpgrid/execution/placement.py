@@ -13,26 +13,14 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
+from mlpgrid import policy
 from mlpgrid.execution.groups import Group
 
-# A step of fewer hardware FLOPs than this (about 5 ms of an H100) leaves a GPU waiting for
-# kernel launches, and idle through a trial's start-up: eight such trials share a GPU by
-# default, larger ones two. On a grid of 32 such trials on an H100, eight to a GPU did 27% more
-# training per second than four (two for its largest models) did (benchmarks/grid_scaling.py).
-SMALL_STEP_FLOPS = 4e12
-
-
-SMALL_SHARE, LARGE_SHARE = 0.125, 0.5
-
-
-def gpu_share(group: Group) -> float:
-    """The share of a GPU ``group`` (often a trial alone) runs on by default: the shares its
-    members would have alone, by the size of each one's step, at most a GPU. A group of four
-    small trials on an eighth of a GPU would get a quarter of the GPU time they had alone,
-    which fusing them cannot make up (at most 1.5x; README, "Trial groups")."""
-    return min(1.0, sum(SMALL_SHARE if t.step_flops < SMALL_STEP_FLOPS else LARGE_SHARE for t in group.trials))
+GroupT = TypeVar("GroupT", bound=Group)
 
 
 def parallel_units(resources: dict[str, float], cpus_per_trial: float, max_concurrent: int | None) -> int:
@@ -40,13 +28,14 @@ def parallel_units(resources: dict[str, float], cpus_per_trial: float, max_concu
     its members), or without GPUs the trials that can run at once, one per ``cpus_per_trial``
     cores."""
     units = resources.get("GPU", 0) or resources.get("CPU", 1) / cpus_per_trial
-    return max(1, min(math.floor(units + 1e-9), max_concurrent or math.inf))
+    return max(1, min(math.floor(units + 1e-9), max_concurrent or math.floor(units + 1e-9)))
 
 
-def gpu_shares(trials: list[Group], gpus: float, chosen: float | None = None) -> dict[str, float]:
+def gpu_shares(trials: Sequence[Group], gpus: float, chosen: float | None = None) -> dict[str, float]:
     """Each trial's share of a GPU on a cluster of ``gpus`` GPUs: ``chosen`` if given.
 
-    Otherwise :func:`gpu_share`, raised where the trials are too few to put one on every GPU:
+    Otherwise :func:`mlpgrid.policy.gpu_share` of its members' steps, raised where the trials
+    are too few to put one on every GPU:
     Ray places fractional shares on as few GPUs as it can, so eight quarter-GPU trials on eight
     GPUs would all run on two of them. With at least ``k`` trials per GPU no share is below
     ``1/k``, so the shares add up to every GPU.
@@ -54,10 +43,10 @@ def gpu_shares(trials: list[Group], gpus: float, chosen: float | None = None) ->
     if chosen is not None:
         return {t.id: chosen for t in trials}
     per_gpu = max(1, math.floor(len(trials) / gpus + 1e-9)) if gpus > 0 else 1
-    return {t.id: max(gpu_share(t), 1 / per_gpu) for t in trials}
+    return {t.id: max(policy.gpu_share([m.step_flops for m in t.trials]), 1 / per_gpu) for t in trials}
 
 
-def launch_order(trials: list[Group]) -> list[Group]:
+def launch_order(trials: Sequence[GroupT]) -> list[GroupT]:
     """The trials, largest training compute first (grid order among equals).
 
     Started last, a long trial would keep one GPU busy after the rest of the grid is done.
@@ -79,7 +68,7 @@ class Placement:
     notes: list[str]  # what the user should know about it
 
 
-def place(trials: list[Group], resources: dict[str, float], *, gpus_per_trial: float | None = None,
+def place(trials: Sequence[Group], resources: dict[str, float], *, gpus_per_trial: float | None = None,
           cpus_per_trial: float = 1.0, max_concurrent: int | None = None) -> Placement:  # fmt: skip
     """The resources of each trial's worker on a cluster of ``resources`` (``ray.cluster_resources()``)."""
     kind = "GPU" if resources.get("GPU", 0) > 0 else "CPU"

@@ -11,6 +11,7 @@ This module imports only what a worker needs: Ray imports it to find the worker'
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mlpgrid import data
+from mlpgrid import data, policy
 from mlpgrid.execution.groups import describe
 from mlpgrid.execution.placement import Placement, launch_order, parallel_units, place
 from mlpgrid.execution.progress import Progress
@@ -98,9 +99,7 @@ def _run_group(config: dict[str, Any], groups: dict[str, GroupTask], arrays: dic
     context = ray.get_runtime_context()
     granted = context.get_assigned_resources()
     launched_at = time.time()
-    # As many threads as cores granted: CPU results depend on the thread count, so a trial is
-    # reproducible given its config and its --cpus-per-trial.
-    torch.set_num_threads(max(1, int(granted.get("CPU", 1))))
+    torch.set_num_threads(policy.torch_threads(granted.get("CPU", 1)))
     shared = arrays.get(_dataset_key(group.trials[0]))
     try:
         statuses = execute_group(
@@ -173,7 +172,7 @@ def start_ray(address: str | None) -> dict[str, float]:
             address=address or "local",
             include_dashboard=False,
             log_to_driver=False,
-            logging_level="WARNING",
+            logging_level=logging.WARNING,
             runtime_env={"env_vars": forwarded},
         )
     return ray.cluster_resources()

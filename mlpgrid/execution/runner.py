@@ -22,17 +22,19 @@ from typing import Any
 
 from mlpgrid import data
 from mlpgrid.data import prepared
-from mlpgrid.execution.groups import Group, form_groups, fuses
+from mlpgrid.execution.groups import Group, form_groups
 from mlpgrid.execution.progress import Progress
 from mlpgrid.grid.layout import GridLayout, StorageLayout, TrialLayout
 from mlpgrid.grid.locks import claim, holder
 from mlpgrid.grid.spec import GridSpec, RunOptions, Trial
+from mlpgrid.policy import fuses
 from mlpgrid.tracking import writer
 from mlpgrid.tracking.reader import DIVERGED, DONE, FAILED, FINISHED, GridRun, RunRecord, data_tag, trial_runs
 from mlpgrid.tracking.writer import TrialRun, trial_run
 from mlpgrid.training.checkpoint import CheckpointDir
 from mlpgrid.training.hardware import pick_device
-from mlpgrid.training.loop import Hooks, TrialDiverged, TrialOptions, TrialResult, run_trial
+from mlpgrid.training.loop import Hooks, TrialDiverged, TrialResult, run_group
+from mlpgrid.training.setup import TrialOptions
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,7 @@ def _pretrained(grid: GridSpec, directory: GridLayout, runs: dict[str, RunRecord
     """``{trial id: finished trial id}`` for the grid's trials not yet started whose pre-training
     another trial finished, its final checkpoint still in storage (probes or fine-tunes added to
     finished trials): they need only their stages."""
-    finished = {}
+    finished: dict[str, list[str]] = {}
     for trial_id, run in sorted(runs.items()):
         if run.tags.get("status") == FINISHED and "pretraining" in run.tags:
             finished.setdefault(run.tags["pretraining"], []).append(trial_id)
@@ -243,14 +245,15 @@ def execute_group(
     arrays: data.ImageArrays | None = None,
     gpu_share: float = 1.0,
 ) -> dict[str, str]:
-    """Run a group's trials, each with its MLflow run, and return each one's status by trial id:
-    a group of one alone (:func:`mlpgrid.training.loop.run_trial`), a larger one together
-    (:func:`mlpgrid.training.group.run_group`), its runs tagged with the group.
+    """Run a group's trials (often a trial alone) through the training loop
+    (:func:`mlpgrid.training.loop.run_group`), each with its MLflow run, and return each one's
+    status by trial id; the runs of a group of several are tagged with the group.
 
-    Each trial is claimed first (its lock; see :func:`mlpgrid.training.checkpoint.claim`): one that
+    Each trial is claimed first (its lock; see :func:`mlpgrid.grid.locks.claim`): one that
     another process holds is left to it (:data:`ELSEWHERE`), and one that ended meanwhile (a
     retry, or another driver) is not run again; only then is its run opened, so a trial never
-    gets two runs or an epoch logged twice. Raises when training fails, after recording it.
+    gets two runs or an epoch logged twice. Raises when a trial fails, after recording it (a
+    runner retries it); a diverged trial is recorded as such and not raised.
 
     ``tags`` are set on each run for this attempt (where it runs). ``launched_at`` (a
     ``time.time()``) is when the runner asked for the group; the time from then to a trial's
@@ -283,45 +286,45 @@ def execute_group(
             return statuses
         device = device or pick_device()
         lead = members[0]
-        options = _trial_options(lead.options, gpu_share)
-        datasets = _datasets(members, arrays)
-        if len(group.trials) == 1:
-            if lead.pretrained_by and not CheckpointDir(lead.layout.checkpoints).positions():
-                CheckpointDir(lead.layout.checkpoints).adopt(CheckpointDir(lead.pretrained_in.checkpoints))
-                tags = (tags or {}) | {"pretrained_by": lead.pretrained_by}
-            recorder = _Recorder(lead, tags, launched_at, report)
-            try:
-                outcome = run_trial(lead.trial.config, lead.layout, options, datasets=datasets,
-                                    hooks=recorder.hooks(), device=device)  # fmt: skip
-            except TrialDiverged as e:
-                outcome = e
-            except Exception as e:
-                ended(lead.trial.id, recorder.end(e))
-                raise
-            ended(lead.trial.id, recorder.end(outcome))
-            return statuses
-        from mlpgrid.training.group import run_group
-
-        fused = fuses(lead.trial.config, device.type, lead.options.fuse)
-        group_tags = {"ran_in": "group", "group_id": group.id, "group_size": str(len(group.trials)),
-                      "group_steps": "fused" if fused else "one after another"}  # fmt: skip
+        fused = len(members) > 1 and fuses(lead.trial.config, device.type, lead.options.fuse)
+        group_tags = {} if len(group.trials) == 1 else {
+            "ran_in": "group", "group_id": group.id, "group_size": str(len(group.trials)),
+            "group_steps": "fused" if fused else "one after another"}  # fmt: skip
         recorders = []
         for task in members:
+            run_tags = (tags or {}) | group_tags | _adopt_pretrained(task)
             member_report = None if report is None else (lambda m, tid=task.trial.id: report({**m, "member": tid}))
-            recorders.append(_Recorder(task, (tags or {}) | group_tags, launched_at, member_report))
+            recorders.append(_Recorder(task, run_tags, launched_at, member_report))
+        failures: list[BaseException] = []
 
         def on_end(i: int, outcome: TrialResult | BaseException) -> None:
             ended(members[i].trial.id, recorders[i].end(outcome))
+            if isinstance(outcome, BaseException) and not isinstance(outcome, TrialDiverged):
+                failures.append(outcome)
 
         try:
-            run_group([t.trial.config for t in members], [t.layout for t in members], options, datasets=datasets,
+            run_group([t.trial.config for t in members], [t.layout for t in members],
+                      _trial_options(lead.options, gpu_share), datasets=_datasets(members, arrays),
                       hooks=[r.hooks() for r in recorders], device=device, fuse=fused, on_end=on_end)  # fmt: skip
         except Exception as e:
             for i, task in enumerate(members):
                 if task.trial.id not in statuses:
                     on_end(i, e)
             raise
+    if failures:  # recorded; raised so that the runner retries the failed trials (the others have ended)
+        raise failures[0]
     return statuses
+
+
+def _adopt_pretrained(task: TrialTask) -> dict[str, str]:
+    """A trial whose pre-training another trial finished starts from that trial's final
+    checkpoint (its first attempt copies it in); the tags that say so."""
+    if task.pretrained_by is None or task.pretrained_in is None:
+        return {}
+    checkpoints = CheckpointDir(task.layout.checkpoints)
+    if not checkpoints.positions():
+        checkpoints.adopt(CheckpointDir(task.pretrained_in.checkpoints))
+    return {"pretrained_by": task.pretrained_by}
 
 
 def run_in_process(groups: list[GroupTask], progress: Progress) -> None:

@@ -285,8 +285,8 @@ def pretraining_id(config: TrialConfig) -> str:
     start from its final checkpoint. A probe of the pre-training dataset is kept in: the
     examples it holds out are not pre-trained on.
     """
-    held_out = {"probe_datasets": (config.dataset,), "probe_examples": config.probe_examples}
-    bare = {f: FIELDS[f].default for f in STAGE_FIELDS}
+    held_out: dict[str, Any] = {"probe_datasets": (config.dataset,), "probe_examples": config.probe_examples}
+    bare: dict[str, Any] = {f: FIELDS[f].default for f in STAGE_FIELDS}
     return trial_id(dataclasses.replace(config, **(bare | (held_out if config.probes_itself else {}))))
 
 
@@ -577,7 +577,7 @@ def _run_section(raw: Any, errors: _Errors) -> RunOptions:
         errors.add("run", "expected a mapping")
         return RunOptions()
     run_fields = [f.name for f in dataclasses.fields(RunOptions)]
-    options = {}
+    options: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in run_fields:
             errors.add(f"run.{key}", _unknown_key(key, run_fields))

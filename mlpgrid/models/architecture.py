@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 HARDWARE_FLOPS_PER_MAC = 2
 
@@ -167,12 +168,13 @@ def config_for(
         return _patch_config(name, num_classes, image, dropout, drop_path)
     if drop_path:
         raise ValueError(f"{name}: drop_path (stochastic depth) applies to Mixer and ResMLP only")
-    defaults = {
+    defaults: dict[str, Any] = {
         "B": dict(expansion=4, activation="gelu", norm="layernorm", norm_position="pre", skip=True),
         "S": dict(expansion=0, activation="relu", norm="layernorm", norm_position="pre", skip=False),
     }[family]
-    chosen = dict(expansion=expansion, activation=activation, norm=norm, norm_position=norm_position, skip=skip)
-    options = {k: defaults[k] if v is None else v for k, v in chosen.items()}
+    given: dict[str, Any] = dict(expansion=expansion, activation=activation, norm=norm, norm_position=norm_position,
+                                 skip=skip)  # fmt: skip
+    options: dict[str, Any] = {k: defaults[k] if v is None else v for k, v in given.items()}
     return MLPConfig(family, depth, width, in_features, num_classes, dropout=dropout, **options)
 
 
@@ -180,6 +182,7 @@ def _patch_config(
     name: str, num_classes: int, image: tuple[int, int] | None, dropout: float, drop_path: float
 ) -> PatchConfig:
     match = _PATCH_NAME.fullmatch(name)
+    assert match is not None, f"{name} is not a patch model's name"
     family, size, patch = match["family"], match["size"], int(match["patch"])
     if image is None:
         raise ValueError(f"{name} cuts the image into patches: give its channels and side")

@@ -37,7 +37,7 @@ def efficiency(name: str, resolution: int, channels: int, classes: int, device: 
     shape = (channels, resolution, resolution)
     latency = _seconds(model, torch.randn(1, *shape, device=device), repeats)
     rates = {b: b / _seconds(model, torch.randn(b, *shape, device=device), repeats) for b in batch_sizes}
-    best = max(rates, key=rates.get)
+    best = max(rates, key=lambda b: rates[b])
     return {
         "model": cfg.name,
         "params": architecture.count_params(cfg),

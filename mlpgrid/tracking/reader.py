@@ -354,8 +354,10 @@ def metric_histories(grid_run: GridRun, run_ids: list[str], metric: str) -> dict
 
     def history(run_id: str) -> dict[int, float]:
         if server is None:
+            assert client is not None
             return {m.step: m.value for m in client.get_metric_history(run_id, metric)}
-        values, token = [], {}
+        values: list[dict[str, Any]] = []
+        token: dict[str, str] = {}
         while True:
             page = server.call("metrics/get-history", query={"run_id": run_id, "metric_key": metric, **token})
             values += page.get("metrics", [])

@@ -70,7 +70,9 @@ def _open_grid(grid: GridSpec, uri: str, artifacts: str | None) -> GridRun:
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-            experiment_id = client.get_experiment_by_name(grid.name).experiment_id
+            found = client.get_experiment_by_name(grid.name)
+            assert found is not None, "created meanwhile by another driver"
+            experiment_id = found.experiment_id
     else:
         experiment_id = experiment.experiment_id
         if experiment.tags.get(_KIND) != _EXPERIMENT_TAGS[_KIND]:  # made by an earlier version

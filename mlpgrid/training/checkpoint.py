@@ -18,7 +18,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -149,6 +149,12 @@ def _host_copy(value: Any) -> Any:
     return value
 
 
+class CheckpointWriter(Protocol):
+    """What :class:`BackgroundSaver` writes through: a :class:`CheckpointDir`, or several at once."""
+
+    def save(self, state: Any, epoch: int, step: int) -> Any: ...
+
+
 class BackgroundSaver:
     """Saves to a :class:`CheckpointDir` on a thread while training goes on.
 
@@ -160,7 +166,7 @@ class BackgroundSaver:
     results. ``wait`` blocks until the write in flight is done and raises its error.
     """
 
-    def __init__(self, checkpoints: CheckpointDir):
+    def __init__(self, checkpoints: CheckpointWriter):
         self.checkpoints = checkpoints
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -170,7 +176,7 @@ class BackgroundSaver:
         """Whether a write is still in flight (a checkpoint not ``required`` would be skipped)."""
         return self._thread is not None and self._thread.is_alive()
 
-    def save(self, state: dict[str, Any], epoch: int, step: int, *, required: bool = False) -> bool:
+    def save(self, state: Any, epoch: int, step: int, *, required: bool = False) -> bool:
         """Start writing ``state``; False when skipped because a write is still in flight."""
         if self.busy and not required:
             return False
@@ -180,7 +186,7 @@ class BackgroundSaver:
         self._thread.start()
         return True
 
-    def _write(self, state: dict[str, Any], epoch: int, step: int) -> None:
+    def _write(self, state: Any, epoch: int, step: int) -> None:
         try:
             self.checkpoints.save(state, epoch, step)
         except BaseException as e:  # noqa: BLE001 - raised in the training thread by wait()

@@ -11,19 +11,30 @@ member's own learning rate, weight decay and momentum, with the arithmetic of th
 optimizers a trial uses alone; a member's state goes to and from that optimizer's ordinary
 ``state_dict``, so each member's checkpoint is the one it would write alone.
 
+:class:`Fused` is the training loop's engine for fused members (see
+:class:`mlpgrid.training.loop.Engine`).
+
 :func:`member_losses` is the loss of each member (its own label smoothing, MixUp as the batch
 says), :func:`clip_members` clips each member's gradient norm on its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from mlpgrid import policy
+from mlpgrid.data.loader import Batch, Loader
+from mlpgrid.grid.spec import TrialConfig
 from mlpgrid.models.architecture import ModelConfig
 from mlpgrid.models.networks import Network, build
+from mlpgrid.training.optim import adamw_update, lion_update, sgd_update
+from mlpgrid.training.setup import DataParts, Model
+from mlpgrid.training.step import autocast, compile_for_training
 
 
 class StackedMLP(nn.Module):
@@ -94,40 +105,38 @@ def _per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_members(params: list[torch.Tensor], clip: torch.Tensor) -> None:
+def clip_members(params: Sequence[torch.Tensor], clip: torch.Tensor) -> None:
     """Clip each member's gradient to norm ``clip`` (K,; 0 = no clipping), as
     ``torch.nn.utils.clip_grad_norm_`` does for a trial alone."""
-    norm = torch.stack([p.grad.flatten(1).pow(2).sum(1) for p in params]).sum(0).sqrt()
+    grads = [_grad(p) for p in params]
+    norm = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
     factor = torch.where(clip > 0, (clip / (norm + 1e-6)).clamp(max=1.0), torch.ones_like(norm))
-    for p in params:
-        p.grad.mul_(_per_member(factor, p.grad))
+    for g in grads:
+        g.mul_(_per_member(factor, g))
 
 
-def _update(kind: str, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[list[torch.Tensor]],
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    assert p.grad is not None, "a step's backward pass comes first"
+    return p.grad
+
+
+def _update(kind: str, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states: list[list[torch.Tensor]],
             lr: torch.Tensor, weight_decay: torch.Tensor, momentum: torch.Tensor, betas: tuple[float, float],
             eps: float, steps: torch.Tensor) -> None:  # fmt: skip
-    """One step of every stacked parameter; hyperparameters (K,) per member, ``steps`` taken
-    (this one included) for AdamW's bias corrections."""
+    """One step of every stacked parameter with the updates of :mod:`mlpgrid.training.optim`;
+    hyperparameters (K,) per member, ``steps`` taken (this one included) for AdamW's bias
+    corrections."""
     b1, b2 = betas
     if kind == "adamw":
         correction1, correction2_sqrt = 1 - b1**steps, (1 - b2**steps).sqrt()
     for p, g, state in zip(params, grads, states, strict=True):
         lr_, wd = _per_member(lr, p), _per_member(weight_decay, p)
-        if kind == "lion":  # lion-pytorch's update
-            (m,) = state
-            p.mul_(1 - lr_ * wd)
-            p.add_(torch.sign(m * b1 + g * (1 - b1)) * -lr_)
-            m.mul_(b2).add_(g, alpha=1 - b2)
-        elif kind == "adamw":  # torch.optim.AdamW's update
-            m, v = state
-            p.mul_(1 - lr_ * wd)
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.add_(-(lr_ / correction1) * m / (v.sqrt() / correction2_sqrt).add_(eps))
-        else:  # torch.optim.SGD's update with L2 weight decay; a zero buffer makes the first step's buffer the gradient
-            (buf,) = state
-            buf.mul_(_per_member(momentum, p)).add_(g + wd * p)
-            p.add_(buf * -lr_)
+        if kind == "lion":
+            lion_update(p, g, state[0], lr_, wd, b1, b2)
+        elif kind == "adamw":
+            adamw_update(p, g, state[0], state[1], lr_, wd, betas, eps, correction1, correction2_sqrt)
+        else:
+            sgd_update(p, g, state[0], lr_, wd, _per_member(momentum, p))
 
 
 class StackedOptimizer:
@@ -162,7 +171,7 @@ class StackedOptimizer:
         self.steps += 1
         self.started = True
         self.steps_on_device += 1
-        self._update(self.kind, self.params, [p.grad for p in self.params], [list(s.values()) for s in self.state],
+        self._update(self.kind, self.params, [_grad(p) for p in self.params], [list(s.values()) for s in self.state],
                      self.lr, self.weight_decay, self.momentum, self.betas, self.eps, self.steps_on_device)  # fmt: skip
 
     # --- the members' ordinary optimizer state -----------------------------------------------
@@ -199,3 +208,103 @@ class StackedOptimizer:
             t[members].clone() for t in (self.weight_decay, self.momentum, self.lr)
         )
         self.state = [{name: t[members].clone() for name, t in slots.items()} for slots in self.state]
+
+
+class Fused:
+    """Members' weights stacked and stepped at once (:class:`StackedMLP`, :class:`StackedOptimizer`);
+    the members' own models (``models``, set up and resumed as alone) hand over their state."""
+
+    def __init__(self, cfgs: list[TrialConfig], models: list[Model], parts: DataParts, compile: bool):
+        lead = cfgs[0]
+        self.device = parts.device
+        self.model = StackedMLP(lead.model_config(), [m.network for m in models])
+        betas = models[0].optimizer.param_groups[0].get("betas", (0.9, 0.99))
+        self.optimizer = StackedOptimizer(lead.optimizer, list(self.model.stacked), [c.weight_decay for c in cfgs],
+                                          [c.momentum for c in cfgs], betas, compiled=compile)  # fmt: skip
+        self.templates = []  # each member's optimizer state_dict, for its hyperparameters
+        for i, m in enumerate(models):
+            saved = m.optimizer.state_dict()
+            self.optimizer.load_member(i, saved)
+            self.templates.append({"param_groups": saved["param_groups"]})
+        self.label_smoothing = self._per_member([c.label_smoothing for c in cfgs])
+        self.clip_grads = [c.clip_grad for c in cfgs]  # on the host: asking the device would wait for it
+        self.clip = self._per_member(self.clip_grads)
+        self.lrs: torch.Tensor | None = None  # (members, steps of the epoch)
+        self.batch_size = lead.batch_size
+        self.example = (self.batch_size, *parts.image_shape), parts.train.out_dtype  # a full batch's
+        self.compiled: nn.Module | None = None
+        self.compile_seconds: float | None = None
+        if compile:
+            # The stack compiles once for each number of members it has (see keep), up to
+            # MAX_MEMBERS graphs of each function; torch.compile runs a function eagerly past
+            # its recompile limit, and this worker's earlier groups count against it.
+            torch.compiler.reset()
+            dynamo = torch._dynamo.config  # type: ignore[attr-defined]
+            dynamo.recompile_limit = max(dynamo.recompile_limit, policy.MAX_MEMBERS)
+            self._compile()
+
+    def _compile(self) -> None:
+        """Compile the stack for its members now; the seconds it took count until logged."""
+        shape, dtype = self.example
+        self.compiled, seconds = compile_for_training(self.model, torch.zeros(shape, dtype=dtype, device=self.device))
+        self.compile_seconds = (self.compile_seconds or 0.0) + seconds
+
+    def _per_member(self, values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    def schedule(self, lrs: list[list[float]]) -> None:
+        """Each member's learning rate at every step of the coming epoch, copied to the device
+        once. A copy from the host every step would make the host wait for the device each
+        step, as would anything read back from it: the step only queues work."""
+        self.lrs = torch.tensor(lrs, dtype=torch.float32).to(self.device)
+
+    def step(self, batch: Batch, step: int) -> torch.Tensor:
+        assert self.lrs is not None, "schedule() comes before the epoch's steps"
+        self.optimizer.lr.copy_(self.lrs[:, step])
+        full = self.compiled is not None and len(batch.labels) == self.batch_size
+        net = self.compiled if full and self.compiled is not None else self.model
+        with autocast(self.device):
+            logits = net(batch.images)
+        losses = member_losses(logits, batch, self.label_smoothing)
+        self.optimizer.zero_grad()
+        losses.sum().backward()
+        if any(c > 0 for c in self.clip_grads):
+            clip_members(self.optimizer.params, self.clip)
+        self.optimizer.step()
+        return losses.detach()
+
+    @torch.no_grad()
+    def evaluate(self, test: Loader) -> list[tuple[float, float]]:
+        k = self.model.members
+        loss_sum = torch.zeros(k, device=self.device)
+        wrong = torch.zeros(k, device=self.device, dtype=torch.long)
+        for batch in test.epoch(0):
+            with autocast(self.device):
+                logits = self.model(batch.images).float()  # (K, B, C)
+            labels = batch.labels.expand(k, -1)
+            loss_sum += F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(1)
+            wrong += (logits.argmax(-1) != labels).sum(1)
+        return [(loss / test.size, errors / test.size) for loss, errors in zip(loss_sum.tolist(), wrong.tolist(),
+                                                                             strict=True)]  # fmt: skip
+
+    def states(self, i: int, lr: float) -> tuple[dict[str, Any], dict[str, Any]]:
+        template = {"param_groups": [g | {"lr": lr} for g in self.templates[i]["param_groups"]]}
+        return self.model.member_state(i), self.optimizer.member_state(i, template)
+
+    def member_model(self, i: int) -> Network:
+        return self.model.member_model(i)
+
+    def keep(self, indices: list[int]) -> None:
+        members = self.model.members
+        if indices == list(range(members)):
+            return
+        self.model.keep(indices)
+        self.optimizer.keep(indices, list(self.model.stacked))
+        self.templates = [self.templates[i] for i in indices]
+        self.label_smoothing, self.clip = self.label_smoothing[indices], self.clip[indices]
+        self.clip_grads = [self.clip_grads[i] for i in indices]
+        if self.compiled is not None and len(indices) != members:
+            # Only the stack's own graphs compile again, for the new number of members (and
+            # the optimizer's update at its next step): four B-6/Wi-512 at batch 4096 on an
+            # H200 leaving one by one, 9.8, 7.0 and 8.5 s (benchmarks/groups.py --part leave).
+            self._compile()

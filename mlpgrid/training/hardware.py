@@ -8,26 +8,20 @@ import math
 
 import torch
 
+from mlpgrid import policy
+
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# Of a trial's share of GPU memory, what neither its model nor its data may take: the CUDA
-# context, cuBLAS and compiler workspaces, the streaming loader's batches in flight and the
-# caching allocator's fragmentation. On the H200 (139 GiB) a budget of 90% less the measured
-# model trained B-6/Wi-256 and B-12/Wi-1024 at batch 16384 with 2M images streaming beside it.
-RESERVED_SHARE = 0.1
-
-
 def default_data_budget(device: torch.device, gpu_share: float = 1.0, model_bytes: float = 0.0) -> float:
-    """Bytes of images a trial may keep on ``device``: what its share of a GPU's memory spares
-    beside ``model_bytes`` (what training its model takes, measured) and a reserve; 8 GiB of
-    host RAM on CPU."""
+    """Bytes of images a trial may keep on ``device``: on a GPU what its share of the GPU's
+    memory spares beside ``model_bytes`` (:func:`mlpgrid.policy.gpu_data_budget`); on the CPU
+    :data:`mlpgrid.policy.CPU_DATA_BUDGET_BYTES` of host RAM."""
     if device.type == "cuda":
-        share = gpu_share * torch.cuda.get_device_properties(device).total_memory
-        return max(0.0, (1 - RESERVED_SHARE) * share - model_bytes)
-    return 8 * 2**30
+        return policy.gpu_data_budget(torch.cuda.get_device_properties(device).total_memory, gpu_share, model_bytes)
+    return policy.CPU_DATA_BUDGET_BYTES
 
 
 @functools.cache

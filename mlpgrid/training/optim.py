@@ -11,13 +11,39 @@ from lion_pytorch.foreach import Lion as ForeachLion
 from mlpgrid.grid.spec import TrialConfig
 
 
-def _lion_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                 lr: torch.Tensor, weight_decay: float, beta1: float, beta2: float) -> None:  # fmt: skip
-    """Lion's update (Chen et al. 2023), the arithmetic of lion-pytorch's reference."""
+def lion_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, lr: torch.Tensor, weight_decay: Any,
+                beta1: float, beta2: float) -> None:  # fmt: skip
+    """Lion's update of one tensor (Chen et al. 2023), the arithmetic of lion-pytorch's reference.
+    ``lr`` and ``weight_decay`` broadcast over ``p``: scalars for a trial alone, one value per
+    member for a fused stack (:mod:`mlpgrid.training.fused`)."""
+    p.mul_(1 - lr * weight_decay)
+    p.add_(torch.sign(m * beta1 + g * (1 - beta1)) * -lr)
+    m.mul_(beta2).add_(g, alpha=1 - beta2)
+
+
+def adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+                 weight_decay: torch.Tensor, betas: tuple[float, float], eps: float, correction1: torch.Tensor,
+                 correction2_sqrt: torch.Tensor) -> None:  # fmt: skip
+    """``torch.optim.AdamW``'s update of one tensor, with its bias corrections given; for the
+    fused stack, whose hyperparameters are per member (a trial alone uses torch's fused kernel)."""
+    p.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - betas[0])
+    v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+    p.add_(-(lr / correction1) * m / (v.sqrt() / correction2_sqrt).add_(eps))
+
+
+def sgd_update(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor,
+               momentum: torch.Tensor) -> None:  # fmt: skip
+    """``torch.optim.SGD``'s update of one tensor with L2 weight decay, for the fused stack (a
+    trial alone uses torch's fused kernel); a zero buffer makes the first step's buffer the gradient."""
+    buf.mul_(momentum).add_(g + weight_decay * p)
+    p.add_(buf * -lr)
+
+
+def _lion_updates(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                  lr: torch.Tensor, weight_decay: float, beta1: float, beta2: float) -> None:  # fmt: skip
     for p, g, m in zip(params, grads, exp_avgs, strict=True):
-        p.mul_(1 - lr * weight_decay)
-        p.sub_(lr * torch.sign(m * beta1 + g * (1 - beta1)))
-        m.mul_(beta2).add_(g, alpha=1 - beta2)
+        lion_update(p, g, m, lr, weight_decay, beta1, beta2)
 
 
 class CompiledLion(torch.optim.Optimizer):
@@ -34,11 +60,11 @@ class CompiledLion(torch.optim.Optimizer):
     def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0):  # fmt: skip
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
-        self._update = torch.compile(_lion_update, dynamic=False, fullgraph=True)
+        self._update = torch.compile(_lion_updates, dynamic=False, fullgraph=True)
         self._lr: dict[int, torch.Tensor] = {}  # per parameter group
 
     @torch.no_grad()
-    def step(self, closure: None = None) -> None:
+    def step(self, closure: None = None) -> None:  # type: ignore[override]  # no closure: one update per step
         for i, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if params:
@@ -70,7 +96,7 @@ def make_optimizer(cfg: TrialConfig, params: Any, device: torch.device, compiled
     (``compiled``) or in lion-pytorch's foreach form; on the CPU, lion-pytorch's reference Lion."""
     cuda = device.type == "cuda"
     if cfg.optimizer == "lion":
-        options = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+        options: dict[str, Any] = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
         if not cuda:
             return Lion(params, **options)
         return CompiledLion(params, **options) if compiled else ForeachLion(params, **options)

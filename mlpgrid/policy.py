@@ -1,0 +1,177 @@
+"""How trials run: every threshold that picks a way of running, and the rules that read them.
+
+Whether a model, a fused stack or the loader's augmentation is compiled, whether trials group
+and fuse, what share of a GPU a trial gets, which way streamed images reach the GPU, how much
+of a GPU's memory may hold images, how many torch threads a worker runs. None of it changes a
+trial's result: the rules choose how fast it gets there. Each constant cites the measurement
+it rests on, here and nowhere else; the functions are pure (configs and numbers in, a decision
+out), so ``tests/test_policy.py`` checks them as one table.
+
+Imports no torch: the driver decides groups and shares before any worker starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mlpgrid.grid.spec import TrialConfig
+from mlpgrid.models import architecture
+
+# --- compiling ----------------------------------------------------------------------------
+
+# torch.compile takes tens of seconds for a model shape it has not seen (seconds once
+# Inductor's on-disk cache holds it) and saves 10-20% of every step on a GPU: it pays from
+# about this much training compute (hardware FLOPs; a minute or two of an H100).
+COMPILE_PAYS_FLOPS = 2e16
+
+# Compiling the loader's augmentation costs a fresh worker about 8 s and saves a few
+# microseconds an image (H200 machine, benchmarks/trial_startup.py, 50k images of 64x64 at
+# batch 4096, model not compiled: the first epoch 7.98 s compiled against 0.34 s eager; the
+# second 0.13 s against 0.41 s for B-6/Wi-256 alone, 0.16 s against 0.29 s eight at once, and
+# 0.28 s against 0.36 s for B-12/Wi-1024 eight at once; a quick-start B-2/Wi-64 trial at batch
+# 256 took 20.0 s from launch to its end compiled, 9.5 s not). At about 2 us an image it pays
+# from this many training images, whatever the model; quick-start trials see at most 480k.
+AUGMENT_COMPILE_PAYS_IMAGES = 4e6
+
+# A fused group is launch-bound unless compiled (B-6/Wi-256 at batch 4096 on an H200: 4 members
+# eager 0.77M img/s, 8 compiled 3.57M), and compiling takes some 20-40 s: it pays from about
+# this much training (hardware FLOPs of all members), far sooner than for a trial alone.
+FUSED_COMPILE_PAYS_FLOPS = 1e15
+
+
+def training_flops(cfg: TrialConfig) -> float:
+    """Hardware FLOPs of training ``cfg`` to its end."""
+    return architecture.hardware_training_flops(cfg.model_config(), cfg.num_examples * cfg.epochs)
+
+
+def compiles_model(cfg: TrialConfig, device_type: str, chosen: bool | None = None) -> bool:
+    """Whether a trial compiles its model: ``chosen`` if given, else on a GPU from
+    :data:`COMPILE_PAYS_FLOPS` of training (never on the CPU)."""
+    if chosen is not None:
+        return chosen
+    return device_type == "cuda" and training_flops(cfg) >= COMPILE_PAYS_FLOPS
+
+
+def compiles_augmentation(cfg: TrialConfig, device_type: str, chosen: bool | None = None) -> bool:
+    """Whether a trial's loader compiles its augmentation: where its model compiles, or, unless
+    ``chosen`` says otherwise, on a GPU from :data:`AUGMENT_COMPILE_PAYS_IMAGES` training images."""
+    many_images = device_type == "cuda" and cfg.num_examples * cfg.epochs >= AUGMENT_COMPILE_PAYS_IMAGES
+    return compiles_model(cfg, device_type, chosen) or (chosen is None and many_images)
+
+
+def compiles_stack(cfgs: Sequence[TrialConfig], device_type: str, chosen: bool | None = None) -> bool:
+    """Whether a fused group compiles its stack: ``chosen`` if given, else on a GPU from
+    :data:`FUSED_COMPILE_PAYS_FLOPS` of training of all members."""
+    if chosen is not None:
+        return chosen
+    return device_type == "cuda" and sum(training_flops(c) for c in cfgs) >= FUSED_COMPILE_PAYS_FLOPS
+
+
+# --- groups -------------------------------------------------------------------------------
+
+# Fusing K small models' steps into one batched step pays up to 16 members (B-6/Wi-256 at
+# batch 4096 on an H200: 7.24M img/s with 16 members against 759k alone, 9.5x); larger groups
+# add memory, not speed.
+MAX_MEMBERS = 16
+
+# Fusing pays while a member's step is small enough to leave the GPU waiting on kernel
+# launches. The alternative is not one trial alone but eight trials alone sharing the GPU
+# (time-sliced). Measured with benchmarks/mps.py on an H200 (bare compiled steps at batch 4096;
+# hardware FLOPs of one member's step): 8 fused against 8 processes, 0.15 TFLOP (B-6/Wi-256)
+# 1.53x, 2.8 TFLOP (B-12/Wi-1024) 1.00x. Against one alone (benchmarks/groups.py): 0.15 TFLOP
+# 6.6x, 0.62 TFLOP 4.2x, 1.86 TFLOP 2.4x, 6.19 TFLOP 1.01x. Below 1 TFLOP the gain over
+# time-slicing is, interpolated in log step size, above about 1.2x.
+FUSE_BELOW_STEP_FLOPS = 1e12
+
+
+def fuses(cfg: TrialConfig, device_type: str, chosen: bool | None = None) -> bool:
+    """Whether a group of ``cfg``'s shape steps its members fused: never with batch norm (its
+    statistics are per member), else ``chosen`` if given, else on a GPU where a member's step is
+    under :data:`FUSE_BELOW_STEP_FLOPS`. On the CPU members go one after another by default,
+    which gives each exactly the results it has alone."""
+    if cfg.norm == "batchnorm":
+        return False
+    if chosen is not None:
+        return chosen
+    step_flops = architecture.hardware_training_flops(cfg.model_config(), cfg.batch_size)
+    return device_type == "cuda" and step_flops < FUSE_BELOW_STEP_FLOPS
+
+
+def group_pays_on_gpu(cfgs: Sequence[TrialConfig], fuse: bool | None = None) -> bool:
+    """Whether trials of one group's shape gain from training together on a GPU: they fuse
+    and, unless fusing was chosen, train long enough together for compiling the stack to pay.
+    A group stepped one after another, or fused but too short to compile, finished later than
+    its trials alone eight to a GPU (H200: the quick start 59 s against 48 s,
+    benchmarks/quickstart.py; fused groups of 2 to 4 did 0.72x, benchmarks/grid_overhead.py)."""
+    if len(cfgs) < 2 or not fuses(cfgs[0], "cuda", fuse):
+        return False
+    return fuse is True or compiles_stack(cfgs, "cuda")
+
+
+def groups_across_epochs(device_type: str, automatic: bool) -> bool:
+    """Whether members of one group may end at different T. On a GPU automatic groups stay
+    within one T: on an H200, benchmarks/grid_overhead.py --scale 0.3 with groups across T (two
+    fused groups of four, the rest alone, eight at a time) did 0.85x the training work per
+    second of every trial alone (the stack compiles again as each member leaves, 7-10 s; a
+    group's process gets one time slice of the GPU among the others for its members' work).
+    A chosen group size (``--group K``) and the CPU group across T."""
+    return not (automatic and device_type == "cuda")
+
+
+# --- GPU shares ---------------------------------------------------------------------------
+
+# A step of fewer hardware FLOPs than this (about 5 ms of an H100) leaves a GPU waiting for
+# kernel launches, and idle through a trial's start-up: eight such trials share a GPU by
+# default, larger ones two. On a grid of 32 such trials on an H100, eight to a GPU did 27% more
+# training per second than four (two for its largest models) did (benchmarks/grid_scaling.py).
+SMALL_STEP_FLOPS = 4e12
+SMALL_SHARE, LARGE_SHARE = 0.125, 0.5
+
+
+def gpu_share(step_flops: Sequence[float]) -> float:
+    """The share of a GPU a worker training members whose steps take ``step_flops`` (hardware
+    FLOPs each) gets by default: the shares they would have alone, at most a GPU. A group of
+    four small trials on an eighth of a GPU would get a quarter of the GPU time they had alone,
+    which fusing cannot make up (at most 1.5x over time-slicing, above)."""
+    return min(1.0, sum(SMALL_SHARE if f < SMALL_STEP_FLOPS else LARGE_SHARE for f in step_flops))
+
+
+# --- memory and data ----------------------------------------------------------------------
+
+# Of a trial's share of GPU memory, what neither its model nor its data may take: the CUDA
+# context, cuBLAS and compiler workspaces, the streaming loader's batches in flight and the
+# caching allocator's fragmentation. On the H200 (139 GiB) a budget of 90% less the measured
+# model trained B-6/Wi-256 and B-12/Wi-1024 at batch 16384 with 2M images streaming beside it.
+RESERVED_SHARE = 0.1
+# Images a trial keeps in host memory on the CPU, where the "device" is the host.
+CPU_DATA_BUDGET_BYTES = 8 * 2**30
+
+
+def gpu_data_budget(gpu_bytes: float, share: float, training_bytes: float) -> float:
+    """Bytes of images a worker may keep on a GPU of ``gpu_bytes``: what its ``share`` spares
+    beside ``training_bytes`` (what training its models takes, measured) and the reserve."""
+    return max(0.0, (1 - RESERVED_SHARE) * share * gpu_bytes - training_bytes)
+
+
+# Streamed images reach the step from CPU threads at ~0.86M/s (16 cores of the H200 machine) and
+# at 2.9M/s when the GPU reads them from host memory itself, which costs the step SM time:
+# B-6/Wi-256 (batch 16384) streamed at 1.54M/s reading host memory, 0.84M/s from threads;
+# B-12/Wi-1024 at 95% of its resident rate reading host memory, 99% from threads. Threads keep
+# up with a step of at least this many hardware FLOPs per image (400 TFLOP/s / 0.86M images/s).
+THREADS_KEEP_UP_FLOPS = 4.5e8
+
+
+def gpu_reads_stream(flops_per_image: float) -> bool:
+    """Whether the GPU gathers streamed rows from host memory itself (else CPU threads do),
+    for a step of ``flops_per_image`` hardware FLOPs per image (all members of a group)."""
+    return flops_per_image < THREADS_KEEP_UP_FLOPS
+
+
+# --- threads ------------------------------------------------------------------------------
+
+
+def torch_threads(granted_cpus: float) -> int:
+    """Torch threads of a worker granted ``granted_cpus`` cores: as many, at least one. CPU
+    results depend on the thread count, so a trial is reproducible given its config and its
+    ``--cpus-per-trial``."""
+    return max(1, int(granted_cpus))

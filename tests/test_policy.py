@@ -1,0 +1,77 @@
+"""Every decision of :mod:`mlpgrid.policy`, as one table: the inputs, the call, the answer."""
+
+import dataclasses
+
+import pytest
+
+from conftest import REPO
+from mlpgrid import policy
+from mlpgrid.grid import spec
+from mlpgrid.grid.spec import TrialConfig
+
+QUICK = [t.config for t in spec.load(REPO / "grids" / "quickstart.yaml").trials]
+# The largest trial of the paper's scaling grid: B-12/Wi-1024 on all of ImageNet-21k for 800 epochs.
+LONG = max(spec.load(REPO / "grids" / "scaling.yaml").trials, key=lambda t: t.compute).config
+# A small model for many epochs: too little compute to compile the model, images enough for the augmentation.
+MANY = dataclasses.replace(QUICK[0], examples=50_000, epochs=100)
+SMALL_STEP = TrialConfig(model="B-6/Wi-256", batch_size=4096, examples=1_000_000, epochs=40)  # 0.15 TFLOP a step
+LARGE_STEP = dataclasses.replace(SMALL_STEP, model="B-12/Wi-1024")  # 2.8 TFLOP a step
+BATCHNORM = dataclasses.replace(SMALL_STEP, norm="batchnorm")
+SHORT = dataclasses.replace(SMALL_STEP, examples=1000, epochs=1)
+GiB = 2**30
+
+DECISIONS = [
+    # (what, call, answer)
+    (
+        "quick-start trials compile no model on a GPU",
+        lambda: any(policy.compiles_model(c, "cuda") for c in QUICK),
+        False,
+    ),
+    ("the longest scaling trial compiles on a GPU", lambda: policy.compiles_model(LONG, "cuda"), True),
+    ("nothing compiles on the CPU", lambda: policy.compiles_model(LONG, "cpu"), False),
+    ("compile: true compiles a short trial", lambda: policy.compiles_model(QUICK[0], "cuda", True), True),
+    ("compile: false keeps a long one eager", lambda: policy.compiles_model(LONG, "cuda", False), False),
+    (
+        "quick-start augmentation stays eager",
+        lambda: any(policy.compiles_augmentation(c, "cuda") for c in QUICK),
+        False,
+    ),
+    ("augmentation compiles with the model", lambda: policy.compiles_augmentation(LONG, "cuda"), True),
+    ("augmentation compiles for many images", lambda: policy.compiles_augmentation(MANY, "cuda"), True),
+    ("... where the model does not", lambda: policy.compiles_model(MANY, "cuda"), False),
+    ("no augmentation compiles on the CPU", lambda: policy.compiles_augmentation(MANY, "cpu"), False),
+    ("compile: false keeps the augmentation eager", lambda: policy.compiles_augmentation(MANY, "cuda", False), False),
+    ("compile: true compiles it", lambda: policy.compiles_augmentation(QUICK[0], "cuda", True), True),
+    ("a long fused group compiles its stack", lambda: policy.compiles_stack([SMALL_STEP] * 4, "cuda"), True),
+    ("a short one does not", lambda: policy.compiles_stack([SHORT] * 4, "cuda"), False),
+    ("no stack compiles on the CPU", lambda: policy.compiles_stack([SMALL_STEP] * 4, "cpu"), False),
+    ("small steps fuse on a GPU", lambda: policy.fuses(SMALL_STEP, "cuda"), True),
+    ("large steps do not", lambda: policy.fuses(LARGE_STEP, "cuda"), False),
+    ("the CPU steps members one after another", lambda: policy.fuses(SMALL_STEP, "cpu"), False),
+    ("fuse: true fuses large steps", lambda: policy.fuses(LARGE_STEP, "cuda", True), True),
+    ("batch norm never fuses", lambda: policy.fuses(BATCHNORM, "cuda", True), False),
+    ("a long group of small steps pays on a GPU", lambda: policy.group_pays_on_gpu([SMALL_STEP] * 4), True),
+    ("a short one does not", lambda: policy.group_pays_on_gpu([SHORT] * 4), False),
+    ("... unless fusing was chosen", lambda: policy.group_pays_on_gpu([SHORT] * 4, True), True),
+    ("one member is no group", lambda: policy.group_pays_on_gpu([SMALL_STEP]), False),
+    ("large steps do not group on a GPU", lambda: policy.group_pays_on_gpu([LARGE_STEP] * 4), False),
+    ("automatic GPU groups stay within one T", lambda: policy.groups_across_epochs("cuda", automatic=True), False),
+    ("--group K groups across T", lambda: policy.groups_across_epochs("cuda", automatic=False), True),
+    ("CPU groups span T", lambda: policy.groups_across_epochs("cpu", automatic=True), True),
+    ("a small step gets an eighth of a GPU", lambda: policy.gpu_share([0.15e12]), 0.125),
+    ("a large step half", lambda: policy.gpu_share([2.8e12 * 2]), 0.5),
+    ("four small members half: what they had alone", lambda: policy.gpu_share([0.15e12] * 4), 0.5),
+    ("a group never more than a GPU", lambda: policy.gpu_share([0.15e12] * 4 + [5e12] * 4), 1.0),
+    ("an 80 GB GPU leaves 90% less training", lambda: policy.gpu_data_budget(80 * GiB, 1.0, 8 * GiB), 64 * GiB),
+    ("an eighth of it", lambda: policy.gpu_data_budget(80 * GiB, 0.125, 1 * GiB), 8 * GiB),
+    ("never below nothing", lambda: policy.gpu_data_budget(80 * GiB, 0.125, 20 * GiB), 0.0),
+    ("B-6/Wi-256 streams through the GPU's reads", lambda: policy.gpu_reads_stream(1.0e8), True),
+    ("B-12/Wi-1024 through CPU threads", lambda: policy.gpu_reads_stream(7.5e8), False),
+    ("a worker gets a thread per core granted", lambda: policy.torch_threads(4.0), 4),
+    ("... and at least one", lambda: policy.torch_threads(0.5), 1),
+]
+
+
+@pytest.mark.parametrize("what,call,answer", DECISIONS, ids=[row[0] for row in DECISIONS])
+def test_the_policy_decides(what, call, answer):
+    assert call() == pytest.approx(answer) if isinstance(answer, float) else call() == answer
