@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -17,6 +17,9 @@ from mlpgrid.data.prepare import FORMATS, LAYOUTS
 from mlpgrid.grid import metrics, spec
 from mlpgrid.grid.layout import StorageLayout
 from mlpgrid.grid.spec import GridSpec, SpecError
+
+if TYPE_CHECKING:
+    from mlpgrid.tracking.reader import StatusRow
 from mlpgrid.models import architecture
 
 
@@ -66,7 +69,7 @@ def _load_grid(path: str, filtered: bool = True) -> GridSpec:
         only = tuple(tuple(o.split("=", 1)) for o in meta.get("only", ()) if filtered)
         if any(len(o) != 2 for o in only):
             raise SpecError(f"--only takes FIELD=VALUE, got {' '.join(meta['only'])}")
-        return spec.reduce(spec.load(path), meta.get("scale"), only)  # type: ignore[arg-type]
+        return spec.reduce(spec.load(path), meta.get("scale"), only)
     except SpecError as e:
         raise click.ClickException(str(e)) from None
 
@@ -115,37 +118,21 @@ def _print_plan(grid: GridSpec) -> None:
     click.echo(f"{len(grid.trials)} trials, total compute C = {total:.3e} FLOPs (C = FLOP(f) x 3 x N x T)")
 
 
-def _first_lines(lines: list[str], shown: int = 5) -> str:
-    more = [f"... and {len(lines) - shown} more"] if len(lines) > shown else []
-    return "\n  ".join(lines[:shown] + more)
-
-
-def _tracking(grid: GridSpec, storage: StorageLayout, uri: str | None) -> Any:
-    """The grid's MLflow experiment and parent run, or a clear error before any trial starts."""
-    from mlpgrid.tracking import reader, writer
-
-    uri = reader.tracking_uri(storage, uri)
-    try:
-        return writer.open_grid(grid, uri, storage)
-    except Exception as e:  # noqa: BLE001 - whatever stops MLflow, stop before training
-        raise click.ClickException(f"cannot use MLflow tracking URI {uri}: {e}") from None
-
-
-def _print_status(rows: list[dict[str, Any]]) -> None:
+def _print_status(rows: list[StatusRow]) -> None:
     def err(v: float | None) -> str:
         return "-" if v is None else f"{v:.4f}"
 
     table = [
-        [r["trial_id"], r["model"], r["examples"], r["epochs"], f"{r['compute']:.3e}", r["state"],
-         f"{r['last_epoch']}/{r['epochs']}", err(r["test_error"]), err(r["best_test_error"])]
+        [r.trial_id, r.model, r.examples, r.epochs, f"{r.compute:.3e}", r.state, f"{r.last_epoch}/{r.epochs}",
+         err(r.test_error), err(r.best_test_error)]
         for r in rows
     ]  # fmt: skip
     _print_table(table, ["trial", "model", "N", "T", "compute C", "state", "epoch", "test error", "best"])
     click.echo(f"{len(rows)} trials: " + ", ".join(f"{n} {state}" for state, n in _totals(rows).items()))
 
 
-def _totals(rows: list[dict[str, Any]]) -> dict[str, int]:
-    states = [r["state"] for r in rows]
+def _totals(rows: list[StatusRow]) -> dict[str, int]:
+    states = [r.state for r in rows]
     return {state: states.count(state) for state in sorted(set(states))}
 
 
@@ -232,79 +219,30 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
       mlpgrid run grids/quickstart.yaml --address ray://head:10001 --gpus-per-trial 0.5 \\
           --storage /shared/mlpgrid --tracking-uri http://mlflow:5000
     """
-    from mlpgrid.execution import runner
-    from mlpgrid.execution.groups import describe
-    from mlpgrid.execution.progress import Progress
-    from mlpgrid.tracking import reader
-    from mlpgrid.training.hardware import pick_device
-
     grid = _load_grid(grid_file)
-    size = grid.run.group if group is None else None if group == "auto" else group
     if dry_run:
         _print_plan(grid)
         return
-    try:
-        checksums = runner.check_data(grid, storage)
-    except runner.DataError as e:
-        raise click.ClickException(str(e)) from None
-    grid_run = _tracking(grid, storage, tracking_uri)
-    ended = reader.trial_runs(grid_run)  # one search for the checks below and the pending trials
-    changed = [] if allow_changes else reader.changed_trials(_load_grid(grid_file, filtered=False), grid_run, ended)
-    if changed:
-        raise click.ClickException(
-            f"{grid_file} changed since its trials ran: {len(changed)} ended trials are no longer in it. "
-            f"As run -> in the file now:\n  {_first_lines(changed)}\nPut the setting back, give the grid a new name, "
-            "or pass --allow-changes to run the file as it is (the ended trials stay in MLflow)."
-        )
-    stale = [] if allow_changes else reader.data_changed(ended, checksums)
-    if stale:
-        raise click.ClickException(
-            f"the data changed since {len(stale)} trials of {grid.name} trained on it (dataset checksum as run -> "
-            f"now):\n  {_first_lines(stale)}\nTheir results are of the old data. Put the data back, give the grid a "
-            "new name to train on the new data, or pass --allow-changes to go on as it is."
-        )
-    tasks = runner.pending_tasks(grid, storage, grid_run, checksums, ended)
-    held = runner.held_elsewhere(tasks)
-    mine = [t for t in tasks if t.trial.id not in held]
-    if held:
-        holders = ", ".join(sorted(set(held.values())))
-        click.echo(f"{len(held)} trials are being trained by another process ({holders}): left to it.")
-    if not tasks:
-        click.echo(f"Nothing to do: all {len(grid.trials)} trials of {grid.name} have already ended.")
-    progress = Progress([t.trial for t in mine], already_done=len(grid.trials) - len(mine))
-    failure = None  # why the run stopped early
-    still_held: dict[str, str] = {}  # trials another process trains as this run stops
-    try:
-        if mine and in_process:
-            groups = runner.group_tasks(mine, size, device_type=pick_device().type)
-            progress.note(describe(groups))
-            runner.run_in_process(groups, progress)
-        elif mine:
-            from mlpgrid.execution import ray_tune
+    from mlpgrid.execution import driver
+    from mlpgrid.execution.ray_tune import RayOptions
 
-            opts = ray_tune.RayOptions(address, max_concurrent, gpus_per_trial, cpus_per_trial, retries, wait_s)
-            try:
-                ray_tune.run_on_ray(mine, size, grid, storage, opts, progress)
-            except ray_tune.ResourcesError as e:
-                progress.note(str(e))
-                failure = str(e)
-    finally:
-        progress.close()
-        still_held = runner.settle(grid, storage, grid_run)  # also after Ctrl-C: cut-off trials say so
-    rows = reader.grid_status(grid, grid_run)
-    _print_status(rows)
-    # Failure is what this run did not bring to an end; diverged trials found from an earlier
-    # run are reported in the table, and a re-run with nothing left to do succeeds.
-    ran = {t.trial.id for t in tasks}
-    bad = [r for r in rows if r["state"] != reader.FINISHED and (r["trial_id"] in ran or r["state"] not in reader.DONE)]
-    elsewhere = {r["trial_id"]: still_held[r["trial_id"]] for r in bad if r["trial_id"] in still_held}
-    for r in bad:
-        why = f"another process trains it ({elsewhere[r['trial_id']]})" if r["trial_id"] in elsewhere else None
-        click.echo(f"{r['trial_id']} {r['state']}: {why or r['error'] or 'did not run to the end'}", err=True)
-    if bad:
-        left = f"; {len(elsewhere)} left to another process: run again once it is done" if elsewhere else ""
-        raise click.ClickException(f"{len(bad)} of {len(ran)} trials run did not finish{left}" +
-                                   (f"\n{failure}" if failure else ""))  # fmt: skip
+    request = driver.RunRequest(
+        group=grid.run.group if group is None else None if group == "auto" else int(group), in_process=in_process,
+        allow_changes=allow_changes,
+        ray=RayOptions(address, max_concurrent, gpus_per_trial, cpus_per_trial, retries, wait_s),
+    )  # fmt: skip
+    try:
+        outcome = driver.run_grid(grid, storage, tracking_uri, request, _load_grid(grid_file, filtered=False))
+    except driver.RunRefused as e:
+        raise click.ClickException(str(e)) from None
+    _print_status(outcome.rows)
+    for n in outcome.not_finished:
+        click.echo(f"{n.trial_id} {n.state}: {n.why}", err=True)
+    if not outcome.ok:
+        left = outcome.left_to_others
+        left_note = f"; {left} left to another process: run again once it is done" if left else ""
+        raise click.ClickException(f"{len(outcome.not_finished)} of {outcome.trials_run} trials run did not finish"
+                                   f"{left_note}" + (f"\n{outcome.failure}" if outcome.failure else ""))  # fmt: skip
 
 
 @cli.command()
@@ -320,22 +258,20 @@ def status(grid_file: str, as_json: bool, storage: StorageLayout, tracking_uri: 
       mlpgrid status grids/quickstart.yaml
       mlpgrid status grids/quickstart.yaml --json
     """
-    from mlpgrid.grid import locks
     from mlpgrid.tracking import reader
 
     grid = _load_grid(grid_file)
     uri = reader.tracking_uri(storage, tracking_uri)
     try:
-        rows = reader.grid_status(grid, reader.find_grid(grid, uri))
+        rows = reader.grid_status(grid, reader.find_grid(grid, uri), storage)
     except Exception as e:  # noqa: BLE001 - e.g. a store still being created, or unreachable
         raise click.ClickException(f"cannot read MLflow tracking URI {uri}: {e}") from None
-    trials = storage.grid(grid.name)
-    for row in rows:  # a run still saying running whose driver was killed: nothing holds its trial
-        lock = trials.trial(row["trial_id"]).lock
-        if row["state"] == reader.RUNNING and lock.exists() and locks.holder(lock) is None:
-            row["state"] = reader.INTERRUPTED
     if as_json:
-        click.echo(_json({"grid": grid.name, "trials": rows, "totals": _totals(rows)}, indent=2))
+        click.echo(
+            _json(
+                {"grid": grid.name, "trials": [dataclasses.asdict(r) for r in rows], "totals": _totals(rows)}, indent=2
+            )
+        )
     else:
         _print_status(rows)
 
@@ -354,37 +290,19 @@ def trial(grid_file: str, trial_id: str, storage: StorageLayout, tracking_uri: s
     Example:
       mlpgrid trial grids/quickstart.yaml --trial 3fa2
     """
-    from mlpgrid.execution import runner
-    from mlpgrid.execution.progress import Progress
+    from mlpgrid.execution import driver, runner
 
     grid = _load_grid(grid_file)
     try:
-        chosen = grid.trial(trial_id)
-        checksums = runner.check_data(grid, storage)
-    except (SpecError, runner.DataError) as e:
+        chosen, status = driver.run_one(grid, trial_id, storage, tracking_uri)
+    except driver.RunRefused as e:
         raise click.ClickException(str(e)) from None
-    grid_run = _tracking(grid, storage, tracking_uri)
-    pending = {task.trial.id: task for task in runner.pending_tasks(grid, storage, grid_run, checksums)}
-    if chosen.id not in pending:
-        click.echo(f"Trial {chosen.id} has already ended.")
-        return
-    task = pending[chosen.id]
-    progress = Progress([chosen])
-    progress.start(chosen)
-
-    def report(metrics: dict[str, Any]) -> None:
-        if "ended" not in metrics:  # the end is reported below
-            progress.epoch(chosen, metrics)
-
-    try:
-        status = runner.execute(task, report=report)
-    finally:
-        runner.settle(grid, storage, grid_run)
-    progress.end(chosen, status)
-    if status == runner.ELSEWHERE:
-        raise click.ClickException(f"trial {chosen.id}: another process is training it")
-    if status != "finished":
-        raise click.ClickException(f"trial {chosen.id} {status}")
+    if status == "ended":
+        click.echo(f"Trial {chosen} has already ended.")
+    elif status == runner.ELSEWHERE:
+        raise click.ClickException(f"trial {chosen}: another process is training it")
+    elif status != "finished":
+        raise click.ClickException(f"trial {chosen} {status}")
 
 
 positive = FiniteRange(min=0, min_open=True)

@@ -160,9 +160,10 @@ def config_for(
     """The config of a named model; options left as None take the family's paper default.
     ``image`` (channels, side) is what a patch family cuts into patches."""
     family, depth, width = parse_name(name)
+    given: dict[str, Any] = dict(expansion=expansion, activation=activation, norm=norm, norm_position=norm_position,
+                                 skip=skip)  # fmt: skip
     if family in ("Mixer", "ResMLP"):
-        options = dict(expansion=expansion, activation=activation, norm=norm, norm_position=norm_position, skip=skip)
-        chosen = [k for k, v in options.items() if v is not None]
+        chosen = [k for k, v in given.items() if v is not None]
         if chosen:
             raise ValueError(f"{name}: {', '.join(chosen)} apply to B- and S-MLPs only")
         return _patch_config(name, num_classes, image, dropout, drop_path)
@@ -172,9 +173,7 @@ def config_for(
         "B": dict(expansion=4, activation="gelu", norm="layernorm", norm_position="pre", skip=True),
         "S": dict(expansion=0, activation="relu", norm="layernorm", norm_position="pre", skip=False),
     }[family]
-    given: dict[str, Any] = dict(expansion=expansion, activation=activation, norm=norm, norm_position=norm_position,
-                                 skip=skip)  # fmt: skip
-    options: dict[str, Any] = {k: defaults[k] if v is None else v for k, v in given.items()}
+    options = {k: defaults[k] if v is None else v for k, v in given.items()}
     return MLPConfig(family, depth, width, in_features, num_classes, dropout=dropout, **options)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlpgrid.grid import metrics
+from mlpgrid.grid import locks, metrics
 from mlpgrid.grid.layout import StorageLayout
 from mlpgrid.grid.spec import GridSpec, TrialConfig
 from mlpgrid.tracking.points import Point
@@ -258,27 +258,45 @@ def data_changed(runs: dict[str, RunRecord], checksums: dict[str, str]) -> list[
     return lines
 
 
-def grid_status(grid: GridSpec, grid_run: GridRun | None) -> list[dict[str, Any]]:
-    """One row per trial of the grid: its state (pending without a run), epochs, errors."""
+@dataclass
+class StatusRow:
+    """One trial of a grid as ``status`` shows it."""
+
+    trial_id: str
+    model: str
+    params: float  # P
+    examples: int  # N
+    epochs: int  # T
+    compute: float  # C
+    state: str  # pending (no run yet), running, finished, failed, diverged, interrupted
+    last_epoch: int = 0
+    test_error: float | None = None
+    best_test_error: float | None = None
+    startup_seconds: float | None = None
+    error: str | None = None
+    run_id: str | None = None
+
+
+def grid_status(grid: GridSpec, grid_run: GridRun | None, storage: StorageLayout) -> list[StatusRow]:
+    """One row per trial of the grid: its state (pending without a run), epochs, errors. The one
+    place that says a trial was interrupted: its run says running, but no process holds its lock
+    (its driver was killed)."""
+    trial_dirs = storage.grid(grid.name)
     runs = trial_runs(grid_run) if grid_run else {}
     rows = []
     for trial in grid.trials:
         cfg, run = trial.config, runs.get(trial.id)
-        row = {
-            "trial_id": trial.id, "model": cfg.model, "params": trial.params, "examples": cfg.num_examples,
-            "epochs": cfg.epochs, "compute": trial.compute, "state": "pending", "last_epoch": 0,
-            "test_error": None, "best_test_error": None, "startup_seconds": None, "error": None, "run_id": None,
-        }  # fmt: skip
+        row = StatusRow(trial.id, cfg.model, trial.params, cfg.num_examples, cfg.epochs, trial.compute, "pending")
         if run is not None:
-            row |= {
-                "state": run.tags.get("status", RUNNING),
-                "last_epoch": int(run.metrics.get("epoch", 0)),
-                "test_error": run.metrics.get(metrics.TEST_ERROR),
-                "best_test_error": run.metrics.get(metrics.BEST_TEST_ERROR),
-                "startup_seconds": run.metrics.get("startup_seconds"),
-                "error": run.tags.get("error"),
-                "run_id": run.run_id,
-            }
+            row = dataclasses.replace(
+                row, state=run.tags.get("status", RUNNING), last_epoch=int(run.metrics.get("epoch", 0)),
+                test_error=run.metrics.get(metrics.TEST_ERROR),
+                best_test_error=run.metrics.get(metrics.BEST_TEST_ERROR),
+                startup_seconds=run.metrics.get("startup_seconds"), error=run.tags.get("error"), run_id=run.run_id,
+            )  # fmt: skip
+        lock = trial_dirs.trial(trial.id).lock
+        if row.state == RUNNING and lock.exists() and locks.holder(lock) is None:
+            row = dataclasses.replace(row, state=INTERRUPTED)
         rows.append(row)
     return rows
 

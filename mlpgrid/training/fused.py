@@ -239,7 +239,7 @@ class Fused:
             # MAX_MEMBERS graphs of each function; torch.compile runs a function eagerly past
             # its recompile limit, and this worker's earlier groups count against it.
             torch.compiler.reset()
-            dynamo = torch._dynamo.config  # type: ignore[attr-defined]
+            dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, policy.MAX_MEMBERS)
             self._compile()
 

@@ -1,0 +1,183 @@
+"""What ``mlpgrid run``, ``trial`` and ``status`` do, as library calls the CLI only prints.
+
+:func:`run_grid` checks everything that can be checked before a trial starts (the data, the
+tracking store, edits to the grid file, changed data), runs the trials not ended yet (on Ray or
+in this process) and, however it stops, settles what it leaves behind; it returns a
+:class:`RunOutcome`. :func:`run_one` does the same for one trial in this process. (``status`` imports no torch:
+its rows come from :func:`mlpgrid.tracking.reader.grid_status`.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mlpgrid.execution import runner
+from mlpgrid.execution.groups import describe
+from mlpgrid.execution.progress import Progress
+from mlpgrid.execution.ray_tune import RayOptions
+from mlpgrid.grid.layout import StorageLayout
+from mlpgrid.grid.spec import GridSpec
+from mlpgrid.tracking import reader, writer
+from mlpgrid.tracking.reader import GridRun, StatusRow
+
+
+class RunRefused(Exception):
+    """The run did not start: the message says why and what to do. Nothing was trained."""
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """How to run a grid (the ``run`` command's options)."""
+
+    group: int | None = None  # most members of a group; None: automatic, 1: every trial alone
+    in_process: bool = False  # one trial after another in this process, without Ray
+    allow_changes: bool = False  # run the file as it is even if ended trials left it or its data changed
+    ray: RayOptions = field(default_factory=RayOptions)
+
+
+@dataclass(frozen=True)
+class NotFinished:
+    """A trial this run did not bring to ``finished``, and why."""
+
+    trial_id: str
+    state: str
+    why: str
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a run did: each trial's row after it, what did not finish, why it stopped early."""
+
+    grid: str
+    trials_run: int  # trials this run set out to train (left to another process included)
+    held_at_start: dict[str, str]  # trial id -> the process that was training it when the run started
+    rows: list[StatusRow]
+    not_finished: list[NotFinished]
+    left_to_others: int  # of not_finished: trained by another process as the run stopped
+    failure: str | None  # why the run stopped early (Ray could place no trial), if it did
+
+    @property
+    def ok(self) -> bool:
+        return not self.not_finished
+
+
+def _first_lines(lines: list[str], shown: int = 5) -> str:
+    more = [f"... and {len(lines) - shown} more"] if len(lines) > shown else []
+    return "\n  ".join(lines[:shown] + more)
+
+
+def open_tracking(grid: GridSpec, storage: StorageLayout, tracking_uri: str | None) -> GridRun:
+    """The grid's MLflow experiment and parent run, or :class:`RunRefused` before any trial starts."""
+    uri = reader.tracking_uri(storage, tracking_uri)
+    try:
+        return writer.open_grid(grid, uri, storage)
+    except Exception as e:  # noqa: BLE001 - whatever stops MLflow, stop before training
+        raise RunRefused(f"cannot use MLflow tracking URI {uri}: {e}") from None
+
+
+def _check_data(grid: GridSpec, storage: StorageLayout) -> dict[str, str]:
+    try:
+        return runner.check_data(grid, storage)
+    except runner.DataError as e:
+        raise RunRefused(str(e)) from None
+
+
+def _refuse_changes(grid: GridSpec, full_grid: GridSpec, grid_run: GridRun, ended: dict[str, reader.RunRecord],
+                    checksums: dict[str, str]) -> None:  # fmt: skip
+    """Refuse to run a grid file edited so that ended trials left it, or whose data changed."""
+    changed = reader.changed_trials(full_grid, grid_run, ended)
+    if changed:
+        raise RunRefused(
+            f"{grid.path} changed since its trials ran: {len(changed)} ended trials are no longer in it. "
+            f"As run -> in the file now:\n  {_first_lines(changed)}\nPut the setting back, give the grid a new name, "
+            "or pass --allow-changes to run the file as it is (the ended trials stay in MLflow)."
+        )
+    stale = reader.data_changed(ended, checksums)
+    if stale:
+        raise RunRefused(
+            f"the data changed since {len(stale)} trials of {grid.name} trained on it (dataset checksum as run -> "
+            f"now):\n  {_first_lines(stale)}\nTheir results are of the old data. Put the data back, give the grid a "
+            "new name to train on the new data, or pass --allow-changes to go on as it is."
+        )
+
+
+def run_grid(grid: GridSpec, storage: StorageLayout, tracking_uri: str | None, request: RunRequest,
+             full_grid: GridSpec | None = None) -> RunOutcome:  # fmt: skip
+    """Run every trial of ``grid`` not ended yet; re-running resumes. ``full_grid``: the grid
+    file before ``--only`` reduced it, against which edits are checked. Raises
+    :class:`RunRefused` before anything runs when the run cannot start."""
+    checksums = _check_data(grid, storage)
+    grid_run = open_tracking(grid, storage, tracking_uri)
+    ended = reader.trial_runs(grid_run)  # one search for the checks below and the pending trials
+    if not request.allow_changes:
+        _refuse_changes(grid, full_grid or grid, grid_run, ended, checksums)
+    tasks = runner.pending_tasks(grid, storage, grid_run, checksums, ended)
+    held = runner.held_elsewhere(tasks)
+    mine = [t for t in tasks if t.trial.id not in held]
+    progress = Progress([t.trial for t in mine], already_done=len(grid.trials) - len(mine))
+    if held:
+        holders = ", ".join(sorted(set(held.values())))
+        progress.note(f"{len(held)} trials are being trained by another process ({holders}): left to it.")
+    if not tasks:
+        progress.note(f"Nothing to do: all {len(grid.trials)} trials of {grid.name} have already ended.")
+    failure = None
+    still_held: dict[str, str] = {}
+    try:
+        if mine and request.in_process:
+            from mlpgrid.training.hardware import pick_device
+
+            groups = runner.group_tasks(mine, request.group, device_type=pick_device().type)
+            progress.note(describe(groups))
+            runner.run_in_process(groups, progress)
+        elif mine:
+            from mlpgrid.execution import ray_tune
+
+            try:
+                ray_tune.run_on_ray(mine, request.group, grid, storage, request.ray, progress)
+            except ray_tune.ResourcesError as e:
+                progress.note(str(e))
+                failure = str(e)
+    finally:
+        progress.close()
+        still_held = runner.settle(grid, storage, grid_run)  # also after Ctrl-C: cut-off trials say so
+    rows = reader.grid_status(grid, grid_run, storage)
+    # What this run did not bring to an end; diverged trials found from an earlier run are in the
+    # rows, and a re-run with nothing left to do succeeds.
+    ran = {t.trial.id for t in tasks}
+    not_finished = []
+    for r in rows:
+        if r.state == reader.FINISHED or (r.trial_id not in ran and r.state in reader.DONE):
+            continue
+        holder = still_held.get(r.trial_id)
+        why = f"another process trains it ({holder})" if holder else (r.error or "did not run to the end")
+        not_finished.append(NotFinished(r.trial_id, r.state, why))
+    return RunOutcome(grid.name, len(ran), held, rows, not_finished,
+                      sum(1 for n in not_finished if n.trial_id in still_held), failure)  # fmt: skip
+
+
+def run_one(grid: GridSpec, trial_id: str, storage: StorageLayout, tracking_uri: str | None) -> tuple[str, str]:
+    """Run one trial of ``grid`` (an id or a unique prefix) in this process, recorded as ``run``
+    records it; returns (its full id, its status), "ended" when it had ended before. Raises
+    :class:`RunRefused` before anything runs when it cannot start."""
+    try:
+        chosen = grid.trial(trial_id)
+    except ValueError as e:
+        raise RunRefused(str(e)) from None
+    checksums = _check_data(grid, storage)
+    grid_run = open_tracking(grid, storage, tracking_uri)
+    pending = {task.trial.id: task for task in runner.pending_tasks(grid, storage, grid_run, checksums)}
+    if chosen.id not in pending:
+        return chosen.id, "ended"
+    progress = Progress([chosen])
+    progress.start(chosen)
+
+    def report(metrics: dict) -> None:
+        if "ended" not in metrics:  # the end is reported below
+            progress.epoch(chosen, metrics)
+
+    try:
+        status = runner.execute(pending[chosen.id], report=report)
+    finally:
+        runner.settle(grid, storage, grid_run)
+    progress.end(chosen, status)
+    return chosen.id, status
