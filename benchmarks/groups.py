@@ -8,7 +8,7 @@
   compiled). Rates are images per second of all members together, from the rates the trials
   log per epoch (the first epoch left out: it compiles).
 - ``rule``: for growing steps, 8 members fused against one trial alone, both compiled: where
-  fusing stops paying (``mlpgrid.execution.groups.FUSE_BELOW_STEP_FLOPS``).
+  fusing stops paying (``mlpgrid.policy.FUSE_BELOW_STEP_FLOPS``).
 - ``patch``: the same for Mixer and ResMLP (their matmuls are over batch x patches rows).
 - ``leave``: a compiled fused group of four B-6/Wi-512 at batch 4096 whose members end at
   T = 1, 3, 5, 7 (each leaving the stack, which is compiled again for the members left) against

@@ -571,7 +571,7 @@ def bench_models(names: tuple[str, ...], resolution: int, channels: int, classes
     """
     import torch
 
-    from mlpgrid.models.bench import efficiency
+    from mlpgrid.training.bench import efficiency
     from mlpgrid.training.hardware import pick_device
 
     device = pick_device()

@@ -166,7 +166,7 @@ def test_inductive_bias_runs_reduced_on_fashion_mnist(tmp_path):
     """The small grid's smallest model of each family (cut into 14x14 patches: a quarter of the
     FLOPs of 7x7) at --scale 0.02, on Fashion-MNIST's first 1,000 training and 200 test images:
     every family trains, learns and records C = FLOP(f) 3 N T. (Its frontier per family needs
-    more trials than a CPU trains in a test: see the README's inductive-bias run.)"""
+    more trials than a CPU trains in a test: see docs/models.md's inductive-bias run.)"""
     raw = yaml.safe_load((REPO / "grids" / "inductive_bias-small.yaml").read_text())
     raw["grid"]["model"] = ["B-6/Wi-512", "Mixer-S/14", "ResMLP-S12/14"]
     grid = tmp_path / "inductive_bias.yaml"

@@ -1,5 +1,5 @@
 """How the code is laid out, where it matters to users: the storage layout, the grid-file
-reference in the README, and what a Ray worker has to import."""
+reference in docs/, what each package may import, and what a Ray worker has to import."""
 
 import subprocess
 import sys
@@ -20,8 +20,8 @@ def test_storage_layout_is_absolute_and_per_trial(tmp_path, monkeypatch):
     assert not (tmp_path / "store").exists(), "a layout only names paths"
 
 
-def test_the_readmes_grid_file_reference_is_made_from_the_code():
-    readme = (REPO / "README.md").read_text()
+def test_the_grid_file_reference_is_made_from_the_code():
+    readme = (REPO / "docs" / "grid-files.md").read_text()
     start = readme.index("<!-- grid-file reference: python -m mlpgrid.grid.spec -->\n")
     end = readme.index("<!-- end of grid-file reference -->")
     shown = readme[start:end].split("\n", 1)[1]
@@ -54,7 +54,7 @@ def test_a_ray_worker_needs_neither_scipy_nor_matplotlib():
         "mlpgrid.analysis.frontier",
         "mlpgrid.analysis.plots",
         "mlpgrid.analysis.report",
-        "mlpgrid.models.bench",
+        "mlpgrid.training.bench",
         "mlpgrid.cli",
     }
 
@@ -66,3 +66,49 @@ def test_status_and_frontier_import_no_torch_and_mlflow_only_to_log():
     modules = ["mlpgrid.cli", "mlpgrid.tracking.reader", "mlpgrid.grid.locks", "mlpgrid.analysis.report"]
     shown = imports(["torch"], modules, f"[m for m in {later!r} if m in sys.modules]")
     assert shown == "[]", f"imported at start: {shown}"
+
+
+# What each package may import of mlpgrid (besides itself): the layers of docs/architecture.md.
+LAYERS = {
+    "data": set(),
+    "models": set(),
+    "grid": {"data", "models"},
+    "policy": {"data", "grid", "models"},
+    "training": {"data", "grid", "models", "policy"},
+    "tracking": {"data", "grid", "models"},
+    "execution": {"data", "grid", "models", "policy", "training", "tracking"},
+    "analysis": {"data", "grid", "models", "tracking"},
+}
+
+
+def test_each_package_imports_only_the_layers_below_it():
+    """Read from the source: every ``import mlpgrid.X`` / ``from mlpgrid.X import`` of a package's
+    modules, deferred imports inside functions included, names a package it may use."""
+    import ast
+
+    found = {}
+    for package in LAYERS:
+        path = REPO / "mlpgrid" / package
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
+        for file in files:
+            for node in ast.walk(ast.parse(file.read_text())):
+                names = []
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mlpgrid"):
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names if node.module == "mlpgrid"]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names if a.name.startswith("mlpgrid")]
+                for name in names:
+                    parts = name.split(".")
+                    if len(parts) > 1 and parts[1] != package and parts[1] in LAYERS | {"cli": 0}:
+                        found.setdefault(f"{file.relative_to(REPO)}", set()).add(parts[1])
+    upward = {f: used - LAYERS[f.split("/")[1].removesuffix(".py")] for f, used in found.items()}
+    assert not {f: u for f, u in upward.items() if u}, "imports against the layers"
+    assert found, "the check saw the imports"
+
+
+def test_the_light_commands_load_no_training_or_execution_code():
+    """``status``, ``frontier`` and ``--dry-run`` bring no training or execution code (torch)."""
+    light = set(eval(imports(["torch"], ["mlpgrid.cli", "mlpgrid.tracking.reader", "mlpgrid.analysis.report",
+                                         "mlpgrid.policy"],
+                             "sorted(m for m in sys.modules if m.startswith('mlpgrid.'))")))  # fmt: skip
+    assert not {m for m in light if m.startswith(("mlpgrid.training", "mlpgrid.execution"))}

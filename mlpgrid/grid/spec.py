@@ -1,7 +1,7 @@
 """Grid files: YAML in, validated :class:`Trial` list out.
 
 A grid file has the sections ``name``, ``description``, ``metric``, ``data``, ``run``,
-``base``, ``grid`` and ``zip``; the README's "Grid files" section is their reference. Its
+``base``, ``grid`` and ``zip``; docs/grid-files.md is their reference. Its
 tables of fields are made by :func:`reference` from the metadata of :class:`TrialConfig` and
 :class:`RunOptions`, which are also the one source of the checks, the messages and the trial
 ids. :func:`parse` reads one section at a time and reports every mistake with the file, the
@@ -780,7 +780,7 @@ def _shown(value: Any) -> str:
 
 def reference() -> str:
     """The grid file's fields as Markdown tables, made from :class:`TrialConfig` and
-    :class:`RunOptions` (the README's copy is checked against it: ``python -m mlpgrid.grid.spec``)."""
+    :class:`RunOptions` (docs/grid-files.md's copy is checked against it: ``python -m mlpgrid.grid.spec``)."""
     lines = ["Trial settings (any of them in `base`, `grid` or `zip`):", "",
              "| field | meaning | default |", "|---|---|---|"]  # fmt: skip
     for f in FIELDS.values():
