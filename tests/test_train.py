@@ -2,6 +2,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -282,3 +283,21 @@ def test_a_trial_alone_trains_as_recorded(tmp_path, fashion_mnist, name):
         torch.set_num_threads(threads)
     assert without_timing(result.history) == recorded["history"]
     assert _weights_digest(CheckpointDir(layout.checkpoints).latest()["model"]) == recorded["weights_sha256"]
+
+
+def test_every_epoch_trains_in_training_mode(tmp_path, fashion_mnist):
+    """Evaluation after an epoch puts the model in eval mode; the next epoch must train in training
+    mode again (batch norm's statistics, dropout), exactly as a resumed trial's fresh model does:
+    two epochs straight equal one epoch, a resume, and the second."""
+    cfg = TrialConfig(model="B-1/Wi-16", norm="batchnorm", dropout=0.1, examples=500, epochs=2, batch_size=50)
+    datasets = Datasets({"fashion-mnist": fashion_mnist})
+    straight = run_trial(cfg, TrialLayout(tmp_path / "straight"), datasets=datasets)
+    resumed = TrialLayout(tmp_path / "resumed")
+    shutil.copytree(tmp_path / "straight", resumed.root)
+    checkpoints = CheckpointDir(resumed.checkpoints)
+    assert checkpoints.positions() == [(1, 0), (2, 0)]
+    for suffix in (".pt", ".sha256"):
+        checkpoints.file(2, 0).with_suffix(suffix).unlink()
+    again = run_trial(cfg, resumed, datasets=datasets)
+    assert again.resumed_from == [[1, 0]]
+    assert without_timing(again.history) == without_timing(straight.history)

@@ -252,14 +252,16 @@ class Fused:
     def _per_member(self, values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=self.device)
 
-    def schedule(self, lrs: list[list[float]]) -> None:
+    def begin_epoch(self, lrs: list[list[float]]) -> None:
         """Each member's learning rate at every step of the coming epoch, copied to the device
-        once. A copy from the host every step would make the host wait for the device each
-        step, as would anything read back from it: the step only queues work."""
+        once (a copy from the host every step would make the host wait for the device each
+        step, as would anything read back from it: the step only queues work); the stack in
+        training mode."""
         self.lrs = torch.tensor(lrs, dtype=torch.float32).to(self.device)
+        self.model.train()
 
     def step(self, batch: Batch, step: int) -> torch.Tensor:
-        assert self.lrs is not None, "schedule() comes before the epoch's steps"
+        assert self.lrs is not None, "begin_epoch() comes before the epoch's steps"
         self.optimizer.lr.copy_(self.lrs[:, step])
         full = self.compiled is not None and len(batch.labels) == self.batch_size
         net = self.compiled if full and self.compiled is not None else self.model
@@ -275,6 +277,7 @@ class Fused:
 
     @torch.no_grad()
     def evaluate(self, test: Loader) -> list[tuple[float, float]]:
+        self.model.eval()
         k = self.model.members
         loss_sum = torch.zeros(k, device=self.device)
         wrong = torch.zeros(k, device=self.device, dtype=torch.long)

@@ -183,8 +183,9 @@ class Engine(Protocol):
 
     compile_seconds: float | None  # the engine's own compiling (a fused stack), until logged
 
-    def schedule(self, lrs: list[list[float]]) -> None:
-        """Each member's learning rate at every step of the coming epoch."""
+    def begin_epoch(self, lrs: list[list[float]]) -> None:
+        """Each member's learning rate at every step of the coming epoch; the models in training
+        mode (evaluation left them in eval mode: dropout and batch statistics depend on it)."""
 
     def step(self, batch: Batch, step: int) -> torch.Tensor:
         """One optimizer step of every member on ``batch``; their losses (members,), on the device."""
@@ -211,8 +212,10 @@ class Separate:
         self.compile_seconds: float | None = None
         self.lrs: list[list[float]] = []
 
-    def schedule(self, lrs: list[list[float]]) -> None:
+    def begin_epoch(self, lrs: list[list[float]]) -> None:
         self.lrs = lrs
+        for model in self.models:
+            model.network.train()
 
     def step(self, batch: Batch, step: int) -> torch.Tensor:
         losses = []
@@ -352,7 +355,7 @@ def run_group(
         sums = torch.stack([m.position.loss_sum for m in active])
         seen = active[0].position.seen
         schedule = [[lr_at(m.cfg, epoch * steps + step, steps) for step in range(steps)] for m in active]
-        engine.schedule(schedule)
+        engine.begin_epoch(schedule)
         started, images = time.perf_counter(), 0
         for step, batch in enumerate(parts.train.epoch(epoch, start_step), start=start_step):
             losses = engine.step(batch, step)
