@@ -393,9 +393,9 @@ def frontier(grid_file: str | None, csv_file: str | None, metric: str | None, cu
     except report.ReportError as e:
         raise click.ClickException(str(e)) from None
     if as_json:
-        click.echo(_json(result, indent=2))
+        click.echo(_json(result.as_dict(), indent=2))
     else:
-        _print_frontier(result, request.source)
+        _print_frontier(result.as_dict(), request.source)
 
 
 def _interval(ci: list[float] | None, fmt: str = "{:.4f}") -> str:

@@ -53,3 +53,25 @@ def test_a_terminal_gets_a_status_line_redrawn_in_place(write_grid):
     progress.start(short)
     progress.close()
     assert out.getvalue().startswith("\r\x1b[K") and out.getvalue().endswith("\r\x1b[K")
+
+
+def test_events_cross_tune_as_dicts_and_come_back_whole():
+    """What a worker reports through Tune comes back as the event it was, whatever Tune adds."""
+    from mlpgrid.execution.events import EpochEnded, GroupEnded, TrialEnded, from_result
+
+    tune_adds = {"trial_id": "tune_0001", "time_this_iter_s": 0.5, "training_iteration": 3, "done": False}
+    epoch = EpochEnded(
+        "3fa2c1d0e9b8",
+        {
+            "epoch": 2,
+            "train_loss": 0.5,
+            "test_error": 0.25,
+            "resident_share": 1.0,
+            "images_per_s": 10.0,
+            "epoch_seconds": 1.0,
+            "startup_seconds": 3.0,
+        },
+    )
+    for event in (epoch, TrialEnded("3fa2c1d0e9b8", "diverged"), GroupEnded({"3fa2c1d0e9b8": "finished"})):
+        assert from_result(event.to_result() | tune_adds) == event
+    assert from_result(tune_adds) is None, "Tune's own results are none of ours"

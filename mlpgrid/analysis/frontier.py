@@ -135,7 +135,9 @@ def _read_rows(path: Path, reader: Iterator[list[str]]) -> tuple[list[Point], La
             problems.extend(_cell_problems(path, line, cells, ["1" if i is None else _cell(row, i) for i in numeric]))
             continue
         settings = tuple((k, _cell(row, i)) for k, i in swept if _cell(row, i))
-        points.append(Point(*numbers, model=_cell(row, model), trial_id=_cell(row, trial_id), settings=settings))
+        compute, error, params, examples, epochs = numbers
+        points.append(Point(compute, error, params, examples, epochs, model=_cell(row, model),
+                            trial_id=_cell(row, trial_id), settings=settings))  # fmt: skip
     return points, labels, problems
 
 
@@ -225,8 +227,9 @@ class Trials:
         self.first_row = np.unique(row_config, return_index=True)[1]  # configurations number by their first row
         cells: dict[tuple, int] = {}
         first = [points[r] for r in self.first_row]
-        keys = ((p.key(), p.compute) for p in first)
-        self.by_cell = _Segments(np.fromiter((cells.setdefault(k, len(cells)) for k in keys), np.int64, len(first)))
+        cell_keys = ((p.key(), p.compute) for p in first)
+        self.by_cell = _Segments(np.fromiter((cells.setdefault(k, len(cells)) for k in cell_keys), np.int64,
+                                             len(first)))  # fmt: skip
         representative = [first[c] for c in self.by_cell.order[self.by_cell.starts]]
         self.compute = np.array([p.compute for p in representative])
         self.params = np.array([p.params for p in representative])
@@ -464,7 +467,7 @@ def fit_power_law(compute: np.ndarray, error: np.ndarray, space: str = "log", ne
     if best is None:
         raise FitError(f"fitting E(C) to the {len(x)} frontier points did not converge")
     log_a, b, alpha = (float(v) for v in best[:3])
-    e_inf = float(best[3]) if free == 4 else float(e_inf)
+    e_inf = float(best[3]) if free == 4 or e_inf is None else float(e_inf)
     if alpha >= MAX_ALPHA * 0.999 or alpha <= 1.001e-3:
         raise FitError(
             f"the fit of E(C) to the {len(x)} frontier points is degenerate (alpha = {alpha:.3g} at its bound):"
@@ -618,11 +621,11 @@ class Bootstrap:
     seed: int = 0
 
     def interval(self, values: Iterable[float | None]) -> list[float] | None:
-        values = [v for v in values if v is not None and math.isfinite(v)]
-        if len(values) < 2:
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        if len(finite) < 2:
             return None
         tail = (1 - self.level) / 2 * 100
-        return [float(v) for v in np.percentile(values, [tail, 100 - tail])]
+        return [float(v) for v in np.percentile(finite, [tail, 100 - tail])]
 
     def fit_ci(self) -> dict[str, list[float] | None]:
         return {k: self.interval([getattr(s.fit, k) for s in self.samples]) for k in ("a", "b", "alpha", "e_inf")}
@@ -741,7 +744,8 @@ def summary(analysis: Analysis, boot: Bootstrap) -> dict[str, Any]:
 def approaches(analysis: Analysis, boot: Bootstrap) -> dict[str, Any]:
     """Each approach's allocation exponents with intervals, side by side (None: not fitted), and
     what each rests on: the compute bins, the IsoFLOP profiles, the parametric law."""
-    fitted, out = analysis.fitted, {}
+    fitted = analysis.fitted
+    out: dict[str, Any] = {}
     for name in APPROACHES:
         allocation = fitted.approach(name)
         out[name] = None if allocation is None else {

@@ -137,8 +137,9 @@ def fit(curves: Curves, cell_error: np.ndarray, compute_ratio: float, space: str
             f" train {MIN_SIZES} or more model sizes at each of several compute budgets, around their best size"
         )
     log_c = np.log10([p.compute for p in used])
-    p_slope, p_coef = np.polyfit(log_c, np.log10([p.best_params for p in used]), 1)
-    log_d = log_c - np.log10(compute_ratio) - np.log10([p.best_params for p in used])
+    log_p = np.log10(np.array([p.best_params for p in used], dtype=float))  # set on every used profile
+    p_slope, p_coef = np.polyfit(log_c, log_p, 1)
+    log_d = log_c - np.log10(compute_ratio) - log_p
     d_slope, d_coef = np.polyfit(log_c, log_d, 1)
     return IsoFlop(tuple(profiles), float(p_slope), float(p_coef), float(d_slope), float(d_coef), compute_ratio)
 

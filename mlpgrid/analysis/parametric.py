@@ -178,7 +178,7 @@ def fit(params: np.ndarray, examples_seen: np.ndarray, error: np.ndarray, comput
             " constrain how the error falls with both model size and examples seen"
         )
     converged = int(np.sum(losses <= losses[best] * (1 + CONVERGED) + 1e-300))
-    e_inf = e_inf if fixed is not None else math.exp(e)
+    e_inf = e_inf if fixed is not None and e_inf is not None else math.exp(e)
     return Parametric(e_inf=e_inf, a=math.exp(a), alpha=float(alpha), b=math.exp(b), beta=float(beta),
                       compute_ratio=compute_ratio, loss=float(losses[best]), starts=len(runs),
                       converged=converged)  # fmt: skip

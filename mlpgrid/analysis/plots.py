@@ -114,8 +114,8 @@ def _density(ax: plt.Axes, points: list[Point], params: np.ndarray, norm: LogNor
 
 
 def _yerr(boot: Bootstrap, budgets: list[float], fit: PowerLaw) -> np.ndarray | None:
-    intervals = [boot.error_ci(c) for c in budgets]
-    if any(i is None for i in intervals):
+    intervals = [i for i in (boot.error_ci(c) for c in budgets) if i is not None]
+    if len(intervals) < len(budgets):
         return None
     centre = fit(np.array(budgets))
     return np.array([[max(c - lo, 0), max(hi - c, 0)] for c, (lo, hi) in zip(centre, intervals, strict=True)]).T
@@ -138,7 +138,8 @@ def allocation(analysis: Analysis, boot: Bootstrap, budgets: list[float], path: 
     if fitted.isoflop:
         used = fitted.isoflop.used()
         ratio = fitted.isoflop.compute_ratio
-        points["isoflop"] = [(p.compute, p.best_params, p.compute / ratio / p.best_params) for p in used]
+        best = [(p.compute, float(p.best_params)) for p in used if p.best_params is not None]  # every used one
+        points["isoflop"] = [(c, params, c / ratio / params) for c, params in best]
     panels = [("params", "P*(C), parameters", 1), ("examples_seen", f"D*(C), {labels.examples} seen", 2)]
     for ax, (attr, label, column) in zip(axes, panels, strict=True):
         for name in APPROACHES:
@@ -177,13 +178,14 @@ def isoflop_profiles(analysis: Analysis, path: Path, labels: Labels) -> Path | N
     for p in profiles:
         colour, used = cmap(norm(p.compute)), p.status == USED
         ax.scatter(p.params, p.errors, color=colour, s=14, alpha=1 if used else 0.35)
-        if p.curve is not None:
-            log_p = np.linspace(*np.log10(p.fitted), 50)
+        if p.curve is not None and p.fitted is not None:
+            low, high = np.log10(p.fitted)
+            log_p = np.linspace(low, high, 50)
             y = np.polyval(p.curve, log_p)
             ax.plot(10**log_p, np.exp(y) if analysis.options.space == "log" else y, color=colour,
                     alpha=1 if used else 0.35, linewidth=1)  # fmt: skip
         if p.best_params is not None and used:
-            ax.scatter([p.best_params], [p.best_error], marker="*", s=90, color=colour, edgecolors="black",
+            ax.scatter([p.best_params], [p.best_error or np.nan], marker="*", s=90, color=colour, edgecolors="black",
                        linewidths=0.5, zorder=4)  # fmt: skip
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=f"budget: {labels.compute}")
     ax.set(xscale="log", xlabel="parameters P", ylabel=labels.error,
@@ -219,7 +221,7 @@ def by_family(analyses: dict[str, Analysis], path: Path, labels: Labels) -> Path
     for family, analysis in analyses.items():
         points, marker = analysis.selected, FAMILY_MARKERS[family]
         dots = ax.scatter([p.compute for p in points], [p.error for p in points], marker=marker, s=18, alpha=0.5)
-        colour = dots.get_facecolor()[0]
+        colour: Any = dots.get_facecolor()[0]
         ax.scatter([p.compute for p in analysis.frontier], [p.error for p in analysis.frontier], marker=marker, s=60,
                    facecolors="none", edgecolors=[colour])  # fmt: skip
         fit = analysis.fit

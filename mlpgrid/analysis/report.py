@@ -17,7 +17,7 @@ import dataclasses
 import importlib
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -63,7 +63,7 @@ class FrontierRequest:
 
     @property
     def source(self) -> str:
-        return str(self.csv_file or self.grid.path)
+        return str(self.csv_file or (self.grid.path if self.grid else ""))
 
 
 def _check(request: FrontierRequest) -> None:
@@ -98,13 +98,15 @@ def _points(request: FrontierRequest, uri: str) -> _Read:
             return _Read(points, {}, None, labels)
         except frontier.FitError as e:
             raise ReportError(str(e)) from None
-    metric = request.metric or request.grid.metric
+    grid = request.grid
+    assert grid is not None, "_check: a grid or a CSV"
+    metric = request.metric or grid.metric
     try:
-        grid_run = reader.find_grid(request.grid, uri)
+        grid_run = reader.find_grid(grid, uri)
         records = reader.trial_runs(grid_run) if grid_run else {}
         points, left_out = reader.finished_points(grid_run, metric, records) if grid_run else ([], {})
         curves = None
-        if request.curves and points:
+        if request.curves and points and grid_run:
             extra, trials = reader.curve_points(grid_run, metric, records, points)
             curves = {"points": len(extra), "trials": trials}
             points = points + extra
@@ -112,7 +114,7 @@ def _points(request: FrontierRequest, uri: str) -> _Read:
         raise ReportError(f"cannot read MLflow tracking URI {uri}: {e}") from None
     if not points:
         found = ", ".join(f"{n} {why}" for why, n in left_out.items() if n) or "no trial runs"
-        raise ReportError(f"{request.grid.path}: no finished trial with metric {metric!r} in {uri} ({found})")
+        raise ReportError(f"{grid.path}: no finished trial with metric {metric!r} in {uri} ({found})")
     return _Read(points, left_out, grid_run, frontier.Labels(error=metric.replace("_", " ")), curves)
 
 
@@ -186,8 +188,39 @@ def _propose(grid: GridSpec, grid_run: reader.GridRun, analysis: frontier.Analys
     return record
 
 
-def frontier_report(request: FrontierRequest, storage: StorageLayout, tracking_uri: str | None = None) -> dict:
-    """The frontier of ``request``'s points, everything it asks, as plain data; raises
+@dataclass
+class FrontierReport:
+    """What ``mlpgrid frontier`` computes. Its sections are plain data shaped as ``--json``
+    prints them (:meth:`as_dict`): the fit and its allocations (``summary``, see
+    :func:`mlpgrid.analysis.frontier.summary`), the budgets asked about, and what was asked besides."""
+
+    excluded: int  # trials left out for a reason other than still running
+    left_out: dict[str, int]  # trials not used, by why
+    labels: dict[str, str]  # what to call the axes
+    summary: dict[str, Any]  # points, frontier, fit, allocation, approaches, bottlenecks, options, bootstrap, notes
+    queries: list[dict[str, Any]]  # one per budget asked about
+    curves: dict[str, Any] | None = None  # with --curves: the trials that give earlier epochs
+    families: dict[str, Any] | None = None  # with --by-family: each family's own fit
+    holdout: dict[str, Any] | None = None  # with --holdout: the prediction of the held-out trials
+    proposals: list[dict[str, Any]] | None = None  # proposed grids run since, against their prediction
+    proposed: dict[str, Any] | None = None  # with --propose: the grid file written
+    plots: list[str] = field(default_factory=list)  # the figures drawn
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as ``--json`` prints it (and the grid's run keeps as ``frontier.json``)."""
+        out: dict[str, Any] = {"excluded": self.excluded, "left_out": self.left_out, "labels": self.labels}
+        if self.curves is not None:
+            out["curves"] = self.curves
+        out |= self.summary
+        out["queries"] = self.queries
+        sections = {"families": self.families, "holdout": self.holdout, "proposals": self.proposals,
+                    "proposed": self.proposed}  # fmt: skip
+        return out | {k: v for k, v in sections.items() if v is not None} | {"plots": self.plots}
+
+
+def frontier_report(request: FrontierRequest, storage: StorageLayout,
+                    tracking_uri: str | None = None) -> FrontierReport:  # fmt: skip
+    """The frontier of ``request``'s points, everything it asks; raises
     :class:`ReportError` with a message for the user when it cannot be made.
 
     MLflow is the one at ``tracking_uri`` (default: the store under ``storage``); with a grid,
@@ -212,30 +245,30 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout, tracking_u
         raise ReportError(f"{request.source}: cannot fit the frontier: {e}") from None
     boot = frontier.bootstrap(analysis, request.repeats, request.level, request.seed)
     excluded = sum(n for why, n in left_out.items() if why != "running")
-    report = {"excluded": excluded, "left_out": left_out, "labels": dataclasses.asdict(read.labels)}
-    if read.curves is not None:
-        report["curves"] = read.curves
-    report |= frontier.summary(analysis, boot)
-    report["queries"] = [_query(frontier.query(analysis, boot, b), request.grid, analysis) for b in request.budgets]
+    report = FrontierReport(
+        excluded=excluded, left_out=left_out, labels=dataclasses.asdict(read.labels), curves=read.curves,
+        summary=frontier.summary(analysis, boot),
+        queries=[_query(frontier.query(analysis, boot, b), request.grid, analysis) for b in request.budgets],
+    )  # fmt: skip
     families: dict[str, frontier.Analysis] = {}
     if request.by_family:
-        report["families"], families = _families(points, request)
+        report.families, families = _families(points, request)
     if request.holdout:
         try:
-            report["holdout"] = {"fraction": request.holdout,
-                                 "points": frontier.holdout(points, request.holdout, request.options.space,
-                                                            request.options.e_inf)}  # fmt: skip
+            report.holdout = {"fraction": request.holdout,
+                              "points": frontier.holdout(points, request.holdout, request.options.space,
+                                                         request.options.e_inf)}  # fmt: skip
         except frontier.FitError as e:
-            report["holdout"] = {"fraction": request.holdout, "error": str(e)}
+            report.holdout = {"fraction": request.holdout, "error": str(e)}
     if grid_run:
-        report["proposals"] = _proposal_results(_tracking().proposals(grid_run), points)
-    if request.propose:
+        report.proposals = _proposal_results(_tracking().proposals(grid_run), points)
+    if request.propose and request.grid is not None and request.out is not None:  # both, by _check
         if grid_run is None:
             try:
                 grid_run = _tracking().open_grid(request.grid, uri, storage)
             except Exception as e:  # noqa: BLE001 - whatever stops MLflow, stop before writing
                 raise ReportError(f"cannot use MLflow tracking URI {uri}: {e}") from None
-        report["proposed"] = _propose(request.grid, grid_run, analysis, boot, request.propose, request.out)
+        report.proposed = _propose(request.grid, grid_run, analysis, boot, request.propose, request.out)
     figures = []
     if request.plot_dir:
         from mlpgrid.analysis import plots
@@ -243,8 +276,8 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout, tracking_u
         figures = plots.draw_all(analysis, boot, list(request.budgets), request.plot_dir, read.labels)
         if families:
             figures.append(plots.by_family(families, request.plot_dir / "families.png", read.labels))
-    report["plots"] = [str(p) for p in figures]
+    report.plots = [str(p) for p in figures]
     if grid_run:
         _tracking().log_files(grid_run, figures, "frontier")
-        _tracking().log_artifacts(grid_run, {"frontier/frontier.json": json.dumps(report, indent=2)})
+        _tracking().log_artifacts(grid_run, {"frontier/frontier.json": json.dumps(report.as_dict(), indent=2)})
     return report

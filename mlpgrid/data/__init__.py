@@ -32,8 +32,15 @@ class ImageArrays:
     std: tuple[float, ...] = ()
     beton: dict[str, Path] | None = None  # split -> FFCV file, for datasets prepared in that format
 
+    def images(self, split: str) -> np.ndarray:
+        """The uint8 images of ``split`` ("train" or "test"); an error for a dataset in .beton files."""
+        images = self.train_images if split == "train" else self.test_images
+        if images is None:
+            raise ValueError("this dataset is stored as FFCV .beton files: only FFCV reads its images")
+        return images
+
     def with_stats(self) -> ImageArrays:
-        mean, std = channel_stats(self.train_images)
+        mean, std = channel_stats(self.images("train"))
         return dataclasses.replace(self, mean=tuple(mean), std=tuple(std))
 
 
@@ -345,8 +352,8 @@ def load(name: str, root: str | None = None, resolution: int | None = None, chan
     channels = channels or dataset.channels
     resized = dataclasses.replace(
         arrays,
-        train_images=resize(arrays.train_images, resolution, channels),
-        test_images=resize(arrays.test_images, resolution, channels),
+        train_images=resize(arrays.images("train"), resolution, channels),
+        test_images=resize(arrays.images("test"), resolution, channels),
     )
     unchanged = resized.train_images is arrays.train_images and arrays.mean
     return resized if unchanged else resized.with_stats()

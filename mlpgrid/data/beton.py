@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,14 +93,15 @@ class FfcvLoader(_Loader):
         super().__init__(len(self.indices), batch_size, **kwargs)
         self.path = path
         self.workers = workers
-        self._loader = None  # built at the first epoch, reused after: FFCV compiles its pipeline once per Loader
+        self._loader: Any = None  # built at the first epoch, reused after: FFCV compiles its pipeline once per Loader
 
-    def _ffcv_loader(self, epoch: int, start_step: int):
+    def _ffcv_loader(self, epoch: int, start_step: int) -> Any:
         if self._loader is None:
             self._loader = self._build()
-        self._loader.next_epoch = epoch
-        self._loader.traversal_order.skip = start_step * self.batch_size
-        return self._loader
+        loader = self._loader
+        loader.next_epoch = epoch
+        loader.traversal_order.skip = start_step * self.batch_size
+        return loader
 
     def _build(self):
         from ffcv.fields.basics import IntDecoder

@@ -121,8 +121,8 @@ def read_image(path: Path, resolution: int, channels: int) -> np.ndarray:
             # Over Image.MAX_IMAGE_PIXELS (89M) Pillow warns, over twice that it refuses: either
             # is an image no dataset of small images holds (a decompression bomb, say).
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img = img.convert("RGB" if channels == 3 else "L")  # decodes every pixel: truncation shows here
+            with Image.open(path) as opened:
+                img = opened.convert("RGB" if channels == 3 else "L")  # decodes every pixel: truncation shows here
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as e:  # fmt: skip
         raise ValueError(f"{type(e).__name__}: {e}") from None

@@ -320,17 +320,17 @@ class StreamingLoader(_Loader):
                 where = np.empty(len(positions), dtype=np.int64)
                 where[on_device] = np.arange(len(kept))
                 where[~on_device] = len(kept) + np.argsort(streamed_order)
-                where, kept = torch.from_numpy(where), torch.from_numpy(kept)
+                where_t, kept_t = torch.from_numpy(where), torch.from_numpy(kept)
                 copied = None
                 if self.cuda:
                     with torch.cuda.stream(stream):
-                        where, kept, gathered = (t.pin_memory().to(self.device, non_blocking=True)
-                                                 for t in (where, kept, gathered))  # fmt: skip
+                        where_t, kept_t, gathered = (t.pin_memory().to(self.device, non_blocking=True)
+                                                     for t in (where_t, kept_t, gathered))  # fmt: skip
                         if self.host_view is not None:  # ``gathered`` holds the rows: read them from the host
                             gathered = gather_rows(self.host_view, gathered)
                         copied = torch.cuda.Event()
                         copied.record(stream)
-                ready.put((gathered, where, kept, copied))
+                ready.put((gathered, where_t, kept_t, copied))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             ready.put(e)
         finally:

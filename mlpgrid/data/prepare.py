@@ -188,13 +188,13 @@ def _prepare_arrays(
         arrays = info.read(request.source)
     except (FileNotFoundError, ValueError) as e:
         raise PrepareError(str(e)) from None
-    if request.channels == 1 and arrays.train_images.shape[1] == 3:
+    if request.channels == 1 and arrays.images("train").shape[1] == 3:
         raise PrepareError(f"{request.source}: holds colour images; --channels 1 is for grayscale sources")
     total = len(arrays.train_labels) + len(arrays.test_labels)
     done = 0
     for split, images, labels in (
-        ("train", arrays.train_images, arrays.train_labels),
-        ("test", arrays.test_images, arrays.test_labels),
+        ("train", arrays.images("train"), arrays.train_labels),
+        ("test", arrays.images("test"), arrays.test_labels),
     ):
         _save(partial / f"{split}_images.npy", data.resize(images, request.resolution, request.channels))
         _save(partial / f"{split}_labels.npy", labels)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mlpgrid.execution import runner
+from mlpgrid.execution.events import EpochEnded, Event
 from mlpgrid.execution.groups import describe
 from mlpgrid.execution.progress import Progress
 from mlpgrid.execution.ray_tune import RayOptions
@@ -171,12 +172,12 @@ def run_one(grid: GridSpec, trial_id: str, storage: StorageLayout, tracking_uri:
     progress = Progress([chosen])
     progress.start(chosen)
 
-    def report(metrics: dict) -> None:
-        if "ended" not in metrics:  # the end is reported below
-            progress.epoch(chosen, metrics)
+    def hear(event: Event) -> None:
+        if isinstance(event, EpochEnded):  # the end is shown below
+            progress.hear(event)
 
     try:
-        status = runner.execute(pending[chosen.id], report=report)
+        status = runner.execute(pending[chosen.id], listener=hear)
     finally:
         runner.settle(grid, storage, grid_run)
     progress.end(chosen, status)

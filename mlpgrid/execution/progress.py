@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from mlpgrid.execution.events import EpochEnded, Event, GroupEnded, TrialEnded, from_result
 from mlpgrid.grid.spec import Trial
 
 
@@ -25,6 +26,7 @@ class Progress:
         self._out = out  # None: whatever sys.stdout is when writing (Tune pickles this object)
         self.total = len(trials) + already_done
         self.done = already_done
+        self.trials = {t.id: t for t in trials}
         self.pending = {t.id: t for t in trials}
         self.running: dict[str, Trial] = {}
         self.epochs: dict[str, int] = {}
@@ -63,6 +65,18 @@ class Progress:
         self.speed.pop(trial.id, None)
         self.done += 1
         self._line(f"{status:<6} {trial.id} {trial.config.model}")
+
+    def hear(self, event: Event) -> None:
+        """A running group's event (:mod:`mlpgrid.execution.events`)."""
+        if isinstance(event, EpochEnded):
+            self.epoch(self.trials[event.trial_id], event.metrics)
+        elif isinstance(event, TrialEnded):
+            self.end_if_running(event.trial_id, event.status)
+
+    def end_if_running(self, trial_id: str, status: str) -> None:
+        """End the trial unless it has ended already (a member that left its group before)."""
+        if trial_id in self.running:
+            self.end(self.trials[trial_id], status)
 
     def note(self, text: str) -> None:
         self._line(text)
@@ -133,26 +147,23 @@ class Progress:
                         progress.start(member)
 
             def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
-                members = {t.id: t for t in groups[trial.config["group_id"]]}
-                if "statuses" in result:
-                    self.statuses |= result["statuses"]
-                elif "ended" in result and result["ended"] not in self.statuses:  # a member left its group
-                    self.statuses[result["ended"]] = result["status"]
-                    progress.end(members[result["ended"]], result["status"])
-                elif "test_error" in result:
-                    progress.epoch(members[result.get("member") or trial.config["group_id"]], result)
+                event = from_result(result)
+                if isinstance(event, GroupEnded):
+                    self.statuses |= event.statuses
+                elif isinstance(event, TrialEnded):
+                    self.statuses.setdefault(event.trial_id, event.status)
+                if event is not None:
+                    progress.hear(event)
 
             def on_trial_recover(self, iteration, trials, trial, **info):  # noqa: ANN001
                 progress.note(f"retry  {trial.config['group_id']} (restarts from its last checkpoint)")
 
             def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
-                for member in groups[trial.config["group_id"]]:
-                    if member.id in progress.running:  # not ended while its group went on
-                        progress.end(member, self.statuses.get(member.id, "finished"))
+                for member in groups[trial.config["group_id"]]:  # those not ended while their group went on
+                    progress.end_if_running(member.id, self.statuses.get(member.id, "finished"))
 
             def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
                 for member in groups[trial.config["group_id"]]:
-                    if member.id in progress.running:
-                        progress.end(member, "failed")
+                    progress.end_if_running(member.id, "failed")
 
         return _TuneProgress()

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from mlpgrid import data, policy
+from mlpgrid.execution.events import GroupEnded
 from mlpgrid.execution.groups import describe
 from mlpgrid.execution.placement import Placement, launch_order, parallel_units, place
 from mlpgrid.execution.progress import Progress
@@ -104,7 +105,7 @@ def _run_group(config: dict[str, Any], groups: dict[str, GroupTask], arrays: dic
     try:
         statuses = execute_group(
             group,
-            report=tune.report,
+            listener=lambda event: tune.report(event.to_result()),
             tags={
                 "data_from": "object store" if shared is not None else "loaded by the trial",
                 "ray_trial_id": tune.get_context().get_trial_id(),
@@ -119,7 +120,7 @@ def _run_group(config: dict[str, Any], groups: dict[str, GroupTask], arrays: dic
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the next group in this actor, or another worker on the GPU, gets it
-    tune.report({"statuses": statuses})  # lets the live view tell finished from diverged
+    tune.report(GroupEnded(statuses).to_result())  # lets the live view tell finished from diverged
 
 
 def _dataset_key(trial: Trial) -> tuple[str, int | None, int | None]:

@@ -16,12 +16,12 @@ import contextlib
 import logging
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from mlpgrid import data
 from mlpgrid.data import prepared
+from mlpgrid.execution.events import EpochEnded, Listener, TrialEnded
 from mlpgrid.execution.groups import Group, form_groups
 from mlpgrid.execution.progress import Progress
 from mlpgrid.grid.layout import GridLayout, StorageLayout, TrialLayout
@@ -137,8 +137,8 @@ class _Recorder:
     start-up time), its stages, and how it ended."""
 
     def __init__(self, task: TrialTask, tags: dict[str, str] | None, launched_at: float,
-                 report: Callable[[dict[str, Any]], None] | None):  # fmt: skip
-        self.task, self.launched_at, self.report = task, launched_at, report
+                 listener: Listener | None):  # fmt: skip
+        self.task, self.launched_at, self.listener = task, launched_at, listener
         checked = {data_tag(name): checksum for name, checksum in task.data_checksums.items()}
         self.run = TrialRun.open(task.grid_run, task.trial, (tags or {}) | checked)
         self.first = True
@@ -149,8 +149,8 @@ class _Recorder:
             self.run.log_attempt(metrics)
             self.first = False
         self.run.log_epochs([metrics])
-        if self.report:
-            self.report(metrics)
+        if self.listener:
+            self.listener(EpochEnded(self.task.trial.id, metrics))
 
     def hooks(self) -> Hooks:
         return Hooks(resumed=self.run.log_epochs, epoch=self.on_epoch, stages=self.run.log_stages)
@@ -238,7 +238,7 @@ def settle(grid: GridSpec, storage: StorageLayout, grid_run: GridRun) -> dict[st
 def execute_group(
     group: GroupTask,
     *,
-    report: Callable[[dict[str, Any]], None] | None = None,
+    listener: Listener | None = None,
     tags: dict[str, str] | None = None,
     device: Any = None,
     launched_at: float | None = None,
@@ -259,16 +259,16 @@ def execute_group(
     ``time.time()``) is when the runner asked for the group; the time from then to a trial's
     first step is logged as its ``startup_seconds``. ``arrays`` are the pre-training data when
     the runner shares it; ``gpu_share`` is the part of the GPU the group has (its default data
-    budget scales with it). ``report`` gets each trial's epochs (with the trial id as
-    ``member``) and ``{"ended": trial id, "status": ...}`` as each one ends.
+    budget scales with it). ``listener`` hears each member's epochs and ends
+    (:mod:`mlpgrid.execution.events`).
     """
     launched_at = launched_at or time.time()
     statuses: dict[str, str] = {}
 
     def ended(trial_id: str, status: str) -> None:
         statuses[trial_id] = status
-        if report:
-            report({"ended": trial_id, "status": status})
+        if listener:
+            listener(TrialEnded(trial_id, status))
 
     with contextlib.ExitStack() as locks:
         members = []
@@ -293,8 +293,7 @@ def execute_group(
         recorders = []
         for task in members:
             run_tags = (tags or {}) | group_tags | _adopt_pretrained(task)
-            member_report = None if report is None else (lambda m, tid=task.trial.id: report({**m, "member": tid}))
-            recorders.append(_Recorder(task, run_tags, launched_at, member_report))
+            recorders.append(_Recorder(task, run_tags, launched_at, listener))
         failures: list[BaseException] = []
 
         def on_end(i: int, outcome: TrialResult | BaseException) -> None:
@@ -332,18 +331,9 @@ def run_in_process(groups: list[GroupTask], progress: Progress) -> None:
     for group in groups:
         for trial in group.trials:
             progress.start(trial)
-        by_id = {t.id: t for t in group.trials}
-
-        def report(metrics: dict[str, Any], by_id: dict[str, Trial] = by_id, alone: str = group.id) -> None:
-            if "ended" in metrics:
-                progress.end(by_id.pop(metrics["ended"]), metrics["status"])
-            else:
-                progress.epoch(by_id[metrics.get("member", alone)], metrics)
-
         try:
-            statuses = execute_group(group, report=report)
+            execute_group(group, listener=progress.hear)
         except Exception as e:  # noqa: BLE001 - recorded in MLflow; the grid goes on
-            statuses = {}
             progress.note(f"{group.id} failed: {type(e).__name__}: {e}")
-        for trial in by_id.values():  # those not ended already
-            progress.end(trial, statuses.get(trial.id, FAILED))
+        for trial in group.trials:  # those not ended already
+            progress.end_if_running(trial.id, FAILED)

@@ -1,7 +1,7 @@
 """The names of what a trial measures, as MLflow records them.
 
-Per epoch (``step`` = the epoch): :data:`EPOCH`, and on hardware that measures them
-:data:`HARDWARE`. Once per attempt at a trial (``step`` = the attempt): :data:`ATTEMPT`. The
+Per epoch (``step`` = the epoch): :data:`EPOCH`, :data:`DATA` and on hardware that measures
+them :data:`HARDWARE`. Once per attempt at a trial (``step`` = the attempt): :data:`ATTEMPT`. The
 stages after pre-training log ``<stage>.<key>`` once (``test_error_tta`` for test-time
 augmentation). Any error a trial reports can be the grid's ``metric``, the one ``frontier`` fits.
 """
@@ -14,6 +14,8 @@ TEST_ERROR = "test_error"  # the final epoch's test error: the default metric of
 EPOCH = ("epoch", "train_loss", "test_loss", TEST_ERROR, "lr", "images_per_s", "epoch_seconds")
 BEST_TEST_ERROR = "best_test_error"  # the lowest test error up to each epoch, logged with it
 HARDWARE = ("tflops", "mfu")  # MFU on GPUs only
+DATA = ("resident_share",)  # the part of the training images kept on the device (the rest streamed)
+PER_EPOCH = EPOCH + HARDWARE + DATA
 ATTEMPT = ("startup_seconds", "compile_seconds")
 # What differs between two runs of the same trial; everything else is a function of its config.
 TIMING = ("images_per_s", "epoch_seconds", "tflops", "mfu", "compile_seconds")

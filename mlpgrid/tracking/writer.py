@@ -233,7 +233,7 @@ class TrialRun:
             if m["epoch"] in self.logged_epochs:
                 continue
             self.best = min(self.best, m[metrics.TEST_ERROR])
-            values = {key: m[key] for key in metrics.EPOCH + metrics.HARDWARE if key in m}
+            values = {key: m[key] for key in metrics.PER_EPOCH if key in m}
             values[metrics.BEST_TEST_ERROR] = self.best  # so status reads it without the history
             batch += [Metric(key, float(v), now, m["epoch"]) for key, v in values.items()]
         if batch:

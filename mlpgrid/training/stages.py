@@ -12,6 +12,7 @@ Compute C counts pre-training only (the paper's C); each stage records its own c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -96,6 +97,7 @@ def probe_examples(cfg: TrialConfig, dataset: str, labels: np.ndarray) -> np.nda
     """The probe's training examples: on the pre-training dataset, the held-out split pre-training
     never draws from; elsewhere a class-proportional ``probe_examples`` of them (or all)."""
     if dataset == cfg.dataset:
+        assert cfg.probe_examples is not None, "a probe of the pre-training data says how many examples it holds out"
         return split_off(labels, cfg.probe_examples)[1]
     order = proportional_order(labels, derive_seed(cfg.seed, _PROBE_STREAM))
     return np.sort(order[: cfg.probe_examples or len(order)])
@@ -111,9 +113,9 @@ def _cached_features(cache: Path, device: torch.device) -> list[torch.Tensor] | 
         return None
     try:
         state = load_tensors(cache, device)
-        tensors = [state.get(k) for k in _FEATURE_KEYS]
-        if not all(isinstance(t, torch.Tensor) for t in tensors) or set(state) != set(_FEATURE_KEYS):
+        if set(state) != set(_FEATURE_KEYS) or not all(isinstance(state[k], torch.Tensor) for k in _FEATURE_KEYS):
             raise ValueError(f"{cache}: not a feature cache (keys {sorted(state)})")
+        tensors: list[torch.Tensor] = [state[k] for k in _FEATURE_KEYS]
         train_x, train_y, test_x, test_y = tensors
         if train_x.ndim != 2 or len(train_x) != len(train_y) or test_x.shape[1:] != train_x.shape[1:] or len(
                 test_x) != len(test_y):  # fmt: skip
@@ -134,8 +136,8 @@ def linear_probe(model: networks.Network, cfg: TrialConfig, dataset: str, datase
     else:
         arrays = _stage_arrays(cfg, datasets, dataset)
         chosen = probe_examples(cfg, dataset, arrays.train_labels)
-        train_x = _features(model, arrays.train_images[chosen], arrays, device)
-        test_x = _features(model, arrays.test_images, arrays, device)
+        train_x = _features(model, arrays.images("train")[chosen], arrays, device)
+        test_x = _features(model, arrays.images("test"), arrays, device)
         train_y = torch.from_numpy(arrays.train_labels[chosen]).to(device)
         test_y = torch.from_numpy(arrays.test_labels).to(device)
         tmp = cache.with_suffix(".tmp")
@@ -168,9 +170,9 @@ def evaluate_tta(model: torch.nn.Module, arrays: data.ImageArrays, cfg: TrialCon
     """Top-1 error of the logits averaged over ``cfg.tta`` random crops (and flips) per test image."""
     model.eval()
     aug = Augmentation(flip=True, crop_padding=cfg.crop_padding or TTA_PADDING)
-    total = None
+    total = torch.zeros((), device=device)
     for k in range(cfg.tta):
-        loader = make_loader(arrays.test_images, arrays.test_labels, None, EVAL_BATCH, budget_bytes=budget_bytes,
+        loader = make_loader(arrays.images("test"), arrays.test_labels, None, EVAL_BATCH, budget_bytes=budget_bytes,
                              mean=arrays.mean, std=arrays.std, device=device, shuffle=False, augmentation=aug,
                              seed=derive_seed(cfg.seed, _TTA_STREAM, k))  # fmt: skip
         parts = []
@@ -178,7 +180,7 @@ def evaluate_tta(model: torch.nn.Module, arrays: data.ImageArrays, cfg: TrialCon
             with autocast(device):
                 parts.append(model(batch.images).float())
         logits = torch.cat(parts)
-        total = logits if total is None else total + logits
+        total = total + logits
     labels = torch.from_numpy(arrays.test_labels).to(device)
     return (total.argmax(1) != labels).float().mean().item()
 
@@ -206,7 +208,7 @@ def finetune(
     groups = [{"params": rest, "lr": cfg.finetune_lr_body}, {"params": head, "lr": cfg.finetune_lr_head}]
     optimizer = torch.optim.SGD(groups, momentum=cfg.momentum)
     base = [g["lr"] for g in optimizer.param_groups]
-    loader = make_loader(arrays.train_images, arrays.train_labels, None, FINETUNE_BATCH, budget_bytes=budget_bytes,
+    loader = make_loader(arrays.images("train"), arrays.train_labels, None, FINETUNE_BATCH, budget_bytes=budget_bytes,
                          mean=arrays.mean, std=arrays.std, device=device, seed=derive_seed(cfg.seed, _FINETUNE_STREAM),
                          augmentation=Augmentation(flip=cfg.flip, crop_padding=cfg.crop_padding))  # fmt: skip
     checkpoints = CheckpointDir(stage_dir.path / f"finetune-{dataset}")
@@ -231,7 +233,7 @@ def finetune(
     if cfg.tta:
         error = evaluate_tta(net, arrays, cfg, device, left)
     else:
-        test = make_loader(arrays.test_images, arrays.test_labels, None, EVAL_BATCH, budget_bytes=left,
+        test = make_loader(arrays.images("test"), arrays.test_labels, None, EVAL_BATCH, budget_bytes=left,
                            mean=arrays.mean, std=arrays.std, device=device, shuffle=False)  # fmt: skip
         error = evaluate(net, test)[1]
     flops = architecture.forward_flops(net.cfg)
@@ -258,16 +260,15 @@ def run_stages(
 
         plan.append((metrics.TTA_STAGE, tta))
     for ds in cfg.probe_datasets:
-        plan.append((metrics.probe_stage(ds), lambda ds=ds: linear_probe(model, cfg, ds, datasets, stage_dir, device)))
+        probe = functools.partial(linear_probe, model, cfg, ds, datasets, stage_dir, device)
+        plan.append((metrics.probe_stage(ds), probe))
     for ds in cfg.finetune_datasets:
-        plan.append(
-            (metrics.finetune_stage(ds),
-             lambda ds=ds: finetune(model, cfg, ds, datasets, stage_dir, device, budget_bytes))
-        )  # fmt: skip
+        tune = functools.partial(finetune, model, cfg, ds, datasets, stage_dir, device, budget_bytes)
+        plan.append((metrics.finetune_stage(ds), tune))
     for name, run in plan:
         if name not in stage_dir.results():
             stage_dir.record(name, run())
-    logged = {}
+    logged: dict[str, float] = {}
     for name, result in stage_dir.results().items():
         logged |= metrics.stage_metrics(name, result)
     if on_metrics:
