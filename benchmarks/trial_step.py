@@ -54,13 +54,13 @@ def sync() -> None:
     torch.cuda.synchronize()
 
 
-def make_bare_step(name: str, batch: int, compiled: bool) -> Callable[[], None]:
+def make_bare_step(name: str, batch: int, compiled: bool, classes: int = CLASSES) -> Callable[[], None]:
     """One training step of the model on a random bf16 batch already on the GPU."""
-    cfg = architecture.config_for(name, 3 * SIDE * SIDE, CLASSES)
+    cfg = architecture.config_for(name, 3 * SIDE * SIDE, classes)
     model = networks.MLP(cfg).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randn(batch, 3, SIDE, SIDE, device="cuda", dtype=torch.bfloat16)
-    y = torch.randint(0, CLASSES, (batch,), device="cuda")
+    y = torch.randint(0, classes, (batch,), device="cuda")
     net = torch.compile(model, dynamic=False) if compiled else model
 
     def step() -> None:
@@ -73,9 +73,9 @@ def make_bare_step(name: str, batch: int, compiled: bool) -> Callable[[], None]:
     return step
 
 
-def bare_step(name: str, batch: int, compiled: bool, steps: int) -> dict[str, float]:
+def bare_step(name: str, batch: int, compiled: bool, steps: int, classes: int = CLASSES) -> dict[str, float]:
     """Images/s of the model's step on a batch already on the GPU, and seconds until it first ran."""
-    step = make_bare_step(name, batch, compiled)
+    step = make_bare_step(name, batch, compiled, classes)
     started = time.perf_counter()
     for _ in range(3):
         step()

@@ -116,6 +116,13 @@ def _print_plan(grid: GridSpec) -> None:
     _print_table(rows, ["trial", "model", "params P", "examples N", "epochs T", "FLOP(f)", "compute C"])
     total = sum(t.compute for t in grid.trials)
     click.echo(f"{len(grid.trials)} trials, total compute C = {total:.3e} FLOPs (C = FLOP(f) x 3 x N x T)")
+    final = sum(t.checkpoint_bytes for t in grid.trials)
+    click.echo(f"storage for checkpoints: {_gigabytes(2 * final)} at most while the trials train (two each), "
+               f"{_gigabytes(final)} once they have finished (the final one each)")  # fmt: skip
+
+
+def _gigabytes(n: float) -> str:
+    return f"{n / 1e9:.3g} GB"
 
 
 def _print_status(rows: list[StatusRow]) -> None:

@@ -12,6 +12,7 @@ Imports no torch: the driver decides groups and shares before any worker starts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from mlpgrid.grid.spec import TrialConfig
@@ -151,6 +152,55 @@ def gpu_data_budget(gpu_bytes: float, share: float, training_bytes: float) -> fl
     """Bytes of images a worker may keep on a GPU of ``gpu_bytes``: what its ``share`` spares
     beside ``training_bytes`` (what training its models takes, measured) and the reserve."""
     return max(0.0, (1 - RESERVED_SHARE) * share * gpu_bytes - training_bytes)
+
+
+# What a training process holds on its GPU besides what the caching allocator counts: the CUDA
+# context, cuBLAS workspaces and the compiled kernels (about 0.5 GiB on an H100 with torch 2.11).
+CUDA_CONTEXT_BYTES = 0.75 * 2**30
+# Bytes a step keeps per element: each hidden element as a bf16 output and a bf16 saved input of
+# the next op; each logit in bf16, in fp32 for the loss and as its fp32 gradient.
+HIDDEN_BYTES, LOGIT_BYTES = 4, 10
+# The estimate below against the measured peak of one step (training.setup.training_bytes) on the
+# H200 machine, batch 16384, 10,450 classes: B-6/Wi-256 3.9 GiB estimated against 3.6 GiB measured,
+# B-12/Wi-1024 14.6 against 9.7 (an estimate errs high: it decides what a trial may share).
+ESTIMATE_SLACK = 1.25
+
+
+def training_memory(cfg: TrialConfig) -> float:
+    """Bytes training ``cfg`` holds on a GPU at its peak, estimated without one: weights, gradients
+    and optimizer state in fp32, one step's activations and logits at its batch size, the input
+    batch in bf16; times :data:`ESTIMATE_SLACK`."""
+    model = cfg.model_config()
+    slots = {"lion": 1, "adamw": 2, "sgd": 1}[cfg.optimizer]
+    weights = 4 * architecture.count_params(model) * (2 + slots)
+    example = HIDDEN_BYTES * architecture.hidden_elements(model) + LOGIT_BYTES * model.num_classes
+    example += 2 * model.in_features
+    return ESTIMATE_SLACK * (weights + cfg.batch_size * example)
+
+
+def memory_share(training_bytes: float, gpu_bytes: float) -> float:
+    """The share of a GPU of ``gpu_bytes`` a worker training ``training_bytes`` needs, with its
+    CUDA context: in eighths of a GPU, at most one."""
+    return min(1.0, math.ceil(8 * (training_bytes + CUDA_CONTEXT_BYTES) / gpu_bytes - 1e-9) / 8)
+
+
+def memory_cap(share: float, gpu_bytes: float) -> float:
+    """The fraction of its GPU's memory a worker on ``share`` of it may allocate: its share less
+    its CUDA context, which the allocator does not count. Beyond it the worker runs out of memory
+    itself instead of taking its neighbours'."""
+    return max(0.0, min(1.0, share - CUDA_CONTEXT_BYTES / gpu_bytes))
+
+
+# A trial that runs out of memory on its GPU is retried with its data budget (the images kept on
+# the device) scaled by these in turn, the last streaming every image; only then does it fail.
+OOM_DATA_BUDGET_SCALES = (0.5, 0.25, 0.0)
+
+
+def data_budget_after_oom(scale: float) -> float | None:
+    """The data budget's scale for the retry after an out-of-memory error at ``scale``; None
+    when every image already streamed (the trial does not fit its share)."""
+    smaller = [s for s in OOM_DATA_BUDGET_SCALES if s < scale]
+    return smaller[0] if smaller else None
 
 
 # Streamed images reach the step from CPU threads at ~0.86M/s (16 cores of the H200 machine) and

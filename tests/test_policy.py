@@ -19,6 +19,9 @@ LARGE_STEP = dataclasses.replace(SMALL_STEP, model="B-12/Wi-1024")  # 2.8 TFLOP 
 BATCHNORM = dataclasses.replace(SMALL_STEP, norm="batchnorm")
 SHORT = dataclasses.replace(SMALL_STEP, examples=1000, epochs=1)
 GiB = 2**30
+# The recipe's shape: batch 16384, 10,450 classes at 64x64x3, Lion (training.setup.training_bytes
+# measured one step's peak on the H200 machine: 3.6 GiB for B-6/Wi-256, 9.7 GiB for B-12/Wi-1024).
+PAPER = {t.config.model: t.config for t in spec.load(REPO / "grids" / "scaling.yaml").trials}
 
 DECISIONS = [
     # (what, call, answer)
@@ -67,6 +70,32 @@ DECISIONS = [
     ("never below nothing", lambda: policy.gpu_data_budget(80 * GiB, 0.125, 20 * GiB), 0.0),
     ("B-6/Wi-256 streams through the GPU's reads", lambda: policy.gpu_reads_stream(1.0e8), True),
     ("B-12/Wi-1024 through CPU threads", lambda: policy.gpu_reads_stream(7.5e8), False),
+    (
+        "B-6/Wi-256's estimate is at least its measured peak",
+        lambda: 3.6 * GiB <= policy.training_memory(PAPER["B-6/Wi-256"]) <= 5 * GiB,
+        True,
+    ),
+    ("B-12/Wi-1024's too", lambda: 9.7 * GiB <= policy.training_memory(PAPER["B-12/Wi-1024"]) <= 16 * GiB, True),
+    (
+        "Adam keeps more state than Lion",
+        lambda: (
+            policy.training_memory(dataclasses.replace(PAPER["B-12/Wi-1024"], optimizer="adamw"))
+            > policy.training_memory(PAPER["B-12/Wi-1024"])
+        ),
+        True,
+    ),
+    ("a small model's memory fits an eighth of an 80 GB GPU", lambda: policy.memory_share(4 * GiB, 80e9), 0.125),
+    ("B-12/Wi-1024's needs a quarter", lambda: policy.memory_share(14.6 * GiB, 80e9), 0.25),
+    ("a model larger than the GPU gets all of it", lambda: policy.memory_share(100 * GiB, 80e9), 1.0),
+    (
+        "a worker may allocate its share less its context",
+        lambda: policy.memory_cap(0.125, 80e9),
+        0.125 - 0.75 * GiB / 80e9,
+    ),
+    ("out of memory: half the data budget", lambda: policy.data_budget_after_oom(1.0), 0.5),
+    ("then a quarter", lambda: policy.data_budget_after_oom(0.5), 0.25),
+    ("then every image streamed", lambda: policy.data_budget_after_oom(0.25), 0.0),
+    ("then it fails: it does not fit its share", lambda: policy.data_budget_after_oom(0.0), None),
     ("a worker gets a thread per core granted", lambda: policy.torch_threads(4.0), 4),
     ("... and at least one", lambda: policy.torch_threads(0.5), 1),
 ]

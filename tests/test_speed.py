@@ -107,6 +107,25 @@ def test_small_trials_share_a_gpu_more_and_shares_grow_until_the_trials_cover_ev
     assert gpu_share(Group(tuple(t.trials[0] for t in trials))) == 1.0
 
 
+def test_shares_cover_the_memory_a_trial_needs(write_grid):
+    """Ray admits a worker to a GPU while its share is free: a share too small for a trial's
+    memory would let it take its neighbours'. B-12/Wi-512 at batch 16384 over 10,450 classes
+    steps in under 4 TFLOP (an eighth of a GPU by speed) but needs more than an eighth of 40 GB."""
+    from mlpgrid.execution.placement import group_memory
+
+    text = (
+        "data: {big: {path: big, classes: 10450, train: 1000000, test: 10000, resolution: 64}}\n"
+        "base: {dataset: big, model: B-12/Wi-512, batch_size: 16384, examples: 100000}\n"
+        "grid: {epochs: [1, 2, 3, 4, 5, 6, 7, 8]}\n"
+    )  # eight trials: an eighth of one GPU each by speed
+    trials = [Group((t,)) for t in spec.load(write_grid(text)).trials]
+    assert policy.gpu_share([trials[0].trials[0].step_flops]) == 0.125, "small by speed"
+    assert set(gpu_shares(trials, 1).values()) == {0.125}, "GPU memory unknown: by speed"
+    assert set(gpu_shares(trials, 1, gpu_bytes=80e9).values()) == {0.125}, "fits an eighth of 80 GB"
+    assert set(gpu_shares(trials, 1, gpu_bytes=40e9).values()) == {0.25}, "not of 40 GB"
+    assert policy.memory_cap(0.25, 40e9) * 40e9 >= group_memory(trials[0]), "its cap holds its estimate"
+
+
 def test_a_small_grid_gets_a_gpu_per_trial_from_ray(write_grid):
     """Ray places each trial's worker as Tune does (a placement group of its share): the
     eight trials of a grid on eight GPUs land on eight different GPUs."""

@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import json
 import math
@@ -301,3 +302,31 @@ def test_every_epoch_trains_in_training_mode(tmp_path, fashion_mnist):
     again = run_trial(cfg, resumed, datasets=datasets)
     assert again.resumed_from == [[1, 0]]
     assert without_timing(again.history) == without_timing(straight.history)
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["plain", "MixUp"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_the_one_pass_loss_is_the_recipes_loss(mixed, smoothing):
+    """The compiled trials' loss (one log-sum-exp, two gathers, a mean) against the recipe's
+    formula through F.cross_entropy: the same value and gradient, on fresh random logits in
+    float64 (rounding alone) and in float32 through torch.compile, as compiled trials run it."""
+    from mlpgrid.data.loader import Batch
+    from mlpgrid.training.step import compiled_recipe_loss, recipe_loss, soft_target_loss
+
+    generator = torch.Generator().manual_seed(int(mixed) * 10 + int(smoothing * 10))
+    classes, size = 10_450, 64
+    logits = torch.randn(size, classes, generator=generator, dtype=torch.float64) * 3
+    labels, other = (torch.randint(0, classes, (size,), generator=generator) for _ in range(2))
+    lam = torch.rand((), generator=generator, dtype=torch.float64) if mixed else None
+    batch = Batch(images=torch.empty(0), labels=labels, mixed_labels=other if mixed else labels, lam=lam)
+    plain, fused = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    recipe_loss(plain, batch, smoothing).backward()
+    loss = soft_target_loss(fused, labels, batch.mixed_labels, lam, smoothing)
+    loss.backward()
+    assert loss.item() == pytest.approx(recipe_loss(logits, batch, smoothing).item(), rel=1e-12)
+    torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-10, atol=1e-14)
+    single = logits.float().requires_grad_()
+    compiled_batch = dataclasses.replace(batch, lam=None if lam is None else lam.float())
+    compiled_recipe_loss(single, compiled_batch, smoothing).backward()
+    assert single.grad is not None
+    torch.testing.assert_close(single.grad.double(), plain.grad, rtol=1e-4, atol=1e-9)

@@ -9,6 +9,7 @@ its rows come from :func:`mlpgrid.tracking.reader.grid_status`.)
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 
 from mlpgrid.execution import runner
@@ -138,9 +139,22 @@ def run_grid(grid: GridSpec, storage: StorageLayout, tracking_uri: str | None, r
             except ray_tune.ResourcesError as e:
                 progress.note(str(e))
                 failure = str(e)
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        failure = (
+            f"the disk holding {storage.root} is full ({type(e).__name__}: {e}); the run stopped. Finished "
+            "trials and every checkpoint written are kept: free space, then run again to resume."
+        )
+        progress.note(failure)
     finally:
         progress.close()
-        still_held = runner.settle(grid, storage, grid_run)  # also after Ctrl-C: cut-off trials say so
+        try:
+            still_held = runner.settle(grid, storage, grid_run)  # also after Ctrl-C: cut-off trials say so
+        except Exception as e:
+            if failure is None or not disk_full(e):
+                raise
+            progress.note(f"could not mark the trials left as interrupted: {e}")
     rows = reader.grid_status(grid, grid_run, storage)
     # What this run did not bring to an end; diverged trials found from an earlier run are in the
     # rows, and a re-run with nothing left to do succeeds.
@@ -154,6 +168,16 @@ def run_grid(grid: GridSpec, storage: StorageLayout, tracking_uri: str | None, r
         not_finished.append(NotFinished(r.trial_id, r.state, why))
     return RunOutcome(grid.name, len(ran), held, rows, not_finished,
                       sum(1 for n in not_finished if n.trial_id in still_held), failure)  # fmt: skip
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised from, is a full disk."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def run_one(grid: GridSpec, trial_id: str, storage: StorageLayout, tracking_uri: str | None) -> tuple[str, str]:

@@ -31,11 +31,20 @@ def parallel_units(resources: dict[str, float], cpus_per_trial: float, max_concu
     return max(1, min(math.floor(units + 1e-9), max_concurrent or math.floor(units + 1e-9)))
 
 
-def gpu_shares(trials: Sequence[Group], gpus: float, chosen: float | None = None) -> dict[str, float]:
-    """Each trial's share of a GPU on a cluster of ``gpus`` GPUs: ``chosen`` if given.
+def group_memory(group: Group) -> float:
+    """Bytes the group's worker holds on its GPU for training (all members), by the estimate."""
+    return sum(policy.training_memory(t.config) for t in group.trials)
 
-    Otherwise :func:`mlpgrid.policy.gpu_share` of its members' steps, raised where the trials
-    are too few to put one on every GPU:
+
+def gpu_shares(trials: Sequence[Group], gpus: float, chosen: float | None = None,
+               gpu_bytes: float | None = None) -> dict[str, float]:  # fmt: skip
+    """Each trial's share of a GPU on a cluster of ``gpus`` GPUs of ``gpu_bytes`` each: ``chosen``
+    if given.
+
+    Otherwise :func:`mlpgrid.policy.gpu_share` of its members' steps, at least the share its
+    memory needs (:func:`mlpgrid.policy.memory_share`: Ray admits a trial to a GPU only while its
+    share is free, so shares that cover memory keep trials from taking each other's), raised
+    where the trials are too few to put one on every GPU:
     Ray places fractional shares on as few GPUs as it can, so eight quarter-GPU trials on eight
     GPUs would all run on two of them. With at least ``k`` trials per GPU no share is below
     ``1/k``, so the shares add up to every GPU.
@@ -43,7 +52,13 @@ def gpu_shares(trials: Sequence[Group], gpus: float, chosen: float | None = None
     if chosen is not None:
         return {t.id: chosen for t in trials}
     per_gpu = max(1, math.floor(len(trials) / gpus + 1e-9)) if gpus > 0 else 1
-    return {t.id: max(policy.gpu_share([m.step_flops for m in t.trials]), 1 / per_gpu) for t in trials}
+    shares = {}
+    for t in trials:
+        share = policy.gpu_share([m.step_flops for m in t.trials])
+        if gpu_bytes:
+            share = max(share, policy.memory_share(group_memory(t), gpu_bytes))
+        shares[t.id] = max(share, 1 / per_gpu)
+    return shares
 
 
 def launch_order(trials: Sequence[GroupT]) -> list[GroupT]:
@@ -69,12 +84,21 @@ class Placement:
 
 
 def place(trials: Sequence[Group], resources: dict[str, float], *, gpus_per_trial: float | None = None,
-          cpus_per_trial: float = 1.0, max_concurrent: int | None = None) -> Placement:  # fmt: skip
-    """The resources of each trial's worker on a cluster of ``resources`` (``ray.cluster_resources()``)."""
+          cpus_per_trial: float = 1.0, max_concurrent: int | None = None,
+          gpu_bytes: float | None = None) -> Placement:  # fmt: skip
+    """The resources of each trial's worker on a cluster of ``resources`` (``ray.cluster_resources()``)
+    whose GPUs have ``gpu_bytes`` of memory each (None: unknown, shares by step size alone)."""
     kind = "GPU" if resources.get("GPU", 0) > 0 else "CPU"
     notes = []
     if kind == "GPU":
-        shares = gpu_shares(trials, resources["GPU"], gpus_per_trial)
+        shares = gpu_shares(trials, resources["GPU"], gpus_per_trial, gpu_bytes)
+        if gpus_per_trial is not None and gpu_bytes:
+            short = [t for t in trials if policy.memory_share(group_memory(t), gpu_bytes) > gpus_per_trial]
+            if short:
+                notes.append(
+                    f"{len(short)} trials need more than {gpus_per_trial:g} of a GPU's memory to train: they "
+                    "stream their images and, where that is not enough, run out of memory"
+                )
         # And a core each: a trial's host thread launches its kernels, so trials beyond the
         # node's cores would only wait for each other (and take a few GB of RAM each).
         workers = {trial_id: {"GPU": share, "CPU": 1} for trial_id, share in shares.items()}

@@ -1,10 +1,9 @@
-"""Run a grid's tasks on Ray: one Ray Tune trial per grid trial.
+"""Run a grid's tasks on Ray: one Ray Tune trial per group of grid trials (often a trial alone).
 
-Each Tune trial is a function that trains one group of grid trials
-(:func:`mlpgrid.execution.runner.execute_group`) on its share of a GPU (or CPU cores), in a Ray actor
-that Tune reuses from one group to the next. Where trials run and how
-many at once is :mod:`mlpgrid.execution.placement`'s policy. The driver loads each in-memory dataset
-once and hands it to every trial through Ray's object store.
+Each Tune trial is a function that trains one group (:func:`mlpgrid.execution.runner.execute_group`)
+on its share of a GPU (or CPU cores), in a Ray actor that Tune reuses from one group to the next.
+Where groups run and how many at once is :mod:`mlpgrid.execution.placement`'s policy. The driver
+loads each in-memory dataset once and hands it to every trial through Ray's object store.
 
 This module imports only what a worker needs: Ray imports it to find the worker's function.
 """
@@ -13,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +101,10 @@ def _run_group(config: dict[str, Any], groups: dict[str, GroupTask], arrays: dic
     granted = context.get_assigned_resources()
     launched_at = time.time()
     torch.set_num_threads(policy.torch_threads(granted.get("CPU", 1)))
+    share = granted.get("GPU", 1.0)
+    if torch.cuda.is_available():  # the memory of its share, less its CUDA context, and no more
+        share = policy.memory_cap(share, torch.cuda.get_device_properties(0).total_memory)
+        torch.cuda.set_per_process_memory_fraction(share)
     shared = arrays.get(_dataset_key(group.trials[0]))
     try:
         statuses = execute_group(
@@ -112,10 +116,11 @@ def _run_group(config: dict[str, Any], groups: dict[str, GroupTask], arrays: dic
                 "worker_pid": str(os.getpid()),
                 "ray_node_id": context.get_node_id(),
                 "torch_threads": str(torch.get_num_threads()),
+                "gpu_share": f"{granted.get('GPU', 0):g}",
             },
             launched_at=launched_at,
             arrays=None if shared is None else ray.get(shared),
-            gpu_share=granted.get("GPU", 1.0),
+            gpu_share=share,
         )
     finally:
         if torch.cuda.is_available():
@@ -155,6 +160,25 @@ def _share_datasets(groups: list[GroupTask]) -> dict[tuple, Any]:
     return shared
 
 
+def _total_gpu_memory() -> float:
+    """The smallest GPU's memory on this node, in bytes, as nvidia-smi reports it."""
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+    return min(float(v) for v in out.stdout.split()) * 2**20
+
+
+def gpu_memory(wait_s: float = 60.0) -> float | None:
+    """The memory of a GPU of the cluster (read on a GPU node), for placing trials by the memory
+    they need; None where it cannot be read in ``wait_s`` (then shares follow step sizes alone)."""
+    import ray
+
+    probe = ray.remote(num_cpus=0, num_gpus=0.001)(_total_gpu_memory)
+    try:
+        return ray.get(probe.remote(), timeout=wait_s)
+    except Exception:  # noqa: BLE001 - no nvidia-smi, a busy cluster: place by step size
+        return None
+
+
 def start_ray(address: str | None) -> dict[str, float]:
     """Connect to the Ray cluster at ``address`` (None: a local instance of its own, never
     another one running here) unless already connected; returns its resources."""
@@ -184,6 +208,8 @@ def make_tuner(groups: list[GroupTask], grid: GridSpec, storage: StorageLayout, 
     """The Ray Tune experiment of the groups: one Tune trial each, largest compute first."""
     from ray import tune
 
+    # MLflow records every trial: Tune's own CSV, JSON and TensorBoard files would only fill storage.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     workers = placement.workers
     trainable = tune.with_resources(
         tune.with_parameters(_run_group, groups={g.id: g for g in groups}, arrays=_share_datasets(groups)),
@@ -213,8 +239,9 @@ def run_on_ray(tasks: list[TrialTask], group_size: int | None, grid: GridSpec, s
     groups = group_tasks(tasks, group_size, units, "cuda" if resources.get("GPU", 0) > 0 else "cpu")
     progress.note(describe(groups))
     chosen = opts.gpus_per_trial if opts.gpus_per_trial is not None else grid.run.gpus_per_trial
+    gpu_bytes = gpu_memory() if resources.get("GPU", 0) > 0 else None
     placement = place(groups, resources, gpus_per_trial=chosen, cpus_per_trial=opts.cpus_per_trial,
-                      max_concurrent=opts.max_concurrent)  # fmt: skip
+                      max_concurrent=opts.max_concurrent, gpu_bytes=gpu_bytes)  # fmt: skip
     for note in placement.notes:
         progress.note(note)
     stall = _Stall(opts.wait_s)

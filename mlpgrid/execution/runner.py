@@ -13,13 +13,18 @@ added to it since.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlpgrid import data
+import torch
+
+from mlpgrid import data, policy
 from mlpgrid.data import prepared
 from mlpgrid.execution.events import EpochEnded, Listener, TrialEnded
 from mlpgrid.execution.groups import Group, form_groups
@@ -27,7 +32,6 @@ from mlpgrid.execution.progress import Progress
 from mlpgrid.grid.layout import GridLayout, StorageLayout, TrialLayout
 from mlpgrid.grid.locks import claim, holder
 from mlpgrid.grid.spec import GridSpec, RunOptions, Trial
-from mlpgrid.policy import fuses
 from mlpgrid.tracking import writer
 from mlpgrid.tracking.reader import DIVERGED, DONE, FAILED, FINISHED, GridRun, RunRecord, data_tag, trial_runs
 from mlpgrid.tracking.writer import TrialRun, trial_run
@@ -57,6 +61,7 @@ class TrialTask:
     # checkpoint this trial starts from: only its stages run. None: it trains for itself.
     pretrained_by: str | None = None
     pretrained_in: TrialLayout | None = None
+    compile_cache: str | None = None  # torch.compile's cache directory, shared by the trials of a shape
 
 
 class DataError(Exception):
@@ -106,6 +111,7 @@ def pending_tasks(grid: GridSpec, storage: StorageLayout, grid_run: GridRun, che
             data_checksums={ds: (checksums or {})[ds] for ds in t.config.datasets if ds in (checksums or {})},
             pretrained_by=pretrained.get(t.id),
             pretrained_in=directory.trial(pretrained[t.id]) if t.id in pretrained else None,
+            compile_cache=str(storage.compile_cache),
         )
         for t in grid.trials
         if t.id not in done
@@ -162,6 +168,7 @@ class _Recorder:
             self.run.finish(
                 FINISHED, checkpoint=str(self.task.layout.checkpoints), problems=outcome.checkpoint_problems
             )
+            CheckpointDir(self.task.layout.checkpoints).keep_newest()  # recorded as finished: the rest is not needed
             return FINISHED
         if isinstance(outcome, TrialDiverged):
             self.run.finish(DIVERGED, error=str(outcome))
@@ -286,7 +293,9 @@ def execute_group(
             return statuses
         device = device or pick_device()
         lead = members[0]
-        fused = len(members) > 1 and fuses(lead.trial.config, device.type, lead.options.fuse)
+        if lead.compile_cache:  # a shape compiled once serves every later trial of it (unless set already)
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", lead.compile_cache)
+        fused = len(members) > 1 and policy.fuses(lead.trial.config, device.type, lead.options.fuse)
         group_tags = {} if len(group.trials) == 1 else {
             "ran_in": "group", "group_id": group.id, "group_size": str(len(group.trials)),
             "group_steps": "fused" if fused else "one after another"}  # fmt: skip
@@ -295,24 +304,43 @@ def execute_group(
             run_tags = (tags or {}) | group_tags | _adopt_pretrained(task)
             recorders.append(_Recorder(task, run_tags, launched_at, listener))
         failures: list[BaseException] = []
+        options = _trial_options(lead.options, gpu_share)
+        while True:
+            going = [i for i, task in enumerate(members) if task.trial.id not in statuses]
 
-        def on_end(i: int, outcome: TrialResult | BaseException) -> None:
-            ended(members[i].trial.id, recorders[i].end(outcome))
-            if isinstance(outcome, BaseException) and not isinstance(outcome, TrialDiverged):
-                failures.append(outcome)
+            def on_end(i: int, outcome: TrialResult | BaseException, going: list[int] = going) -> None:
+                member = going[i]
+                ended(members[member].trial.id, recorders[member].end(outcome))
+                if isinstance(outcome, BaseException) and not isinstance(outcome, TrialDiverged):
+                    failures.append(outcome)
 
-        try:
-            run_group([t.trial.config for t in members], [t.layout for t in members],
-                      _trial_options(lead.options, gpu_share), datasets=_datasets(members, arrays),
-                      hooks=[r.hooks() for r in recorders], device=device, fuse=fused, on_end=on_end)  # fmt: skip
-        except Exception as e:
-            for i, task in enumerate(members):
-                if task.trial.id not in statuses:
-                    on_end(i, e)
-            raise
+            try:
+                run_group([members[i].trial.config for i in going], [members[i].layout for i in going], options,
+                          datasets=_datasets(members, arrays), hooks=[recorders[i].hooks() for i in going],
+                          device=device, fuse=fused, on_end=on_end)  # fmt: skip
+                break
+            except torch.cuda.OutOfMemoryError as e:
+                scale = policy.data_budget_after_oom(options.data_budget_scale)
+                if scale is None:
+                    _fail_the_rest(members, statuses, on_end, going, e)
+                    raise
+                log.warning("%s ran out of GPU memory; again with %g of its data budget: %s", group.id, scale, e)
+                torch.cuda.empty_cache()
+                options = dataclasses.replace(options, data_budget_scale=scale)
+            except Exception as e:
+                _fail_the_rest(members, statuses, on_end, going, e)
+                raise
     if failures:  # recorded; raised so that the runner retries the failed trials (the others have ended)
         raise failures[0]
     return statuses
+
+
+def _fail_the_rest(members: list[TrialTask], statuses: dict[str, str], on_end: Callable[[int, BaseException], None],
+                   going: list[int], error: BaseException) -> None:  # fmt: skip
+    """Record ``error`` as the end of every member the group's training left without one."""
+    for i, member in enumerate(going):
+        if members[member].trial.id not in statuses:
+            on_end(i, error)
 
 
 def _adopt_pretrained(task: TrialTask) -> dict[str, str]:

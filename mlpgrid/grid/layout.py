@@ -7,6 +7,7 @@
       mlflow.lock               held by the driver creating or opening a grid in a local store
       mlartifacts/              its artifacts
       ray/                      Ray Tune's own files
+      torch-compile/            torch.compile's cache, shared by the trials of a shape (on every node)
       <grid>/<trial id>/
         lock                    held by the one process writing this trial
         checkpoints/            see mlpgrid.training.checkpoint
@@ -78,6 +79,10 @@ class StorageLayout:
     @property
     def ray(self) -> Path:
         return self.root / "ray"
+
+    @property
+    def compile_cache(self) -> Path:
+        return self.root / "torch-compile"
 
     def data_check(self, dataset: Path) -> Path:
         """What the last check of the prepared dataset at ``dataset`` found its files to be."""

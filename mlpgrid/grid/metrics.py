@@ -13,12 +13,12 @@ from typing import Any
 TEST_ERROR = "test_error"  # the final epoch's test error: the default metric of a grid
 EPOCH = ("epoch", "train_loss", "test_loss", TEST_ERROR, "lr", "images_per_s", "epoch_seconds")
 BEST_TEST_ERROR = "best_test_error"  # the lowest test error up to each epoch, logged with it
-HARDWARE = ("tflops", "mfu")  # MFU on GPUs only
+HARDWARE = ("tflops", "mfu", "memory_gb")  # MFU and the peak GPU memory held in the epoch on GPUs only
 DATA = ("resident_share",)  # the part of the training images kept on the device (the rest streamed)
 PER_EPOCH = EPOCH + HARDWARE + DATA
 ATTEMPT = ("startup_seconds", "compile_seconds")
 # What differs between two runs of the same trial; everything else is a function of its config.
-TIMING = ("images_per_s", "epoch_seconds", "tflops", "mfu", "compile_seconds")
+TIMING = ("images_per_s", "epoch_seconds", "tflops", "mfu", "memory_gb", "compile_seconds")
 
 TTA_STAGE = "tta"
 TTA_ERROR = "test_error_tta"

@@ -229,6 +229,13 @@ class Trial:
         return architecture.compute(self.forward_flops, self.config.num_examples, self.config.epochs)
 
     @property
+    def checkpoint_bytes(self) -> int:
+        """Bytes of one of its checkpoints: fp32 weights and the optimizer's state (one slot a
+        weight for Lion and SGD, two for AdamW)."""
+        slots = 2 if self.config.optimizer == "adamw" else 1
+        return 4 * self.params * (1 + slots)
+
+    @property
     def step_flops(self) -> float:
         """Hardware FLOPs of one training step (a full batch)."""
         return architecture.hardware_training_flops(self.config.model_config(), self.config.batch_size)

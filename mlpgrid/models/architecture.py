@@ -246,6 +246,18 @@ def forward_flops(cfg: ModelConfig) -> int:
     return macs + cfg.depth * per_element * cfg.width
 
 
+def hidden_elements(cfg: ModelConfig) -> int:
+    """Elements one example's forward pass writes between input and logits, layer by layer (each
+    linear layer's output, each norm's, each activation's): what a backward pass keeps."""
+    if isinstance(cfg, PatchConfig):
+        per_token, per_channel = _patch_linears(cfg)
+        c, s = cfg.width, cfg.tokens
+        block = s * sum(2 * o for _, o in per_token) + c * sum(2 * o for _, o in per_channel) + 2 * s * c
+        return s * c + cfg.depth * block
+    norm = 0 if cfg.norm == "none" else cfg.width
+    return cfg.width + cfg.depth * (sum(2 * o for _, o in _block_linears(cfg)) + norm)
+
+
 def compute(flops_per_forward: int, examples: int, epochs: int) -> float:
     """Training compute C = FLOP(f) x 3 x N x T (forward plus a backward of twice its cost)."""
     return float(flops_per_forward) * 3 * examples * epochs

@@ -99,6 +99,13 @@ class CheckpointDir:
             self.file(*old).with_suffix(".sha256").unlink(missing_ok=True)
         return target
 
+    def keep_newest(self) -> None:
+        """Remove every checkpoint but the newest: what a finished trial keeps (its final weights,
+        for stages added later and for trials that start from them)."""
+        for old in self.positions()[:-1]:
+            self.file(*old).unlink(missing_ok=True)
+            self.file(*old).with_suffix(".sha256").unlink(missing_ok=True)
+
     def adopt(self, source: CheckpointDir) -> tuple[int, int]:
         """Start from ``source``'s newest checkpoint (another trial's finished pre-training): it
         and its checksum are linked in (copied where links cannot be), each arriving whole

@@ -43,7 +43,7 @@ from mlpgrid.training import pictures
 from mlpgrid.training.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
 from mlpgrid.training.setup import DataParts, Model, TrialOptions, make_model, set_up_data
 from mlpgrid.training.stages import StageDir, run_stages
-from mlpgrid.training.step import cosine, evaluate, train_step
+from mlpgrid.training.step import compiled_recipe_loss, cosine, evaluate, train_step
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +222,11 @@ class Separate:
         for model, cfg, lrs in zip(self.models, self.cfgs, self.lrs, strict=True):
             for group in model.optimizer.param_groups:
                 group["lr"] = lrs[step]
-            full = model.compiled is not None and len(batch.labels) == cfg.batch_size
-            net = model.compiled if full and model.compiled is not None else model.network
-            losses.append(train_step(net, model.optimizer, batch, cfg.label_smoothing, cfg.clip_grad))
+            if model.compiled is not None and len(batch.labels) == cfg.batch_size:  # full batches: compiled
+                losses.append(train_step(model.compiled, model.optimizer, batch, cfg.label_smoothing, cfg.clip_grad,
+                                         compiled_recipe_loss))  # fmt: skip
+            else:
+                losses.append(train_step(model.network, model.optimizer, batch, cfg.label_smoothing, cfg.clip_grad))
         return torch.stack(losses)
 
     def evaluate(self, test: Loader) -> list[tuple[float, float]]:
@@ -266,6 +268,8 @@ def epoch_metrics(member: Member, engine: Engine, parts: DataParts, *, train_los
     }  # fmt: skip
     if parts.peak_tflops:
         metrics["mfu"] = metrics["tflops"] / parts.peak_tflops
+    if parts.device.type == "cuda":  # what the process held of the GPU's memory at most (its allocator's)
+        metrics["memory_gb"] = torch.cuda.max_memory_reserved(parts.device) / 2**30
     compiling = [s for s in (member.compile_seconds, engine.compile_seconds) if s is not None]
     if compiling:
         metrics["compile_seconds"] = sum(compiling)
@@ -356,6 +360,8 @@ def run_group(
         seen = active[0].position.seen
         schedule = [[lr_at(m.cfg, epoch * steps + step, steps) for step in range(steps)] for m in active]
         engine.begin_epoch(schedule)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         started, images = time.perf_counter(), 0
         for step, batch in enumerate(parts.train.epoch(epoch, start_step), start=start_step):
             losses = engine.step(batch, step)

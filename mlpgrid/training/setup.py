@@ -24,7 +24,7 @@ from mlpgrid.grid.spec import TrialConfig
 from mlpgrid.models import architecture, networks
 from mlpgrid.training.hardware import default_data_budget, matmul_peak_tflops
 from mlpgrid.training.optim import CompiledLion, make_optimizer
-from mlpgrid.training.step import EVAL_BATCH, autocast, compile_for_training
+from mlpgrid.training.step import EVAL_BATCH, autocast, compile_for_training, compile_recipe_loss
 
 # Separate seed streams, so adding randomness in one place never shifts another.
 _INIT_STREAM, _DROPOUT_STREAM = 1, 2
@@ -36,7 +36,8 @@ class TrialOptions:
 
     checkpoint_every_steps: int = 0  # besides the checkpoint at each epoch's end; 0 = none
     data_budget_bytes: float | None = None  # images kept on the device; None: default_data_budget
-    gpu_share: float = 1.0  # of the GPU the trial has: the default data budget takes its part of it
+    gpu_share: float = 1.0  # of the GPU's memory the trial may take: the default data budget is what it spares
+    data_budget_scale: float = 1.0  # the budget times this (smaller after the trial ran out of memory)
     compile: bool | None = None  # torch.compile the model and the augmentation; None: as mlpgrid.policy says
 
 
@@ -119,13 +120,13 @@ def data_budget(options: TrialOptions, device: torch.device, cfgs: list[TrialCon
     together) may keep on ``device``: the chosen budget, else what the GPU share spares beside
     their models' measured memory."""
     if options.data_budget_bytes is not None:
-        return options.data_budget_bytes
+        return options.data_budget_scale * options.data_budget_bytes
     if device.type != "cuda":
-        return default_data_budget(device)
+        return options.data_budget_scale * default_data_budget(device)
     cfg = cfgs[0]
     member = training_bytes(cfg.model_config(), (cfg.batch_size, *image_shape(cfg)),
                             lambda params: make_optimizer(cfg, params, device, compiled=False), device)  # fmt: skip
-    return default_data_budget(device, options.gpu_share, len(cfgs) * member)
+    return options.data_budget_scale * default_data_budget(device, options.gpu_share, len(cfgs) * member)
 
 
 def load_data(cfg: TrialConfig, datasets: data.Datasets, device: torch.device, budget: float,
@@ -174,6 +175,8 @@ def make_model(cfg: TrialConfig, options: TrialOptions, device: torch.device, in
         # Before the dropout stream is seeded: this pass draws dropout masks too.
         example = torch.zeros((cfg.batch_size, *image_shape(cfg)), dtype=input_dtype, device=device)
         compiled, compile_seconds = compile_for_training(model, example)
+        compile_seconds += compile_recipe_loss(cfg.batch_size, cfg.model_config().num_classes, cfg.mixup > 0,
+                                               cfg.label_smoothing, device)  # fmt: skip
     optimizer = make_optimizer(cfg, model.parameters(), device, compiled is not None)
     if isinstance(optimizer, CompiledLion):
         started = time.perf_counter()

@@ -1,0 +1,288 @@
+"""The main job: a grid of grids/scaling.yaml's shape through the real ``mlpgrid run``, beside each
+model's bare step, and what it projects for the whole of scaling.yaml.
+
+    python benchmarks/main_job.py                           # 400k images, six models, two N each
+    python benchmarks/main_job.py --images 1200000 --seconds 60 --json main_job.json
+    python benchmarks/main_job.py --breakdown B-6/Wi-256 --breakdown B-12/Wi-1024
+
+1. A prepared dataset of the paper's shape in mlpgrid's own format (random pixels: speed does
+   not depend on them): ``--images`` training images of 64x64x3 over 10,450 classes, a test
+   split of ``--test``, its manifest with checksums, checked by ``mlpgrid.data.prepared.verify``.
+2. Each model's **bare step**: compiled, on a batch already on the GPU, bf16 autocast, fused
+   AdamW, plain cross-entropy, at batch 16384 over 10,450 classes. With ``--breakdown``, also
+   the recipe's step on a batch already on the GPU (compiled Lion, label smoothing 0.3, MixUp)
+   with the loss as ``F.cross_entropy`` twice and as the compiled one-pass loss trials use.
+3. The grid: every model at two N (``--images`` and a quarter of it) with the appendix-A.4
+   recipe (Lion 1e-5, wd 1e-3, label smoothing 0.3, flips, crops, MixUp 0.8, batch 16384), each
+   trial's T chosen for about ``--seconds`` of bare compute. It runs through ``mlpgrid run`` with
+   default settings (local Ray, shares chosen by mlpgrid, MLflow on SQLite) while ``nvidia-smi``
+   samples the GPU.
+
+It prints, side by side from that one run: each model's bare and trial images/s; the wall time
+against the trials' bare seconds summed; the GPU's busy share; start-up, compile, evaluation
+and between-epoch (checkpoint, logging) shares of the trials' time; failures; each trial's
+peak GPU memory against its share; and a projection of scaling.yaml's 150 trials on one GPU
+and on eight, from the measured rates and costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from mlflow import MlflowClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from grid_overhead import GpuSampler  # noqa: E402
+from trial_step import bare_step  # noqa: E402
+
+from mlpgrid.data import prepared  # noqa: E402
+from mlpgrid.data.files import sha256  # noqa: E402
+from mlpgrid.data.loader import Batch  # noqa: E402
+from mlpgrid.grid import spec  # noqa: E402
+from mlpgrid.grid.layout import StorageLayout  # noqa: E402
+from mlpgrid.models import architecture, networks  # noqa: E402
+from mlpgrid.tracking import reader  # noqa: E402
+from mlpgrid.training.optim import CompiledLion  # noqa: E402
+from mlpgrid.training.step import autocast, compiled_recipe_loss, recipe_loss  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ("B-6/Wi-256", "B-12/Wi-256", "B-6/Wi-512", "B-12/Wi-512", "B-6/Wi-1024", "B-12/Wi-1024")
+SIDE, CLASSES, BATCH = 64, 10_450, 16_384
+RECIPE = dict(batch_size=BATCH, optimizer="lion", lr=1e-5, weight_decay=1e-3, label_smoothing=0.3, flip=True,
+              crop_padding=4, mixup=0.8, warmup_epochs=1)  # fmt: skip
+IN21K_TEST = 522_500  # the test split scaling.yaml's trials evaluate every epoch
+
+
+def write_dataset(root: Path, train: int, test: int, seed: int = 0) -> Path:
+    """A prepared dataset of random uint8 images (mlpgrid's format: .npy files and a manifest)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    splits = {}
+    for split, count in (("train", train), ("test", test)):
+        images = np.lib.format.open_memmap(root / f"{split}_images.npy", "w+", np.uint8, (count, 3, SIDE, SIDE))
+        for start in range(0, count, 16384):
+            images[start : start + 16384] = rng.integers(0, 256, images[start : start + 16384].shape, np.uint8)
+        images.flush()
+        del images
+        np.save(root / f"{split}_labels.npy", rng.integers(0, CLASSES, count, dtype=np.int64))
+        names = [f"{split}_labels.npy", f"{split}_images.npy"]
+        files = {n: {"bytes": (root / n).stat().st_size, "sha256": sha256(root / n)} for n in names}
+        splits[split] = {"count": count, "files": files}
+    manifest = {
+        "format_version": prepared.FORMAT_VERSION, "name": "synthetic-21k", "format": "npy", "resolution": SIDE,
+        "channels": 3, "classes": [f"class-{i}" for i in range(CLASSES)], "mean": [0.5] * 3, "std": [0.2887] * 3,
+        "splits": splits, "skipped": [], "settings": {"random": True, "seed": seed},
+    }  # fmt: skip
+    (root / prepared.MANIFEST).write_text(json.dumps(manifest))
+    problems = prepared.verify(root)
+    assert not problems, problems
+    return root
+
+
+def recipe_step(name: str, loss_fn, steps: int) -> float:  # noqa: ANN001
+    """Images/s of the recipe's step on a batch already on the GPU: the compiled model, compiled
+    Lion, label smoothing 0.3 and MixUp through ``loss_fn`` (augmentation and loader left out)."""
+    cfg = architecture.config_for(name, 3 * SIDE * SIDE, CLASSES)
+    model = networks.build(cfg).cuda()
+    net = torch.compile(model, dynamic=False)
+    optimizer = CompiledLion(model.parameters(), lr=1e-5, weight_decay=1e-3)
+    x = torch.randn(BATCH, 3, SIDE, SIDE, device="cuda", dtype=torch.bfloat16)
+    y, y2 = (torch.randint(0, CLASSES, (BATCH,), device="cuda") for _ in range(2))
+    batch = Batch(x, y, y2, torch.tensor(0.7, device="cuda"))
+
+    def step() -> None:
+        with autocast(x.device):
+            loss = loss_fn(net(batch.images), batch, 0.3)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return BATCH * steps / (time.perf_counter() - started)
+
+
+def grid_file(path: Path, dataset: Path, images: int, test: int, bare: dict[str, float], seconds: float) -> dict:
+    """The grid: each model at N = images and images // 4, T for about ``seconds`` of bare compute."""
+    trials = []
+    for model in bare:
+        for n in (images // 4, images):
+            trials.append({"model": model, "examples": n, "epochs": max(2, round(seconds * bare[model] / n))})
+    grid = {
+        "name": "main-job",
+        "data": {
+            "synthetic-21k": {
+                "path": str(dataset),
+                "classes": CLASSES,
+                "train": images,
+                "test": test,
+                "resolution": SIDE,
+            }
+        },  # fmt: skip
+        "base": {"dataset": "synthetic-21k", **RECIPE},
+        "zip": {k: [t[k] for t in trials] for k in ("model", "examples", "epochs")},
+    }
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return {"trials": trials}
+
+
+def per_trial(storage: Path) -> list[dict]:
+    """Each trial's record from MLflow: its rates, timings, memory, status."""
+    client = MlflowClient(reader.tracking_uri(StorageLayout(storage)))
+    experiment = client.get_experiment_by_name("main-job")
+    rows = []
+    for run in client.search_runs([experiment.experiment_id], "tags.mlpgrid_role = 'trial'"):
+
+        def history(key: str, run_id: str = run.info.run_id) -> list:
+            return sorted(client.get_metric_history(run_id, key), key=lambda metric: metric.step)
+
+        epochs, rates, memory = history("epoch_seconds"), history("images_per_s"), history("memory_gb")
+        n = int(run.data.params["examples"])
+        later = [m.value for m in rates[1:]] or [m.value for m in rates]
+        train_s = sum(n / m.value for m in rates)
+        start = epochs[0].timestamp / 1e3 - epochs[0].value if epochs else None
+        rows.append({
+            "model": run.data.params["model"], "examples": n, "epochs": int(run.data.params["epochs"]),
+            "status": run.data.tags.get("status"), "error": (run.data.tags.get("error") or "")[-800:],
+            "images_per_s": statistics.median(later) if later else None,
+            "startup_s": run.data.metrics.get("startup_seconds"), "compile_s": run.data.metrics.get("compile_seconds"),
+            "train_s": train_s, "eval_s": sum(m.value for m in epochs) - train_s,
+            "span_s": (epochs[-1].timestamp / 1e3 - start) if epochs else 0.0,
+            "epoch_s": sum(m.value for m in epochs), "start": start,
+            "end": (run.info.end_time or 0) / 1e3, "memory_gb": max((m.value for m in memory), default=None),
+            "gpu_share": run.data.tags.get("gpu_share"),
+        })  # fmt: skip
+    return rows
+
+
+def run_grid(grid: Path, storage: Path, timeout: float) -> dict:
+    """``mlpgrid run`` of the grid with default settings, the GPU sampled meanwhile."""
+    env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    sampler = GpuSampler()
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "mlpgrid", "run", str(grid), "--storage", str(storage)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)  # fmt: skip
+    wall = time.time() - started
+    sampler.stop()
+    notes = [line.split("] ", 1)[-1] for line in proc.stdout.splitlines() if "Ray: " in line or "workers" in line
+             or "each alone" in line]  # fmt: skip
+    return {"returncode": proc.returncode, "wall_s": wall, "gpu_busy": sampler.busy(0, started, started + wall),
+            "notes": notes, "stderr": proc.stderr[-2000:] if proc.returncode else ""}  # fmt: skip
+
+
+def projection(bare: dict[str, float], trial_rate: dict[str, float], efficiency: float, costs: dict) -> dict:
+    """scaling.yaml's 150 trials (each model's N and T, every epoch evaluated on IN-21k's test
+    split) at the measured rates: on one GPU and on eight."""
+    grid = spec.load(REPO / "grids" / "scaling.yaml")
+    bare_s, trial_s = 0.0, []
+    for t in grid.trials:
+        c = t.config
+        images = c.num_examples * c.epochs
+        bare_s += images / bare[c.model]
+        alone = costs["startup_s"] + images / trial_rate[c.model] + c.epochs * IN21K_TEST / costs["eval_rate"]
+        trial_s.append(alone)
+    one = bare_s / efficiency + sum(c.epochs for c in (t.config for t in grid.trials)) * IN21K_TEST / costs["eval_rate"]
+    return {"bare_h": bare_s / 3600, "one_gpu_h": one / 3600, "eight_gpus_h": max(one / 8, max(trial_s)) / 3600,
+            "longest_trial_h": max(trial_s) / 3600}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=400_000, help="training images of the synthetic dataset")
+    parser.add_argument("--test", type=int, default=20_000, help="its test images")
+    parser.add_argument("--seconds", type=float, default=20.0, help="bare compute per trial, about")
+    parser.add_argument("--models", action="append", help="models (default: the six of Table 3)")
+    parser.add_argument("--breakdown", action="append", default=[], metavar="MODEL",
+                        help="also this model's recipe step with either loss; repeatable")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of each bare or recipe step")
+    parser.add_argument("--timeout", type=float, default=1800, help="stop the grid after this many seconds")
+    parser.add_argument("--work", type=Path, help="where the dataset and storage go (default: a temporary folder)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("main_job.py measures a GPU; no CUDA device here")
+    models = tuple(args.models or MODELS)
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        work = Path(tmp)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "storage" / "torch-compile")  # the grid's, as mlpgrid sets
+        started = time.time()
+        dataset = write_dataset(work / "synthetic-21k", args.images, args.test)
+        print(f"{torch.cuda.get_device_name()}: dataset of {args.images:,} + {args.test:,} images written and "
+              f"verified in {time.time() - started:.0f} s", flush=True)  # fmt: skip
+        bare = {m: bare_step(m, BATCH, True, args.steps, CLASSES)["images_per_s"] for m in models}
+        breakdown = {}
+        for m in args.breakdown:
+            breakdown[m] = {"two cross-entropies": recipe_step(m, recipe_loss, args.steps),
+                                "one pass, compiled": recipe_step(m, compiled_recipe_loss, args.steps)}  # fmt: skip
+        torch.cuda.empty_cache()
+        print("bare steps measured; the grid runs", flush=True)
+        plan = grid_file(work / "main-job.yaml", dataset, args.images, args.test, bare, args.seconds)
+        run = run_grid(work / "main-job.yaml", work / "storage", args.timeout)
+        trials = per_trial(work / "storage")
+    by_model = {m: [t for t in trials if t["model"] == m] for m in models}
+    trial_rate = {m: statistics.median(t["images_per_s"] for t in ts if t["images_per_s"]) for m, ts in by_model.items()
+                  if any(t["images_per_s"] for t in ts)}  # fmt: skip
+    bare_s = sum(t["examples"] * t["epochs"] / bare[t["model"]] for t in plan["trials"])
+    spent = sum(t["span_s"] + (t["startup_s"] or 0) for t in trials)
+    costs = {
+        "startup_s": statistics.median(t["startup_s"] for t in trials if t["startup_s"] is not None),
+        "eval_rate": args.test * sum(t["epochs"] for t in trials) / max(1e-9, sum(t["eval_s"] for t in trials)),
+    }
+    shares = {k: sum(t[k] or 0 for t in trials) / spent for k in ("startup_s", "compile_s", "eval_s")}
+    shares["between_epochs_s"] = sum(t["span_s"] - t["epoch_s"] for t in trials) / spent
+    efficiency = bare_s / run["wall_s"]
+    failed = [t for t in trials if t["status"] != "finished"]
+    report = {"device": torch.cuda.get_device_name(), "bare": bare, "breakdown": breakdown, "trial_rate": trial_rate,
+              "run": run, "bare_s": bare_s, "efficiency": efficiency, "shares": shares, "costs": costs,
+              "trials": trials, "projection": projection(bare, trial_rate, efficiency, costs) if len(trial_rate) == 6
+              else None}  # fmt: skip
+
+    print(
+        f"\n{report['device']}; {len(trials)} trials at batch {BATCH}, {CLASSES:,} classes; {' / '.join(run['notes'])}"
+    )
+    print(f"{'model':>13} | {'bare img/s':>11} {'trial img/s':>11} {'trial/bare':>10} | {'recipe, 2 CE':>12} "
+          f"{'1-pass':>11} | {'peak GiB':>8} {'share':>5}")  # fmt: skip
+    for m in models:
+        rate = trial_rate.get(m, float("nan"))
+        two, one = (breakdown.get(m, {}).get(k, float("nan")) for k in ("two cross-entropies", "one pass, compiled"))
+        peak = max((t["memory_gb"] or 0 for t in by_model[m]), default=0)
+        share = by_model[m][0]["gpu_share"] if by_model[m] else "-"
+        print(f"{m:>13} | {bare[m]:>11,.0f} {rate:>11,.0f} {rate / bare[m]:>10.1%} | "
+              f"{two:>12,.0f} {one:>11,.0f} | "
+              f"{peak:>8.1f} {share or '-':>5}")  # fmt: skip
+    print(
+        f"wall {run['wall_s']:.0f} s against {bare_s:.0f} s of bare compute: {efficiency:.1%}; GPU busy "
+        f"{run['gpu_busy']:.1%}; of the trials' time: " + ", ".join(f"{k[:-2]} {v:.1%}" for k, v in shares.items())
+    )
+    print(f"failed: {len(failed)}" + "".join(f"\n  {t['model']} N={t['examples']}: {t['error']}" for t in failed))
+    if run["returncode"]:
+        print(f"mlpgrid run exited {run['returncode']}:\n{run['stderr']}")
+    if report["projection"]:
+        p = report["projection"]
+        print(f"scaling.yaml (150 trials, each epoch evaluated on {IN21K_TEST:,} test images): "
+              f"bare {p['bare_h']:.1f} h; "
+              f"projected {p['one_gpu_h']:.1f} h on one GPU, {p['eight_gpus_h']:.1f} h on eight (its longest trial "
+              f"{p['longest_trial_h']:.1f} h)")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
