@@ -183,8 +183,12 @@ def run_grid(grid: Path, storage: Path, timeout: float) -> dict:
     sampler.stop()
     notes = [line.split("] ", 1)[-1] for line in proc.stdout.splitlines() if "Ray: " in line or "workers" in line
              or "each alone" in line]  # fmt: skip
+    errors = sorted((storage / "ray").rglob("error.txt"))
+    if errors:  # a worker's traceback: Ray keeps it beside the Tune trial
+        print(f"{len(errors)} Tune trials raised; the first:\n{errors[0].read_text()[-4000:]}", flush=True)
     return {"returncode": proc.returncode, "wall_s": wall, "gpu_busy": sampler.busy(0, started, started + wall),
-            "notes": notes, "stderr": proc.stderr[-2000:] if proc.returncode else ""}  # fmt: skip
+            "notes": notes, "stderr": proc.stderr[-3000:] if proc.returncode else "",
+            "stdout": proc.stdout[-3000:] if proc.returncode else ""}  # fmt: skip
 
 
 def projection(bare: dict[str, float], trial_rate: dict[str, float], efficiency: float, costs: dict) -> dict:
@@ -236,19 +240,28 @@ def main() -> None:
         plan = grid_file(work / "main-job.yaml", dataset, args.images, args.test, bare, args.seconds)
         run = run_grid(work / "main-job.yaml", work / "storage", args.timeout)
         trials = per_trial(work / "storage")
+    failed = [t for t in trials if t["status"] != "finished"]
+    print(
+        f"mlpgrid run exited {run['returncode']}; {len(trials)} trials recorded, {len(failed)} not finished"
+        + "".join(f"\n  {t['model']} N={t['examples']} {t['status']}: {t['error']}" for t in failed[:3])
+    )
+    if run["returncode"]:
+        print(run["stderr"], run["stdout"], sep="\n")
     by_model = {m: [t for t in trials if t["model"] == m] for m in models}
     trial_rate = {m: statistics.median(t["images_per_s"] for t in ts if t["images_per_s"]) for m, ts in by_model.items()
                   if any(t["images_per_s"] for t in ts)}  # fmt: skip
+    if not trial_rate:
+        sys.exit("no trial trained an epoch")
     bare_s = sum(t["examples"] * t["epochs"] / bare[t["model"]] for t in plan["trials"])
-    spent = sum(t["span_s"] + (t["startup_s"] or 0) for t in trials)
+    spent = max(1e-9, sum(t["span_s"] + (t["startup_s"] or 0) for t in trials))
+    startups = [t["startup_s"] for t in trials if t["startup_s"] is not None]
     costs = {
-        "startup_s": statistics.median(t["startup_s"] for t in trials if t["startup_s"] is not None),
+        "startup_s": statistics.median(startups) if startups else float("nan"),
         "eval_rate": args.test * sum(t["epochs"] for t in trials) / max(1e-9, sum(t["eval_s"] for t in trials)),
     }
     shares = {k: sum(t[k] or 0 for t in trials) / spent for k in ("startup_s", "compile_s", "eval_s")}
     shares["between_epochs_s"] = sum(t["span_s"] - t["epoch_s"] for t in trials) / spent
     efficiency = bare_s / run["wall_s"]
-    failed = [t for t in trials if t["status"] != "finished"]
     report = {"device": torch.cuda.get_device_name(), "bare": bare, "breakdown": breakdown, "trial_rate": trial_rate,
               "run": run, "bare_s": bare_s, "efficiency": efficiency, "shares": shares, "costs": costs,
               "trials": trials, "projection": projection(bare, trial_rate, efficiency, costs) if len(trial_rate) == 6
@@ -271,9 +284,7 @@ def main() -> None:
         f"wall {run['wall_s']:.0f} s against {bare_s:.0f} s of bare compute: {efficiency:.1%}; GPU busy "
         f"{run['gpu_busy']:.1%}; of the trials' time: " + ", ".join(f"{k[:-2]} {v:.1%}" for k, v in shares.items())
     )
-    print(f"failed: {len(failed)}" + "".join(f"\n  {t['model']} N={t['examples']}: {t['error']}" for t in failed))
-    if run["returncode"]:
-        print(f"mlpgrid run exited {run['returncode']}:\n{run['stderr']}")
+    print(f"failed: {len(failed)}")
     if report["projection"]:
         p = report["projection"]
         print(f"scaling.yaml (150 trials, each epoch evaluated on {IN21K_TEST:,} test images): "

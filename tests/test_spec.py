@@ -203,10 +203,15 @@ def test_dry_run_prints_the_compute_table(write_grid):
         "compute",
         "C",
     ]
-    assert len(lines) == 1 + len(grid.trials) + 1
+    assert len(lines) == 1 + len(grid.trials) + 2
     first = grid.trials[0]
     assert lines[1].split()[0] == first.id and f"{first.compute:.3e}" in lines[1]
-    assert f"total compute C = {sum(t.compute for t in grid.trials):.3e}" in lines[-1]
+    assert f"total compute C = {sum(t.compute for t in grid.trials):.3e}" in lines[-2]
+    final = sum(4 * t.params * 2 for t in grid.trials)  # fp32 weights and Lion's one slot each, the default
+    assert lines[-1] == (
+        f"storage for checkpoints: {2 * final / 1e9:.3g} GB at most while the trials train (two "
+        f"each), {final / 1e9:.3g} GB once they have finished (the final one each)"
+    )
 
 
 def test_cli_reports_spec_errors_without_traceback(write_grid):
