@@ -14,9 +14,9 @@ model's bare step, and what it projects for the whole of scaling.yaml.
    with the loss as ``F.cross_entropy`` twice and as the compiled one-pass loss trials use.
 3. The grid: every model at two N (``--images`` and a quarter of it) with the appendix-A.4
    recipe (Lion 1e-5, wd 1e-3, label smoothing 0.3, flips, crops, MixUp 0.8, batch 16384), each
-   trial's T chosen for about ``--seconds`` of bare compute. It runs through ``mlpgrid run`` with
-   default settings (local Ray, shares chosen by mlpgrid, MLflow on SQLite) while ``nvidia-smi``
-   samples the GPU.
+   trial's T chosen for about ``--seconds`` of bare compute, compiled (as the long trials it stands
+   for are). It runs through ``mlpgrid run`` with default settings otherwise (local Ray, shares
+   chosen by mlpgrid, MLflow on SQLite) while ``nvidia-smi`` samples the GPU.
 
 It prints, side by side from that one run: each model's bare and trial images/s; the wall time
 against the trials' bare seconds summed; the GPU's busy share; start-up, compile, evaluation
@@ -136,6 +136,9 @@ def grid_file(path: Path, dataset: Path, images: int, test: int, bare: dict[str,
                 "resolution": SIDE,
             }
         },  # fmt: skip
+        # Compiled, as scaling.yaml's trials of this model and more compute are by default: these
+        # stand for them at a fraction of their length. Everything else is mlpgrid's default.
+        "run": {"compile": True},
         "base": {"dataset": "synthetic-21k", **RECIPE},
         "zip": {k: [t[k] for t in trials] for k in ("model", "examples", "epochs")},
     }

@@ -208,8 +208,10 @@ def make_tuner(groups: list[GroupTask], grid: GridSpec, storage: StorageLayout, 
     """The Ray Tune experiment of the groups: one Tune trial each, largest compute first."""
     from ray import tune
 
-    # MLflow records every trial: Tune's own CSV, JSON and TensorBoard files would only fill storage.
+    # MLflow records every trial: Tune's own CSV, JSON and TensorBoard files would only fill storage
+    # (and without them its result grid warns, for each trial, that it found none: it is not read).
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     workers = placement.workers
     trainable = tune.with_resources(
         tune.with_parameters(_run_group, groups={g.id: g for g in groups}, arrays=_share_datasets(groups)),
