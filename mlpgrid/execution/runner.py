@@ -303,36 +303,46 @@ def execute_group(
         for task in members:
             run_tags = (tags or {}) | group_tags | _adopt_pretrained(task)
             recorders.append(_Recorder(task, run_tags, launched_at, listener))
-        failures: list[BaseException] = []
-        options = _trial_options(lead.options, gpu_share)
-        while True:
-            going = [i for i, task in enumerate(members) if task.trial.id not in statuses]
-
-            def on_end(i: int, outcome: TrialResult | BaseException, going: list[int] = going) -> None:
-                member = going[i]
-                ended(members[member].trial.id, recorders[member].end(outcome))
-                if isinstance(outcome, BaseException) and not isinstance(outcome, TrialDiverged):
-                    failures.append(outcome)
-
-            try:
-                run_group([members[i].trial.config for i in going], [members[i].layout for i in going], options,
-                          datasets=_datasets(members, arrays), hooks=[recorders[i].hooks() for i in going],
-                          device=device, fuse=fused, on_end=on_end)  # fmt: skip
-                break
-            except torch.cuda.OutOfMemoryError as e:
-                scale = policy.data_budget_after_oom(options.data_budget_scale)
-                if scale is None:
-                    _fail_the_rest(members, statuses, on_end, going, e)
-                    raise
-                log.warning("%s ran out of GPU memory; again with %g of its data budget: %s", group.id, scale, e)
-                torch.cuda.empty_cache()
-                options = dataclasses.replace(options, data_budget_scale=scale)
-            except Exception as e:
-                _fail_the_rest(members, statuses, on_end, going, e)
-                raise
+        failures = _train(members, recorders, statuses, ended, _trial_options(lead.options, gpu_share),
+                          device=device, fuse=fused, arrays=arrays)  # fmt: skip
     if failures:  # recorded; raised so that the runner retries the failed trials (the others have ended)
         raise failures[0]
     return statuses
+
+
+def _train(members: list[TrialTask], recorders: list[_Recorder], statuses: dict[str, str],
+           ended: Callable[[str, str], None], options: TrialOptions, *, device: Any, fuse: bool,
+           arrays: data.ImageArrays | None) -> list[BaseException]:  # fmt: skip
+    """Train the members not ended yet in one :func:`~mlpgrid.training.loop.run_group`, each
+    end recorded as it comes; returns the failures (divergence is none). Out of GPU memory, the
+    members go on from their checkpoints with a smaller data budget
+    (:func:`mlpgrid.policy.data_budget_after_oom`) until every image streams; then they fail."""
+    failures: list[BaseException] = []
+    while True:
+        going = [i for i, task in enumerate(members) if task.trial.id not in statuses]
+
+        def on_end(i: int, outcome: TrialResult | BaseException, going: list[int] = going) -> None:
+            member = going[i]
+            ended(members[member].trial.id, recorders[member].end(outcome))
+            if isinstance(outcome, BaseException) and not isinstance(outcome, TrialDiverged):
+                failures.append(outcome)
+
+        try:
+            run_group([members[i].trial.config for i in going], [members[i].layout for i in going], options,
+                      datasets=_datasets(members, arrays), hooks=[recorders[i].hooks() for i in going],
+                      device=device, fuse=fuse, on_end=on_end)  # fmt: skip
+            return failures
+        except torch.cuda.OutOfMemoryError as e:
+            scale = policy.data_budget_after_oom(options.data_budget_scale)
+            if scale is None:
+                _fail_the_rest(members, statuses, on_end, going, e)
+                raise
+            log.warning("out of GPU memory; the members go on with %g of their data budget: %s", scale, e)
+            torch.cuda.empty_cache()
+            options = dataclasses.replace(options, data_budget_scale=scale)
+        except Exception as e:
+            _fail_the_rest(members, statuses, on_end, going, e)
+            raise
 
 
 def _fail_the_rest(members: list[TrialTask], statuses: dict[str, str], on_end: Callable[[int, BaseException], None],

@@ -293,6 +293,33 @@ def _set_up_member(index: int, cfg: TrialConfig, layout: TrialLayout, hooks: Hoo
     return member, model
 
 
+def _members_to_train(cfgs: list[TrialConfig], layouts: list[TrialLayout], hooks: list[Hooks], options: TrialOptions,
+                      parts: DataParts, datasets: data.Datasets,
+                      on_end: Callable[[int, Outcome], None]) -> list[tuple[Member, Model]]:  # fmt: skip
+    """Every member set up and resumed as alone; those whose training is left, at one position.
+    A member that cannot be set up (another trial's checkpoint in its directory, say) ends at
+    once, alone; one trained before only has its end left, which comes now."""
+    members: list[tuple[Member, Model]] = []
+    for i, (cfg, layout, h) in enumerate(zip(cfgs, layouts, hooks, strict=True)):
+        try:
+            members.append(_set_up_member(i, cfg, layout, h, options, parts))
+        except Exception as e:  # noqa: BLE001 - it alone fails
+            on_end(i, e)
+    for m, _ in members:
+        if m.position.history and m.hooks.resumed:
+            m.hooks.resumed(m.position.history)
+    for m, model in members:
+        if m.position.epoch >= m.cfg.epochs:
+            _finish(m, model.network, parts, datasets, on_end)
+    going = [(m, model) for m, model in members if m.position.epoch < m.cfg.epochs]
+    if len({(m.position.epoch, m.position.step) for m, _ in going}) > 1:
+        # Checkpoints are written together, so this takes a damaged one; start them over together.
+        log.warning("the members' newest good checkpoints are at different positions: they start again together")
+        going = [_set_up_member(m.index, m.cfg, m.layout, m.hooks, options, parts, from_checkpoint=False)
+                 for m, _ in going]  # fmt: skip
+    return going
+
+
 def run_group(
     cfgs: list[TrialConfig],
     layouts: list[TrialLayout],
@@ -318,28 +345,7 @@ def run_group(
     member_options = dataclasses.replace(options, compile=False) if fuse else options
     compile_loader = compile_stack or any(policy.compiles_augmentation(c, device.type, options.compile) for c in cfgs)
     parts = set_up_data(cfgs, options, datasets, device, compile_loader)
-    members: list[Member] = []
-    models: list[Model] = []
-    for i, (cfg, layout, h) in enumerate(zip(cfgs, layouts, hooks, strict=True)):
-        try:
-            member, model = _set_up_member(i, cfg, layout, h, member_options, parts)
-        except Exception as e:  # noqa: BLE001 - e.g. another trial's checkpoint in its directory: it alone fails
-            on_end(i, e)
-            continue
-        members.append(member)
-        models.append(model)
-    for m in members:
-        if m.position.history and m.hooks.resumed:
-            m.hooks.resumed(m.position.history)
-    for m, model in zip(members, models, strict=True):
-        if m.position.epoch >= m.cfg.epochs:  # trained before: only its end is left
-            _finish(m, model.network, parts, datasets, on_end)
-    going = [(m, model) for m, model in zip(members, models, strict=True) if m.position.epoch < m.cfg.epochs]
-    if len({(m.position.epoch, m.position.step) for m, _ in going}) > 1:
-        # Checkpoints are written together, so this takes a damaged one; start them over together.
-        log.warning("the members' newest good checkpoints are at different positions: they start again together")
-        going = [_set_up_member(m.index, m.cfg, m.layout, m.hooks, member_options, parts, from_checkpoint=False)
-                 for m, _ in going]  # fmt: skip
+    going = _members_to_train(cfgs, layouts, hooks, member_options, parts, datasets, on_end)
     if not going:
         return
     active = [m for m, _ in going]
