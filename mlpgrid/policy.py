@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from mlpgrid.grid.spec import TrialConfig
+from mlpgrid.grid.spec import OPTIMIZER_STATE_SLOTS, TrialConfig
 from mlpgrid.models import architecture
 
 # --- compiling ----------------------------------------------------------------------------
@@ -171,8 +171,7 @@ def training_memory(cfg: TrialConfig) -> float:
     and optimizer state in fp32, one step's activations and logits at its batch size, the input
     batch in bf16; times :data:`ESTIMATE_SLACK`."""
     model = cfg.model_config()
-    slots = {"lion": 1, "adamw": 2, "sgd": 1}[cfg.optimizer]
-    weights = 4 * architecture.count_params(model) * (2 + slots)
+    weights = 4 * architecture.count_params(model) * (2 + OPTIMIZER_STATE_SLOTS[cfg.optimizer])
     example = HIDDEN_BYTES * architecture.hidden_elements(model) + LOGIT_BYTES * model.num_classes
     example += 2 * model.in_features
     return ESTIMATE_SLACK * (weights + cfg.batch_size * example)

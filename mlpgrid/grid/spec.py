@@ -29,6 +29,8 @@ from mlpgrid.grid import metrics
 from mlpgrid.models import architecture
 
 OPTIMIZERS = ("lion", "adamw", "sgd")
+# Tensors of state each optimizer keeps per weight (momentum; AdamW also its second moment).
+OPTIMIZER_STATE_SLOTS = {"lion": 1, "adamw": 2, "sgd": 1}
 SCHEDULES = ("cosine", "constant")
 
 
@@ -232,8 +234,7 @@ class Trial:
     def checkpoint_bytes(self) -> int:
         """Bytes of one of its checkpoints: fp32 weights and the optimizer's state (one slot a
         weight for Lion and SGD, two for AdamW)."""
-        slots = 2 if self.config.optimizer == "adamw" else 1
-        return 4 * self.params * (1 + slots)
+        return 4 * self.params * (1 + OPTIMIZER_STATE_SLOTS[self.config.optimizer])
 
     @property
     def step_flops(self) -> float:

@@ -34,7 +34,7 @@ from mlpgrid.models.architecture import ModelConfig
 from mlpgrid.models.networks import Network, build
 from mlpgrid.training.optim import adamw_update, lion_update, sgd_update
 from mlpgrid.training.setup import DataParts, Model
-from mlpgrid.training.step import autocast, compile_for_training
+from mlpgrid.training.step import autocast, compile_for_training, soft_target_losses
 
 
 class StackedMLP(nn.Module):
@@ -86,17 +86,10 @@ class StackedMLP(nn.Module):
 
 def member_losses(logits: torch.Tensor, batch: Any, label_smoothing: torch.Tensor) -> torch.Tensor:
     """Each member's cross-entropy (K,) with its own label smoothing (K,): as
-    ``F.cross_entropy(..., label_smoothing=s)`` of each member alone, MixUp-weighted when mixed."""
-    logp = logits.float().log_softmax(-1)  # (K, B, C)
-    smooth = -logp.mean(-1).mean(-1)  # what label smoothing spreads over the classes
-
-    def loss(labels: torch.Tensor) -> torch.Tensor:
-        nll = -logp.gather(-1, labels.expand(len(logp), -1)[..., None]).squeeze(-1).mean(-1)
-        return (1 - label_smoothing) * nll + label_smoothing * smooth
-
-    if batch.lam is None:
-        return loss(batch.labels)
-    return batch.lam * loss(batch.labels) + (1 - batch.lam) * loss(batch.mixed_labels)
+    ``F.cross_entropy(..., label_smoothing=s)`` of each member alone, MixUp-weighted when mixed
+    (:func:`~mlpgrid.training.step.soft_target_losses`, the loss of a compiled trial alone)."""
+    per_example = soft_target_losses(logits, batch.labels, batch.mixed_labels, batch.lam, label_smoothing[:, None])
+    return per_example.mean(-1)
 
 
 def _per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -263,8 +256,7 @@ class Fused:
     def step(self, batch: Batch, step: int) -> torch.Tensor:
         assert self.lrs is not None, "begin_epoch() comes before the epoch's steps"
         self.optimizer.lr.copy_(self.lrs[:, step])
-        full = self.compiled is not None and len(batch.labels) == self.batch_size
-        net = self.compiled if full and self.compiled is not None else self.model
+        net = self.compiled if self.compiled is not None and len(batch.labels) == self.batch_size else self.model
         with autocast(self.device):
             logits = net(batch.images)
         losses = member_losses(logits, batch, self.label_smoothing)

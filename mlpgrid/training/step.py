@@ -63,18 +63,28 @@ def recipe_loss(logits: torch.Tensor, batch: Any, label_smoothing: float) -> tor
     return loss
 
 
+def soft_target_losses(logits: torch.Tensor, labels: torch.Tensor, mixed_labels: torch.Tensor,
+                       lam: torch.Tensor | None, label_smoothing: float | torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Each example's loss of :func:`recipe_loss` as one expression over its logits (..., B, C):
+    with label smoothing s, the cross-entropy of label y is ``logsumexp(z) - (1 - s) z_y - s
+    mean(z)``, so MixUp's weighted pair of them needs one log-sum-exp, two gathers and a mean.
+    Compiled, that is one pass that reads the logits in bf16: over 10,450 classes
+    :func:`recipe_loss` writes them in fp32 and takes two log-softmaxes (and their gradients) of
+    them. Leading dimensions are members of a fused stack (``label_smoothing`` then broadcasts,
+    one per member); ``labels`` (B,) are every member's."""
+    z = _at_least_fp32(logits)
+
+    def picked(y: torch.Tensor) -> torch.Tensor:
+        return z.gather(-1, y.expand(z.shape[:-1])[..., None]).squeeze(-1)
+
+    target = picked(labels) if lam is None else lam * picked(labels) + (1 - lam) * picked(mixed_labels)
+    return torch.logsumexp(z, -1) - (1 - label_smoothing) * target - label_smoothing * z.mean(-1)
+
+
 def soft_target_loss(logits: torch.Tensor, labels: torch.Tensor, mixed_labels: torch.Tensor,
                      lam: torch.Tensor | None, label_smoothing: float) -> torch.Tensor:  # fmt: skip
-    """:func:`recipe_loss` as one expression over the logits: with label smoothing s, the
-    cross-entropy of label y is ``logsumexp(z) - (1 - s) z_y - s mean(z)``, so MixUp's weighted
-    pair of them needs one log-sum-exp, two gathers and a mean. Compiled, that is one pass that
-    reads the logits in bf16: over 10,450 classes :func:`recipe_loss` writes them in fp32 and takes
-    two log-softmaxes (and their gradients) of them."""
-    z = _at_least_fp32(logits)
-    target = z.gather(1, labels[:, None]).squeeze(1)
-    if lam is not None:
-        target = lam * target + (1 - lam) * z.gather(1, mixed_labels[:, None]).squeeze(1)
-    return (torch.logsumexp(z, 1) - (1 - label_smoothing) * target - label_smoothing * z.mean(1)).mean()
+    """The batch's mean of :func:`soft_target_losses`: :func:`recipe_loss`, in one pass."""
+    return soft_target_losses(logits, labels, mixed_labels, lam, label_smoothing).mean()
 
 
 @functools.cache
