@@ -85,12 +85,18 @@ MAX_MEMBERS = 16
 FUSE_BELOW_STEP_FLOPS = 1e12
 
 
+def stacks(model: architecture.ModelConfig) -> bool:
+    """Whether members of this shape can be stacked into one model: not with batch norm, whose
+    running statistics are each member's own and have no place in the stack."""
+    return getattr(model, "norm", None) != "batchnorm"
+
+
 def fuses(cfg: TrialConfig, device_type: str, chosen: bool | None = None) -> bool:
     """Whether a group of ``cfg``'s shape steps its members fused: never with batch norm (its
     statistics are per member), else ``chosen`` if given, else on a GPU where a member's step is
     under :data:`FUSE_BELOW_STEP_FLOPS`. On the CPU members go one after another by default,
     which gives each exactly the results it has alone."""
-    if cfg.norm == "batchnorm":
+    if not stacks(cfg.model_config()):
         return False
     if chosen is not None:
         return chosen

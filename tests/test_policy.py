@@ -53,6 +53,12 @@ DECISIONS = [
     ("the CPU steps members one after another", lambda: policy.fuses(SMALL_STEP, "cpu"), False),
     ("fuse: true fuses large steps", lambda: policy.fuses(LARGE_STEP, "cuda", True), True),
     ("batch norm never fuses", lambda: policy.fuses(BATCHNORM, "cuda", True), False),
+    (
+        "batch norm does not stack: its statistics are each member's",
+        lambda: policy.stacks(BATCHNORM.model_config()),
+        False,
+    ),
+    ("layer norm stacks", lambda: policy.stacks(SMALL_STEP.model_config()), True),
     ("a long group of small steps pays on a GPU", lambda: policy.group_pays_on_gpu([SMALL_STEP] * 4), True),
     ("a short one does not", lambda: policy.group_pays_on_gpu([SHORT] * 4), False),
     ("... unless fusing was chosen", lambda: policy.group_pays_on_gpu([SHORT] * 4, True), True),

@@ -68,11 +68,6 @@ class Group:
     def compute(self) -> float:
         return sum(t.compute for t in self.trials)
 
-    @property
-    def step_flops(self) -> float:
-        """Hardware FLOPs of one step of every member."""
-        return sum(t.step_flops for t in self.trials)
-
 
 def form_groups(trials: Iterable[Trial], size: int | None, units: int = 1, device_type: str = "cpu",
                 fuse: bool | None = None) -> list[Group]:  # fmt: skip

@@ -40,7 +40,7 @@ from mlpgrid.training.step import autocast, compile_for_training, soft_target_lo
 class StackedMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, members: list[Network]):
         super().__init__()
-        if getattr(cfg, "norm", None) == "batchnorm":
+        if not policy.stacks(cfg):
             raise ValueError("batch normalisation keeps statistics per member: it does not stack")
         self.cfg = cfg
         self.names = [name for name, _ in members[0].named_parameters()]
