@@ -115,14 +115,29 @@ def group_pays_on_gpu(cfgs: Sequence[TrialConfig], fuse: bool | None = None) -> 
     return fuse is True or compiles_stack(cfgs, "cuda")
 
 
-def groups_across_epochs(device_type: str, automatic: bool) -> bool:
-    """Whether members of one group may end at different T. On a GPU automatic groups stay
-    within one T: on an H200, benchmarks/grid_overhead.py --scale 0.3 with groups across T (two
-    fused groups of four, the rest alone, eight at a time) did 0.85x the training work per
-    second of every trial alone (the stack compiles again as each member leaves, 7-10 s; a
-    group's process gets one time slice of the GPU among the others for its members' work).
-    A chosen group size (``--group K``) and the CPU group across T."""
-    return not (automatic and device_type == "cuda")
+# A member leaving a fused group recompiles the stack of those left: 7-23 s on an H200
+# (benchmarks/grid_overhead.py). Measured on trials of seconds, that made groups across T on a
+# GPU 0.85x as fast as every trial alone (two fused groups of four, the rest alone, eight at a
+# time, --scale 0.3). A trial whose training takes at least LEAVE_PAYS_S even at the bf16 matmul
+# limit (798 TFLOP/s measured on an H100, an upper bound of any step's rate) pays under 1% for
+# the recompiles of four members leaving before it.
+LEAVE_RECOMPILE_S = 25.0
+MATMUL_LIMIT_FLOPS = 7.98e14
+LEAVE_PAYS_S = 4 * LEAVE_RECOMPILE_S / 0.01
+
+
+def shortest_training_s(cfg: TrialConfig) -> float:
+    """A lower bound of the trial's training seconds on any GPU: its hardware FLOPs at the
+    bf16 matmul limit."""
+    return architecture.hardware_training_flops(cfg.model_config(), cfg.num_examples * cfg.epochs) / MATMUL_LIMIT_FLOPS
+
+
+def groups_across_epochs(cfg: TrialConfig, device_type: str, automatic: bool) -> bool:
+    """Whether the trial may share a group with members ending at another T. On a GPU an
+    automatic group spans T only among trials long enough for the recompiles as members leave
+    to cost under 1% (``LEAVE_PAYS_S``); the others group within their T. A chosen group size
+    (``--group K``) and the CPU group across T."""
+    return not (automatic and device_type == "cuda") or shortest_training_s(cfg) >= LEAVE_PAYS_S
 
 
 # --- GPU shares ---------------------------------------------------------------------------

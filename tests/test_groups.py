@@ -1,6 +1,7 @@
 """Trial groups: same-shape trials trained together on one batch stream, each still a trial."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from conftest import (
     wait_until_held,
     without_timing,
 )
+from mlpgrid import policy
 from mlpgrid.cli import cli
 from mlpgrid.data import Datasets
 from mlpgrid.execution.groups import form_groups, group_key
@@ -71,6 +73,10 @@ def test_a_gpu_groups_automatically_only_where_fused_compiled_steps_pay():
     long = spec.parse(small % "400, 500", spec.Path("g.yaml")).trials
     assert [len(g.trials) for g in form_groups(long, None, device_type="cuda")] == [1, 1], "members would leave"
     assert [len(g.trials) for g in form_groups(long, 2, device_type="cuda")] == [2], "--group 2 groups across T"
+    seconds_per_epoch = policy.shortest_training_s(long[0].config) / long[0].config.epochs
+    hours = math.ceil(policy.LEAVE_PAYS_S / seconds_per_epoch)  # epochs that take LEAVE_PAYS_S at the matmul limit
+    longest = spec.parse(small % f"{hours}, {hours + 100}", spec.Path("g.yaml")).trials
+    assert [len(g.trials) for g in form_groups(longest, None, device_type="cuda")] == [2], "a leave costs <1%"
     sweep = "base: {model: B-6/Wi-256, examples: 60000, batch_size: 4096, epochs: 500}\ngrid:\n  lr: [1.0e-4, 3.0e-4]\n"
     lrs = spec.parse(sweep, spec.Path("g.yaml")).trials
     assert [len(g.trials) for g in form_groups(lrs, None, device_type="cuda")] == [2], "an lr sweep ends together"

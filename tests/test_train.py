@@ -330,3 +330,40 @@ def test_the_one_pass_loss_is_the_recipes_loss(mixed, smoothing):
     compiled_recipe_loss(single, compiled_batch, smoothing).backward()
     assert single.grad is not None
     torch.testing.assert_close(single.grad.double(), plain.grad, rtol=1e-4, atol=1e-9)
+
+
+def test_evaluating_every_few_epochs_trains_the_same_and_logs_the_epochs_evaluated(tmp_path, write_grid,
+                                                                                    fashion_mnist):  # fmt: skip
+    from mlflow import MlflowClient
+
+    from mlpgrid.grid.layout import StorageLayout
+    from mlpgrid.tracking import reader
+
+    cfg = TrialConfig(**{**TINY, "epochs": 5})
+    datasets = Datasets({"fashion-mnist": fashion_mnist})
+    every = run_trial(cfg, TrialLayout(tmp_path / "1"), datasets=datasets)
+    third = run_trial(cfg, TrialLayout(tmp_path / "3"), TrialOptions(evaluate_every=3), datasets=datasets)
+    assert [m["epoch"] for m in third.history if "test_error" in m] == [3, 5], "every third epoch and the last"
+    assert [m["train_loss"] for m in third.history] == [m["train_loss"] for m in every.history], (
+        "evaluating trains nothing"
+    )
+    assert third.test_error == every.test_error and third.best_test_error >= every.best_test_error
+
+    path = write_grid("run: {evaluate_every: 2}\nbase: {model: B-1/Wi-16, examples: 500, epochs: 3, batch_size: 100}\n")
+    storage = tmp_path / "store"
+    result = CliRunner().invoke(cli, ["run", str(path), "--storage", str(storage), "--in-process"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(reader.tracking_uri(StorageLayout(storage)))
+    (run,) = client.search_runs([client.get_experiment_by_name("grid").experiment_id], "tags.mlpgrid_role = 'trial'")
+
+    def steps(key: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+
+    assert steps("train_loss") == [1, 2, 3] and steps("test_error") == steps("best_test_error") == [2, 3]
+    bad = write_grid("run: {evaluate_every: 0}\nbase: {model: B-1/Wi-16, epochs: 1}\n")
+    refused = CliRunner().invoke(cli, ["run", str(bad), "--dry-run"])
+    assert (
+        refused.exit_code == 1
+        and "run.evaluate_every" in refused.output
+        and "expected a whole number >= 1" in refused.output
+    )

@@ -75,7 +75,7 @@ def form_groups(trials: Iterable[Trial], size: int | None, units: int = 1, devic
     ``units`` parallel units of ``device_type``, members fused as ``fuse`` says.
 
     Automatic grouping takes :data:`mlpgrid.policy.MAX_MEMBERS` at most, within one T where
-    :func:`mlpgrid.policy.groups_across_epochs` says so, and on a GPU keeps only groups that
+    :func:`mlpgrid.policy.groups_across_epochs` says so (trials long enough span T), and on a GPU keeps only groups that
     gain from it (:func:`mlpgrid.policy.group_pays_on_gpu`); the others' members run alone.
 
     Groups are balanced over ``units`` parallel units (GPUs, on which a group runs on at most
@@ -86,12 +86,11 @@ def form_groups(trials: Iterable[Trial], size: int | None, units: int = 1, devic
     """
     trials = list(trials)
     automatic, size = size is None, policy.MAX_MEMBERS if size is None else size
-    across_epochs = policy.groups_across_epochs(device_type, automatic)
     most = sum(t.compute for t in trials) / units
     buckets: dict[object, list[Trial]] = {}
     for trial in trials:
         key = group_key(trial.config) if size > 1 else None
-        if key is not None and not across_epochs:
+        if key is not None and not policy.groups_across_epochs(trial.config, device_type, automatic):
             key += (("epochs", trial.config.epochs),)
         buckets.setdefault(key if key is not None else ("alone", trial.id), []).append(trial)
     groups = []

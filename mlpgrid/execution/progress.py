@@ -54,9 +54,10 @@ class Progress:
             self.startups.append(metrics["startup_seconds"])
         self.speed[trial.id] = metrics["images_per_s"]
         startup = f"  (started in {metrics['startup_seconds']:.1f} s)" if "startup_seconds" in metrics else ""
+        tested = f"test_error {metrics['test_error']:.4f}  " if "test_error" in metrics else ""
         self._line(
             f"epoch  {trial.id} {metrics['epoch']}/{trial.config.epochs}  train_loss {metrics['train_loss']:.4f}  "
-            f"test_error {metrics['test_error']:.4f}  {metrics['images_per_s']:,.0f} img/s{startup}"
+            f"{tested}{metrics['images_per_s']:,.0f} img/s{startup}"
         )
 
     def end(self, trial: Trial, status: str) -> None:

@@ -181,6 +181,7 @@ def _trial_options(options: RunOptions, gpu_share: float) -> TrialOptions:
     chosen_budget = options.data_budget_gb
     return TrialOptions(
         checkpoint_every_steps=options.checkpoint_every_steps,
+        evaluate_every=options.evaluate_every,
         data_budget_bytes=None if chosen_budget is None else chosen_budget * 2**30,
         gpu_share=gpu_share,
         compile=options.compile,

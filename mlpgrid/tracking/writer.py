@@ -192,9 +192,8 @@ class TrialRun:
     def __init__(self, client: MlflowClient, run_id: str):
         self.client = client
         self.run_id = run_id
-        logged = client.get_metric_history(run_id, metrics.TEST_ERROR)
-        self.logged_epochs = {m.step for m in logged}
-        self.best = min((m.value for m in logged), default=math.inf)
+        self.logged_epochs = {m.step for m in client.get_metric_history(run_id, "epoch")}
+        self.best = min((m.value for m in client.get_metric_history(run_id, metrics.TEST_ERROR)), default=math.inf)
         self.attempt = len(client.get_metric_history(run_id, "startup_seconds"))
         self.outbox = Outbox.of(client)
 
@@ -232,9 +231,10 @@ class TrialRun:
         for m in sorted(history, key=lambda m: m["epoch"]):
             if m["epoch"] in self.logged_epochs:
                 continue
-            self.best = min(self.best, m[metrics.TEST_ERROR])
             values = {key: m[key] for key in metrics.PER_EPOCH if key in m}
-            values[metrics.BEST_TEST_ERROR] = self.best  # so status reads it without the history
+            if metrics.TEST_ERROR in m:  # an epoch evaluated (run.evaluate_every)
+                self.best = min(self.best, m[metrics.TEST_ERROR])
+                values[metrics.BEST_TEST_ERROR] = self.best  # so status reads it without the history
             batch += [Metric(key, float(v), now, m["epoch"]) for key, v in values.items()]
         if batch:
             self.outbox.put(self.run_id, batch)

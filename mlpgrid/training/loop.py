@@ -254,18 +254,25 @@ class _MemberWrites:
 # --- one epoch's record ---------------------------------------------------------------------
 
 
-def epoch_metrics(member: Member, engine: Engine, parts: DataParts, *, train_loss: float, test: tuple[float, float],
-                  lr: float, images: int, train_seconds: float, started: float) -> dict[str, Any]:  # fmt: skip
-    """What a member records of an epoch (:data:`mlpgrid.grid.metrics.EPOCH` and the hardware's);
-    its compile seconds once per attempt, with its first epoch."""
-    test_loss, test_error = test
+def _evaluates(cfg: TrialConfig, epoch: int, every: int) -> bool:
+    """Whether a member evaluates on the test split after ``epoch``: every ``every`` and its last."""
+    return epoch % every == 0 or epoch >= cfg.epochs
+
+
+def epoch_metrics(member: Member, engine: Engine, parts: DataParts, *, train_loss: float,
+                  test: tuple[float, float] | None, lr: float, images: int, train_seconds: float,
+                  started: float) -> dict[str, Any]:  # fmt: skip
+    """What a member records of an epoch (:data:`mlpgrid.grid.metrics.EPOCH` and the hardware's;
+    the test loss and error where it was evaluated); its compile seconds once per attempt, with
+    its first epoch."""
     metrics: dict[str, Any] = {
-        "epoch": member.position.epoch + 1, "train_loss": train_loss, "test_loss": test_loss,
-        "test_error": test_error, "lr": lr, "images_per_s": images / train_seconds,
+        "epoch": member.position.epoch + 1, "train_loss": train_loss, "lr": lr, "images_per_s": images / train_seconds,
         "resident_share": resident_share(parts.train),
         "tflops": parts.flops_per_image * images / train_seconds / 1e12,
         "epoch_seconds": time.perf_counter() - started,
     }  # fmt: skip
+    if test is not None:
+        metrics["test_loss"], metrics["test_error"] = test
     if parts.peak_tflops:
         metrics["mfu"] = metrics["tflops"] / parts.peak_tflops
     if parts.device.type == "cuda":  # what the process held of the GPU's memory at most (its allocator's)
@@ -385,7 +392,10 @@ def run_group(
             torch.cuda.synchronize(device)  # the loop only queues work; wait for it to be done
         train_seconds = time.perf_counter() - started
         lrs = [member_lrs[-1] for member_lrs in schedule]  # of the epoch's last step
-        results = engine.evaluate(parts.test)
+        due = [_evaluates(m.cfg, epoch + 1, options.evaluate_every) for m in active]
+        results: list[tuple[float, float] | None] = [None] * len(active)
+        if any(due):
+            results = list(engine.evaluate(parts.test))
         going_on: list[int] = []
         ending: list[int] = []
         ended_epochs: list[tuple[Member, dict[str, Any]]] = []
@@ -394,7 +404,8 @@ def run_group(
             if not math.isfinite(train_loss):
                 on_end(m.index, TrialDiverged(f"training loss is {train_loss} in epoch {epoch + 1} (lr {m.cfg.lr})"))
                 continue
-            metrics = epoch_metrics(m, engine, parts, train_loss=train_loss, test=test, lr=lrs[i], images=images,
+            metrics = epoch_metrics(m, engine, parts, train_loss=train_loss, test=test if due[i] else None, lr=lrs[i],
+                                    images=images,
                                     train_seconds=train_seconds, started=started)  # fmt: skip
             m.position.history.append(metrics)
             m.position.epoch, m.position.step = epoch + 1, 0
@@ -451,7 +462,8 @@ def finish(member: Member, model: Network, parts: DataParts, datasets: data.Data
     return TrialResult(
         status="finished", seed=cfg.seed, device=str(parts.device), epochs=len(history),
         train_loss=final["train_loss"], test_loss=final["test_loss"], test_error=final["test_error"],
-        best_test_error=min(h["test_error"] for h in history), history=history, resumed_from=position.resumed_from,
+        best_test_error=min(h["test_error"] for h in history if "test_error" in h), history=history,
+        resumed_from=position.resumed_from,
         compiled=member.compiled, checkpoint_problems=member.checkpoints.problems, stages=stage_metrics,
         first_layer=str(picture),
     )  # fmt: skip

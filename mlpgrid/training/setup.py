@@ -35,6 +35,7 @@ class TrialOptions:
     """How a trial runs; none of it changes its result."""
 
     checkpoint_every_steps: int = 0  # besides the checkpoint at each epoch's end; 0 = none
+    evaluate_every: int = 1  # epochs between evaluations on the test split; the last epoch always
     data_budget_bytes: float | None = None  # images kept on the device; None: default_data_budget
     gpu_share: float = 1.0  # of the GPU's memory the trial may take: the default data budget is what it spares
     data_budget_scale: float = 1.0  # the budget times this (smaller after the trial ran out of memory)
