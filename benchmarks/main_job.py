@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -163,6 +164,7 @@ def per_trial(storage: Path) -> list[dict]:
         start = epochs[0].timestamp / 1e3 - epochs[0].value if epochs else None
         rows.append({
             "model": run.data.params["model"], "examples": n, "epochs": int(run.data.params["epochs"]),
+            "epochs_done": len(rates),
             "status": run.data.tags.get("status"), "error": (run.data.tags.get("error") or "")[-800:],
             "images_per_s": statistics.median(later) if later else None,
             "startup_s": run.data.metrics.get("startup_seconds"), "compile_s": run.data.metrics.get("compile_seconds"),
@@ -180,18 +182,32 @@ def run_grid(grid: Path, storage: Path, timeout: float) -> dict:
     env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     sampler = GpuSampler()
     started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "mlpgrid", "run", str(grid), "--storage", str(storage)],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)  # fmt: skip
-    wall = time.time() - started
-    sampler.stop()
-    notes = [line.split("] ", 1)[-1] for line in proc.stdout.splitlines() if "Ray: " in line or "workers" in line
+    with open(grid.with_suffix(".out"), "w+") as out, open(grid.with_suffix(".err"), "w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "mlpgrid", "run", str(grid), "--storage", str(storage)],
+                                stdout=out, stderr=err, text=True, env=env, cwd=REPO)  # fmt: skip
+        try:
+            returncode = proc.wait(timeout)
+        except subprocess.TimeoutExpired:  # stopped as a user would (Ctrl-C); what ran is still read out
+            wall = time.time() - started
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            returncode = None
+        else:
+            wall = time.time() - started
+        sampler.stop()
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    notes = [line.split("] ", 1)[-1] for line in stdout.splitlines() if "Ray: " in line or "workers" in line
              or "each alone" in line]  # fmt: skip
     errors = sorted((storage / "ray").rglob("error.txt"))
     if errors:  # a worker's traceback: Ray keeps it beside the Tune trial
         print(f"{len(errors)} Tune trials raised; the first:\n{errors[0].read_text()[-4000:]}", flush=True)
-    return {"returncode": proc.returncode, "wall_s": wall, "gpu_busy": sampler.busy(0, started, started + wall),
-            "notes": notes, "stderr": proc.stderr[-3000:] if proc.returncode else "",
-            "stdout": proc.stdout[-3000:] if proc.returncode else ""}  # fmt: skip
+    return {"returncode": returncode, "timed_out": returncode is None, "wall_s": wall,
+            "gpu_busy": sampler.busy(0, started, started + wall), "notes": notes,
+            "stderr": stderr[-3000:] if returncode else "", "stdout": stdout[-3000:] if returncode else ""}  # fmt: skip
 
 
 def projection(bare: dict[str, float], trial_rate: dict[str, float], efficiency: float, costs: dict) -> dict:
@@ -228,7 +244,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("main_job.py measures a GPU; no CUDA device here")
     models = tuple(args.models or MODELS)
-    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+    with tempfile.TemporaryDirectory(dir=args.work, ignore_cleanup_errors=True) as tmp:
         work = Path(tmp)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "storage" / "torch-compile")  # the grid's, as mlpgrid sets
         started = time.time()
@@ -243,6 +259,8 @@ def main() -> None:
         torch.cuda.empty_cache()
         print("bare steps measured; the grid runs", flush=True)
         plan = grid_file(work / "main-job.yaml", dataset, args.images, args.test, bare, args.seconds)
+        planned = sum(t["examples"] * t["epochs"] / bare[t["model"]] for t in plan["trials"])
+        print(f"{len(plan['trials'])} trials, {planned:.0f} s of bare compute", flush=True)
         run = run_grid(work / "main-job.yaml", work / "storage", args.timeout)
         trials = per_trial(work / "storage")
     failed = [t for t in trials if t["status"] != "finished"]
@@ -250,14 +268,17 @@ def main() -> None:
         f"mlpgrid run exited {run['returncode']}; {len(trials)} trials recorded, {len(failed)} not finished"
         + "".join(f"\n  {t['model']} N={t['examples']} {t['status']}: {t['error']}" for t in failed[:3])
     )
-    if run["returncode"]:
+    if run["timed_out"]:
+        print(f"stopped after --timeout {args.timeout:.0f} s; the figures below are of what ran until then")
+    elif run["returncode"]:
         print(run["stderr"], run["stdout"], sep="\n")
     by_model = {m: [t for t in trials if t["model"] == m] for m in models}
     trial_rate = {m: statistics.median(t["images_per_s"] for t in ts if t["images_per_s"]) for m, ts in by_model.items()
                   if any(t["images_per_s"] for t in ts)}  # fmt: skip
     if not trial_rate:
         sys.exit("no trial trained an epoch")
-    bare_s = sum(t["examples"] * t["epochs"] / bare[t["model"]] for t in plan["trials"])
+    # The bare time of the epochs trained (all of them unless --timeout stopped the grid).
+    bare_s = sum(t["examples"] * t["epochs_done"] / bare[t["model"]] for t in trials)
     spent = max(1e-9, sum(t["span_s"] + (t["startup_s"] or 0) for t in trials))
     startups = [t["startup_s"] for t in trials if t["startup_s"] is not None]
     costs = {

@@ -18,6 +18,7 @@ SMALL_STEP = TrialConfig(model="B-6/Wi-256", batch_size=4096, examples=1_000_000
 LARGE_STEP = dataclasses.replace(SMALL_STEP, model="B-12/Wi-1024")  # 2.8 TFLOP a step
 BATCHNORM = dataclasses.replace(SMALL_STEP, norm="batchnorm")
 SHORT = dataclasses.replace(SMALL_STEP, examples=1000, epochs=1)
+HOURS = dataclasses.replace(SMALL_STEP, epochs=400_000)  # 3 h at the bf16 matmul limit
 GiB = 2**30
 # The recipe's shape: batch 16384, 10,450 classes at 64x64x3, Lion (training.setup.training_bytes
 # measured one step's peak on the H200 machine: 3.6 GiB for B-6/Wi-256, 9.7 GiB for B-12/Wi-1024).
@@ -67,7 +68,7 @@ DECISIONS = [
     ("automatic GPU groups of trials of minutes stay within one T",
      lambda: policy.groups_across_epochs(SMALL_STEP, "cuda", automatic=True), False),
     ("those of trials of hours even at the matmul limit span T",
-     lambda: policy.groups_across_epochs(dataclasses.replace(SMALL_STEP, epochs=400_000), "cuda", automatic=True), True),
+     lambda: policy.groups_across_epochs(HOURS, "cuda", automatic=True), True),
     ("--group K groups across T", lambda: policy.groups_across_epochs(SMALL_STEP, "cuda", automatic=False), True),
     ("CPU groups span T", lambda: policy.groups_across_epochs(SMALL_STEP, "cpu", automatic=True), True),
     ("a small step gets an eighth of a GPU", lambda: policy.gpu_share([0.15e12]), 0.125),

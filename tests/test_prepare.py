@@ -1,6 +1,7 @@
 """`mlpgrid data prepare` / `data ls`: every source layout written here in its real form, read back."""
 
 import json
+import shutil
 import struct
 import subprocess
 import zlib
@@ -176,6 +177,17 @@ def test_cli_prepare_ls_and_a_trial_on_the_prepared_dataset(tmp_path, write_grid
     run = cli("run", str(grid), "--in-process", "--storage", str(tmp_path / "s"))
     assert run.returncode == 0, run.stdout + run.stderr
     assert "1 trials: 1 finished" in run.stdout
+    # Prepared elsewhere and named by the grid file alone: Ray's workers learn of it from the trials.
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(home / "animals", elsewhere)
+    declared = write_grid(f"data: {{animals: {elsewhere}}}\n"
+                          "base: {dataset: animals, model: B-1/Wi-16, epochs: 1, batch_size: 8, examples: 12}\n",
+                          "declared.yaml")  # fmt: skip
+    env["MLPGRID_DATA"] = str(tmp_path / "empty")
+    on_ray = cli("run", str(declared), "--storage", str(tmp_path / "s2"))
+    assert on_ray.returncode == 0, on_ray.stdout + on_ray.stderr
+    assert "1 trials: 1 finished" in on_ray.stdout
+    env["MLPGRID_DATA"] = str(home)
     unknown = write_grid("base: {dataset: animalz, model: B-1/Wi-16, epochs: 1}\n", "bad.yaml")
     refused = cli("run", str(unknown), "--dry-run")
     assert refused.returncode == 1 and f"prepared in {home}: animals" in refused.stderr

@@ -272,6 +272,9 @@ def execute_group(
     """
     launched_at = launched_at or time.time()
     statuses: dict[str, str] = {}
+    # Known in this process before any run opens: a run's tags (the model's parameter count)
+    # depend on the dataset's shape, and a worker knows only the prepared datasets it was told of.
+    datasets = _datasets(list(group.members), arrays)
 
     def ended(trial_id: str, status: str) -> None:
         statuses[trial_id] = status
@@ -305,7 +308,7 @@ def execute_group(
             run_tags = (tags or {}) | group_tags | _adopt_pretrained(task)
             recorders.append(_Recorder(task, run_tags, launched_at, listener))
         failures = _train(members, recorders, statuses, ended, _trial_options(lead.options, gpu_share),
-                          device=device, fuse=fused, arrays=arrays)  # fmt: skip
+                          device=device, fuse=fused, datasets=datasets)  # fmt: skip
     if failures:  # recorded; raised so that the runner retries the failed trials (the others have ended)
         raise failures[0]
     return statuses
@@ -313,7 +316,7 @@ def execute_group(
 
 def _train(members: list[TrialTask], recorders: list[_Recorder], statuses: dict[str, str],
            ended: Callable[[str, str], None], options: TrialOptions, *, device: Any, fuse: bool,
-           arrays: data.ImageArrays | None) -> list[BaseException]:  # fmt: skip
+           datasets: data.Datasets) -> list[BaseException]:  # fmt: skip
     """Train the members not ended yet in one :func:`~mlpgrid.training.loop.run_group`, each
     end recorded as it comes; returns the failures (divergence is none). Out of GPU memory, the
     members go on from their checkpoints with a smaller data budget
@@ -330,7 +333,7 @@ def _train(members: list[TrialTask], recorders: list[_Recorder], statuses: dict[
 
         try:
             run_group([members[i].trial.config for i in going], [members[i].layout for i in going], options,
-                      datasets=_datasets(members, arrays), hooks=[recorders[i].hooks() for i in going],
+                      datasets=datasets, hooks=[recorders[i].hooks() for i in going],
                       device=device, fuse=fuse, on_end=on_end)  # fmt: skip
             return failures
         except torch.cuda.OutOfMemoryError as e:
