@@ -177,6 +177,20 @@ def per_trial(storage: Path) -> list[dict]:
     return rows
 
 
+def load_while_training(trials: list[dict], bare: dict[str, float]) -> float:
+    """The GPU's work while any trial trains, in bare steps: at each moment the sum over the trials
+    training then of their rate against their model's bare rate, averaged over those moments. Two
+    trials on half a GPU each, each at half the bare rate, make 1.0: the step itself is then as
+    fast as bare and what a trial alone loses is the sharing (per trial, from first to last epoch)."""
+    spans = [(t["start"], t["start"] + t["span_s"], t["images_per_s"] / bare[t["model"]]) for t in trials
+             if t["start"] and t["images_per_s"]]  # fmt: skip
+    if not spans:
+        return float("nan")
+    moments = np.arange(min(s for s, _, _ in spans), max(e for _, e, _ in spans), 0.1)
+    loads = [sum(r for s, e, r in spans if s <= m < e) for m in moments]
+    return statistics.mean(x for x in loads if x > 0)
+
+
 def run_grid(grid: Path, storage: Path, timeout: float) -> dict:
     """``mlpgrid run`` of the grid with default settings, the GPU sampled meanwhile."""
     env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
@@ -263,10 +277,11 @@ def main() -> None:
         print(f"{len(plan['trials'])} trials, {planned:.0f} s of bare compute", flush=True)
         run = run_grid(work / "main-job.yaml", work / "storage", args.timeout)
         trials = per_trial(work / "storage")
-    failed = [t for t in trials if t["status"] != "finished"]
+    failed = [t for t in trials if t["status"] == "failed"]
+    unfinished = sum(t["status"] != "finished" for t in trials)
     print(
-        f"mlpgrid run exited {run['returncode']}; {len(trials)} trials recorded, {len(failed)} not finished"
-        + "".join(f"\n  {t['model']} N={t['examples']} {t['status']}: {t['error']}" for t in failed[:3])
+        f"mlpgrid run exited {run['returncode']}; {len(trials)} trials recorded, {unfinished} not finished, "
+        f"{len(failed)} failed" + "".join(f"\n  {t['model']} N={t['examples']}: {t['error']}" for t in failed[:3])
     )
     if run["timed_out"]:
         print(f"stopped after --timeout {args.timeout:.0f} s; the figures below are of what ran until then")
@@ -288,6 +303,7 @@ def main() -> None:
     shares = {k: sum(t[k] or 0 for t in trials) / spent for k in ("startup_s", "compile_s", "eval_s")}
     shares["between_epochs_s"] = sum(t["span_s"] - t["epoch_s"] for t in trials) / spent
     efficiency = bare_s / run["wall_s"]
+    run["load_while_training"] = load_while_training(trials, bare)
     report = {"device": torch.cuda.get_device_name(), "bare": bare, "breakdown": breakdown, "trial_rate": trial_rate,
               "run": run, "bare_s": bare_s, "efficiency": efficiency, "shares": shares, "costs": costs,
               "trials": trials, "projection": projection(bare, trial_rate, efficiency, costs) if len(trial_rate) == 6
@@ -310,7 +326,8 @@ def main() -> None:
         f"wall {run['wall_s']:.0f} s against {bare_s:.0f} s of bare compute: {efficiency:.1%}; GPU busy "
         f"{run['gpu_busy']:.1%}; of the trials' time: " + ", ".join(f"{k[:-2]} {v:.1%}" for k, v in shares.items())
     )
-    print(f"failed: {len(failed)}")
+    print(f"while trials trained, the GPU did {run['load_while_training']:.1%} of the bare step's work; "
+          f"failed: {len(failed)}")  # fmt: skip
     if report["projection"]:
         p = report["projection"]
         print(f"scaling.yaml (150 trials, evaluated on {IN21K_TEST:,} test images as it says): "
