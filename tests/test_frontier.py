@@ -106,10 +106,19 @@ def test_each_approach_recovers_the_synthetic_allocation():
     assert law.optimal_error(1e18) == pytest.approx(LAW.optimal_error(1e18), rel=0.02), "two decades past the data"
     true_best = (LAW.alpha_p * LAW.a / (LAW.beta * LAW.b)) ** (1 / (LAW.alpha_p + LAW.beta)) * (1e14 / 3) ** 0.2593
     assert float(law.params(1e14)) == pytest.approx(true_best, rel=0.05)
-    # A parabola through a valley steeper on one side (P^-1 against D^-0.35) puts its minimum
-    # towards the shallower side: IsoFLOP P* is about a quarter too large here, at every budget.
-    assert float(fitted.isoflop.params(1e14)) == pytest.approx(1.24 * true_best, rel=0.1)
+    assert float(fitted.isoflop.params(1e14)) == pytest.approx(true_best, rel=0.05)
     assert all(p.status == isoflop.USED for p in fitted.isoflop.profiles if len(p.params) >= 6)
+
+
+def test_isoflop_minima_of_valleys_steeper_on_one_side_land_near_the_truth():
+    """Noise-free profiles of P^-1 against D^-0.35: a parabola through +-0.75 decade put every
+    minimum 0.09 decade (24%) too large, towards the shallower side; the cubic's land within
+    0.045 decade, 0.02 on average (the bias docs/frontier.md states)."""
+    fitted = frontier.analyse(draw(LAW, np.random.default_rng(0), noise=0.0)).fitted
+    g = (LAW.alpha_p * LAW.a / (LAW.beta * LAW.b)) ** (1 / (LAW.alpha_p + LAW.beta))
+    used = fitted.isoflop.used()
+    misses = [np.log10(p.best_params / (g * (p.compute / 3) ** LAW.params_exponent)) for p in used]
+    assert len(used) >= 20 and max(np.abs(misses)) < 0.045 and abs(np.mean(misses)) < 0.02, misses
 
 
 def test_isoflop_profiles_say_why_they_are_not_used():

@@ -60,7 +60,7 @@ class FitError(ValueError):
 class FitOptions:
     """How the analysis fits: the same for the data and every bootstrap resample."""
 
-    space: str = "log"  # least squares on log E (default) or on E; also the IsoFLOP parabolas'
+    space: str = "log"  # least squares on log E (default) or on E; also the IsoFLOP profiles'
     bins_per_decade: float = 4  # compute bins of approach 1, IsoFLOP budgets of approach 2
     e_inf: float | None = None  # hold the irreducible error fixed (E(C), the bottleneck laws, E(P, D))
     starts: int = parametric.DEFAULT_STARTS  # of E(P, D)'s grid of starting points, how many to optimise
