@@ -406,7 +406,7 @@ def frontier(grid_file: str | None, csv_file: str | None, metric: str | None, cu
 
 
 def _interval(ci: list[float] | None, fmt: str = "{:.4f}") -> str:
-    return "-" if ci is None else "[" + ", ".join(fmt.format(v) for v in ci) + "]"
+    return "n/a" if ci is None else "[" + ", ".join(fmt.format(v) for v in ci) + "]"
 
 
 APPROACH_NAMES = {"envelope": "1 envelope", "isoflop": "2 IsoFLOP", "parametric": "3 E(P, D)"}
@@ -474,9 +474,15 @@ def _print_frontier(report: dict[str, Any], source: str) -> None:
     click.echo(f"E(C) = {fit['a']:.4g} ({fit['b']:.3g} + C)^-{fit['alpha']:.4f} + {fit['e_inf']:.4f}")
     boot = report["bootstrap"]
     level = f"{boot['level']:.0%}"
+    fitted = boot["repeats"] - boot["failed"]
+    if not boot["repeats"]:
+        resamples = "no intervals: --bootstrap 0"
+    elif boot["intervals"]:
+        resamples = f"{level} intervals, {boot['repeats']} resamples, {boot['failed']} failed"
+    else:
+        resamples = f"n/a: intervals need most resamples fitted, {fitted} of {boot['repeats']} were"
     click.echo(f"  alpha {fit['alpha']:.4f} {_interval(fit['ci']['alpha'])}   E_inf {fit['e_inf']:.4f}"
-               f" {_interval(fit['ci']['e_inf'])}   ({level} intervals, {boot['repeats']} resamples,"
-               f" {boot['failed']} failed)")  # fmt: skip
+               f" {_interval(fit['ci']['e_inf'])}   ({resamples})")  # fmt: skip
     _print_approaches(report["approaches"], level)
     for axis, law in report["bottlenecks"].items():
         x = {"params": "P", "examples": "N"}[axis]

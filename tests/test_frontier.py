@@ -265,3 +265,36 @@ def test_a_dense_grid_is_drawn_as_a_density(tmp_path, monkeypatch):
     figures = plots.draw_all(analysis, frontier.bootstrap(analysis, repeats=5), [1e17], tmp_path)
     assert [f.name for f in figures] == ["error_vs_compute.png", "allocation.png", "isoflop.png", "bottlenecks.png"]
     assert all(f.stat().st_size > 10_000 for f in figures)
+
+
+# E = 0.01 under errors of 0.3 and more, falling slowly: the trials cannot tell E = 0 from E = 0.02.
+FLAT_FLOOR = Law(e_inf=0.01, a=3.0, alpha_p=0.15, b=3.0, beta=0.12)
+
+
+def test_an_irreducible_error_the_trials_do_not_constrain_is_reported_not_identified():
+    analysis = frontier.analyse(draw(FLAT_FLOOR, np.random.default_rng(0), noise=0.03))
+    law = analysis.fitted.parametric
+    low, high = law.e_inf_range
+    assert low < law.e_inf / 5 and high > law.e_inf * 5, "held at a tenth or ten times, it fits as well"
+    assert any("irreducible error is not identified" in note for note in analysis.notes)
+    boot = frontier.bootstrap(analysis, repeats=30)
+    spread = boot.parametric_ci()["e_inf"]
+    assert spread[1] > 20 * spread[0], "resamples start from the ranked grid too: they find the flat direction"
+    summary = frontier.summary(analysis, boot)
+    assert summary["approaches"]["parametric"]["law_ci"]["e_inf"] is None
+    assert summary["approaches"]["parametric"]["law"]["e_inf_identified"] is False
+    assert summary["approaches"]["parametric"]["law_ci"]["beta"] is not None
+
+    determined = frontier.analyse(draw(LAW, np.random.default_rng(0))).fitted.parametric
+    assert determined.e_inf_range is None
+
+
+def test_an_interval_needs_most_resamples_fitted():
+    analysis = frontier.analyse(draw(LAW, np.random.default_rng(3)))
+    boot = frontier.bootstrap(analysis, repeats=10)
+    assert boot.failed == 0 and all(boot.fit_ci().values())
+    few = frontier.Bootstrap(boot.samples[:4], failed=6, level=0.95)
+    assert not any(few.fit_ci().values()) and few.error_ci(1e14) is None, "4 of 10: no interval"
+    most = frontier.Bootstrap(boot.samples[:6], failed=4, level=0.95)
+    assert all(most.fit_ci().values())
+    assert frontier.summary(analysis, few)["bootstrap"]["intervals"] is False

@@ -93,6 +93,9 @@ def test_frontier_fits_queries_plots_and_logs(tmp_path, recorded_grid):
     assert min(law["alpha"], law["beta"]) > 0 and 1 <= law["converged"] <= law["starts"] == 64
     for q in report["queries"]:
         for name, answer in q["approaches"].items():
+            if name == "isoflop":  # most resamples of 29 trials lack 3 usable profiles: no interval from the few
+                assert answer["params_ci"] is None
+                continue
             low, high = answer["params_ci"]  # percentiles of the resamples: near the estimate, not always around it
             assert low < high and low / 1.5 <= answer["params"] <= high * 1.5, name
             assert answer["examples_per_param"] == pytest.approx(answer["examples_seen"] / answer["params"])
@@ -272,3 +275,16 @@ def test_each_family_gets_its_own_fit(tmp_path, write_grid):
     csv.write_text("compute,error,params,examples,epochs\n1e12,0.2,1e6,5e4,4\n")
     refused = frontier("--from-csv", csv, "--by-family", "--bootstrap", "0")
     assert refused.exit_code == 1 and "--by-family needs each point's model name" in refused.output
+
+
+def test_intervals_from_a_minority_of_resamples_are_not_printed(tmp_path):
+    """Five frontier points: most resamples draw fewer than five distinct ones and cannot fit E(C);
+    the few that can would give an interval of almost nothing."""
+    csv = tmp_path / "five.csv"
+    compute = np.logspace(10, 14, 5)
+    rows = [f"{c},{0.1 + 30 * c**-0.15},{c**0.5 / 10},{c**0.5 / 3},1" for c in compute]
+    csv.write_text("compute,error,params,examples,epochs\n" + "\n".join(rows) + "\n")
+    result = frontier("--from-csv", csv, "--bootstrap", "40")
+    assert result.exit_code == 0, result.output
+    assert "n/a: intervals need most resamples fitted" in result.output
+    assert "alpha 0.1500 n/a" in result.output and "[" not in result.output.split("E(C) =")[1].splitlines()[1]
