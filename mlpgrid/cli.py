@@ -116,6 +116,11 @@ def _print_plan(grid: GridSpec) -> None:
     _print_table(rows, ["trial", "model", "params P", "examples N", "epochs T", "FLOP(f)", "compute C"])
     total = sum(t.compute for t in grid.trials)
     click.echo(f"{len(grid.trials)} trials, total compute C = {total:.3e} FLOPs (C = FLOP(f) x 3 x N x T)")
+    from mlpgrid.execution import trunks
+
+    trunk_line = trunks.describe(trunks.form_trunks(grid.trials), grid.trials)
+    if trunk_line:
+        click.echo(trunk_line)
     final = sum(t.checkpoint_bytes for t in grid.trials)
     click.echo(f"storage for checkpoints: {_gigabytes(2 * final)} at most while the trials train (two each), "
                f"{_gigabytes(final)} once they have finished (the final one each)")  # fmt: skip

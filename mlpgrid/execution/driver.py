@@ -12,13 +12,13 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass, field
 
-from mlpgrid.execution import runner
+from mlpgrid.execution import runner, trunks
 from mlpgrid.execution.events import EpochEnded, Event
 from mlpgrid.execution.groups import describe
 from mlpgrid.execution.progress import Progress
 from mlpgrid.execution.ray_tune import RayOptions
 from mlpgrid.grid.layout import StorageLayout
-from mlpgrid.grid.spec import GridSpec
+from mlpgrid.grid.spec import GridSpec, trial_id
 from mlpgrid.tracking import reader, writer
 from mlpgrid.tracking.reader import GridRun, StatusRow
 
@@ -122,23 +122,32 @@ def run_grid(grid: GridSpec, storage: StorageLayout, tracking_uri: str | None, r
         progress.note(f"{len(held)} trials are being trained by another process ({holders}): left to it.")
     if not tasks:
         progress.note(f"Nothing to do: all {len(grid.trials)} trials of {grid.name} have already ended.")
+    by_id = {t.trial.id: t for t in mine}
+    runs = [r for r in trunks.form_trunks(grid.trials) if any(t.id in by_id for t in (r.trunk, *r.branches))]
+    alone = [b.id for r in runs for b in r.branches if b.id in by_id and by_id[b.id].trunk is None]
+    trunk_line = trunks.describe(runs, [t.trial for t in mine], alone)
+    if trunk_line and mine:
+        progress.note(trunk_line)
     failure = None
     still_held: dict[str, str] = {}
     try:
-        if mine and request.in_process:
-            from mlpgrid.training.hardware import pick_device
+        for phase in _phases(mine):
+            if failure:
+                break
+            if request.in_process:
+                from mlpgrid.training.hardware import pick_device
 
-            groups = runner.group_tasks(mine, request.group, device_type=pick_device().type)
-            progress.note(describe(groups))
-            runner.run_in_process(groups, progress)
-        elif mine:
-            from mlpgrid.execution import ray_tune
+                groups = runner.group_tasks(phase, request.group, device_type=pick_device().type)
+                progress.note(describe(groups))
+                runner.run_in_process(groups, progress)
+            else:
+                from mlpgrid.execution import ray_tune
 
-            try:
-                ray_tune.run_on_ray(mine, request.group, grid, storage, request.ray, progress)
-            except ray_tune.ResourcesError as e:
-                progress.note(str(e))
-                failure = str(e)
+                try:
+                    ray_tune.run_on_ray(phase, request.group, grid, storage, request.ray, progress)
+                except ray_tune.ResourcesError as e:
+                    progress.note(str(e))
+                    failure = str(e)
     except Exception as e:
         if not disk_full(e):
             raise
@@ -168,6 +177,15 @@ def run_grid(grid: GridSpec, storage: StorageLayout, tracking_uri: str | None, r
         not_finished.append(NotFinished(r.trial_id, r.state, why))
     return RunOutcome(grid.name, len(ran), held, rows, not_finished,
                       sum(1 for n in not_finished if n.trial_id in still_held), failure)  # fmt: skip
+
+
+def _phases(tasks: list[runner.TrialTask]) -> list[list[runner.TrialTask]]:
+    """The tasks in the order they can run: the branches whose trunk writes their checkpoint
+    (:mod:`mlpgrid.execution.trunks`) after everything else."""
+    written = {trial_id(cfg) for task in tasks for cfg, _ in task.branches}
+    first = [t for t in tasks if t.trial.id not in written]
+    then = [t for t in tasks if t.trial.id in written]
+    return [phase for phase in (first, then) if phase]
 
 
 def disk_full(error: BaseException) -> bool:

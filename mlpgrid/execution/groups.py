@@ -7,7 +7,8 @@ side: one start-up, one copy of the data, one batch per step fed to every member
 differ between members (:data:`MEMBER_FIELDS`) changes neither the model's shape nor the batches:
 
 - ``epochs``: a member ends at its own T and leaves the group;
-- ``lr``, ``warmup_epochs``, ``schedule``: each member follows its own learning-rate schedule;
+- ``lr``, ``warmup_epochs``, ``schedule``, ``cooldown``, ``cooldown_shape``: each member follows
+  its own learning-rate schedule (wsd members group within one T: see :mod:`mlpgrid.execution.trunks`);
 - ``weight_decay``, ``momentum``: each member's own optimizer hyperparameters;
 - ``label_smoothing``: each member's own loss;
 - ``clip_grad``: each member's gradient norm is clipped on its own.
@@ -40,6 +41,8 @@ MEMBER_FIELDS = (
     "momentum",
     "label_smoothing",
     "clip_grad",
+    "cooldown",
+    "cooldown_shape",
 )
 
 
@@ -48,7 +51,9 @@ def group_key(cfg: TrialConfig) -> tuple | None:
     trial that cannot share a worker with others."""
     if cfg.dropout > 0 or cfg.drop_path > 0:
         return None
-    return tuple((name, getattr(cfg, name)) for name in FIELDS if name not in MEMBER_FIELDS)
+    key = tuple((name, getattr(cfg, name)) for name in FIELDS if name not in MEMBER_FIELDS)
+    # wsd trials of one T: a branch resumes at its cooldown start, and a group's members share a position.
+    return key + (("epochs", cfg.epochs),) if cfg.schedule == "wsd" else key
 
 
 @dataclass(frozen=True)

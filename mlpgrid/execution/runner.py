@@ -26,18 +26,19 @@ import torch
 
 from mlpgrid import data, policy
 from mlpgrid.data import prepared
+from mlpgrid.execution import trunks
 from mlpgrid.execution.events import EpochEnded, Listener, TrialEnded
 from mlpgrid.execution.groups import Group, form_groups
 from mlpgrid.execution.progress import Progress
 from mlpgrid.grid.layout import GridLayout, StorageLayout, TrialLayout
 from mlpgrid.grid.locks import claim, holder
-from mlpgrid.grid.spec import GridSpec, RunOptions, Trial
+from mlpgrid.grid.spec import GridSpec, RunOptions, Trial, TrialConfig
 from mlpgrid.tracking import writer
 from mlpgrid.tracking.reader import DIVERGED, DONE, FAILED, FINISHED, GridRun, RunRecord, data_tag, trial_runs
 from mlpgrid.tracking.writer import TrialRun, trial_run
 from mlpgrid.training.checkpoint import CheckpointDir
 from mlpgrid.training.hardware import pick_device
-from mlpgrid.training.loop import Hooks, TrialDiverged, TrialResult, run_group
+from mlpgrid.training.loop import Branch, Hooks, TrialDiverged, TrialResult, run_group
 from mlpgrid.training.setup import TrialOptions
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ class TrialTask:
     pretrained_by: str | None = None
     pretrained_in: TrialLayout | None = None
     compile_cache: str | None = None  # torch.compile's cache directory, shared by the trials of a shape
+    # A wsd trunk: the shorter trials of its run that branch from it (see mlpgrid.execution.trunks),
+    # with their directories; it writes each one's checkpoint at its cooldown start.
+    branches: tuple[tuple[TrialConfig, TrialLayout], ...] = ()
+    trunk: str | None = None  # a branch: the trunk it resumes from, run after it
 
 
 class DataError(Exception):
@@ -100,7 +105,8 @@ def pending_tasks(grid: GridSpec, storage: StorageLayout, grid_run: GridRun, che
     done = {tid for tid, run in runs.items() if run.tags.get("status") in DONE}
     directory = storage.grid(grid.name)
     pretrained = _pretrained(grid, directory, runs)
-    return [
+    branches, trunk_of = _branches(grid, directory, done)
+    tasks = [
         TrialTask(
             trial=t,
             layout=directory.trial(t.id),
@@ -116,6 +122,36 @@ def pending_tasks(grid: GridSpec, storage: StorageLayout, grid_run: GridRun, che
         for t in grid.trials
         if t.id not in done
     ]
+    return [
+        dataclasses.replace(
+            task,
+            branches=tuple((grid.trial(b).config, directory.trial(b)) for b in branches.get(task.trial.id, ())),
+            trunk=trunk_of.get(task.trial.id),
+        )
+        for task in tasks
+    ]
+
+
+def _branches(grid: GridSpec, directory: GridLayout, done: set[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """``{trunk id: the pending branches it is to write a checkpoint for}`` (those with none of
+    their own, whose pending trunk has not passed their cooldown start) and ``{branch id: its
+    trunk}`` for every pending branch that resumes from its trunk's state (written now, or by
+    an earlier run: its first checkpoint is at its cooldown start)."""
+    writes: dict[str, list[str]] = {}
+    trunk_of: dict[str, str] = {}
+    for run in trunks.form_trunks(grid.trials):
+        trunk_at = CheckpointDir(directory.trial(run.trunk.id).checkpoints).positions()
+        for branch in run.branches:
+            if branch.id in done:
+                continue
+            own = CheckpointDir(directory.trial(branch.id).checkpoints).positions()
+            point = trunks.branch_point(branch.config)
+            if own and tuple(own[0]) == point:
+                trunk_of[branch.id] = run.trunk.id
+            elif not own and run.trunk.id not in done and not (trunk_at and tuple(trunk_at[-1]) > point):
+                writes.setdefault(run.trunk.id, []).append(branch.id)
+                trunk_of[branch.id] = run.trunk.id
+    return writes, trunk_of
 
 
 def _pretrained(grid: GridSpec, directory: GridLayout, runs: dict[str, RunRecord]) -> dict[str, str]:
@@ -305,7 +341,7 @@ def execute_group(
             "group_steps": "fused" if fused else "one after another"}  # fmt: skip
         recorders = []
         for task in members:
-            run_tags = (tags or {}) | group_tags | _adopt_pretrained(task)
+            run_tags = (tags or {}) | group_tags | _adopt_pretrained(task) | _trunk_tags(task)
             recorders.append(_Recorder(task, run_tags, launched_at, listener))
         failures = _train(members, recorders, statuses, ended, _trial_options(lead.options, gpu_share),
                           device=device, fuse=fused, datasets=datasets)  # fmt: skip
@@ -331,10 +367,11 @@ def _train(members: list[TrialTask], recorders: list[_Recorder], statuses: dict[
             if isinstance(outcome, BaseException) and not isinstance(outcome, TrialDiverged):
                 failures.append(outcome)
 
+        branches = [[Branch(cfg, layout) for cfg, layout in members[i].branches] for i in going]
         try:
             run_group([members[i].trial.config for i in going], [members[i].layout for i in going], options,
                       datasets=datasets, hooks=[recorders[i].hooks() for i in going],
-                      device=device, fuse=fuse, on_end=on_end)  # fmt: skip
+                      device=device, fuse=fuse, on_end=on_end, branches=branches)  # fmt: skip
             return failures
         except torch.cuda.OutOfMemoryError as e:
             scale = policy.data_budget_after_oom(options.data_budget_scale)
@@ -355,6 +392,20 @@ def _fail_the_rest(members: list[TrialTask], statuses: dict[str, str], on_end: C
     for i, member in enumerate(going):
         if members[member].trial.id not in statuses:
             on_end(i, error)
+
+
+def _trunk_tags(task: TrialTask) -> dict[str, str]:
+    """A wsd trial's tags: the trunk a branch resumes from and where, the branches a trunk
+    writes; and what it trains itself (its compute C counts all of T, as the paper does)."""
+    if task.trial.config.schedule != "wsd":
+        return {}
+    tags = {"trained_compute": f"{trunks.trained_compute(task.trial, task.trunk is not None):.6e}"}
+    if task.trunk:
+        epoch, step = trunks.branch_point(task.trial.config)
+        tags |= {"trunk": task.trunk, "branch_point": f"epoch {epoch} step {step}"}
+    if task.branches:
+        tags["branches"] = str(len(task.branches))
+    return tags
 
 
 def _adopt_pretrained(task: TrialTask) -> dict[str, str]:

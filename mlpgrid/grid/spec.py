@@ -31,7 +31,8 @@ from mlpgrid.models import architecture
 OPTIMIZERS = ("lion", "adamw", "sgd")
 # Tensors of state each optimizer keeps per weight (momentum; AdamW also its second moment).
 OPTIMIZER_STATE_SLOTS = {"lion": 1, "adamw": 2, "sgd": 1}
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "wsd")
+COOLDOWN_SHAPES = ("1-sqrt", "linear")
 
 
 def _opt(help: str, **checks: Any) -> dict:
@@ -66,7 +67,18 @@ class TrialConfig:
     )
     clip_grad: float = field(default=0.0, metadata=_opt("gradient norm clipping; 0 = off", min=0))
     warmup_epochs: float = field(default=0.0, metadata=_opt("linear warm-up length in epochs", min=0))
-    schedule: str = field(default="cosine", metadata=_opt("learning-rate decay after warm-up", choices=SCHEDULES))
+    schedule: str = field(
+        default="cosine",
+        metadata=_opt(
+            "learning-rate decay after warm-up; wsd: constant, then a cooldown to 0 over the last `cooldown` "
+            "of T (trials of one wsd run that differ only in T train it once: see Trunks)",
+            choices=SCHEDULES,
+        ),
+    )
+    cooldown: float = field(default=0.2, metadata=_opt("wsd: the cooldown's share of T", gt=0, lt=1))
+    cooldown_shape: str = field(
+        default="1-sqrt", metadata=_opt("wsd: how the cooldown falls to 0", choices=COOLDOWN_SHAPES)
+    )
     seed: int = field(default=0, metadata=_opt("seed of the subset, initialisation, order and augmentation", min=0))
     resolution: int | None = field(default=None, metadata=_opt("image side in pixels; null = the dataset's", min=1))
     channels: int | None = field(default=None, metadata=_opt("image channels; null = the dataset's", choices=(1, 3)))
@@ -134,6 +146,18 @@ class TrialConfig:
     @property
     def num_examples(self) -> int:
         return self.examples or self.pool_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Every example once, the last batch possibly smaller."""
+        return -(-self.num_examples // self.batch_size)
+
+    def cooldown_start(self, steps_per_epoch: int | None = None) -> int:
+        """The step a wsd trial's cooldown starts at: its last ``cooldown`` of steps, after warm-up."""
+        per_epoch = steps_per_epoch or self.steps_per_epoch
+        total = self.epochs * per_epoch
+        warmup = min(round(self.warmup_epochs * per_epoch), total)
+        return max(warmup, min(total - 1, total - round(self.cooldown * total)))
 
     def model_config(self) -> architecture.ModelConfig:
         ds = self.dataset_info

@@ -83,14 +83,23 @@ Outcome = TrialResult | BaseException  # how a member ended: its result, TrialDi
 
 
 def lr_at(cfg: TrialConfig, step: int, steps_per_epoch: int) -> float:
-    """Learning rate before optimizer step ``step`` (0-based): linear warm-up, then decay."""
+    """Learning rate before optimizer step ``step`` (0-based): linear warm-up, then decay. Under
+    wsd it is constant until :meth:`TrialConfig.cooldown_start`, whatever T is, then falls to 0 (Hägele et al.
+    2024: a 1-sqrt cooldown of 20% matched cosine at every length)."""
     total = cfg.epochs * steps_per_epoch
     warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "constant":
         return cfg.lr
+    if cfg.schedule == "wsd":
+        start = cfg.cooldown_start(steps_per_epoch)
+        if step < start:
+            return cfg.lr
+        done = (step - start) / (total - start)
+        return cfg.lr * (1 - (math.sqrt(done) if cfg.cooldown_shape == "1-sqrt" else done))
     return cfg.lr * cosine((step - warmup) / max(1, total - warmup))
+
 
 
 # --- where a member stands ------------------------------------------------------------------
@@ -159,6 +168,16 @@ def checkpoint_state(cfg: TrialConfig, model: dict[str, Any], optimizer: dict[st
         "optimizer": optimizer, "rng": _rng_state(device), "history": position.history,
         "loss_sum": position.loss_sum.cpu(), "seen": position.seen, "resumed_from": position.resumed_from,
     }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A shorter wsd trial of a member's run (see :mod:`mlpgrid.execution.trunks`): up to its
+    cooldown start it is the member's computation, so the member writes its state there into
+    the branch's checkpoints, as the branch would have written it alone."""
+
+    cfg: TrialConfig
+    layout: TrialLayout
 
 
 @dataclass
@@ -337,6 +356,7 @@ def run_group(
     device: torch.device,
     fuse: bool,
     on_end: Callable[[int, Outcome], None],
+    branches: list[list[Branch]] | None = None,
 ) -> None:
     """Train the trials ``cfgs`` (one trial, or a group: see :func:`mlpgrid.execution.groups.group_key`)
     in their directories ``layouts``, resuming each from its checkpoints; ``on_end(i, outcome)`` is
@@ -346,7 +366,8 @@ def run_group(
     The training set is kept on ``device`` when it fits in the data budget, else streamed to it;
     both give the same batches. Checkpoints are written in the background
     (:class:`BackgroundSaver`): at each epoch end and every ``options.checkpoint_every_steps``
-    unless the previous one is still being written, and always as a member ends.
+    unless the previous one is still being written, and always as a member ends. ``branches``:
+    each member's :class:`Branch` es, whose checkpoints it writes at their cooldown starts.
     """
     compile_stack = fuse and policy.compiles_stack(cfgs, device.type, options.compile)
     member_options = dataclasses.replace(options, compile=False) if fuse else options
@@ -367,6 +388,11 @@ def run_group(
         engine = Separate([model for _, model in going], [m.cfg for m in active])
     saver = BackgroundSaver(_MemberWrites())
     steps = len(parts.train)
+    branch_at: dict[tuple[int, int, int], list[Branch]] = {}  # (member index, epoch, step) -> its branches there
+    for m, member_branches in zip([m for m, _ in going], [(branches or [[]] * len(cfgs))[m.index] for m, _ in going],
+                                  strict=True):  # fmt: skip
+        for b in member_branches:
+            branch_at.setdefault((m.index, *divmod(b.cfg.cooldown_start(steps), steps)), []).append(b)
     while active:
         epoch, start_step = active[0].position.epoch, active[0].position.step
         sums = torch.stack([m.position.loss_sum for m in active])
@@ -388,6 +414,9 @@ def run_group(
                     m.position.step = step + 1
                 _save(saver, engine, active, sums, seen, [lrs[step] for lrs in schedule], device, required=False)
                 hold_if_asked(saver, epoch, step + 1, [m.layout.root for m in active])
+            if branch_at and step + 1 < steps:
+                _write_branches(branch_at, engine, active, epoch, step + 1, sums, seen,
+                                [lrs[step] for lrs in schedule], device)  # fmt: skip
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the loop only queues work; wait for it to be done
         train_seconds = time.perf_counter() - started
@@ -419,6 +448,8 @@ def run_group(
         sums, seen = torch.zeros(len(active), device=device), 0
         if active:
             _save(saver, engine, active, sums, seen, lrs, device, required=bool(ending))
+            if branch_at:
+                _write_branches(branch_at, engine, active, epoch + 1, 0, sums, seen, lrs, device)
         for m, metrics in ended_epochs:
             if m.hooks.epoch:
                 m.hooks.epoch(metrics)
@@ -443,6 +474,23 @@ def _save(saver: BackgroundSaver, engine: Engine, active: list[Member], sums: to
         model_state, optimizer_state = engine.states(i, lrs[i])
         writes.append((m.checkpoints, checkpoint_state(m.cfg, model_state, optimizer_state, m.position, device)))
     saver.save(writes, active[0].position.epoch, active[0].position.step, required=required)
+
+
+def _write_branches(branch_at: dict[tuple[int, int, int], list[Branch]], engine: Engine, active: list[Member],
+                    epoch: int, step: int, sums: torch.Tensor, seen: int, lrs: list[float],
+                    device: torch.device) -> None:  # fmt: skip
+    """Write the checkpoint of every branch that starts its cooldown at (epoch, step): the
+    member's state there, under the branch's config, as the branch alone would have written it.
+    A branch with checkpoints of its own keeps them."""
+    for i, m in enumerate(active):
+        for branch in branch_at.pop((m.index, epoch, step), []):
+            checkpoints = CheckpointDir(branch.layout.checkpoints)
+            if checkpoints.positions():
+                continue
+            model_state, optimizer_state = engine.states(i, lrs[i])
+            position = Position(loss_sum=sums[i].clone(), epoch=epoch, step=step, history=list(m.position.history),
+                                seen=seen)  # fmt: skip
+            checkpoints.save(checkpoint_state(branch.cfg, model_state, optimizer_state, position, device), epoch, step)
 
 
 # --- the end --------------------------------------------------------------------------------
