@@ -130,3 +130,20 @@ def test_a_trunk_killed_past_a_branch_point_resumes_and_its_branch_ends_as_alone
     client = MlflowClient(reader.tracking_uri(StorageLayout(storage)))
     steps = [m.step for m in client.get_metric_history(runs[trunk.id].run_id, "train_loss")]
     assert sorted(steps) == list(range(1, 7)), "each of the trunk's epochs once"
+
+
+def test_a_learning_rate_sweep_of_trunks_trains_grouped_and_each_branch_ends_as_alone(tmp_path, write_grid,
+                                                                                        fashion_mnist):  # fmt: skip
+    sweep = grid_text("2, 4").replace("lr: 0.001, ", "") + "  lr: [1.0e-3, 3.0e-3]\n"
+    path, storage = write_grid(sweep), tmp_path / "store"
+    result = CliRunner().invoke(cli, ["run", str(path), "--storage", str(storage), "--in-process", "--group", "2"])
+    assert result.exit_code == 0, result.output
+    assert "2 trials branch from 2 wsd trunks" in result.output
+    assert "1 group of 2" in result.output, "the trunks train together, then the branches"
+    grid, runs = _runs(path, storage)
+    datasets = Datasets({"fashion-mnist": fashion_mnist})
+    for trial in (t for t in grid.trials if t.config.epochs == 2):
+        run_trial(trial.config, TrialLayout(tmp_path / trial.id), datasets=datasets)
+        branched = final_checkpoint(storage, grid, trial)
+        assert branched["resumed_from"] == [[1, 0]] and runs[trial.id].tags["ran_in"] == "group"
+        assert digest(branched["model"]) == digest(_final_state(tmp_path / trial.id, 2)["model"])
