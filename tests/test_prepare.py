@@ -187,6 +187,14 @@ def test_cli_prepare_ls_and_a_trial_on_the_prepared_dataset(tmp_path, write_grid
     on_ray = cli("run", str(declared), "--storage", str(tmp_path / "s2"))
     assert on_ray.returncode == 0, on_ray.stdout + on_ray.stderr
     assert "1 trials: 1 finished" in on_ray.stdout
+    # The README's own flow from a folder of one's own: relative data home and tracking store. Ray
+    # Tune runs each trial in a folder of its own, so the driver makes every path absolute.
+    relative = subprocess.run(
+        mlpgrid_command("run", str(grid), "--storage", "s3"), cwd=tmp_path, capture_output=True, text=True,
+        env=env | {"MLPGRID_DATA": "prepared", "MLFLOW_TRACKING_URI": "sqlite:///mine.db"}, timeout=300,
+    )  # fmt: skip
+    assert relative.returncode == 0, relative.stdout + relative.stderr
+    assert "1 trials: 1 finished" in relative.stdout and (tmp_path / "mine.db").is_file()
     env["MLPGRID_DATA"] = str(home)
     unknown = write_grid("base: {dataset: animalz, model: B-1/Wi-16, epochs: 1}\n", "bad.yaml")
     refused = cli("run", str(unknown), "--dry-run")

@@ -283,8 +283,10 @@ class GridSpec:
     metric: str = metrics.TEST_ERROR  # the error the frontier uses
 
     def data_root(self, dataset: str) -> Path:
-        """Where ``dataset`` is read from: the grid's ``data`` entry, else its env var or default."""
-        return data.info(dataset).root(self.data_roots.get(dataset))
+        """Where ``dataset`` is read from: the grid's ``data`` entry, else its env var or default;
+        absolute, as the paths a worker is given must be (Ray Tune runs each trial in a folder of
+        its own)."""
+        return data.info(dataset).root(self.data_roots.get(dataset)).absolute()
 
     def trial(self, trial_id: str) -> Trial:
         matches = [t for t in self.trials if t.id.startswith(trial_id)]

@@ -43,7 +43,10 @@ GRID_RUN = "tags.mlpgrid_role = 'grid'"
 
 
 def tracking_uri(storage: StorageLayout, override: str | None = None) -> str:
-    """The given URI, else a SQLite store in the storage directory."""
+    """The given URI, else a SQLite store in the storage directory. A SQLite path given relative
+    is made absolute here, where it was meant: a Ray worker runs in a folder of its own."""
+    if override and override.startswith("sqlite:///") and not override.startswith("sqlite:////"):
+        return f"sqlite:///{Path(override.removeprefix('sqlite:///')).absolute()}"
     return override or f"sqlite:///{storage.mlflow_db}"
 
 
