@@ -238,7 +238,8 @@ def test_curves_add_the_earlier_epochs_of_constant_learning_rate_trials(tmp_path
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     constant, cosine = reader.CURVE_CONSTANT, reader.CURVE_COSINE
-    assert report["curves"] == {"points": 16 * 3, "trials": {constant: 16, cosine: 16}}, "epochs 1, 2, 3 of 4"
+    curves = {"points": 16 * 3, "trials": {constant: 16, cosine: 16}, "constant_rate": []}
+    assert report["curves"] == curves, "epochs 1, 2, 3 of 4; no wsd trial"
     assert report["points"] == plain["points"] + 48 == 80
     ends = {p["settings"].get("end") for p in report["frontier"]}
     assert ends & {"epoch 1 of 4", "epoch 2 of 4", "epoch 3 of 4"}, "earlier epochs reach the frontier"

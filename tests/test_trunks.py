@@ -94,6 +94,16 @@ def test_branches_train_only_their_cooldown_and_end_as_alone(tmp_path, write_gri
     assert runs[by_t[6].id].tags["branches"] == "2"
     assert float(runs[by_t[6].id].tags["trained_compute"]) == pytest.approx(by_t[6].compute)
 
+    # --curves: every branch is a point as alone; the trunk's constant-rate epochs are drawn, not fitted.
+    grid_run = reader.find_grid(grid, reader.tracking_uri(StorageLayout(storage)))
+    points, _ = reader.finished_points(grid_run, "test_error", runs)
+    extra, why, stable = reader.curve_points(grid_run, "test_error", runs, points)
+    assert extra == [] and why == {reader.CURVE_WSD: 3}
+    trunk = by_t[6]
+    assert [(p.trial_id, p.compute) for p in stable] == [(f"{trunk.id}@1", trunk.compute / 6),
+                                                        (f"{trunk.id}@2", trunk.compute / 3)]  # fmt: skip
+    assert all("constant rate, not cooled down" in dict(p.settings)["end"] for p in stable)
+
     # A trial added once its trunk has ended trains alone, and the run says so.
     more = write_grid(grid_text("2, 3, 4, 6"))
     again = CliRunner().invoke(cli, ["run", str(more), "--storage", str(storage), "--in-process"])
@@ -147,3 +157,15 @@ def test_a_learning_rate_sweep_of_trunks_trains_grouped_and_each_branch_ends_as_
         branched = final_checkpoint(storage, grid, trial)
         assert branched["resumed_from"] == [[1, 0]] and runs[trial.id].tags["ran_in"] == "group"
         assert digest(branched["model"]) == digest(_final_state(tmp_path / trial.id, 2)["model"])
+
+
+def test_the_frontier_figure_draws_constant_rate_epochs_apart(tmp_path):
+    import numpy as np
+
+    from mlpgrid.analysis import frontier, plots
+    from synthetic_law import Law, draw
+
+    analysis = frontier.analyse(draw(Law(), np.random.default_rng(0)))
+    boot = frontier.bootstrap(analysis, repeats=4)
+    path = plots.error_vs_compute(analysis, boot, [], tmp_path / "f.png", frontier.Labels(), [(1e12, 0.5), (1e13, 0.3)])
+    assert path.stat().st_size > 10_000

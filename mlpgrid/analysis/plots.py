@@ -5,6 +5,7 @@ Figs. 3 and A5)."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +43,21 @@ def _compute_axis(analysis: Analysis, budgets: list[float]) -> np.ndarray:
     return np.logspace(np.log10(min(computes)) - 0.2, np.log10(max(computes)) + 0.2, 200)
 
 
-def error_vs_compute(analysis: Analysis, boot: Bootstrap, budgets: list[float], path: Path, labels: Labels) -> Path:
+def error_vs_compute(analysis: Analysis, boot: Bootstrap, budgets: list[float], path: Path, labels: Labels,
+                     constant_rate: Sequence[tuple[float, float]] = ()) -> Path:  # fmt: skip
     """Fig. 1: every (model, N, T) by colour = model size and marker size = N, lines joining a
     (model, N) across T (above :data:`DENSE_POINTS` points, their density instead), the frontier
-    circled and the fitted E(C) dashed."""
+    circled and the fitted E(C) dashed; wsd trunks' constant-rate epochs as grey crosses."""
     fig, ax = plt.subplots(figsize=(7, 5))
     points = analysis.selected
     params = np.array([p.params for p in points])
     norm = LogNorm(params.min(), params.max() * 1.0001)
     draw = _density if len(points) > DENSE_POINTS else _markers
     colours = draw(ax, points, params, norm)
+    if constant_rate:
+        compute, error = zip(*constant_rate, strict=True)
+        ax.scatter(compute, error, marker="x", color="grey", s=18, zorder=1,
+                   label="wsd before its cooldown (not cooled down, not fitted)")  # fmt: skip
     ax.scatter([p.compute for p in analysis.frontier], [p.error for p in analysis.frontier], s=160,
                facecolors="none", edgecolors="black", linewidths=1, zorder=3, label="frontier")  # fmt: skip
     x = _compute_axis(analysis, budgets)
@@ -241,12 +247,13 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def draw_all(analysis: Analysis, boot: Bootstrap, budgets: list[float], folder: Path,
-             labels: Labels | None = None) -> list[Path]:  # fmt: skip
-    """Every figure as a PNG in ``folder``; returns their paths."""
+def draw_all(analysis: Analysis, boot: Bootstrap, budgets: list[float], folder: Path, labels: Labels | None = None,
+             constant_rate: Sequence[tuple[float, float]] = ()) -> list[Path]:  # fmt: skip
+    """Every figure as a PNG in ``folder``; returns their paths. ``constant_rate``: (compute,
+    error) of wsd trunks before their cooldown, drawn apart and not fitted."""
     labels = labels or Labels()
     paths = [
-        error_vs_compute(analysis, boot, budgets, folder / "error_vs_compute.png", labels),
+        error_vs_compute(analysis, boot, budgets, folder / "error_vs_compute.png", labels, constant_rate),
         allocation(analysis, boot, budgets, folder / "allocation.png", labels),
         isoflop_profiles(analysis, folder / "isoflop.png", labels),
         bottlenecks(analysis, folder / "bottlenecks.png", labels),

@@ -107,8 +107,9 @@ def _points(request: FrontierRequest, uri: str) -> _Read:
         points, left_out = reader.finished_points(grid_run, metric, records) if grid_run else ([], {})
         curves = None
         if request.curves and points and grid_run:
-            extra, trials = reader.curve_points(grid_run, metric, records, points)
-            curves = {"points": len(extra), "trials": trials}
+            extra, trials, stable = reader.curve_points(grid_run, metric, records, points)
+            curves = {"points": len(extra), "trials": trials,
+                      "constant_rate": [p.as_dict() for p in stable]}  # fmt: skip
             points = points + extra
     except Exception as e:  # noqa: BLE001 - e.g. an unreachable server
         raise ReportError(f"cannot read MLflow tracking URI {uri}: {e}") from None
@@ -273,7 +274,9 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout,
     if request.plot_dir:
         from mlpgrid.analysis import plots
 
-        figures = plots.draw_all(analysis, boot, list(request.budgets), request.plot_dir, read.labels)
+        stable = (read.curves or {}).get("constant_rate", [])
+        figures = plots.draw_all(analysis, boot, list(request.budgets), request.plot_dir, read.labels,
+                                 [(p["compute"], p["error"]) for p in stable])  # fmt: skip
         if families:
             figures.append(plots.by_family(families, request.plot_dir / "families.png", read.labels))
     report.plots = [str(p) for p in figures]

@@ -334,39 +334,51 @@ def finished_points(grid_run: GridRun, metric: str,
 CURVE_CONSTANT = "constant learning rate: each epoch from the end of warm-up on is a shorter trial's end"
 CURVE_COSINE = "cosine schedule: at an earlier epoch the learning rate had not decayed as a shorter trial's would"
 CURVE_NOT_PER_EPOCH = "the metric is not logged per epoch"
+CURVE_WSD = ("wsd schedule: before its cooldown the rate is constant but not cooled down: a trunk's curve is drawn,"
+             " not fitted")  # fmt: skip
 
 
 def curve_points(grid_run: GridRun, metric: str, runs: dict[str, RunRecord],
-                 points: list[Point]) -> tuple[list[Point], dict[str, int]]:  # fmt: skip
+                 points: list[Point]) -> tuple[list[Point], dict[str, int], list[Point]]:  # fmt: skip
     """The earlier epochs of the finished trials ``points`` (from :func:`finished_points`) that
-    are valid end points, as points of their own; and how many trials qualify or not, by why.
+    are valid end points, as points of their own; how many trials qualify or not, by why; and
+    the constant-rate curves of wsd trials (those that are no branch: a branch's are its
+    trunk's), states that are no trial's end, to be drawn and not fitted.
 
     With a constant learning rate, a trial's model after epoch t (once warm-up is over) is the
     final model of the same trial with T = t: the batches are functions of (seed, epoch, step).
-    Under a cosine schedule it is not, so those trials give only their end.
+    Under a cosine schedule it is not, so those trials give only their end. Under wsd, the
+    epochs before the cooldown are a constant-rate run's, which a cooldown would still lower.
     """
-    reasons = dict.fromkeys((CURVE_CONSTANT, CURVE_COSINE, CURVE_NOT_PER_EPOCH), 0)
-    chosen = []
+    reasons = dict.fromkeys((CURVE_CONSTANT, CURVE_COSINE, CURVE_WSD, CURVE_NOT_PER_EPOCH), 0)
+    chosen, stable = [], []
     for p in points:
         params = runs[p.trial_id].params
+        schedule = params.get("schedule", "cosine")
         if metric not in metrics.EPOCH:
             reasons[CURVE_NOT_PER_EPOCH] += 1
-        elif params.get("schedule", "cosine") != "constant":
+        elif schedule == "wsd":
+            reasons[CURVE_WSD] += 1
+            if "trunk" not in runs[p.trial_id].tags:
+                stable.append(p)
+        elif schedule != "constant":
             reasons[CURVE_COSINE] += 1
         else:
             reasons[CURVE_CONSTANT] += 1
             chosen.append(p)
-    histories = metric_histories(grid_run, [runs[p.trial_id].run_id for p in chosen], metric)
-    extra = []
-    for p in chosen:
+    histories = metric_histories(grid_run, [runs[p.trial_id].run_id for p in chosen + stable], metric)
+
+    def earlier(p: Point, last: float, why: str) -> list[Point]:
         warmup = float(runs[p.trial_id].params.get("warmup_epochs", 0))
-        for epoch, error in sorted(histories[runs[p.trial_id].run_id].items()):
-            if warmup <= epoch < p.epochs:
-                extra.append(dataclasses.replace(
-                    p, compute=p.compute * epoch / p.epochs, error=error, epochs=float(epoch),
-                    trial_id=f"{p.trial_id}@{epoch}", settings=(*p.settings, ("end", f"epoch {epoch} of {p.epochs:g}")),
-                ))  # fmt: skip
-    return extra, {why: n for why, n in reasons.items() if n}
+        return [dataclasses.replace(
+            p, compute=p.compute * epoch / p.epochs, error=error, epochs=float(epoch), trial_id=f"{p.trial_id}@{epoch}",
+            settings=(*p.settings, ("end", f"epoch {epoch} of {p.epochs:g}{why}")),
+        ) for epoch, error in sorted(histories[runs[p.trial_id].run_id].items()) if warmup <= epoch < last]  # fmt: skip
+
+    extra = [q for p in chosen for q in earlier(p, p.epochs, "")]
+    cooled = [(p, (1 - float(runs[p.trial_id].params.get("cooldown", 0.2))) * p.epochs) for p in stable]
+    curves = [q for p, last in cooled for q in earlier(p, last, ", constant rate, not cooled down")]
+    return extra, {why: n for why, n in reasons.items() if n}, curves
 
 
 def metric_histories(grid_run: GridRun, run_ids: list[str], metric: str) -> dict[str, dict[int, float]]:
