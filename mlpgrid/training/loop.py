@@ -101,7 +101,6 @@ def lr_at(cfg: TrialConfig, step: int, steps_per_epoch: int) -> float:
     return cfg.lr * cosine((step - warmup) / max(1, total - warmup))
 
 
-
 # --- where a member stands ------------------------------------------------------------------
 
 
