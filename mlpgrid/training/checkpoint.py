@@ -216,8 +216,14 @@ HOLD_AT = "MLPGRID_HOLD_AT"
 HOLD_S = 600  # then it gives up waiting and fails
 
 
+def holds_at(epoch: int, step: int) -> bool:
+    """Whether a fault test holds the trial at this checkpoint: it must then be written, not
+    skipped for a previous write still under way (a retry would otherwise reach it again)."""
+    return os.environ.get(HOLD_AT) == f"{epoch}:{step}"
+
+
 def hold_if_asked(saver: BackgroundSaver, epoch: int, step: int, trial_dirs: list[Path]) -> None:
-    if os.environ.get(HOLD_AT) != f"{epoch}:{step}":
+    if not holds_at(epoch, step):
         return
     saver.wait()
     held = [directory / "held" for directory in trial_dirs]

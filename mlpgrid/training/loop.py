@@ -40,7 +40,7 @@ from mlpgrid.grid.layout import TrialLayout
 from mlpgrid.grid.spec import TrialConfig
 from mlpgrid.models.networks import Network
 from mlpgrid.training import pictures
-from mlpgrid.training.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
+from mlpgrid.training.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked, holds_at
 from mlpgrid.training.setup import DataParts, Model, TrialOptions, make_model, set_up_data
 from mlpgrid.training.stages import StageDir, run_stages
 from mlpgrid.training.step import compiled_recipe_loss, cosine, evaluate, train_step
@@ -411,7 +411,8 @@ def run_group(
             if every and (step + 1) % every == 0 and step + 1 < steps:
                 for m in active:
                     m.position.step = step + 1
-                _save(saver, engine, active, sums, seen, [lrs[step] for lrs in schedule], device, required=False)
+                _save(saver, engine, active, sums, seen, [lrs[step] for lrs in schedule], device,
+                      required=holds_at(epoch, step + 1))  # fmt: skip
                 hold_if_asked(saver, epoch, step + 1, [m.layout.root for m in active])
             if branch_at and step + 1 < steps:
                 _write_branches(branch_at, engine, active, epoch, step + 1, sums, seen,
