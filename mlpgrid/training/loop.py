@@ -388,9 +388,8 @@ def run_group(
     saver = BackgroundSaver(_MemberWrites())
     steps = len(parts.train)
     branch_at: dict[tuple[int, int, int], list[Branch]] = {}  # (member index, epoch, step) -> its branches there
-    for m, member_branches in zip([m for m, _ in going], [(branches or [[]] * len(cfgs))[m.index] for m, _ in going],
-                                  strict=True):  # fmt: skip
-        for b in member_branches:
+    for m in active:
+        for b in branches[m.index] if branches else []:
             branch_at.setdefault((m.index, *divmod(b.cfg.cooldown_start(steps), steps)), []).append(b)
     while active:
         epoch, start_step = active[0].position.epoch, active[0].position.step
