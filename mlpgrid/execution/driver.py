@@ -182,7 +182,7 @@ def run_grid(grid: GridSpec, storage: StorageLayout, tracking_uri: str | None, r
 def _phases(tasks: list[runner.TrialTask]) -> list[list[runner.TrialTask]]:
     """The tasks in the order they can run: the branches whose trunk writes their checkpoint
     (:mod:`mlpgrid.execution.trunks`) after everything else."""
-    written = {trial_id(cfg) for task in tasks for cfg, _ in task.branches}
+    written = {trial_id(branch.cfg) for task in tasks for branch in task.branches}
     first = [t for t in tasks if t.trial.id not in written]
     then = [t for t in tasks if t.trial.id in written]
     return [phase for phase in (first, then) if phase]

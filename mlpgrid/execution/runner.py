@@ -32,7 +32,7 @@ from mlpgrid.execution.groups import Group, form_groups
 from mlpgrid.execution.progress import Progress
 from mlpgrid.grid.layout import GridLayout, StorageLayout, TrialLayout
 from mlpgrid.grid.locks import claim, holder
-from mlpgrid.grid.spec import GridSpec, RunOptions, Trial, TrialConfig
+from mlpgrid.grid.spec import GridSpec, RunOptions, Trial
 from mlpgrid.tracking import writer
 from mlpgrid.tracking.reader import DIVERGED, DONE, FAILED, FINISHED, GridRun, RunRecord, data_tag, trial_runs
 from mlpgrid.tracking.writer import TrialRun, trial_run
@@ -65,7 +65,7 @@ class TrialTask:
     compile_cache: str | None = None  # torch.compile's cache directory, shared by the trials of a shape
     # A wsd trunk: the shorter trials of its run that branch from it (see mlpgrid.execution.trunks),
     # with their directories; it writes each one's checkpoint at its cooldown start.
-    branches: tuple[tuple[TrialConfig, TrialLayout], ...] = ()
+    branches: tuple[Branch, ...] = ()
     trunk: str | None = None  # a branch: the trunk it resumes from, run after it
 
 
@@ -125,7 +125,7 @@ def pending_tasks(grid: GridSpec, storage: StorageLayout, grid_run: GridRun, che
     return [
         dataclasses.replace(
             task,
-            branches=tuple((grid.trial(b).config, directory.trial(b)) for b in branches.get(task.trial.id, ())),
+            branches=tuple(Branch(grid.trial(b).config, directory.trial(b)) for b in branches.get(task.trial.id, ())),
             trunk=trunk_of.get(task.trial.id),
         )
         for task in tasks
@@ -146,9 +146,9 @@ def _branches(grid: GridSpec, directory: GridLayout, done: set[str]) -> tuple[di
                 continue
             own = CheckpointDir(directory.trial(branch.id).checkpoints).positions()
             point = trunks.branch_point(branch.config)
-            if own and tuple(own[0]) == point:
+            if own and own[0] == point:
                 trunk_of[branch.id] = run.trunk.id
-            elif not own and run.trunk.id not in done and not (trunk_at and tuple(trunk_at[-1]) > point):
+            elif not own and run.trunk.id not in done and not (trunk_at and trunk_at[-1] > point):
                 writes.setdefault(run.trunk.id, []).append(branch.id)
                 trunk_of[branch.id] = run.trunk.id
     return writes, trunk_of
@@ -367,7 +367,7 @@ def _train(members: list[TrialTask], recorders: list[_Recorder], statuses: dict[
             if isinstance(outcome, BaseException) and not isinstance(outcome, TrialDiverged):
                 failures.append(outcome)
 
-        branches = [[Branch(cfg, layout) for cfg, layout in members[i].branches] for i in going]
+        branches = [list(members[i].branches) for i in going]
         try:
             run_group([members[i].trial.config for i in going], [members[i].layout for i in going], options,
                       datasets=datasets, hooks=[recorders[i].hooks() for i in going],
