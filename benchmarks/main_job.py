@@ -12,13 +12,15 @@ model's bare step, and what it projects for the whole of scaling.yaml.
    AdamW, plain cross-entropy, at batch 16384 over 10,450 classes. With ``--breakdown``, also
    the recipe's step on a batch already on the GPU (compiled Lion, label smoothing 0.3, MixUp)
    with the loss as ``F.cross_entropy`` twice and as the compiled one-pass loss trials use.
-3. The grid: every model at two N (``--images`` and a quarter of it) with the appendix-A.4
+3. The grid: every model at each N of ``--sizes`` (``--images`` and a quarter of it) with the appendix-A.4
    recipe (Lion 1e-5, wd 1e-3, label smoothing 0.3, flips, crops, MixUp 0.8, batch 16384), each
    trial's T chosen for about ``--seconds`` of bare compute, compiled (as the long trials it stands
    for are). It runs through ``mlpgrid run`` with default settings otherwise (local Ray, shares
    chosen by mlpgrid, MLflow on SQLite) while ``nvidia-smi`` samples the GPU.
 
-It prints, side by side from that one run: each model's bare and trial images/s; the wall time
+It prints, side by side from that one run: each model's bare and trial images/s, and its "GPU
+pace" (trials share the GPU, so a trial's own rate is a slice of it: the pace sums the rates of
+the trials training while only that model's did, against its bare rate); the wall time
 against the trials' bare seconds summed; the GPU's busy share; start-up, compile, evaluation
 and between-epoch (checkpoint, logging) shares of the trials' time; failures; each trial's
 peak GPU memory against its share; and a projection of scaling.yaml's 150 trials on one GPU
@@ -120,12 +122,15 @@ def recipe_step(name: str, loss_fn, steps: int) -> float:  # noqa: ANN001
     return BATCH * steps / (time.perf_counter() - started)
 
 
-def grid_file(path: Path, dataset: Path, images: int, test: int, bare: dict[str, float], seconds: float) -> dict:
-    """The grid: each model at N = images and images // 4, T for about ``seconds`` of bare compute."""
+def grid_file(path: Path, dataset: Path, images: int, test: int, bare: dict[str, float], seconds: float,
+              sizes: list[float], lengths: list[float]) -> dict:  # fmt: skip
+    """The grid: each model at N = each of ``sizes`` times images, T for about ``seconds`` of bare
+    compute times each of ``lengths`` in turn."""
     trials = []
     for model in bare:
-        for n in (images // 4, images):
-            trials.append({"model": model, "examples": n, "epochs": max(2, round(seconds * bare[model] / n))})
+        for n in (round(images * size) for size in sizes):
+            length = seconds * lengths[len(trials) % len(lengths)]
+            trials.append({"model": model, "examples": n, "epochs": max(2, round(length * bare[model] / n))})
     grid = {
         "name": "main-job",
         "data": {
@@ -177,18 +182,25 @@ def per_trial(storage: Path) -> list[dict]:
     return rows
 
 
-def load_while_training(trials: list[dict], bare: dict[str, float]) -> float:
+def load_while_training(trials: list[dict], bare: dict[str, float], model: str | None = None) -> tuple[float, float]:
     """The GPU's work while any trial trains, in bare steps: at each moment the sum over the trials
-    training then of their rate against their model's bare rate, averaged over those moments. Two
-    trials on half a GPU each, each at half the bare rate, make 1.0: the step itself is then as
-    fast as bare and what a trial alone loses is the sharing (per trial, from first to last epoch)."""
-    spans = [(t["start"], t["start"] + t["span_s"], t["images_per_s"] / bare[t["model"]]) for t in trials
-             if t["start"] and t["images_per_s"]]  # fmt: skip
+    training then of their rate against their model's bare rate, averaged over those moments; and
+    the seconds averaged over. Two trials on half a GPU each, each at half the bare rate, make 1.0:
+    the step itself is then as fast as bare and what a trial alone loses is the sharing (per trial,
+    from first to last epoch). With ``model``, only the moments when that model's trials alone train:
+    its recipe step's pace in the trials, against its bare step."""
+    spans = [(t["start"], t["start"] + t["span_s"], t["images_per_s"] / bare[t["model"]], t["model"]) for t in trials
+             if t["start"] is not None and t["images_per_s"]]  # fmt: skip
     if not spans:
-        return float("nan")
-    moments = np.arange(min(s for s, _, _ in spans), max(e for _, e, _ in spans), 0.1)
-    loads = [sum(r for s, e, r in spans if s <= m < e) for m in moments]
-    return statistics.mean(x for x in loads if x > 0)
+        return float("nan"), 0.0
+    step = 0.1
+    moments = np.arange(min(s[0] for s in spans), max(s[1] for s in spans), step)
+    loads = []
+    for m in moments:
+        training = [(rate, name) for s, e, rate, name in spans if s <= m < e]
+        if training and (model is None or all(name == model for _, name in training)):
+            loads.append(sum(rate for rate, _ in training))
+    return (statistics.mean(loads) if loads else float("nan")), len(loads) * step
 
 
 def run_grid(grid: Path, storage: Path, timeout: float) -> dict:
@@ -247,6 +259,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=400_000, help="training images of the synthetic dataset")
     parser.add_argument("--test", type=int, default=20_000, help="its test images")
     parser.add_argument("--seconds", type=float, default=20.0, help="bare compute per trial, about")
+    parser.add_argument("--sizes", default="0.25,1", help="each model's N, as shares of --images (comma-separated)")
+    parser.add_argument("--lengths", default="1", help="trials' bare compute as multiples of --seconds, in turn "
+                        "(scaling.yaml's trials differ in length: T from 50 to 800)")  # fmt: skip
     parser.add_argument("--models", action="append", help="models (default: the six of Table 3)")
     parser.add_argument("--breakdown", action="append", default=[], metavar="MODEL",
                         help="also this model's recipe step with either loss; repeatable")  # fmt: skip
@@ -272,7 +287,8 @@ def main() -> None:
                                 "one pass, compiled": recipe_step(m, compiled_recipe_loss, args.steps)}  # fmt: skip
         torch.cuda.empty_cache()
         print("bare steps measured; the grid runs", flush=True)
-        plan = grid_file(work / "main-job.yaml", dataset, args.images, args.test, bare, args.seconds)
+        sizes, lengths = ([float(x) for x in arg.split(",")] for arg in (args.sizes, args.lengths))
+        plan = grid_file(work / "main-job.yaml", dataset, args.images, args.test, bare, args.seconds, sizes, lengths)
         planned = sum(t["examples"] * t["epochs"] / bare[t["model"]] for t in plan["trials"])
         print(f"{len(plan['trials'])} trials, {planned:.0f} s of bare compute", flush=True)
         run = run_grid(work / "main-job.yaml", work / "storage", args.timeout)
@@ -303,8 +319,11 @@ def main() -> None:
     shares = {k: sum(t[k] or 0 for t in trials) / spent for k in ("startup_s", "compile_s", "eval_s")}
     shares["between_epochs_s"] = sum(t["span_s"] - t["epoch_s"] for t in trials) / spent
     efficiency = bare_s / run["wall_s"]
-    run["load_while_training"] = load_while_training(trials, bare)
+    run["load_while_training"], _ = load_while_training(trials, bare)
+    # Trials share the GPU (time-sliced): a model's pace is read where its trials alone trained.
+    pace = {m: load_while_training(trials, bare, m) for m in models}
     report = {"device": torch.cuda.get_device_name(), "bare": bare, "breakdown": breakdown, "trial_rate": trial_rate,
+              "pace": {m: {"of_bare": p, "seconds": s} for m, (p, s) in pace.items()},
               "run": run, "bare_s": bare_s, "efficiency": efficiency, "shares": shares, "costs": costs,
               "trials": trials, "projection": projection(bare, trial_rate, efficiency, costs) if len(trial_rate) == 6
               else None}  # fmt: skip
@@ -312,14 +331,15 @@ def main() -> None:
     print(
         f"\n{report['device']}; {len(trials)} trials at batch {BATCH}, {CLASSES:,} classes; {' / '.join(run['notes'])}"
     )
-    print(f"{'model':>13} | {'bare img/s':>11} {'trial img/s':>11} {'trial/bare':>10} | {'recipe, 2 CE':>12} "
-          f"{'1-pass':>11} | {'peak GiB':>8} {'share':>5}")  # fmt: skip
+    print(f"{'model':>13} | {'bare img/s':>11} {'trial img/s':>11} {'trial/bare':>10} {'GPU pace':>8} {'over':>6} | "
+          f"{'recipe, 2 CE':>12} {'1-pass':>11} | {'peak GiB':>8} {'share':>5}")  # fmt: skip
     for m in models:
         rate = trial_rate.get(m, float("nan"))
         two, one = (breakdown.get(m, {}).get(k, float("nan")) for k in ("two cross-entropies", "one pass, compiled"))
         peak = max((t["memory_gb"] or 0 for t in by_model[m]), default=0)
         share = by_model[m][0]["gpu_share"] if by_model[m] else "-"
-        print(f"{m:>13} | {bare[m]:>11,.0f} {rate:>11,.0f} {rate / bare[m]:>10.1%} | "
+        print(f"{m:>13} | {bare[m]:>11,.0f} {rate:>11,.0f} {rate / bare[m]:>10.1%} {pace[m][0]:>8.1%} "
+              f"{pace[m][1]:>5.0f}s | "
               f"{two:>12,.0f} {one:>11,.0f} | "
               f"{peak:>8.1f} {share or '-':>5}")  # fmt: skip
     print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -19,6 +20,7 @@ from mlpgrid.grid.layout import StorageLayout
 from mlpgrid.grid.spec import GridSpec, SpecError
 
 if TYPE_CHECKING:
+    from mlpgrid.execution.driver import RunOutcome
     from mlpgrid.tracking.reader import StatusRow
 from mlpgrid.models import architecture
 
@@ -97,14 +99,20 @@ def _millions(n: Any) -> str:
     return f"{n / 1e6:.2f}M" if n < 1e9 else f"{n / 1e9:.2f}G"
 
 
-def _print_table(rows: Sequence[Sequence[Any]], header: list[str]) -> None:
+# A trial's state as a terminal shows it (click.echo drops the colour where output is not one).
+STATE_COLOURS = {"finished": "green", "diverged": "yellow", "failed": "red", "interrupted": "magenta",
+                 "running": "cyan"}  # fmt: skip
+
+
+def _print_table(rows: Sequence[Sequence[Any]], header: list[str], colours: Sequence[str | None] = ()) -> None:
+    """Columns aligned, the first left and the rest right; row ``i`` in ``colours[i]`` if given."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        click.echo(
-            "  ".join(
-                str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
+    for n, row in enumerate([header, *rows]):
+        line = "  ".join(
+            str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
         )
+        colour = colours[n - 1] if 0 < n <= len(colours) else None
+        click.echo(click.style(line, fg=colour) if colour else line)
 
 
 def _print_plan(grid: GridSpec) -> None:
@@ -130,17 +138,39 @@ def _gigabytes(n: float) -> str:
     return f"{n / 1e9:.3g} GB"
 
 
-def _print_status(rows: list[StatusRow]) -> None:
+def _print_status(rows: list[StatusRow], grid: GridSpec) -> None:
+    """The trials' table: each trial's settings that vary in the grid beside model, N and T, the
+    lowest final test error of each model marked *, states in colour on a terminal."""
+
     def err(v: float | None) -> str:
         return "-" if v is None else f"{v:.4f}"
 
+    best = _best_per_model(rows)
+    # A label's words after model, N and T: the settings that vary (spec.trial_labels).
+    varying = {r.trial_id: " ".join(grid.labels.get(r.trial_id, "").split()[3:]) for r in rows}
+    shown = any(varying.values())
     table = [
-        [r.trial_id, r.model, r.examples, r.epochs, f"{r.compute:.3e}", r.state, f"{r.last_epoch}/{r.epochs}",
-         err(r.test_error), err(r.best_test_error)]
+        [r.trial_id, r.model, r.examples, r.epochs, *([varying[r.trial_id]] if shown else []), f"{r.compute:.3e}",
+         r.state, f"{r.last_epoch}/{r.epochs}", err(r.test_error) + ("*" if r.trial_id in best else " "),
+         err(r.best_test_error)]
         for r in rows
     ]  # fmt: skip
-    _print_table(table, ["trial", "model", "N", "T", "compute C", "state", "epoch", "test error", "best"])
-    click.echo(f"{len(rows)} trials: " + ", ".join(f"{n} {state}" for state, n in _totals(rows).items()))
+    header = ["trial", "model", "N", "T", *(["settings"] if shown else []), "compute C", "state", "epoch",
+              "test error ", "best"]  # fmt: skip
+    _print_table(table, header, [STATE_COLOURS.get(r.state) for r in rows])
+    click.echo(f"{len(rows)} trials: " + ", ".join(f"{n} {state}" for state, n in _totals(rows).items())
+               + ("; * the lowest final test error of its model" if best else ""))  # fmt: skip
+
+
+def _best_per_model(rows: list[StatusRow]) -> set[str]:
+    """The finished trial of each model with the lowest final test error, by id."""
+    best: dict[str, StatusRow] = {}
+    for r in rows:
+        if r.state != "finished" or r.test_error is None or not math.isfinite(r.test_error):
+            continue
+        if r.model not in best or r.test_error < (best[r.model].test_error or math.inf):
+            best[r.model] = r
+    return {r.trial_id for r in best.values()}
 
 
 def _totals(rows: list[StatusRow]) -> dict[str, int]:
@@ -247,14 +277,50 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
         outcome = driver.run_grid(grid, storage, tracking_uri, request, _load_grid(grid_file, filtered=False))
     except driver.RunRefused as e:
         raise click.ClickException(str(e)) from None
-    _print_status(outcome.rows)
+    _print_status(outcome.rows, grid)
+    if outcome.stopped_by:
+        _stopped(outcome, grid_file)
     for n in outcome.not_finished:
         click.echo(f"{n.trial_id} {n.state}: {n.why}", err=True)
+    _next_steps(grid, grid_file, storage, tracking_uri, outcome.rows)
     if not outcome.ok:
         left = outcome.left_to_others
         left_note = f"; {left} left to another process: run again once it is done" if left else ""
         raise click.ClickException(f"{len(outcome.not_finished)} of {outcome.trials_run} trials run did not finish"
                                    f"{left_note}" + (f"\n{outcome.failure}" if outcome.failure else ""))  # fmt: skip
+
+
+def _next_steps(grid: GridSpec, grid_file: str, storage: StorageLayout, tracking_uri: str | None,
+                rows: list[StatusRow]) -> None:  # fmt: skip
+    """After a run: the best trial of each model, where the records are, the commands to go on with."""
+    from mlpgrid.tracking import reader
+
+    best = [r for r in rows if r.trial_id in _best_per_model(rows)]
+    for r in sorted(best, key=lambda r: r.params):
+        click.echo(f"best {r.model}: {grid.labels.get(r.trial_id, r.trial_id)}, test error {r.test_error:.4f}")
+    uri = reader.tracking_uri(storage, tracking_uri)
+    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
+    largest = max((r.compute for r in rows), default=0.0)
+    click.echo(f"Stored in {storage.root} (MLflow: {uri}).\nNext: mlpgrid frontier {grid_file} --budget "
+               f"{10 * largest:.0e}   # the frontier, and the split of a budget\n      {ui}   # the runs, "
+               f"experiment {grid.name}")  # fmt: skip
+
+
+def _stopped(outcome: RunOutcome, grid_file: str) -> None:
+    """What a run stopped by Ctrl-C or SIGTERM kept, and how to go on; exits 130 or 143 as a shell
+    reports a process ended by that signal."""
+    counts = collections.Counter(r.state for r in outcome.rows)
+    cut = [r for r in outcome.rows if r.state == "interrupted"]
+    kept = ", ".join(f"{counts[s]} {s}" for s in ("finished", "diverged", "failed") if counts[s]) or "no trial ended"
+    click.echo(
+        f"Stopped by {'Ctrl-C' if outcome.stopped_by == 'SIGINT' else outcome.stopped_by}. Kept: {kept}; "
+        f"{len(cut)} interrupted, each at its last checkpoint"
+        + (f" ({', '.join(f'{r.trial_id[:8]} epoch {r.last_epoch}/{r.epochs}' for r in cut[:3])}"
+           f"{', ...' if len(cut) > 3 else ''})" if cut else "")
+        + f"; {counts['pending']} not started. Run the same command again to resume ({grid_file}).",
+        err=True,
+    )  # fmt: skip
+    sys.exit(130 if outcome.stopped_by == "SIGINT" else 143)
 
 
 @cli.command()
@@ -285,7 +351,7 @@ def status(grid_file: str, as_json: bool, storage: StorageLayout, tracking_uri: 
             )
         )
     else:
-        _print_status(rows)
+        _print_status(rows, grid)
 
 
 @cli.command()

@@ -146,15 +146,33 @@ def groups_across_epochs(cfg: TrialConfig, device_type: str, automatic: bool) ->
 # kernel launches, and idle through a trial's start-up: eight such trials share a GPU by
 # default, larger ones two. On a grid of 32 such trials on an H100, eight to a GPU did 27% more
 # training per second than four (two for its largest models) did (benchmarks/grid_scaling.py).
+# A compiled step is not launch-bound whatever its size, and a compiling start-up takes the
+# node's cores: eight compiled trials of the main job (batch 16384, 10,450 classes, B-6/Wi-256
+# to B-12/Wi-512) starting together on an H100's 16 cores had not ended a first epoch after 60 s
+# (benchmarks/main_job.py). Two at a time, each model's trials did 90-103% of its bare step's work
+# (H100, benchmarks/main_job.py --seconds 25), but pairs started and ended together, so their
+# start-ups left the GPU idle (wall 54% of the bare compute; start-up 24% of the trials' time).
+# A compiled worker gets a third of a GPU: while two train, the third starts up.
 SMALL_STEP_FLOPS = 4e12
-SMALL_SHARE, LARGE_SHARE = 0.125, 0.5
+SMALL_SHARE, COMPILED_SHARE, LARGE_SHARE = 0.125, 1 / 3, 0.5
 
 
-def gpu_share(step_flops: Sequence[float]) -> float:
+def compiles_worker(cfgs: Sequence[TrialConfig], fused: bool, chosen: bool | None = None) -> bool:
+    """Whether a GPU worker training ``cfgs`` (a group's members, or one trial) compiles: its
+    fused stack, else its members' models (see :func:`compiles_stack`, :func:`compiles_model`)."""
+    if fused:
+        return compiles_stack(cfgs, "cuda", chosen)
+    return any(compiles_model(c, "cuda", chosen) for c in cfgs)
+
+
+def gpu_share(step_flops: Sequence[float], compiled: bool = False) -> float:
     """The share of a GPU a worker training members whose steps take ``step_flops`` (hardware
-    FLOPs each) gets by default: the shares they would have alone, at most a GPU. A group of
-    four small trials on an eighth of a GPU would get a quarter of the GPU time they had alone,
-    which fusing cannot make up (at most 1.5x over time-slicing, above)."""
+    FLOPs each) gets by default: the shares they would have alone (a third compiled, else an
+    eighth for a small step and half for a large one), at most a GPU. A group of four small trials on an eighth of a GPU
+    would get a quarter of the GPU time they had alone, which fusing cannot make up (at most
+    1.5x over time-slicing, above)."""
+    if compiled:
+        return min(1.0, COMPILED_SHARE * len(step_flops))
     return min(1.0, sum(SMALL_SHARE if f < SMALL_STEP_FLOPS else LARGE_SHARE for f in step_flops))
 
 

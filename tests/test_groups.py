@@ -232,7 +232,7 @@ def test_a_grouped_grid_on_ray_records_its_trials_as_alone_and_resumes_a_killed_
         out, _ = driver.communicate(timeout=300)
     finally:
         stop_group(driver)
-    assert "4 trials in 1 workers: 1 group of 4" in out, out
+    assert "4 trials in 1 worker: 1 group of 4" in out, out
     assert "retry  " in out and "1 of 4 trials run did not finish" in out, out
 
     recorded, runs_alone = _runs(grid, storage), _runs(grid, tmp_path / "alone")

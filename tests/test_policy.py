@@ -79,6 +79,11 @@ DECISIONS = [
     ("CPU groups span T", lambda: policy.groups_across_epochs(SMALL_STEP, "cpu", automatic=True), True),
     ("a small step gets an eighth of a GPU", lambda: policy.gpu_share([0.15e12]), 0.125),
     ("a large step half", lambda: policy.gpu_share([2.8e12 * 2]), 0.5),
+    (
+        "a compiled step a third: not launch-bound, and two train while one starts up",
+        lambda: policy.gpu_share([0.15e12], compiled=True),
+        1 / 3,
+    ),
     ("four small members half: what they had alone", lambda: policy.gpu_share([0.15e12] * 4), 0.5),
     ("a group never more than a GPU", lambda: policy.gpu_share([0.15e12] * 4 + [5e12] * 4), 1.0),
     ("an 80 GB GPU leaves 90% less training", lambda: policy.gpu_data_budget(80 * GiB, 1.0, 8 * GiB), 64 * GiB),

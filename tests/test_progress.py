@@ -28,7 +28,7 @@ def test_plain_lines_with_counts_when_not_a_terminal(write_grid):
     progress.end(short, "finished")
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("[done 1/3 | running 1 | pending 1 |") and lines[0].endswith(
-        f"start  {short.id} B-1/Wi-16 N=1000 T=2"
+        f"start    B-1/Wi-16 N=1k T=2 [{short.id[:8]}]"
     )
     assert "test_error 0.5000" in lines[1] and "(started in 3.0 s)" in lines[1]
     assert lines[2].startswith("[done 2/3 | running 0 | pending 1") and "finished" in lines[2]

@@ -12,7 +12,16 @@ import torch
 from mlflow import MlflowClient
 from mlflow_server import free_port
 
-from conftest import REPO, mlpgrid_command, start_driver, stop_group, wait_until_gone, without_timing
+from conftest import (
+    REPO,
+    final_checkpoint,
+    mlpgrid_command,
+    start_driver,
+    stop_group,
+    wait_until_gone,
+    wait_until_held,
+    without_timing,
+)
 from mlpgrid.execution.runner import execute, pending_tasks
 from mlpgrid.grid import spec
 from mlpgrid.grid.layout import StorageLayout
@@ -123,6 +132,37 @@ zip:
 """
 
 
+def test_sigterm_stops_a_run_that_says_what_it_kept_and_resumes(tmp_path, write_grid, fashion_mnist, monkeypatch):
+    """SIGTERM (as a batch system sends) or Ctrl-C at a point this test chooses: the run stops its
+    trials, marks the one cut off interrupted at its checkpoint, says what it kept and how to go on
+    (exit 143 as for a process ended by SIGTERM), and the same command resumes it."""
+    text = "run: {checkpoint_every_steps: 5}\n" + SMALL + "grid: {epochs: [3], lr: [1.0e-3, 2.0e-3]}\n"
+    path, storage = write_grid(text), tmp_path / "store"
+    grid = spec.load(path)
+    first, second = grid.trials
+    held = StorageLayout(storage).grid(grid.name).trial(first.id).root / "held"
+    monkeypatch.setenv(HOLD_AT, "1:10")  # the first trial holds after its checkpoint at step 10 of epoch 2
+    driver = start_driver(path, storage, "--group", "off", "--max-concurrent", "1")
+    try:
+        wait_until_held(held, driver)
+        driver.send_signal(signal.SIGTERM)
+        out, _ = driver.communicate(timeout=180)
+    finally:
+        stop_group(driver)
+    assert driver.returncode == 143, out
+    assert "SIGTERM: stopping" in out and "Traceback" not in out, out
+    assert (f"Stopped by SIGTERM. Kept: no trial ended; 1 interrupted, each at its last checkpoint "
+            f"({first.id[:8]} epoch 1/3); 1 not started. Run the same command again to resume") in out, out  # fmt: skip
+    recorded = runs_of(path, storage)
+    assert recorded[first.id].tags["status"] == "interrupted" and second.id not in recorded
+
+    monkeypatch.delenv(HOLD_AT)
+    again = mlpgrid("run", str(path), "--storage", str(storage), "--group", "off")
+    assert again.returncode == 0, again.stdout + again.stderr
+    state = final_checkpoint(storage, grid, first)
+    assert state["resumed_from"] == [[1, 10]], "resumed from the checkpoint it stopped at"
+
+
 def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_grid, fashion_mnist, monkeypatch):
     path, storage = write_grid(KILL_GRID), tmp_path / "store"
     grid = spec.load(path)
@@ -159,7 +199,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, write_
     finally:
         stop_group(resumed)
     assert resumed.returncode == 0, out
-    assert f"start  {quick.id}" not in out, "a finished trial is not run again"
+    assert f"[{quick.id[:8]}]" not in out and f"[{long.id[:8]}]" in out, "a finished trial is not run again"
     after = runs_of(path, storage)
     assert len(after) == 3 and all(r.tags["status"] == "finished" for r in after.values())
     assert after[quick.id].run_id == before[quick.id].run_id

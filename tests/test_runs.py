@@ -91,3 +91,43 @@ def test_many_runs_are_read_whole_and_once(tmp_path, write_grid, monkeypatch, se
     read = reader.trial_runs(grid_run)
     assert set(read) == made
     assert sorted(int(r.metrics["epoch"]) for r in read.values()) == list(range(40))
+
+
+def test_a_trials_numbers_are_metrics_mlflow_filters_and_plots_by(tmp_path, write_grid):
+    """MLflow's UI draws and filters numbers, not params or tags (strings): P, N, T, C, FLOP(f)
+    and every numeric setting are metrics too, found by a range query; the run is named as
+    people read the trial."""
+    grid = spec.load(write_grid(GRID.format(name="numbers") + "  lr: [1.0e-3, 3.0e-3]\n"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    grid_run = writer.open_grid(grid, uri, StorageLayout(tmp_path / "store"))
+    for trial in grid.trials:
+        writer.TrialRun.open(grid_run, trial, name=grid.labels[trial.id])
+    big = grid.trials[-1]
+    writer.TrialRun.open(grid_run, big, tags={"trained_compute": "123.0"})  # reopened: numbers logged once
+    client = MlflowClient(uri)
+    found = client.search_runs([grid_run.experiment_id], "metrics.examples > 1500 and metrics.peak_lr < 2e-3")
+    expected = {t.id for t in grid.trials if t.config.num_examples > 1500 and t.config.lr < 2e-3}
+    assert {r.data.tags["trial_id"] for r in found} == expected and len(expected) == 8
+    run = client.get_run(writer.trial_run(grid_run, big.id).info.run_id)
+    numbers = run.data.metrics
+    assert numbers["compute"] == pytest.approx(big.compute) and numbers["params"] == big.params
+    assert (numbers["epochs"], numbers["forward_flops"], numbers["batch_size"]) == (2, big.forward_flops, 256)
+    assert "trained_compute" not in numbers and len(client.get_metric_history(run.info.run_id, "compute")) == 1
+    assert run.info.run_name == grid.labels[big.id] == "B-1/Wi-32 N=4k T=2 lr=0.003"
+
+
+def test_labels_name_every_setting_that_varies_and_no_two_trials_alike(write_grid):
+    sweep = spec.load(
+        write_grid("base: {model: B-1/Wi-16, epochs: 1}\ngrid:\n  lr: [1.0e-3, 3.0e-3]\n  seed: [0, 1]\n")
+    )
+    assert sorted(sweep.labels.values()) == [f"B-1/Wi-16 N=60k T=1 lr={lr} seed={s}" for lr in ("0.001", "0.003")
+                                             for s in (0, 1)]  # fmt: skip
+    # An ablation grid varies many settings, one at a time: each label shows its departure.
+    ablation = spec.load(write_grid(
+        "base: {model: B-1/Wi-16, examples: 1000, epochs: 1}\nzip:\n  lr: [0.001, 0.01, 0.001, 0.001, 0.001]\n"
+        "  weight_decay: [0, 0, 0.1, 0, 0]\n  mixup: [0, 0, 0, 0.5, 0]\n  flip: [true, true, true, true, false]\n"
+    ))  # fmt: skip
+    departures = ["", " lr=0.01", " weight_decay=0.1", " mixup=0.5", " flip=False"]
+    assert sorted(ablation.labels.values()) == sorted(f"B-1/Wi-16 N=1k T=1{d}" for d in departures)
+    close = spec.load(write_grid("base: {model: B-1/Wi-16, epochs: 1}\ngrid:\n  examples: [10000, 10001]\n"))
+    assert sorted(close.labels.values()) == ["B-1/Wi-16 N=10000 T=1", "B-1/Wi-16 N=10001 T=1"], "N exact"

@@ -104,6 +104,8 @@ def test_small_trials_share_a_gpu_more_and_shares_grow_until_the_trials_cover_ev
     assert set(gpu_shares(trials, 8, chosen=0.25).values()) == {0.25}  # the user's choice stands
     small = [t.trials[0] for t in trials if t.trials[0].config.model == "B-2/Wi-64"]
     assert gpu_share(Group(tuple(small))) == 0.5, "a group takes the GPU time its members had alone"
+    compiled = gpu_shares(trials, 1, compile=True)
+    assert set(compiled.values()) == {1 / 3}, "compiled trials three to a GPU, however small their step"
     assert gpu_share(Group(tuple(t.trials[0] for t in trials))) == 1.0
 
 

@@ -10,7 +10,11 @@ its rows come from :func:`mlpgrid.tracking.reader.grid_status`.)
 from __future__ import annotations
 
 import errno
+import signal
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import FrameType
 
 from mlpgrid.execution import runner, trunks
 from mlpgrid.execution.events import EpochEnded, Event
@@ -57,10 +61,43 @@ class RunOutcome:
     not_finished: list[NotFinished]
     left_to_others: int  # of not_finished: trained by another process as the run stopped
     failure: str | None  # why the run stopped early (Ray could place no trial), if it did
+    stopped_by: str | None = None  # the signal that stopped the run (SIGINT: Ctrl-C; SIGTERM), if one did
 
     @property
     def ok(self) -> bool:
         return not self.not_finished
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM while a run lasts: the first asks the run to stop, trials
+    saving their state (``requested``, which the Ray path's stopper reads); in this process, or at
+    a second signal, it stops at once (KeyboardInterrupt). Either way the run settles what it leaves
+    and says so. Outside the main thread (where Python takes no handlers) it does nothing."""
+
+    def __init__(self, at_once: bool, note: Callable[[str], None]) -> None:
+        self.at_once, self.note = at_once, note
+        self.caught: str | None = None
+        self._before: dict[int, object] = {}
+
+    def requested(self) -> bool:
+        return self.caught is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        again, self.caught = self.caught is not None, self.caught or signal.Signals(signum).name
+        if self.at_once or again:
+            raise KeyboardInterrupt
+        self.note(f"{self.caught}: stopping; each running trial keeps its last checkpoint (send it again to stop at "
+                  "once)")  # fmt: skip
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._before[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._before.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
 
 
 def _first_lines(lines: list[str], shown: int = 5) -> str:
@@ -116,7 +153,7 @@ def run_grid(grid: GridSpec, storage: StorageLayout, tracking_uri: str | None, r
     tasks = runner.pending_tasks(grid, storage, grid_run, checksums, ended)
     held = runner.held_elsewhere(tasks)
     mine = [t for t in tasks if t.trial.id not in held]
-    progress = Progress([t.trial for t in mine], already_done=len(grid.trials) - len(mine))
+    progress = Progress([t.trial for t in mine], already_done=len(grid.trials) - len(mine), labels=grid.labels)
     if held:
         holders = ", ".join(sorted(set(held.values())))
         progress.note(f"{len(held)} trials are being trained by another process ({holders}): left to it.")
@@ -130,24 +167,14 @@ def run_grid(grid: GridSpec, storage: StorageLayout, tracking_uri: str | None, r
         progress.note(trunk_line)
     failure = None
     still_held: dict[str, str] = {}
+    stop = StopSignals(at_once=request.in_process, note=progress.note)
     try:
-        for phase in _phases(mine):
-            if failure:
-                break
-            if request.in_process:
-                from mlpgrid.training.hardware import pick_device
-
-                groups = runner.group_tasks(phase, request.group, device_type=pick_device().type)
-                progress.note(describe(groups))
-                runner.run_in_process(groups, progress)
-            else:
-                from mlpgrid.execution import ray_tune
-
-                try:
-                    ray_tune.run_on_ray(phase, request.group, grid, storage, request.ray, progress)
-                except ray_tune.ResourcesError as e:
-                    progress.note(str(e))
-                    failure = str(e)
+        with stop:
+            _run_phases(mine, grid, storage, request, progress, stop)
+    except KeyboardInterrupt:
+        stop.caught = stop.caught or "SIGINT"
+    except _Failed as e:
+        failure = str(e)
     except Exception as e:
         if not disk_full(e):
             raise
@@ -176,7 +203,33 @@ def run_grid(grid: GridSpec, storage: StorageLayout, tracking_uri: str | None, r
         why = f"another process trains it ({holder})" if holder else (r.error or "did not run to the end")
         not_finished.append(NotFinished(r.trial_id, r.state, why))
     return RunOutcome(grid.name, len(ran), held, rows, not_finished,
-                      sum(1 for n in not_finished if n.trial_id in still_held), failure)  # fmt: skip
+                      sum(1 for n in not_finished if n.trial_id in still_held), failure, stop.caught)  # fmt: skip
+
+
+class _Failed(Exception):
+    """The run stopped early for a reason it has told the user (Ray could place no trial)."""
+
+
+def _run_phases(tasks: list[runner.TrialTask], grid: GridSpec, storage: StorageLayout, request: RunRequest,
+                progress: Progress, stop: StopSignals) -> None:  # fmt: skip
+    """Train the tasks, phase after phase (see :func:`_phases`), until done or asked to stop."""
+    for phase in _phases(tasks):
+        if stop.requested():
+            return
+        if request.in_process:
+            from mlpgrid.training.hardware import pick_device
+
+            groups = runner.group_tasks(phase, request.group, device_type=pick_device().type)
+            progress.note(describe(groups))
+            runner.run_in_process(groups, progress)
+        else:
+            from mlpgrid.execution import ray_tune
+
+            try:
+                ray_tune.run_on_ray(phase, request.group, grid, storage, request.ray, progress, stop.requested)
+            except ray_tune.ResourcesError as e:
+                progress.note(str(e))
+                raise _Failed(str(e)) from None
 
 
 def _phases(tasks: list[runner.TrialTask]) -> list[list[runner.TrialTask]]:
@@ -211,7 +264,7 @@ def run_one(grid: GridSpec, trial_id: str, storage: StorageLayout, tracking_uri:
     pending = {task.trial.id: task for task in runner.pending_tasks(grid, storage, grid_run, checksums)}
     if chosen.id not in pending:
         return chosen.id, "ended"
-    progress = Progress([chosen])
+    progress = Progress([chosen], labels=grid.labels)
     progress.start(chosen)
 
     def hear(event: Event) -> None:

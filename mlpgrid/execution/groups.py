@@ -127,5 +127,6 @@ def describe(groups: Sequence[Group]) -> str:
     sizes = f"{min(shared)}" if min(shared) == max(shared) else f"{min(shared)} to {max(shared)}"
     alone = len(groups) - len(shared)
     plural = "s" if len(shared) > 1 else ""
-    return (f"{trials} trials in {len(groups)} workers: {len(shared)} group{plural} of {sizes} sharing a start-up "
+    workers = f"{len(groups)} worker" + ("s" if len(groups) > 1 else "")
+    return (f"{trials} trials in {workers}: {len(shared)} group{plural} of {sizes} sharing a start-up "
             "and a batch stream" + (f", {alone} alone" if alone else ""))  # fmt: skip

@@ -1,7 +1,7 @@
 """Where a grid's trials run on a Ray cluster: each trial's share of a GPU, the order they
 start in, and how many run at once.
 
-Trials share GPUs: by default two (eight when small) trials run on each GPU at once, so the
+Trials share GPUs: by default two (eight when small and not compiled) trials run on each GPU at once, so the
 start-up of one (worker processes, CUDA, data, compilation: half a minute) overlaps the
 training of others, and small models, which cannot keep a GPU busy alone, fill it together.
 A grid with too few trials to fill every GPU that way gets larger shares (see
@@ -37,11 +37,13 @@ def group_memory(group: Group) -> float:
 
 
 def gpu_shares(trials: Sequence[Group], gpus: float, chosen: float | None = None,
-               gpu_bytes: float | None = None) -> dict[str, float]:  # fmt: skip
+               gpu_bytes: float | None = None, compile: bool | None = None,
+               fuse: bool | None = None) -> dict[str, float]:  # fmt: skip
     """Each trial's share of a GPU on a cluster of ``gpus`` GPUs of ``gpu_bytes`` each: ``chosen``
     if given.
 
-    Otherwise :func:`mlpgrid.policy.gpu_share` of its members' steps, at least the share its
+    Otherwise :func:`mlpgrid.policy.gpu_share` of its members' steps, compiled or not as
+    ``compile`` and ``fuse`` (the grid's ``run`` settings) make them, at least the share its
     memory needs (:func:`mlpgrid.policy.memory_share`: Ray admits a trial to a GPU only while its
     share is free, so shares that cover memory keep trials from taking each other's), raised
     where the trials are too few to put one on every GPU:
@@ -54,7 +56,9 @@ def gpu_shares(trials: Sequence[Group], gpus: float, chosen: float | None = None
     per_gpu = max(1, math.floor(len(trials) / gpus + 1e-9)) if gpus > 0 else 1
     shares = {}
     for t in trials:
-        share = policy.gpu_share([m.step_flops for m in t.trials])
+        cfgs = [m.config for m in t.trials]
+        fused = len(cfgs) > 1 and policy.fuses(cfgs[0], "cuda", fuse)
+        share = policy.gpu_share([m.step_flops for m in t.trials], policy.compiles_worker(cfgs, fused, compile))
         if gpu_bytes:
             share = max(share, policy.memory_share(group_memory(t), gpu_bytes))
         shares[t.id] = max(share, 1 / per_gpu)
@@ -84,14 +88,15 @@ class Placement:
 
 
 def place(trials: Sequence[Group], resources: dict[str, float], *, gpus_per_trial: float | None = None,
-          cpus_per_trial: float = 1.0, max_concurrent: int | None = None,
-          gpu_bytes: float | None = None) -> Placement:  # fmt: skip
+          cpus_per_trial: float = 1.0, max_concurrent: int | None = None, gpu_bytes: float | None = None,
+          compile: bool | None = None, fuse: bool | None = None) -> Placement:  # fmt: skip
     """The resources of each trial's worker on a cluster of ``resources`` (``ray.cluster_resources()``)
-    whose GPUs have ``gpu_bytes`` of memory each (None: unknown, shares by step size alone)."""
+    whose GPUs have ``gpu_bytes`` of memory each (None: unknown, shares by step size alone), its
+    trials compiled and fused as the grid's ``compile`` and ``fuse`` say."""
     kind = "GPU" if resources.get("GPU", 0) > 0 else "CPU"
     notes = []
     if kind == "GPU":
-        shares = gpu_shares(trials, resources["GPU"], gpus_per_trial, gpu_bytes)
+        shares = gpu_shares(trials, resources["GPU"], gpus_per_trial, gpu_bytes, compile, fuse)
         if gpus_per_trial is not None and gpu_bytes:
             short = [t for t in trials if policy.memory_share(group_memory(t), gpu_bytes) > gpus_per_trial]
             if short:

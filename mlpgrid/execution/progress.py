@@ -13,7 +13,7 @@ import time
 from typing import Any, TextIO
 
 from mlpgrid.execution.events import EpochEnded, Event, GroupEnded, TrialEnded, from_result
-from mlpgrid.grid.spec import Trial
+from mlpgrid.grid.spec import Trial, trial_labels
 
 
 def _duration(seconds: float) -> str:
@@ -22,8 +22,11 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, trials: list[Trial], already_done: int = 0, out: TextIO | None = None):
+    def __init__(self, trials: list[Trial], already_done: int = 0, out: TextIO | None = None,
+                 labels: dict[str, str] | None = None):  # fmt: skip
         self._out = out  # None: whatever sys.stdout is when writing (Tune pickles this object)
+        # Each trial as people read it (spec.trial_labels: the settings that vary in its grid).
+        self.labels = labels if labels is not None else trial_labels(trials)
         self.total = len(trials) + already_done
         self.done = already_done
         self.trials = {t.id: t for t in trials}
@@ -44,8 +47,7 @@ class Progress:
         self.pending.pop(trial.id, None)
         self.running[trial.id] = trial
         self.slots = max(self.slots, len(self.running))
-        c = trial.config
-        self._line(f"start  {trial.id} {c.model} N={c.num_examples} T={c.epochs}")
+        self._line(f"start    {self._name(trial)}")
 
     def epoch(self, trial: Trial, metrics: dict[str, Any]) -> None:
         self.compute_trained += self._add_compute(trial, metrics["epoch"])
@@ -56,8 +58,8 @@ class Progress:
         startup = f"  (started in {metrics['startup_seconds']:.1f} s)" if "startup_seconds" in metrics else ""
         tested = f"test_error {metrics['test_error']:.4f}  " if "test_error" in metrics else ""
         self._line(
-            f"epoch  {trial.id} {metrics['epoch']}/{trial.config.epochs}  train_loss {metrics['train_loss']:.4f}  "
-            f"{tested}{metrics['images_per_s']:,.0f} img/s{startup}"
+            f"epoch    {self._name(trial)}  {metrics['epoch']}/{trial.config.epochs}  "
+            f"train_loss {metrics['train_loss']:.4f}  {tested}{metrics['images_per_s']:,.0f} img/s{startup}"
         )
 
     def end(self, trial: Trial, status: str) -> None:
@@ -65,7 +67,7 @@ class Progress:
         self.running.pop(trial.id, None)
         self.speed.pop(trial.id, None)
         self.done += 1
-        self._line(f"{status:<6} {trial.id} {trial.config.model}")
+        self._line(f"{status:<8} {self._name(trial)}")
 
     def hear(self, event: Event) -> None:
         """A running group's event (:mod:`mlpgrid.execution.events`)."""
@@ -96,6 +98,9 @@ class Progress:
             self.out.flush()
 
     # rendering ---------------------------------------------------------------------------
+
+    def _name(self, trial: Trial) -> str:
+        return f"{self.labels.get(trial.id, trial.config.model)} [{trial.id[:8]}]"
 
     def _add_compute(self, trial: Trial, epoch: int) -> float:
         """Count the trial's compute up to ``epoch`` as done; returns what was added."""

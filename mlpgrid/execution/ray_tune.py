@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,9 +49,10 @@ class ResourcesError(RuntimeError):
 class _Stall:
     """Watches a Tune experiment (as a callback) and stops it (as a stopper) once no trial has
     run for ``wait_s`` seconds: Tune itself waits forever for resources that never come, e.g.
-    trials asking for more cores than any node has, or a node lost with the only GPU."""
+    trials asking for more cores than any node has, or a node lost with the only GPU. It also
+    stops it when ``asked`` says so (the run caught Ctrl-C or SIGTERM)."""
 
-    def __init__(self, wait_s: float) -> None:
+    def __init__(self, wait_s: float, asked: Callable[[], bool]) -> None:
         from ray import tune
 
         stall = self
@@ -73,7 +77,7 @@ class _Stall:
 
             def stop_all(self) -> bool:
                 stall.stopped = stall.running == 0 and time.monotonic() - stall.since > stall.wait_s
-                return stall.stopped
+                return stall.stopped or asked()
 
         self.callback, self.stopper = Watch(), Stop()
 
@@ -191,6 +195,9 @@ def start_ray(address: str | None) -> dict[str, float]:
         # Workers of a `ray start` cluster do not inherit this environment: send along what
         # configures MLflow (credentials included, never printed) and mlpgrid.
         forwarded = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "MLPGRID_"))}
+        # Ray's driver installs its own SIGTERM handler, which aborts the process: the run's own
+        # (mlpgrid.execution.driver.StopSignals: stop, settle, say what was kept) is put back.
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         ray.init(
             # Without an address Ray joins the cluster started last on this machine, if any
             # (/tmp/ray/ray_current_cluster); "local" starts the instance of this grid's own.
@@ -200,6 +207,9 @@ def start_ray(address: str | None) -> dict[str, float]:
             logging_level=logging.WARNING,
             runtime_env={"env_vars": forwarded},
         )
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
     return ray.cluster_resources()
 
 
@@ -233,9 +243,13 @@ def make_tuner(groups: list[GroupTask], grid: GridSpec, storage: StorageLayout, 
 
 
 def run_on_ray(tasks: list[TrialTask], group_size: int | None, grid: GridSpec, storage: StorageLayout,
-               opts: RayOptions, progress: Progress) -> None:  # fmt: skip
+               opts: RayOptions, progress: Progress,
+               stop_asked: Callable[[], bool] = lambda: False) -> None:  # fmt: skip
     """Run the tasks as one Ray Tune experiment, in groups of at most ``group_size`` (see
-    :func:`mlpgrid.execution.runner.group_tasks`; None: as many as can, 1: each alone)."""
+    :func:`mlpgrid.execution.runner.group_tasks`; None: as many as can, 1: each alone), until
+    done or ``stop_asked`` says to stop (the caller handles Ctrl-C: Tune's own handler, which
+    would print Tune's way of resuming, is off)."""
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     resources = start_ray(opts.address)
     units = parallel_units(resources, opts.cpus_per_trial, opts.max_concurrent)
     groups = group_tasks(tasks, group_size, units, "cuda" if resources.get("GPU", 0) > 0 else "cpu")
@@ -243,11 +257,18 @@ def run_on_ray(tasks: list[TrialTask], group_size: int | None, grid: GridSpec, s
     chosen = opts.gpus_per_trial if opts.gpus_per_trial is not None else grid.run.gpus_per_trial
     gpu_bytes = gpu_memory() if resources.get("GPU", 0) > 0 else None
     placement = place(groups, resources, gpus_per_trial=chosen, cpus_per_trial=opts.cpus_per_trial,
-                      max_concurrent=opts.max_concurrent, gpu_bytes=gpu_bytes)  # fmt: skip
+                      max_concurrent=opts.max_concurrent, gpu_bytes=gpu_bytes, compile=grid.run.compile,
+                      fuse=grid.run.fuse)  # fmt: skip
     for note in placement.notes:
         progress.note(note)
-    stall = _Stall(opts.wait_s)
+    stall = _Stall(opts.wait_s, stop_asked)
     make_tuner(groups, grid, storage, placement, opts.retries, progress, stall).fit()
+    if stop_asked() and opts.address is None:
+        import ray
+
+        # Tune stops a trial at its next report (an epoch's end, minutes on a GPU); the local
+        # instance's workers end now instead, each trial at its last checkpoint.
+        ray.shutdown()
     if stall.stopped:
         import ray
 

@@ -54,6 +54,7 @@ class TrialTask:
 
     trial: Trial
     layout: TrialLayout
+    label: str  # its name for people (spec.trial_labels): its MLflow run's name
     data_roots: dict[str, str]  # every dataset the trial reads
     options: RunOptions
     grid_run: GridRun
@@ -110,6 +111,7 @@ def pending_tasks(grid: GridSpec, storage: StorageLayout, grid_run: GridRun, che
         TrialTask(
             trial=t,
             layout=directory.trial(t.id),
+            label=grid.labels[t.id],
             # Resolved here: on a cluster, workers do not see this process's environment.
             data_roots={ds: str(grid.data_root(ds)) for ds in t.config.datasets},
             options=grid.run,
@@ -182,7 +184,7 @@ class _Recorder:
                  listener: Listener | None):  # fmt: skip
         self.task, self.launched_at, self.listener = task, launched_at, listener
         checked = {data_tag(name): checksum for name, checksum in task.data_checksums.items()}
-        self.run = TrialRun.open(task.grid_run, task.trial, (tags or {}) | checked)
+        self.run = TrialRun.open(task.grid_run, task.trial, (tags or {}) | checked, name=task.label)
         self.first = True
 
     def on_epoch(self, metrics: dict[str, Any]) -> None:

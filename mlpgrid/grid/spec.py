@@ -10,8 +10,10 @@ field's path and what is allowed, before anything runs.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -288,6 +290,11 @@ class GridSpec:
         its own)."""
         return data.info(dataset).root(self.data_roots.get(dataset)).absolute()
 
+    @functools.cached_property
+    def labels(self) -> dict[str, str]:
+        """Each trial's name for people, by id (see :func:`trial_labels`)."""
+        return trial_labels(self.trials)
+
     def trial(self, trial_id: str) -> Trial:
         matches = [t for t in self.trials if t.id.startswith(trial_id)]
         if len(matches) != 1:
@@ -297,6 +304,48 @@ class GridSpec:
                 f"{self.path}: {problem} with id {trial_id!r} (ids: {known}{', ...' if len(self.trials) > 10 else ''})"
             )
         return matches[0]
+
+
+def _compact(n: int) -> str:
+    """10000 -> 10k, 1281167 -> 1.28M: three significant digits."""
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{suffix}"
+    return str(n)
+
+
+def _label_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "+".join(map(str, value)) or "none"
+    return str(value)
+
+
+# Settings shown in every trial's label when at most this many vary; beyond (an ablation grid),
+# a label shows only where its trial departs from the grid's most common value.
+LABEL_FIELDS = 3
+
+
+def trial_labels(trials: typing.Sequence[Trial]) -> dict[str, str]:
+    """Each trial's name for people, by id: its model, N and T, then the other settings that vary
+    among ``trials`` (``B-6/Wi-256 N=1.28M T=50 lr=1e-05``), so no two trials of a grid read
+    alike. N is shown in three digits (``1.28M``) unless that makes two sizes of the grid alike."""
+    sizes = {t.config.num_examples for t in trials}
+    compact = len({_compact(n) for n in sizes}) == len(sizes)
+    values = {name: collections.Counter(getattr(t.config, name) for t in trials) for name in FIELDS
+              if name not in ("model", "examples", "epochs")}  # fmt: skip
+    varying = {name: counts.most_common(1)[0][0] for name, counts in values.items() if len(counts) > 1}
+    labels = {}
+    for t in trials:
+        n = t.config.num_examples
+        words = [t.config.model, f"N={_compact(n) if compact else n}", f"T={t.config.epochs}"]
+        for name, usual in varying.items():
+            value = getattr(t.config, name)
+            if len(varying) <= LABEL_FIELDS or value != usual:
+                words.append(f"{name}={_label_value(value)}")
+        labels[t.id] = " ".join(words)
+    return labels
 
 
 class SpecError(ValueError):

@@ -110,6 +110,27 @@ def trial_tags(trial: Trial) -> dict[str, str]:
     }
 
 
+# MLflow metric names of config settings whose own name a per-epoch metric has (the rate at each epoch).
+_SETTING_METRICS = {"lr": "peak_lr"}
+
+
+def trial_numbers(trial: Trial, tags: dict[str, str] | None = None) -> dict[str, float]:
+    """The trial's numbers as MLflow metrics (step 0), so that its UI can filter runs by range
+    (``metrics.compute > 1e15``) and draw them on a chart's axes, which it does not do with
+    params and tags (strings): P, N, T, C and FLOP(f) as ``params``, ``examples``, ``epochs``,
+    ``compute`` and ``forward_flops``, every numeric setting under its own name (the peak
+    learning rate as ``peak_lr``), and a trunk's ``trained_compute`` from ``tags``."""
+    numbers: dict[str, float] = {}
+    for name, value in trial.config_dict().items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            numbers[_SETTING_METRICS.get(name, name)] = float(value)
+    numbers |= {"params": float(trial.params), "examples": float(trial.config.num_examples),
+                "forward_flops": float(trial.forward_flops), "compute": trial.compute}  # fmt: skip
+    if tags and "trained_compute" in tags:
+        numbers["trained_compute"] = float(tags["trained_compute"])
+    return numbers
+
+
 # Answers that no retry would change.
 _REFUSED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
 
@@ -198,8 +219,10 @@ class TrialRun:
         self.outbox = Outbox.of(client)
 
     @classmethod
-    def open(cls, grid_run: GridRun, trial: Trial, tags: dict[str, str] | None = None) -> TrialRun:
-        """Reopen the trial's run, or create it (params, tags, config artifact) the first time.
+    def open(cls, grid_run: GridRun, trial: Trial, tags: dict[str, str] | None = None,
+             name: str | None = None) -> TrialRun:  # fmt: skip
+        """Reopen the trial's run, or create it (params, tags, numbers, config artifact) the
+        first time, named ``name`` (default: model, N and T).
 
         ``tags`` describe this attempt (e.g. the Ray trial and node) and replace earlier ones.
         """
@@ -213,7 +236,7 @@ class TrialRun:
             cfg = trial.config
             parent = {"mlflow.parentRunId": grid_run.parent_run_id, "grid_file": grid_run.grid_file}
             identity = {**trial_tags(trial), **parent}
-            name = f"{cfg.model} N={cfg.num_examples} T={cfg.epochs} {trial.id[:6]}"
+            name = name or f"{cfg.model} N={cfg.num_examples} T={cfg.epochs}"
             run = client.create_run(grid_run.experiment_id, run_name=name, tags=identity)
         run_id = run.info.run_id
         if not run.data.params:  # new, or cut off before its params were logged
@@ -221,7 +244,9 @@ class TrialRun:
             client.log_batch(run_id, params=[Param(k, str(v)) for k, v in config.items()])
             client.log_text(run_id, json.dumps(config, indent=2), "trial_config.json")
         attempt = {"status": RUNNING} | (tags or {})
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in attempt.items()])
+        numbers = [] if "compute" in run.data.metrics else trial_numbers(trial, tags).items()  # once
+        client.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in numbers],
+                         tags=[RunTag(k, v) for k, v in attempt.items()])  # fmt: skip
         return cls(client, run_id)
 
     def log_epochs(self, history: list[dict[str, Any]]) -> None:

@@ -371,6 +371,12 @@ def run_group(
     compile_stack = fuse and policy.compiles_stack(cfgs, device.type, options.compile)
     member_options = dataclasses.replace(options, compile=False) if fuse else options
     compile_loader = compile_stack or any(policy.compiles_augmentation(c, device.type, options.compile) for c in cfgs)
+    if compile_loader:
+        # A reused worker's earlier groups compiled other shapes through the same functions, and
+        # Dynamo's recompile limit counts them all: on an H100 a worker's later models failed
+        # (FailOnRecompileLimitHit in the compiled Lion; benchmarks/main_job.py). Inductor's
+        # disk cache keeps what they made.
+        torch.compiler.reset()
     parts = set_up_data(cfgs, options, datasets, device, compile_loader)
     going = _members_to_train(cfgs, layouts, hooks, member_options, parts, datasets, on_end)
     if not going:
