@@ -71,7 +71,13 @@ def _load_grid(path: str, filtered: bool = True) -> GridSpec:
         only = tuple(tuple(o.split("=", 1)) for o in meta.get("only", ()) if filtered)
         if any(len(o) != 2 for o in only):
             raise SpecError(f"--only takes FIELD=VALUE, got {' '.join(meta['only'])}")
-        return spec.reduce(spec.load(path), meta.get("scale"), only)
+        full = spec.load(path)
+        reduced = spec.reduce(full, meta.get("scale"), only)
+        merged = len({t.id for t in full.trials if all(str(getattr(t.config, k)) == v for k, v in only)})
+        if meta.get("scale") and len(reduced.trials) < merged:
+            click.echo(f"--scale {meta['scale']:g}: {merged} trials became {len(reduced.trials)} (trials that "
+                       "differ only in stage epochs or TTA crops become alike)", err=True)  # fmt: skip
+        return reduced
     except SpecError as e:
         raise click.ClickException(str(e)) from None
 
@@ -85,7 +91,8 @@ def _reduce_options(command: Any) -> Any:
     """--scale and --only, shared by every command that reads a grid file."""
     command = click.option(
         "--scale", type=FiniteRange(0, 1, min_open=True), expose_value=False, callback=_remember,
-        help="Try the grid small first: N, T, stage epochs and TTA crops times this (a grid of its own name).",
+        help="Try the grid small first: N, T, stage epochs and TTA crops times this, N and T values that differ "
+             "kept apart (T = 2, 4, 8 at 0.1: 1, 2, 3); a grid of its own name.",
     )(command)  # fmt: skip
     return click.option(
         "--only", multiple=True, metavar="FIELD=VALUE", expose_value=False, callback=_remember,
@@ -340,10 +347,17 @@ def status(grid_file: str, as_json: bool, storage: StorageLayout, tracking_uri: 
 
     grid = _load_grid(grid_file)
     uri = reader.tracking_uri(storage, tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        where = uri.removeprefix("sqlite:///")
+        raise click.ClickException(f"no MLflow store at {where}: nothing has run with this --storage (or "
+                                   "MLPGRID_STORAGE, --tracking-uri). Is it the one `run` used?")  # fmt: skip
     try:
-        rows = reader.grid_status(grid, reader.find_grid(grid, uri), storage)
+        found = reader.find_grid(grid, uri)
+        rows = reader.grid_status(grid, found, storage)
     except Exception as e:  # noqa: BLE001 - e.g. a store still being created, or unreachable
         raise click.ClickException(f"cannot read MLflow tracking URI {uri}: {e}") from None
+    if found is None and not as_json:
+        click.echo(f"{grid.name} has no runs in {uri} yet: every trial is pending.", err=True)
     if as_json:
         click.echo(
             _json(
@@ -596,10 +610,12 @@ def _print_frontier(report: dict[str, Any], source: str) -> None:
                    f" run it with `mlpgrid run {proposed['file']}`")  # fmt: skip
     for path in report["plots"]:
         click.echo(f"plot: {path}")
+    for name, why in report["plots_not_drawn"].items():
+        click.echo(f"not drawn: {name}: {why}")
 
 
 @cli.command("model-info")
-@click.argument("name")
+@click.argument("name", required=False)
 @click.option("--resolution", default=64, show_default=True, help="Image side in pixels.")
 @click.option("--channels", default=3, show_default=True, help="Image channels.")
 @click.option("--classes", default=1000, show_default=True, help="Output classes.")
@@ -610,9 +626,14 @@ def model_info(name: str, resolution: int, channels: int, classes: int, as_json:
     FLOPs count one multiply-add as one FLOP, as fvcore and the paper do.
 
     \b
-    Example:
+    Examples:
+      mlpgrid model-info B-12/Wi-1024                  # at 64x64x3 and 1,000 classes
       mlpgrid model-info B-12/Wi-1024 --resolution 64 --classes 10450 --json
+      mlpgrid model-info Mixer-S/8 --resolution 32 --classes 100
     """
+    if name is None:
+        raise click.UsageError("name a model, e.g. `mlpgrid model-info B-12/Wi-1024` (families: B-<depth>/Wi-<width>, "
+                               "Mixer-{S,B,L,H}/<patch>, ResMLP-{S12,S24,S36,B24}/<patch>)")  # fmt: skip
     try:
         cfg = architecture.config_for(name, channels * resolution * resolution, classes, image=(channels, resolution))
     except ValueError as e:
@@ -626,8 +647,8 @@ def model_info(name: str, resolution: int, channels: int, classes: int, as_json:
         click.echo(_json(info))
     else:
         click.echo(
-            f"{info['name']}: {_millions(info['params'])} parameters,"
-            f" {_millions(info['forward_flops'])} FLOPs per forward"
+            f"{info['name']} at {resolution}x{resolution}x{channels}, {classes:,} classes: "
+            f"{_millions(info['params'])} parameters, {_millions(info['forward_flops'])} FLOPs per forward"
         )
 
 
@@ -769,7 +790,7 @@ def data_ls(directory: Path | None, verify: bool, as_json: bool) -> None:
     if as_json:
         click.echo(_json([{"path": str(path), **m} for path, m in found], indent=1))
     elif not found:
-        click.echo(f"no prepared datasets in {directory}")
+        click.echo(f"no prepared datasets in {directory} (make one with `mlpgrid data prepare`)")
     else:
         rows = [
             [m["name"], f"{m['resolution']}x{m['resolution']}x{m['channels']}", len(m["classes"]),
@@ -782,8 +803,15 @@ def data_ls(directory: Path | None, verify: bool, as_json: bool) -> None:
         click.echo(problem, err=True)
     if problems:
         raise click.ClickException(f"{len(problems)} files do not match their manifest")
-    if verify and not as_json:
-        click.echo("checksums match")
+    if verify and not as_json and found:
+        click.echo(f"checksums match ({len(found)} datasets)")
+    if not as_json:
+        from mlpgrid.data import DATASETS
+
+        where = {
+            name: f"{info.root()}{'' if info.root().exists() else ', not found'}" for name, info in DATASETS.items()
+        }
+        click.echo("built in (read where they are, not prepared): " + ", ".join(f"{n} ({w})" for n, w in where.items()))
 
 
 def main() -> Any:

@@ -298,3 +298,28 @@ def test_an_interval_needs_most_resamples_fitted():
     most = frontier.Bootstrap(boot.samples[:6], failed=4, level=0.95)
     assert all(most.fit_ci().values())
     assert frontier.summary(analysis, few)["bootstrap"]["intervals"] is False
+
+
+def test_figures_name_their_models_and_source_and_say_what_they_leave_out(tmp_path, monkeypatch):
+    """Up to a dozen models each get a legend entry (no colour bar), the title names what the
+    points are of, and a figure that cannot be drawn is named with why."""
+    from mlpgrid.analysis import plots
+
+    figures = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    sizes = sorted({p.params for p in draw(LAW, np.random.default_rng(3))})[::3]  # 7 of the 21 sizes
+    analysis = frontier.analyse([p for p in draw(LAW, np.random.default_rng(3)) if p.params in sizes])
+    labels = frontier.Labels(source="demo: fashion-mnist, test_error")
+    plots.draw_all(analysis, frontier.bootstrap(analysis, repeats=5), [1e17], tmp_path, labels)
+    fig = figures["error_vs_compute.png"]
+    ax = fig.axes[0]
+    assert len(fig.axes) == 1, "a legend of models, no colour bar"
+    names = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sum(name.startswith("P") and name.endswith(")") for name in names) == len(sizes), names
+    assert ax.get_title().endswith("demo: fashion-mnist, test_error")
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in ax.yaxis.get_ticklabels(which="both") if t.get_text()]
+    assert ticks and all(float(t) > 0 for t in ticks), f"plain numbers, not 4×10⁻¹: {ticks}"
+    analysis.fitted.isoflop = None
+    analysis.fitted.notes.append("IsoFLOP profiles (approach 2) not fitted: because")
+    assert plots.not_drawn(analysis) == {"isoflop.png": "IsoFLOP profiles (approach 2) not fitted: because"}

@@ -64,8 +64,13 @@ def test_scale_and_only_reduce_a_grid():
     grid = spec.load(REPO / "grids" / "scratch.yaml")
     small = spec.reduce(grid, 0.001, (("dataset", "cifar-10"),))
     assert small.name == "scratch-scale0.001" and {t.config.dataset for t in small.trials} == {"cifar-10"}
-    assert sorted({(t.config.epochs, t.config.mixup) for t in small.trials}) == [(1, 0.0), (1, 0.8), (5, 0.8)]
+    # T = 100, 1000 and 5000 at 0.001: 1, 2 (not 1 again: distinct T stay distinct) and 5.
+    assert sorted({(t.config.epochs, t.config.mixup) for t in small.trials}) == [(1, 0.0), (2, 0.8), (5, 0.8)]
     assert all(t.config.examples == 50 for t in small.trials)
+    quick = spec.load(REPO / "grids" / "quickstart.yaml")
+    scaled = spec.reduce(quick, 0.1)
+    assert len(scaled.trials) == len(quick.trials) == 18, "no two trials merged"
+    assert sorted({t.config.epochs for t in scaled.trials}) == [1, 2, 3], "T = 2, 4, 8 at 0.1"
     with pytest.raises(SpecError, match="no trial has dataset=mnist"):
         spec.reduce(grid, None, (("dataset", "mnist"),))
 
@@ -113,7 +118,7 @@ def run_cli(*args, env=None, timeout=600):
 def test_quickstart_transfer_runs_reduced_and_reports_the_probe(tmp_path):
     storage = tmp_path / "s"
     done = run_cli("run", "grids/quickstart-transfer.yaml", "--scale", "0.1", "--only", "model=B-2/Wi-64",
-                   "--in-process", "--storage", str(storage))  # fmt: skip
+                   "--only", "epochs=2", "--in-process", "--storage", str(storage))  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3 trials: 3 finished" in done.stdout
     client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
@@ -172,7 +177,8 @@ def test_inductive_bias_runs_reduced_on_fashion_mnist(tmp_path):
     grid = tmp_path / "inductive_bias.yaml"
     grid.write_text(yaml.safe_dump(raw))
     env = {"MLPGRID_FASHION_MNIST": str(write_fashion_mnist_subset(tmp_path / "fashion", 1000, 200))}
-    done = run_cli("run", str(grid), "--scale", "0.02", "--in-process", "--storage", str(tmp_path / "s"), env=env)
+    done = run_cli("run", str(grid), "--scale", "0.02", "--only", "epochs=5", "--in-process", "--storage",
+                   str(tmp_path / "s"), env=env)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "12 trials: 12 finished" in done.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 's' / 'mlflow.db'}")

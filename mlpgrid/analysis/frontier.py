@@ -77,6 +77,7 @@ class Labels:
     error: str = "test error"
     compute: str = "compute C = FLOP(f) · 3 · N · T"
     examples: str = "examples"
+    source: str = ""  # what the points are of, for titles: the grid, its dataset and metric, or the CSV
 
 
 # The CSV's columns, each with the other names it may go by. The error may be any lower-is-
@@ -124,7 +125,8 @@ def _read_rows(path: Path, reader: Iterator[list[str]]) -> tuple[list[Point], La
     numeric = [at.get(c) for c in CSV_COLUMNS]
     model, trial_id = _index(columns, "model"), _index(columns, "trial_id")
     swept = [(k, columns.index(k)) for k in ("lr", "batch_size") if k in columns]
-    labels = Labels(error=named["error"], compute=f"{named['compute']} C", examples=named["examples"])
+    labels = Labels(error=named["error"], compute=f"{named['compute']} C", examples=named["examples"],
+                    source=f"{Path(path).name}, {named['error']}")  # fmt: skip
     points, problems = [], []
     for line, row in enumerate(reader, start=2):
         if not row:

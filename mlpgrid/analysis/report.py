@@ -116,7 +116,9 @@ def _points(request: FrontierRequest, uri: str) -> _Read:
     if not points:
         found = ", ".join(f"{n} {why}" for why, n in left_out.items() if n) or "no trial runs"
         raise ReportError(f"{grid.path}: no finished trial with metric {metric!r} in {uri} ({found})")
-    return _Read(points, left_out, grid_run, frontier.Labels(error=metric.replace("_", " ")), curves)
+    datasets = ", ".join(dict.fromkeys(t.config.dataset for t in grid.trials))
+    labels = frontier.Labels(error=metric.replace("_", " "), source=f"{grid.name}: {datasets}, {metric}")
+    return _Read(points, left_out, grid_run, labels, curves)
 
 
 def _query(answer: dict[str, Any], grid: GridSpec | None, analysis: frontier.Analysis) -> dict[str, Any]:
@@ -206,6 +208,7 @@ class FrontierReport:
     proposals: list[dict[str, Any]] | None = None  # proposed grids run since, against their prediction
     proposed: dict[str, Any] | None = None  # with --propose: the grid file written
     plots: list[str] = field(default_factory=list)  # the figures drawn
+    plots_not_drawn: dict[str, str] = field(default_factory=dict)  # figures left out, and why
 
     def as_dict(self) -> dict[str, Any]:
         """The report as ``--json`` prints it (and the grid's run keeps as ``frontier.json``)."""
@@ -216,7 +219,11 @@ class FrontierReport:
         out["queries"] = self.queries
         sections = {"families": self.families, "holdout": self.holdout, "proposals": self.proposals,
                     "proposed": self.proposed}  # fmt: skip
-        return out | {k: v for k, v in sections.items() if v is not None} | {"plots": self.plots}
+        return (
+            out
+            | {k: v for k, v in sections.items() if v is not None}
+            | {"plots": self.plots, "plots_not_drawn": self.plots_not_drawn}
+        )
 
 
 def frontier_report(request: FrontierRequest, storage: StorageLayout,
@@ -279,6 +286,7 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout,
                                  [(p["compute"], p["error"]) for p in stable])  # fmt: skip
         if families:
             figures.append(plots.by_family(families, request.plot_dir / "families.png", read.labels))
+        report.plots_not_drawn = plots.not_drawn(analysis)
     report.plots = [str(p) for p in figures]
     if grid_run:
         _tracking().log_files(grid_run, figures, "frontier")

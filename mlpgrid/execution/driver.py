@@ -19,6 +19,7 @@ from types import FrameType
 from mlpgrid.execution import runner, trunks
 from mlpgrid.execution.events import EpochEnded, Event
 from mlpgrid.execution.groups import describe
+from mlpgrid.execution.placement import launch_order
 from mlpgrid.execution.progress import Progress
 from mlpgrid.execution.ray_tune import RayOptions
 from mlpgrid.grid.layout import StorageLayout
@@ -221,7 +222,7 @@ def _run_phases(tasks: list[runner.TrialTask], grid: GridSpec, storage: StorageL
 
             groups = runner.group_tasks(phase, request.group, device_type=pick_device().type)
             progress.note(describe(groups))
-            runner.run_in_process(groups, progress)
+            runner.run_in_process(launch_order(groups), progress)  # largest first, as on Ray
         else:
             from mlpgrid.execution import ray_tune
 

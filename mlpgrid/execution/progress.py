@@ -1,15 +1,18 @@
 """The live view of a running grid: trials done, running and pending, epochs, speed, ETA.
 
 On a terminal a status line stays at the bottom and is redrawn; elsewhere (CI logs, files)
-every event is one plain line. The ETA models each remaining trial as its start-up (the mean
-measured so far) plus its compute C at the training rate measured so far, spread over as
-many trials as have run at once.
+every event is one plain line, and the counts follow each trial's end. The ETA models each
+remaining trial as its images left at its model's measured pace, spread over as many trials as
+have run at once (see :meth:`Progress.eta`).
 """
 
 from __future__ import annotations
 
+import collections
+import math
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from mlpgrid.execution.events import EpochEnded, Event, GroupEnded, TrialEnded, from_result
@@ -23,7 +26,7 @@ def _duration(seconds: float) -> str:
 
 class Progress:
     def __init__(self, trials: list[Trial], already_done: int = 0, out: TextIO | None = None,
-                 labels: dict[str, str] | None = None):  # fmt: skip
+                 labels: dict[str, str] | None = None, clock: Callable[[], float] = time.monotonic):  # fmt: skip
         self._out = out  # None: whatever sys.stdout is when writing (Tune pickles this object)
         # Each trial as people read it (spec.trial_labels: the settings that vary in its grid).
         self.labels = labels if labels is not None else trial_labels(trials)
@@ -35,25 +38,26 @@ class Progress:
         self.epochs: dict[str, int] = {}
         self.speed: dict[str, float] = {}
         self.compute_left = sum(t.compute for t in trials)
-        self.compute_trained = 0.0  # compute of the epochs reported, over ...
-        self.train_seconds = 0.0  # ... the seconds they took
-        self.startups: list[float] = []
+        # What the ETA rests on: each trial's wall time from its start to its latest epoch (or its
+        # end), and the images and compute it trained meanwhile.
+        self.clock = clock
+        self.began: dict[str, float] = {}
+        self.reported: dict[str, float] = {}
         self.slots = 1
-        self.started = time.monotonic()
+        self.started = clock()
 
     # events ------------------------------------------------------------------------------
 
     def start(self, trial: Trial) -> None:
         self.pending.pop(trial.id, None)
         self.running[trial.id] = trial
+        self.began.setdefault(trial.id, self.clock())
         self.slots = max(self.slots, len(self.running))
         self._line(f"start    {self._name(trial)}")
 
     def epoch(self, trial: Trial, metrics: dict[str, Any]) -> None:
-        self.compute_trained += self._add_compute(trial, metrics["epoch"])
-        self.train_seconds += metrics["epoch_seconds"]
-        if "startup_seconds" in metrics:
-            self.startups.append(metrics["startup_seconds"])
+        self._add_compute(trial, metrics["epoch"])
+        self.reported[trial.id] = self.clock()
         self.speed[trial.id] = metrics["images_per_s"]
         startup = f"  (started in {metrics['startup_seconds']:.1f} s)" if "startup_seconds" in metrics else ""
         tested = f"test_error {metrics['test_error']:.4f}  " if "test_error" in metrics else ""
@@ -63,11 +67,13 @@ class Progress:
         )
 
     def end(self, trial: Trial, status: str) -> None:
+        if trial.id in self.reported:  # it trained here: its time counts to its end
+            self.reported[trial.id] = self.clock()
         self._add_compute(trial, trial.config.epochs)
         self.running.pop(trial.id, None)
         self.speed.pop(trial.id, None)
         self.done += 1
-        self._line(f"{status:<8} {self._name(trial)}")
+        self._line(f"{status:<8} {self._name(trial)}", counts=True)
 
     def hear(self, event: Event) -> None:
         """A running group's event (:mod:`mlpgrid.execution.events`)."""
@@ -111,29 +117,50 @@ class Progress:
         return share
 
     def eta(self) -> float | None:
-        """Seconds left, or None before the first epoch has been measured."""
-        if not self.train_seconds or not self.compute_trained:
+        """Seconds left, or None before the first epoch has been measured: each trial not ended
+        trains its images left at its model's measured pace (wall seconds an image of its trials,
+        from each one's start: start-up, evaluation and sharing included) or, where none of its
+        model's trials has reported yet, at the pace of the model nearest in FLOPs, scaled;
+        spread over as many trials as have run at once. Trials start largest first, so the paces
+        that decide most of what is left are measured first."""
+        if not self.reported:
             return None
-        rate = self.compute_trained / self.train_seconds  # per trial slot
-        not_started = len(self.pending) + sum(1 for t in self.running if t not in self.epochs)
-        startup = sum(self.startups) / len(self.startups) if self.startups else 0.0
-        return (max(0.0, self.compute_left) / rate + not_started * startup) / self.slots
+        images: dict[str, float] = collections.defaultdict(float)
+        seconds: dict[str, float] = collections.defaultdict(float)
+        flops = {}  # each model's forward FLOPs per image
+        for trial_id, at in self.reported.items():
+            c = self.trials[trial_id].config
+            images[c.model] += c.num_examples * self.epochs.get(trial_id, 0)
+            seconds[c.model] += max(at - self.began.get(trial_id, at), 1e-9)
+            flops[c.model] = self.trials[trial_id].forward_flops
+        left = 0.0
+        for trial_id, trial in {**self.pending, **self.running}.items():
+            c = trial.config
+            near = min(flops, key=lambda m: abs(math.log(flops[m] / trial.forward_flops)))
+            # Time an image takes grows with a model's FLOPs, but slower than they do (small models
+            # use a device less well): as their square root, between the bounds of same time an
+            # image and same FLOPs a second.
+            per_image = seconds[near] / max(images[near], 1.0) * math.sqrt(trial.forward_flops / flops[near])
+            left += c.num_examples * (c.epochs - self.epochs.get(trial_id, 0)) * per_image
+        return left / self.slots
 
     def summary(self) -> str:
-        elapsed = time.monotonic() - self.started
         parts = [f"done {self.done}/{self.total}", f"running {len(self.running)}", f"pending {len(self.pending)}"]
         if self.speed:
             parts.append(f"{sum(self.speed.values()):,.0f} img/s")
         eta = self.eta()
         if eta is not None and (self.pending or self.running):
             parts.append(f"ETA {_duration(eta)}")
-        return " | ".join(parts) + f" | {_duration(elapsed)} elapsed"
+        return " | ".join(parts)
 
-    def _line(self, text: str) -> None:
+    def _line(self, text: str, counts: bool = False) -> None:
+        """``text`` above the status line on a terminal; in a log, on a line of its own, followed
+        by the counts where ``counts`` (as each trial ends)."""
+        elapsed = _duration(self.clock() - self.started)
         if self.live:
-            self.out.write(f"\r\x1b[K{text}\n{self.summary()}")
+            self.out.write(f"\r\x1b[K{text}\n{self.summary()} | {elapsed} elapsed")
         else:
-            self.out.write(f"[{self.summary()}] {text}\n")
+            self.out.write(f"[{elapsed}] {text}\n" + (f"[{elapsed}] {self.summary()}\n" if counts else ""))
         self.out.flush()
 
     def tune_callback(self, groups: dict[str, tuple[Trial, ...]]) -> Any:

@@ -494,10 +494,11 @@ def _unknown_key(key: Any, allowed: list[str]) -> str:
 class _Errors:
     def __init__(self, path: Path):
         self.path = path
-        self.items: list[str] = []
+        self.items: dict[str, None] = {}  # in the order found, each once
 
     def add(self, where: str, problem: str) -> None:
-        self.items.append(f"{self.path}: {where}: {problem}")
+        """Record a problem once, however many trials share the value that causes it."""
+        self.items[f"{self.path}: {where}: {problem}"] = None
 
     def raise_if_any(self) -> None:
         if self.items:
@@ -814,7 +815,9 @@ def errors_every_trial_reports(trials: list[Trial]) -> list[str]:
 def reduce(grid: GridSpec, scale: float | None = None, only: tuple[tuple[str, str], ...] = ()) -> GridSpec:
     """A smaller version of ``grid`` to try a pipeline first: the trials matching every
     ``(field, value)`` of ``only``, with N, T and the stages' epochs (and TTA crops) times
-    ``scale``. A scaled grid gets its own name, so its runs never mix with the full grid's."""
+    ``scale``; N and T values that differ in the grid still differ (T = 2, 4, 8 at 0.1 become 1,
+    2, 3), so the scaled grid keeps the full grid's trials apart. A scaled grid gets its own name,
+    so its runs never mix with the full grid's."""
     trials = grid.trials
     for name, value in only:
         if name not in FIELDS:
@@ -828,11 +831,21 @@ def reduce(grid: GridSpec, scale: float | None = None, only: tuple[tuple[str, st
     def shrink(n: int) -> int:
         return max(1, round(n * scale))
 
+    def kept_apart(values: set[int]) -> dict[int, int]:
+        """Each value times ``scale``, distinct values kept distinct and in order (2, 4, 8 at 0.1: 1, 2, 3)."""
+        mapped: dict[int, int] = {}
+        for v in sorted(values):
+            mapped[v] = max(shrink(v), max(mapped.values(), default=0) + 1)
+        return mapped
+
+    # From the whole grid's values, so a trial scales alike whatever --only keeps.
+    sizes = kept_apart({t.config.num_examples for t in grid.trials})
+    lengths = kept_apart({t.config.epochs for t in grid.trials})
     reduced: dict[str, Trial] = {}
     for t in trials:
         c = t.config
         small = dataclasses.replace(
-            c, examples=shrink(c.num_examples), epochs=shrink(c.epochs), probe_epochs=shrink(c.probe_epochs),
+            c, examples=sizes[c.num_examples], epochs=lengths[c.epochs], probe_epochs=shrink(c.probe_epochs),
             finetune_epochs=shrink(c.finetune_epochs), tta=c.tta and shrink(c.tta),
             probe_examples=c.probe_examples and shrink(c.probe_examples),
         )  # fmt: skip
