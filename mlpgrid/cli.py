@@ -230,8 +230,8 @@ def cli() -> None:
 @click.option("--max-concurrent", type=click.IntRange(min=1), help="Trials at a time; default: as resources allow.")
 @click.option("--gpus-per-trial", type=FiniteRange(min=0, max=1, min_open=True),
               help="Share of a GPU per trial, e.g. 0.5: two trials per GPU. Default: the grid's run.gpus_per_trial, "
-                   "else 0.125 for small models and 0.5 for the rest, more where the trials are too few to "
-                   "cover every GPU.")  # fmt: skip
+                   "else a third for compiled trials, 0.125 for small models run eagerly and 0.5 for the rest, more "
+                   "where the trials are too few to cover every GPU.")  # fmt: skip
 @click.option("--cpus-per-trial", type=FiniteRange(min=0, min_open=True), default=1.0, show_default=True,
               help="CPU cores per trial when there is no GPU.")  # fmt: skip
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
@@ -300,17 +300,23 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
 def _next_steps(grid: GridSpec, grid_file: str, storage: StorageLayout, tracking_uri: str | None,
                 rows: list[StatusRow]) -> None:  # fmt: skip
     """After a run: the best trial of each model, where the records are, the commands to go on with."""
-    from mlpgrid.tracking import reader
+    from mlpgrid.tracking import reader, writer
 
     best = [r for r in rows if r.trial_id in _best_per_model(rows)]
     for r in sorted(best, key=lambda r: r.params):
         click.echo(f"best {r.model}: {grid.labels.get(r.trial_id, r.trial_id)}, test error {r.test_error:.4f}")
     uri = reader.tracking_uri(storage, tracking_uri)
-    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
+    found = reader.find_grid(grid, uri)
     largest = max((r.compute for r in rows), default=0.0)
     click.echo(f"Stored in {storage.root} (MLflow: {uri}).\nNext: mlpgrid frontier {grid_file} --budget "
-               f"{10 * largest:.0e}   # the frontier, and the split of a budget\n      {ui}   # the runs, "
-               f"experiment {grid.name}")  # fmt: skip
+               f"{10 * largest:.0e}   # the frontier, and the split of a budget")  # fmt: skip
+    if found is None:
+        return
+    if uri.startswith(("http://", "https://")):
+        click.echo(f"      {writer.view_address(uri, found.experiment_id)}   # the trials in MLflow")
+    else:
+        click.echo(f"      mlflow ui --backend-store-uri {uri}   # then the trials in MLflow at\n"
+                   f"      {writer.view_address('http://127.0.0.1:5000', found.experiment_id)}")  # fmt: skip
 
 
 def _stopped(outcome: RunOutcome, grid_file: str) -> None:

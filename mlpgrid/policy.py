@@ -149,10 +149,11 @@ def groups_across_epochs(cfg: TrialConfig, device_type: str, automatic: bool) ->
 # A compiled step is not launch-bound whatever its size, and a compiling start-up takes the
 # node's cores: eight compiled trials of the main job (batch 16384, 10,450 classes, B-6/Wi-256
 # to B-12/Wi-512) starting together on an H100's 16 cores had not ended a first epoch after 60 s
-# (benchmarks/main_job.py). Two at a time, each model's trials did 90-103% of its bare step's work
-# (H100, benchmarks/main_job.py --seconds 25), but pairs started and ended together, so their
-# start-ups left the GPU idle (wall 54% of the bare compute; start-up 24% of the trials' time).
-# A compiled worker gets a third of a GPU: while two train, the third starts up.
+# (benchmarks/main_job.py). Two at a time each model's trials did 90-103% of its bare step's work,
+# but pairs started and ended together, their start-ups leaving the GPU idle. A compiled worker
+# gets a third of a GPU, so that while two train the third starts up: three at a time the GPU did
+# 99.3% of the bare steps' work while trials trained (H100, the six Table-3 models, main_job.py
+# --sizes 1 --seconds 40 --lengths 0.8,1,1.2).
 SMALL_STEP_FLOPS = 4e12
 SMALL_SHARE, COMPILED_SHARE, LARGE_SHARE = 0.125, 1 / 3, 0.5
 

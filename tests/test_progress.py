@@ -57,8 +57,10 @@ def test_a_terminal_gets_a_status_line_redrawn_in_place(write_grid):
     out = Terminal()
     progress = Progress([short], out=out)
     progress.start(short)
+    progress.end(short, "failed")
     progress.close()
     assert out.getvalue().startswith("\r\x1b[K") and out.getvalue().endswith("\r\x1b[K")
+    assert "\x1b[31mfailed  \x1b[0m" in out.getvalue(), "its end in colour"
 
 
 def test_events_cross_tune_as_dicts_and_come_back_whole():

@@ -18,6 +18,10 @@ from typing import Any, TextIO
 from mlpgrid.execution.events import EpochEnded, Event, GroupEnded, TrialEnded, from_result
 from mlpgrid.grid.spec import Trial, trial_labels
 
+# ANSI colours of a trial's end on a terminal: finished green, diverged yellow, failed red,
+# interrupted magenta.
+_COLOURS = {"finished": "32", "diverged": "33", "failed": "31", "interrupted": "35"}
+
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
@@ -73,7 +77,10 @@ class Progress:
         self.running.pop(trial.id, None)
         self.speed.pop(trial.id, None)
         self.done += 1
-        self._line(f"{status:<8} {self._name(trial)}", counts=True)
+        shown = f"{status:<8}"
+        if self.live and status in _COLOURS:  # as `status` colours its table
+            shown = f"\x1b[{_COLOURS[status]}m{shown}\x1b[0m"
+        self._line(f"{shown} {self._name(trial)}", counts=True)
 
     def hear(self, event: Event) -> None:
         """A running group's event (:mod:`mlpgrid.execution.events`)."""

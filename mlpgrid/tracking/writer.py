@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlpgrid.grid import metrics
 from mlpgrid.grid.layout import StorageLayout
 from mlpgrid.grid.locks import exclusive
-from mlpgrid.grid.spec import GridSpec, Trial
+from mlpgrid.grid.spec import FIELDS, GridSpec, Trial
 from mlpgrid.tracking import reader
 from mlpgrid.tracking.reader import FINISHED, INTERRUPTED, RUNNING, GridRun
 
@@ -78,6 +78,7 @@ def _open_grid(grid: GridSpec, uri: str, artifacts: str | None) -> GridRun:
         if experiment.tags.get(_KIND) != _EXPERIMENT_TAGS[_KIND]:  # made by an earlier version
             client.set_experiment_tag(experiment_id, _KIND, _EXPERIMENT_TAGS[_KIND])
     parent_id = reader.parent_run_id(uri, experiment_id)
+    client.set_experiment_tag(experiment_id, VIEW_TAG, runs_view(grid))
     if parent_id is None:
         parent = client.create_run(experiment_id, run_name=grid.name, tags={"mlpgrid_role": "grid"})
         parent_id = parent.info.run_id
@@ -85,6 +86,57 @@ def _open_grid(grid: GridSpec, uri: str, artifacts: str | None) -> GridRun:
     else:
         client.update_run(parent_id, status="RUNNING")
     return GridRun(uri, experiment_id, parent_id, str(grid.path.resolve()))
+
+
+# A saved view of MLflow's runs page (its "Views" menu; opened by ?viewStateShareKey=mlpgrid): the
+# trials with the columns that matter and a chart of error against compute. MLflow 3 keeps saved
+# views as experiment tags of this name, the view's state as JSON.
+VIEW_ID = "mlpgrid"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_ID}"
+
+
+def view_address(server: str, experiment_id: str, chart: bool = False) -> str:
+    """The address of the grid's saved view on an MLflow server (its runs table, or its chart)."""
+    return (f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_ID}"
+            f"&workflowType=machine_learning" + ("&compareRunsMode=CHART" if chart else ""))  # fmt: skip
+
+
+def runs_view(grid: GridSpec) -> str:
+    """The grid's saved view: its trials (not the grid's parent run) by compute, each shown by
+    model, N, T, the settings that vary, C, its error, best error and status; every run listed
+    and in the charts; a scatter of the grid's metric against C (runs coloured by model)."""
+    varying = [name for name in FIELDS if name not in ("model", "examples", "epochs")
+               and len({getattr(t.config, name) for t in grid.trials}) > 1]  # fmt: skip
+    columns = ["params.`model`", "params.`examples`", "params.`epochs`", *(f"params.`{n}`" for n in varying),
+               "metrics.`compute`", f"metrics.`{grid.metric}`", f"metrics.`{metrics.BEST_TEST_ERROR}`",
+               "tags.`status`"]  # fmt: skip
+    chart = {"uuid": "mlpgrid-error-vs-compute", "type": "SCATTER", "deleted": False, "isGenerated": False,
+             "metricSectionId": "mlpgrid-scaling", "runsCountToCompare": len(grid.trials),
+             "xaxis": {"key": "compute", "type": "METRIC"},
+             "yaxis": {"key": grid.metric, "type": "METRIC"}}  # fmt: skip
+    state = {
+        "searchFilter": "tags.mlpgrid_role = 'trial'", "orderByKey": "metrics.`compute`", "orderByAsc": True,
+        "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+        "selectedColumns": columns, "columnOrder": [], "columnWidths": {"tags.`mlflow.runName`": 260},
+        "runsHiddenMode": "SHOW_ALL", "viewMaximized": False, "runListHidden": False, "isAccordionReordered": False,
+        "useGroupedValuesInCharts": True, "hideEmptyCharts": True, "groupBy": None, "groupsExpanded": {},
+        "compareRunCharts": [chart],
+        "compareRunSections": [{"uuid": "mlpgrid-scaling", "name": f"{grid.name}: error against compute C",
+                                "display": True, "isReordered": False, "deleted": False}],
+        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
+    }  # fmt: skip
+    now = int(time.time() * 1000)
+    return json.dumps({"name": f"{grid.name}: trials", "createdAt": now, "updatedAt": now, "state": json.dumps(state)})
+
+
+# A run's colour in MLflow's charts, by its model's size: models within about 2x of each other
+# may share one, larger steps never do.
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+            "#17becf")  # fmt: skip
+
+
+def run_colour(params: int) -> str:
+    return _PALETTE[round(3 * math.log10(max(params, 1))) % len(_PALETTE)]
 
 
 def trial_run(grid_run: GridRun, trial_id: str) -> Any:
@@ -234,7 +286,8 @@ class TrialRun:
                 client.delete_tag(run.info.run_id, "error")
         else:
             cfg = trial.config
-            parent = {"mlflow.parentRunId": grid_run.parent_run_id, "grid_file": grid_run.grid_file}
+            parent = {"mlflow.parentRunId": grid_run.parent_run_id, "grid_file": grid_run.grid_file,
+                      "mlflow.runColor": run_colour(trial.params)}  # fmt: skip
             identity = {**trial_tags(trial), **parent}
             name = name or f"{cfg.model} N={cfg.num_examples} T={cfg.epochs}"
             run = client.create_run(grid_run.experiment_id, run_name=name, tags=identity)
