@@ -363,7 +363,9 @@ def status(grid_file: str, as_json: bool, storage: StorageLayout, tracking_uri: 
     except Exception as e:  # noqa: BLE001 - e.g. a store still being created, or unreachable
         raise click.ClickException(f"cannot read MLflow tracking URI {uri}: {e}") from None
     if found is None and not as_json:
-        click.echo(f"{grid.name} has no runs in {uri} yet: every trial is pending.", err=True)
+        scaled = reader.scaled_versions(grid, uri)
+        hint = f" Runs of it scaled: {', '.join(scaled)} (pass the same --scale)." if scaled else ""
+        click.echo(f"{grid.name} has no runs in {uri} yet: every trial is pending.{hint}", err=True)
     if as_json:
         click.echo(
             _json(

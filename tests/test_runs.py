@@ -131,3 +131,19 @@ def test_labels_name_every_setting_that_varies_and_no_two_trials_alike(write_gri
     assert sorted(ablation.labels.values()) == sorted(f"B-1/Wi-16 N=1k T=1{d}" for d in departures)
     close = spec.load(write_grid("base: {model: B-1/Wi-16, epochs: 1}\ngrid:\n  examples: [10000, 10001]\n"))
     assert sorted(close.labels.values()) == ["B-1/Wi-16 N=10000 T=1", "B-1/Wi-16 N=10001 T=1"], "N exact"
+
+
+def test_status_says_when_no_store_or_no_runs_are_there_and_names_scaled_runs(tmp_path, write_grid):
+    from click.testing import CliRunner
+
+    from mlpgrid.cli import cli
+
+    path = write_grid(GRID.format(name="said"))
+    missing = CliRunner().invoke(cli, ["status", str(path), "--storage", str(tmp_path / "typo")])
+    assert missing.exit_code == 1 and f"no MLflow store at {tmp_path / 'typo' / 'mlflow.db'}" in missing.output
+    assert not (tmp_path / "typo").exists(), "asking creates nothing"
+    storage = StorageLayout(tmp_path / "store")
+    writer.open_grid(spec.reduce(spec.load(path), 0.5), reader.tracking_uri(storage), storage)
+    shown = CliRunner().invoke(cli, ["status", str(path), "--storage", str(storage.root)])
+    assert shown.exit_code == 0 and "said has no runs in" in shown.output, shown.output
+    assert "Runs of it scaled: said-scale0.5 (pass the same --scale)" in shown.output

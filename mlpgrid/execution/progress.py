@@ -41,12 +41,17 @@ class Progress:
         self.running: dict[str, Trial] = {}
         self.epochs: dict[str, int] = {}
         self.speed: dict[str, float] = {}
-        self.compute_left = sum(t.compute for t in trials)
-        # What the ETA rests on: each trial's wall time from its start to its latest epoch (or its
-        # end), and the images and compute it trained meanwhile.
+        # What the ETA rests on, kept up as events come (each is O(1), however large the grid):
+        # by model, the images its trials have left, and the images they trained in the wall
+        # seconds from each one's start to its latest epoch (or its end).
         self.clock = clock
-        self.began: dict[str, float] = {}
-        self.reported: dict[str, float] = {}
+        self.flops = {t.config.model: t.forward_flops for t in trials}
+        self.images_left: dict[str, float] = collections.defaultdict(float)
+        for t in trials:
+            self.images_left[t.config.model] += t.config.num_examples * t.config.epochs
+        self.images: dict[str, float] = collections.defaultdict(float)
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.last: dict[str, float] = {}  # each trial's start, then its latest epoch
         self.slots = 1
         self.started = clock()
 
@@ -55,13 +60,12 @@ class Progress:
     def start(self, trial: Trial) -> None:
         self.pending.pop(trial.id, None)
         self.running[trial.id] = trial
-        self.began.setdefault(trial.id, self.clock())
+        self.last.setdefault(trial.id, self.clock())
         self.slots = max(self.slots, len(self.running))
         self._line(f"start    {self._name(trial)}")
 
     def epoch(self, trial: Trial, metrics: dict[str, Any]) -> None:
-        self._add_compute(trial, metrics["epoch"])
-        self.reported[trial.id] = self.clock()
+        self._count(trial, metrics["epoch"], trained=True)
         self.speed[trial.id] = metrics["images_per_s"]
         startup = f"  (started in {metrics['startup_seconds']:.1f} s)" if "startup_seconds" in metrics else ""
         tested = f"test_error {metrics['test_error']:.4f}  " if "test_error" in metrics else ""
@@ -71,9 +75,7 @@ class Progress:
         )
 
     def end(self, trial: Trial, status: str) -> None:
-        if trial.id in self.reported:  # it trained here: its time counts to its end
-            self.reported[trial.id] = self.clock()
-        self._add_compute(trial, trial.config.epochs)
+        self._count(trial, trial.config.epochs, trained=False)
         self.running.pop(trial.id, None)
         self.speed.pop(trial.id, None)
         self.done += 1
@@ -115,40 +117,40 @@ class Progress:
     def _name(self, trial: Trial) -> str:
         return f"{self.labels.get(trial.id, trial.config.model)} [{trial.id[:8]}]"
 
-    def _add_compute(self, trial: Trial, epoch: int) -> float:
-        """Count the trial's compute up to ``epoch`` as done; returns what was added."""
-        before = self.epochs.get(trial.id, 0)
-        share = trial.compute * max(0, epoch - before) / trial.config.epochs
-        self.compute_left -= share
-        self.epochs[trial.id] = max(before, epoch)
-        return share
+    def _count(self, trial: Trial, epoch: int, trained: bool) -> None:
+        """The trial is done up to ``epoch``: its images left shrink; where it ``trained`` them
+        (an epoch reported; not the epochs a trial ending early leaves), they count as trained
+        in the time since its start or its latest epoch. Its time to its end counts too."""
+        model, done = trial.config.model, self.epochs.get(trial.id, 0)
+        images = trial.config.num_examples * max(0, epoch - done)
+        self.epochs[trial.id] = max(done, epoch)
+        self.images_left[model] -= images
+        if trial.id in self.last and (trained or done):  # it has trained here: its time counts
+            now = self.clock()
+            self.seconds[model] += max(now - self.last[trial.id], 0.0)
+            self.images[model] += images if trained else 0.0
+            self.last[trial.id] = now
 
     def eta(self) -> float | None:
-        """Seconds left, or None before the first epoch has been measured: each trial not ended
-        trains its images left at its model's measured pace (wall seconds an image of its trials,
-        from each one's start: start-up, evaluation and sharing included) or, where none of its
-        model's trials has reported yet, at the pace of the model nearest in FLOPs, scaled;
-        spread over as many trials as have run at once. Trials start largest first, so the paces
-        that decide most of what is left are measured first."""
-        if not self.reported:
+        """Seconds left, or None before the first epoch has been measured: the images each model's
+        trials have left at its measured pace (wall seconds an image of its trials, from each one's
+        start: start-up, evaluation and sharing included) or, for a model none of whose trials has
+        reported yet, at the pace of the model nearest in FLOPs, scaled; spread over as many
+        trials as have run at once. Trials start largest first, so the paces that decide most of
+        what is left are measured first."""
+        measured = [m for m, n in self.images.items() if n > 0]
+        if not measured:
             return None
-        images: dict[str, float] = collections.defaultdict(float)
-        seconds: dict[str, float] = collections.defaultdict(float)
-        flops = {}  # each model's forward FLOPs per image
-        for trial_id, at in self.reported.items():
-            c = self.trials[trial_id].config
-            images[c.model] += c.num_examples * self.epochs.get(trial_id, 0)
-            seconds[c.model] += max(at - self.began.get(trial_id, at), 1e-9)
-            flops[c.model] = self.trials[trial_id].forward_flops
         left = 0.0
-        for trial_id, trial in {**self.pending, **self.running}.items():
-            c = trial.config
-            near = min(flops, key=lambda m: abs(math.log(flops[m] / trial.forward_flops)))
+        for model, images in self.images_left.items():
+            if images <= 0:
+                continue
+            near = min(measured, key=lambda m: abs(math.log(self.flops[m] / self.flops[model])))
             # Time an image takes grows with a model's FLOPs, but slower than they do (small models
             # use a device less well): as their square root, between the bounds of same time an
             # image and same FLOPs a second.
-            per_image = seconds[near] / max(images[near], 1.0) * math.sqrt(trial.forward_flops / flops[near])
-            left += c.num_examples * (c.epochs - self.epochs.get(trial_id, 0)) * per_image
+            per_image = self.seconds[near] / self.images[near] * math.sqrt(self.flops[model] / self.flops[near])
+            left += images * per_image
         return left / self.slots
 
     def summary(self) -> str:

@@ -194,6 +194,14 @@ def find_grid(grid: GridSpec, uri: str) -> GridRun | None:
     return GridRun(uri, experiment_id, parent_id, str(grid.path.resolve())) if parent_id else None
 
 
+def scaled_versions(grid: GridSpec, uri: str) -> list[str]:
+    """The names of the experiments of ``grid`` run with ``--scale`` in the store at ``uri``."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return []
+    found = _client(uri).search_experiments(filter_string=f"name LIKE '{grid.name}-scale%'")
+    return sorted(e.name for e in found)
+
+
 def trial_runs(grid_run: GridRun) -> dict[str, RunRecord]:
     """``{trial id: run}`` of every trial run the grid's experiment holds."""
     if server := _server(grid_run.tracking_uri):
