@@ -230,3 +230,16 @@ def test_run_options_take_auto_or_a_value(write_grid):
     assert "run.compile: expected true, false or auto, got 1" in message
     assert "run.gpus_per_trial: expected the share of one GPU a trial takes (0 < x <= 1) or auto, got 2" in message
     assert "run.checkpoint_every_steps: expected a whole number, got 'auto'" in message
+
+
+def test_a_key_set_twice_and_declared_facts_out_of_range_are_refused_at_once(write_grid):
+    """YAML keeps the last of two equal keys silently; a declared dataset of 10^9 classes once ran
+    out of memory building their names, and one of zero classes was accepted with C = 0."""
+    with pytest.raises(SpecError, match=r"line 3, .*'epochs' appears twice in one mapping \(the first at line 2\)"):
+        spec.load(write_grid("base:\n  epochs: 1\n  epochs: 3\n  model: B-1/Wi-16\n"))
+    declared = "data:\n  big: {{path: big, classes: {}, train: 1000, test: 100, resolution: 32}}\n" \
+               "base: {{dataset: big, model: B-1/Wi-16, epochs: 1}}\n"  # fmt: skip
+    for classes, shown in ((10**9, "1,000,000,000"), (0, "0")):
+        with pytest.raises(SpecError, match=f"data.big: classes must be from 1 to 1,000,000, got {shown}"):
+            spec.load(write_grid(declared.format(classes)))
+    assert spec.load(write_grid(declared.format(21841))).trials[0].config.model_config().num_classes == 21841

@@ -38,6 +38,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from mlpgrid.analysis import isoflop, parametric
+from mlpgrid.data.files import regular_file
 from mlpgrid.tracking.points import Point
 
 MIN_FRONTIER_POINTS = 5  # E(C) has 4 parameters: at least one point more to judge the fit
@@ -53,6 +54,7 @@ IRREDUCIBLE_FLOOR = 1e-3  # an E(P, D) whose E falls below this fraction of the 
 # 200 resamples failed, the 18 that fit made "a 0.963 [0.963, 0.963]".
 MIN_FITTED_SHARE = 0.5
 CSV_COLUMNS = ("compute", "error", "params", "examples", "epochs")
+MAX_CSV_BYTES = 2**30  # ten million trials of some hundred bytes a row
 
 
 class FitError(ValueError):
@@ -97,10 +99,15 @@ def read_table(path: str | Path) -> tuple[list[Point], Labels]:
     """:func:`read_csv`'s points and the labels its column names give."""
     path = Path(path)
     try:
+        regular_file(path, MAX_CSV_BYTES, "a CSV of trials")
         with path.open(newline="", encoding="utf-8-sig") as f:
             points, labels, problems = _read_rows(path, csv.reader(f))
     except UnicodeDecodeError as e:
         raise FitError(f"{path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
+    except csv.Error as e:  # e.g. a field longer than the csv module takes
+        raise FitError(f"{path}: not a CSV of trials ({e})") from None
+    except ValueError as e:
+        raise FitError(str(e)) from None
     if problems:
         more = [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
         raise FitError("\n".join(problems[:20] + more))

@@ -220,12 +220,20 @@ def register(name: str, root: str | Path) -> None:
 
 
 DECLARED_FACTS = ("classes", "train", "test", "resolution", "channels")
+# What a declared dataset may state, inclusive: ImageNet-21k has 21,841 classes; a million class
+# names is some 60 MB, a billion would not fit (a declared 10^9 classes ran out of memory).
+DECLARED_RANGES = {"classes": (1, 1_000_000), "train": (1, 10**10), "test": (0, 10**10), "resolution": (1, 4096),
+                   "channels": (1, 3)}  # fmt: skip
 
 
 def declare(name: str, root: str | Path, facts: dict[str, int]) -> None:
     """Make ``name`` known from the facts a grid file states about it (``classes``, ``train``,
     ``test``, ``resolution``, ``channels``), so its trials can be planned before it is prepared.
     Once prepared at ``root``, its manifest must agree with them."""
+    for fact, value in facts.items():
+        low, high = DECLARED_RANGES[fact]
+        if not low <= value <= high:
+            raise ValueError(f"{fact} must be from {low:,} to {high:,}, got {value:,}")
     root = Path(root)
     if not (root / prepared.MANIFEST).is_file():
         _PREPARED[name] = _prepared_dataset(name, root, tuple(str(i) for i in range(facts["classes"])), facts)

@@ -1,9 +1,26 @@
-"""File checks shared by the dataset layouts, prepared datasets and checkpoints."""
+"""File checks shared by the dataset layouts, prepared datasets and checkpoints, and the
+files a user names (grid files, CSVs)."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from pathlib import Path
+
+
+def regular_file(path: Path, most_bytes: int, what: str) -> None:
+    """Raise ValueError unless ``path`` is a regular file of at most ``most_bytes``: reading a
+    FIFO would wait forever for a writer, and a device (``/dev/zero``) never ends."""
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read {what} ({e.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a directory" if stat.S_ISDIR(info.st_mode) else "a device"
+        raise ValueError(f"{path}: {kind}, not a regular file: {what} must be one")
+    if info.st_size > most_bytes:
+        raise ValueError(f"{path}: {info.st_size:,} bytes, more than {most_bytes:,}: not {what}")
 
 
 def sha256(path: Path) -> str:

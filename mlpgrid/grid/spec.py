@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from mlpgrid import data
+from mlpgrid.data.files import regular_file
 from mlpgrid.grid import metrics
 from mlpgrid.models import architecture
 
@@ -404,6 +405,19 @@ class _Loader(yaml.SafeLoader):
             raise yaml.composer.ComposerError(None, None, f"expands to more than {MAX_VALUES:,} values "
                                               "(aliases repeating aliases)", node.start_mark)  # fmt: skip
         return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """A mapping, refused where a key appears twice: YAML would keep the last silently."""
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} appears twice in one mapping (the first at line "
+                    f"{seen[key].start_mark.line + 1}); set it once", key_node.start_mark)  # fmt: skip
+            if isinstance(key, typing.Hashable):
+                seen[key] = key_node
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -902,8 +916,12 @@ def load(path: str | Path) -> GridSpec:
     """Read and validate a grid file (UTF-8, at most :data:`MAX_FILE_BYTES`)."""
     path = Path(path)
     try:
+        regular_file(path, MAX_FILE_BYTES, "a grid file")
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+    try:
         with open(path, "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)  # never more: `run /dev/zero` ends here
+            raw = f.read(MAX_FILE_BYTES + 1)  # never more, should it grow meanwhile
     except OSError as e:
         raise SpecError(f"{path}: cannot read grid file ({e.strerror})") from None
     if len(raw) > MAX_FILE_BYTES:

@@ -163,3 +163,23 @@ def test_an_output_that_cannot_be_written_whole_leaves_nothing(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert done.returncode == 1 and f"{out}: cannot write it: File too large" in done.stderr
     assert not out.exists()
+
+
+def test_a_fifo_or_a_device_as_a_grid_file_or_csv_is_refused_not_waited_on(tmp_path):
+    """Reading a FIFO waits for a writer that never comes; /dev/zero never ends; a CSV field past
+    the csv module's limit raised. Each is refused with a line naming the file."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.csv"
+    huge.write_text("compute,error,params,examples\n1," + "9" * 200_000 + ",1,1\n")
+    cases = [(["run", str(fifo), "--dry-run"], f"{fifo}: a FIFO, not a regular file: a grid file must be one"),
+             (["run", "/dev/zero", "--dry-run"], "/dev/zero: a device, not a regular file: a grid file must be one"),
+             (["frontier", "--from-csv", str(fifo)], f"{fifo}: a FIFO, not a regular file: a CSV of trials must be"),
+             (["frontier", "--from-csv", "/dev/zero"], "/dev/zero: a device, not a regular file"),
+             (["frontier", "--from-csv", str(huge)], f"{huge}: not a CSV of trials (field larger")]  # fmt: skip
+    for args, said in cases:
+        out = subprocess.run([sys.executable, "-m", "mlpgrid", *args], cwd=REPO, capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+        assert out.returncode == 1 and said in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)

@@ -24,10 +24,13 @@ base: {model: B-1/Wi-16, examples: 500, batch_size: 50, epochs: 2, optimizer: ad
 
 
 def run(path, storage, hold=None):
+    """``mlpgrid run`` with SIGINT ignored, as a process started from a background job inherits
+    it: the run must set the handling it relies on, whatever its parent left."""
     env = {k: v for k, v in os.environ.items() if k != HOLD_AT} | ({HOLD_AT: hold} if hold else {})
     return subprocess.Popen(mlpgrid_command("run", str(path), "--in-process", "--storage", str(storage)), cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
 
 
 def state(path, storage):
@@ -53,7 +56,8 @@ def test_a_cut_off_trial_says_so_and_resumes(tmp_path, write_grid, fashion_mnist
     grid_run = reader.find_grid(grid, reader.tracking_uri(StorageLayout(storage)))
     client = MlflowClient(grid_run.tracking_uri)
     assert state(path, storage) == "interrupted"
-    if how == signal.SIGINT:  # the driver recorded it as it stopped
+    if how == signal.SIGINT:  # the driver recorded it as it stopped, and said so
+        assert driver.returncode == 130 and "Stopped by Ctrl-C" in out and "Run the same command again" in out, out
         (cut,) = reader.trial_runs(grid_run).values()
         assert cut.tags["status"] == "interrupted" and cut.status == "KILLED"
         assert client.get_run(grid_run.parent_run_id).info.status == "KILLED"
