@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -617,7 +618,7 @@ def _print_frontier(report: dict[str, Any], source: str) -> None:
         click.echo(f"wrote {proposed['file']}: {len(proposed['trials'])} trials at C = {proposed['budget']:.3g};"
                    f" run it with `mlpgrid run {proposed['file']}`")  # fmt: skip
     for path in report["plots"]:
-        click.echo(f"plot: {path}")
+        click.echo(f"plot: {path}" + (" (replaced the earlier one)" if path in report["plots_replaced"] else ""))
     for name, why in report["plots_not_drawn"].items():
         click.echo(f"not drawn: {name}: {why}")
 
@@ -762,6 +763,9 @@ def data_prepare(name: str, source: Path, out: Path | None, layout: str | None, 
     """
     from mlpgrid.data import prepare, prepared
 
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise click.BadParameter(f"{name!r}: a dataset's name in grid files (letters, digits, '.', '_', '-'), not a "
+                                 "path; --out says where it goes", param_hint="NAME")  # fmt: skip
     out = out or prepared.home() / name
     try:
         request = prepare.Request(name, source, out, layout or prepare.detect_layout(source), resolution,

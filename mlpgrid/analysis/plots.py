@@ -19,6 +19,7 @@ from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from mlpgrid.analysis import outputs  # noqa: E402
 from mlpgrid.analysis.frontier import (  # noqa: E402
     APPROACHES,
     MIN_FITTED_SHARE,
@@ -305,10 +306,14 @@ def by_family(analyses: dict[str, Analysis], path: Path, labels: Labels) -> Path
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
+    """The figure as ``path``, replacing an earlier one, never written through a link
+    (:func:`mlpgrid.analysis.outputs.replace_file`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    try:
+        outputs.replace_file(path, lambda f: fig.savefig(f, dpi=DPI, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -78,6 +78,11 @@ def _check(request: FrontierRequest) -> None:
             outputs.check_new(request.out)  # before any work: the grid file itself, say, is refused here
         except outputs.OutputError as e:
             raise RequestError(f"--out {e}") from None
+    if request.plot_dir is not None:
+        try:
+            outputs.check_folder(request.plot_dir)
+        except outputs.OutputError as e:
+            raise RequestError(f"--plot-dir {e}") from None
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,7 @@ class FrontierReport:
     proposed: dict[str, Any] | None = None  # with --propose: the grid file written
     plots: list[str] = field(default_factory=list)  # the figures drawn
     plots_not_drawn: dict[str, str] = field(default_factory=dict)  # figures left out, and why
+    plots_replaced: list[str] = field(default_factory=list)  # of plots, those that replaced a file of their name
 
     def as_dict(self) -> dict[str, Any]:
         """The report as ``--json`` prints it (and the grid's run keeps as ``frontier.json``)."""
@@ -219,11 +225,8 @@ class FrontierReport:
         out["queries"] = self.queries
         sections = {"families": self.families, "holdout": self.holdout, "proposals": self.proposals,
                     "proposed": self.proposed}  # fmt: skip
-        return (
-            out
-            | {k: v for k, v in sections.items() if v is not None}
-            | {"plots": self.plots, "plots_not_drawn": self.plots_not_drawn}
-        )
+        figures = {"plots": self.plots, "plots_not_drawn": self.plots_not_drawn, "plots_replaced": self.plots_replaced}
+        return out | {k: v for k, v in sections.items() if v is not None} | figures
 
 
 def frontier_report(request: FrontierRequest, storage: StorageLayout,
@@ -282,11 +285,13 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout,
         from mlpgrid.analysis import plots
 
         stable = (read.curves or {}).get("constant_rate", [])
+        there = {p.name for p in request.plot_dir.iterdir()}
         figures = plots.draw_all(analysis, boot, list(request.budgets), request.plot_dir, read.labels,
                                  [(p["compute"], p["error"]) for p in stable])  # fmt: skip
         if families:
             figures.append(plots.by_family(families, request.plot_dir / "families.png", read.labels))
         report.plots_not_drawn = plots.not_drawn(analysis)
+        report.plots_replaced = [str(p) for p in figures if p.name in there]
     report.plots = [str(p) for p in figures]
     if grid_run:
         _tracking().log_files(grid_run, figures, "frontier")

@@ -7,13 +7,16 @@ dies however it dies, so a killed driver or worker never leaves a stale lock beh
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 
 @contextmanager
@@ -28,7 +31,7 @@ def claim(path: str | Path, wait_s: float = 0.0) -> Iterator[str | None]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
+    with _open_lock(path) as f:
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -45,6 +48,23 @@ def claim(path: str | Path, wait_s: float = 0.0) -> Iterator[str | None]:
         f.write(f"pid {os.getpid()} on {socket.gethostname()}")
         f.flush()
         yield None
+
+
+def _open_lock(path: Path) -> TextIO:
+    """The lock file, created if need be, never through a link: one planted at its place would
+    have this process empty and write the file it points to, wherever that is."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(
+                e.errno, f"{path} is a symbolic link; mlpgrid writes no lock through one: remove it"
+            ) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file; remove it (mlpgrid makes its locks)")
+    return os.fdopen(fd, "r+")
 
 
 @contextmanager

@@ -3,12 +3,14 @@
 import os
 import subprocess
 
+import numpy as np
 from mlflow import MlflowClient
 
 from conftest import mlpgrid_command
 from mlpgrid.grid import spec
 from mlpgrid.grid.layout import StorageLayout
 from mlpgrid.tracking import reader
+from synthetic_law import Law, draw
 
 SECRET = "pa55-9f8e7d6c5b4a"
 GRID = """
@@ -81,3 +83,45 @@ def test_a_planted_or_damaged_stage_cache_never_runs_and_is_rebuilt(tmp_path, fa
         assert run_trial(cfg, layout, datasets=datasets()).stages == probed, "rebuilt, the same features"
         assert not marker.exists(), "the planted file ran code"
         assert set(torch.load(cache, weights_only=True)) == {"train_x", "train_y", "test_x", "test_y"}
+
+
+def test_links_planted_in_storage_or_the_plot_folder_are_never_written_through(tmp_path, write_grid, fashion_mnist):
+    """A link at a trial's lock, at the store's lock or at a figure's name points outside: the run
+    refuses it (saying which), a figure replaces it, and the file it points to is untouched; a
+    dataset's NAME is never a path."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    path, storage = write_grid(GRID), tmp_path / "store"
+    grid = spec.load(path)
+    storage.mkdir()
+    (storage / "mlflow.lock").symlink_to(precious)
+    refused = subprocess.run(mlpgrid_command("run", str(path), "--in-process", "--storage", str(storage)),
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert refused.returncode == 1 and "mlflow.lock is a symbolic link" in refused.stderr, refused.stderr
+    (storage / "mlflow.lock").unlink()
+    lock = StorageLayout(storage).grid(grid.name).trial(grid.trials[0].id).lock
+    lock.parent.mkdir(parents=True)
+    lock.symlink_to(precious)
+    ran = subprocess.run(mlpgrid_command("run", str(path), "--in-process", "--storage", str(storage), "--group", "off"),
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert ran.returncode == 1 and f"{lock} is a symbolic link" in ran.stdout + ran.stderr, ran.stdout + ran.stderr
+    assert "1 finished" in ran.stdout, "the other trial trains"
+
+    plots, table = tmp_path / "plots", tmp_path / "trials.csv"
+    plots.mkdir()
+    (plots / "error_vs_compute.png").symlink_to(precious)
+    points = draw(Law(), np.random.default_rng(0))
+    table.write_text("compute,error,params,examples\n" + "".join(f"{p.compute},{p.error},{p.params},{p.examples}\n"
+                                                                 for p in points))  # fmt: skip
+    drawn = subprocess.run(mlpgrid_command("frontier", "--from-csv", str(table), "--plot-dir", str(plots)),
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    figure = plots / "error_vs_compute.png"
+    assert drawn.returncode == 0, drawn.stderr
+    assert not figure.is_symlink() and figure.read_bytes()[:4] == b"\x89PNG", "the link replaced by the figure"
+    assert f"plot: {figure} (replaced the earlier one)" in drawn.stdout
+    assert precious.read_text() == "keep me"
+    for name in ("../outside", str(tmp_path / "abs")):
+        prepared = subprocess.run(mlpgrid_command("data", "prepare", name, "--source", str(tmp_path)),
+                                  capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert prepared.returncode == 2 and "not a path; --out says where it goes" in prepared.stderr
+    assert not (tmp_path / "abs").exists()
