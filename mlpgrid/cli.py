@@ -308,15 +308,16 @@ def _next_steps(grid: GridSpec, grid_file: str, storage: StorageLayout, tracking
         click.echo(f"best {r.model}: {grid.labels.get(r.trial_id, r.trial_id)}, test error {r.test_error:.4f}")
     uri = reader.tracking_uri(storage, tracking_uri)
     found = reader.find_grid(grid, uri)
+    shown = reader.shown(uri)
     largest = max((r.compute for r in rows), default=0.0)
-    click.echo(f"Stored in {storage.root} (MLflow: {uri}).\nNext: mlpgrid frontier {grid_file} --budget "
+    click.echo(f"Stored in {storage.root} (MLflow: {shown}).\nNext: mlpgrid frontier {grid_file} --budget "
                f"{10 * largest:.0e}   # the frontier, and the split of a budget")  # fmt: skip
     if found is None:
         return
     if uri.startswith(("http://", "https://")):
-        click.echo(f"      {writer.view_address(uri, found.experiment_id)}   # the trials in MLflow")
+        click.echo(f"      {writer.view_address(shown, found.experiment_id)}   # the trials in MLflow")
     else:
-        click.echo(f"      mlflow ui --backend-store-uri {uri}   # then the trials in MLflow at\n"
+        click.echo(f"      mlflow ui --backend-store-uri {shown}   # then the trials in MLflow at\n"
                    f"      {writer.view_address('http://127.0.0.1:5000', found.experiment_id)}")  # fmt: skip
 
 
@@ -362,11 +363,11 @@ def status(grid_file: str, as_json: bool, storage: StorageLayout, tracking_uri: 
         found = reader.find_grid(grid, uri)
         rows = reader.grid_status(grid, found, storage)
     except Exception as e:  # noqa: BLE001 - e.g. a store still being created, or unreachable
-        raise click.ClickException(f"cannot read MLflow tracking URI {uri}: {e}") from None
+        raise click.ClickException(reader.shown(f"cannot read MLflow tracking URI {uri}: {e}")) from None
     if found is None and not as_json:
         scaled = reader.scaled_versions(grid, uri)
         hint = f" Runs of it scaled: {', '.join(scaled)} (pass the same --scale)." if scaled else ""
-        click.echo(f"{grid.name} has no runs in {uri} yet: every trial is pending.{hint}", err=True)
+        click.echo(reader.shown(f"{grid.name} has no runs in {uri} yet: every trial is pending.{hint}"), err=True)
     if as_json:
         click.echo(
             _json(

@@ -117,10 +117,10 @@ def _points(request: FrontierRequest, uri: str) -> _Read:
                       "constant_rate": [p.as_dict() for p in stable]}  # fmt: skip
             points = points + extra
     except Exception as e:  # noqa: BLE001 - e.g. an unreachable server
-        raise ReportError(f"cannot read MLflow tracking URI {uri}: {e}") from None
+        raise ReportError(reader.shown(f"cannot read MLflow tracking URI {uri}: {e}")) from None
     if not points:
         found = ", ".join(f"{n} {why}" for why, n in left_out.items() if n) or "no trial runs"
-        raise ReportError(f"{grid.path}: no finished trial with metric {metric!r} in {uri} ({found})")
+        raise ReportError(reader.shown(f"{grid.path}: no finished trial with metric {metric!r} in {uri} ({found})"))
     datasets = ", ".join(dict.fromkeys(t.config.dataset for t in grid.trials))
     labels = frontier.Labels(error=metric.replace("_", " "), source=f"{grid.name}: {datasets}, {metric}")
     return _Read(points, left_out, grid_run, labels, curves)
@@ -278,7 +278,7 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout,
             try:
                 grid_run = _tracking().open_grid(request.grid, uri, storage)
             except Exception as e:  # noqa: BLE001 - whatever stops MLflow, stop before writing
-                raise ReportError(f"cannot use MLflow tracking URI {uri}: {e}") from None
+                raise ReportError(reader.shown(f"cannot use MLflow tracking URI {uri}: {e}")) from None
         report.proposed = _propose(request.grid, grid_run, analysis, boot, request.propose, request.out)
     figures = []
     if request.plot_dir:

@@ -112,7 +112,7 @@ def open_tracking(grid: GridSpec, storage: StorageLayout, tracking_uri: str | No
     try:
         return writer.open_grid(grid, uri, storage)
     except Exception as e:  # noqa: BLE001 - whatever stops MLflow, stop before training
-        raise RunRefused(f"cannot use MLflow tracking URI {uri}: {e}") from None
+        raise RunRefused(reader.shown(f"cannot use MLflow tracking URI {uri}: {e}")) from None
 
 
 def _check_data(grid: GridSpec, storage: StorageLayout) -> dict[str, str]:

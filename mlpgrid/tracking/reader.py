@@ -16,6 +16,7 @@ import base64
 import dataclasses
 import json
 import os
+import re
 import ssl
 import urllib.error
 import urllib.parse
@@ -83,10 +84,18 @@ class _Server:
     ``MLFLOW_TRACKING_*`` token, user and password, and TLS settings."""
 
     def __init__(self, uri: str):
+        parts = urllib.parse.urlsplit(uri)
+        if parts.username is not None:
+            # Credentials in the URI itself (http://user:password@host) go in a header, as urllib
+            # would not send them; the address is used without them.
+            uri = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
         self.base = uri.rstrip("/") + "/api/2.0/mlflow/"
         env = os.environ
         self.headers = {"Content-Type": "application/json"}
-        if env.get("MLFLOW_TRACKING_TOKEN"):
+        if parts.username is not None:
+            pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            self.headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        elif env.get("MLFLOW_TRACKING_TOKEN"):
             self.headers["Authorization"] = f"Bearer {env['MLFLOW_TRACKING_TOKEN']}"
         elif env.get("MLFLOW_TRACKING_USERNAME"):
             pair = f"{env['MLFLOW_TRACKING_USERNAME']}:{env.get('MLFLOW_TRACKING_PASSWORD', '')}"
@@ -132,6 +141,12 @@ class _ServerError(RuntimeError):
     def __init__(self, code: str, message: str):
         super().__init__(f"{code}: {message}")
         self.code = code
+
+
+def shown(text: str) -> str:
+    """``text`` (a message, a URI) with the password of any URI in it replaced by ``***``: the one
+    rule for what mlpgrid prints of a tracking URI."""
+    return re.sub(r"(://[^/\s:@]+:)[^/\s@]+@", r"\1***@", text)
 
 
 def _server(uri: str) -> _Server | None:

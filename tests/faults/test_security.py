@@ -125,3 +125,22 @@ def test_links_planted_in_storage_or_the_plot_folder_are_never_written_through(t
                                   capture_output=True, text=True, timeout=120)  # fmt: skip
         assert prepared.returncode == 2 and "not a path; --out says where it goes" in prepared.stderr
     assert not (tmp_path / "abs").exists()
+
+
+def test_a_password_in_the_tracking_uri_is_sent_never_shown(tmp_path, write_grid, mlflow_server_process):
+    """http://user:password@host: `status` reaches the live server with it, and no message about a
+    server it cannot reach shows the password."""
+    from mlflow_server import free_port
+
+    path = write_grid(GRID)
+    live = mlflow_server_process.url.replace("http://", f"http://alice:{SECRET}@")
+    found = subprocess.run(mlpgrid_command("status", str(path), "--tracking-uri", live), capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert found.returncode == 0 and "2 trials: 2 pending" in found.stdout, found.stderr
+    assert SECRET not in found.stdout + found.stderr and "alice:***@" in found.stderr
+    refused = f"http://alice:{SECRET}@127.0.0.1:{free_port()}"
+    for command in (["status", str(path)], ["frontier", str(path)]):
+        out = subprocess.run(mlpgrid_command(*command, "--tracking-uri", refused), capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+        assert out.returncode == 1 and "alice:***@127.0.0.1" in out.stderr, out.stderr
+        assert SECRET not in out.stdout + out.stderr
