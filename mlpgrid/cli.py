@@ -192,7 +192,7 @@ def _group_option(value: str | None) -> str | int | None:
         return value
     if value == "off":
         return 1
-    if value.isdigit() and int(value) >= 1:
+    if value.isascii() and value.isdigit() and int(value) >= 1:
         return int(value)
     raise click.BadParameter(f"expected auto, off or a number of trials >= 1, got {value!r}", param_hint="--group")
 

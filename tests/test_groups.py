@@ -103,8 +103,11 @@ def test_run_group_and_fuse_options(write_grid):
         refused.value
     )
     assert "run.fuse: expected true, false or auto, got 'sometimes'" in str(refused.value)
-    result = CliRunner().invoke(cli, ["run", str(write_grid(base)), "--dry-run", "--group", "none"])
-    assert result.exit_code == 2 and "expected auto, off or a number of trials >= 1, got 'none'" in result.output
+    for value in ("none", "²"):  # a superscript is a digit to str.isdigit, not to int()
+        result = CliRunner().invoke(cli, ["run", str(write_grid(base)), "--dry-run", "--group", value])
+        assert (
+            result.exit_code == 2 and f"expected auto, off or a number of trials >= 1, got '{value}'" in result.output
+        )
 
 
 def _run_members(cfgs, root, fuse, fashion_mnist, compile=False):
