@@ -116,6 +116,17 @@ def test_channel_stats_match_a_direct_computation():
     np.testing.assert_allclose(std, x.std(dim=(0, 2, 3)).numpy(), rtol=1e-9)
 
 
+def test_a_constant_channel_normalises_to_zero_not_nan():
+    """A dataset whose channel never changes (std 0) made every trial's loss NaN ("diverged")."""
+    images, labels = small_images()
+    images[:, 1] = 77
+    mean, std = data.channel_stats(images)
+    assert std[1] < 1e-6, "zero but for rounding"
+    loader = DeviceLoader(images, labels, 16, mean=mean, std=std, device=CPU, augmentation=Augmentation(mixup=0.5))
+    batch = next(iter(loader.epoch(0)))
+    assert torch.isfinite(batch.images).all() and torch.equal(batch.images[:, 1], torch.zeros_like(batch.images[:, 1]))
+
+
 def test_every_example_once_per_epoch_and_order_changes():
     loader = device_loader()
     assert len(loader) == 7

@@ -118,6 +118,9 @@ def _fused_augment() -> Callable[..., torch.Tensor]:
     return _compiled_augment
 
 
+CONSTANT_STD = 1e-6  # a channel's std (0..1 scale) at or below which it is constant
+
+
 class _Loader:
     """What all loaders share: the order, the random augmentation parameters, :func:`augment`."""
 
@@ -142,7 +145,10 @@ class _Loader:
         self.shuffle = shuffle
         shape = (1, -1, 1, 1)
         self.mean = (torch.tensor(mean) * 255).reshape(shape).to(device)
-        self.std = (torch.tensor(std) * 255).reshape(shape).to(device)
+        # A constant channel carries nothing; divided by its std of 0 it made every loss NaN. Its
+        # std comes out of channel_stats as rounding error (1e-8), far below any real channel's
+        # (a pixel level is 0.004 of the 0..1 scale).
+        self.std = (torch.tensor([s if s > CONSTANT_STD else 1.0 for s in std]) * 255).reshape(shape).to(device)
         fused = compile and device.type == "cuda"
         self._augment = _fused_augment() if fused else augment
         self.out_dtype = torch.bfloat16 if fused else torch.float32
