@@ -120,8 +120,13 @@ def test_hostile_grid_files_are_refused_with_the_reason(tmp_path, attack):
 
 
 def test_files_that_are_not_grid_files_are_refused_unread(tmp_path):
-    with pytest.raises(SpecError, match="/dev/zero: larger than 1 MiB, not a grid file"):
+    with pytest.raises(SpecError, match="/dev/zero: a device, not a regular file: a grid file must be one"):
         spec.load("/dev/zero")
+    big = tmp_path / "big.yaml"
+    big.write_text("#" * (spec.MAX_FILE_BYTES + 1))
+    with pytest.raises(SpecError, match=f"big.yaml: {spec.MAX_FILE_BYTES + 1:,} bytes, more than "
+                                        f"{spec.MAX_FILE_BYTES:,}: not a grid file"):  # fmt: skip
+        spec.load(big)
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
     with pytest.raises(SpecError, match=r"latin.yaml: not UTF-8 text \(byte 9 is 0xe9\)"):
