@@ -74,8 +74,8 @@ def _load_grid(path: str, filtered: bool = True) -> GridSpec:
             raise SpecError(f"--only takes FIELD=VALUE, got {' '.join(meta['only'])}")
         full = spec.load(path)
         reduced = spec.reduce(full, meta.get("scale"), only)
-        merged = len({t.id for t in full.trials if all(str(getattr(t.config, k)) == v for k, v in only)})
-        if meta.get("scale") and len(reduced.trials) < merged:
+        merged = len(spec.reduce(full, None, only).trials) if meta.get("scale") else 0
+        if len(reduced.trials) < merged:
             click.echo(f"--scale {meta['scale']:g}: {merged} trials became {len(reduced.trials)} (trials that "
                        "differ only in stage epochs or TTA crops become alike)", err=True)  # fmt: skip
         return reduced
@@ -105,11 +105,6 @@ def _millions(n: Any) -> str:
     if n < 1e4:
         return f"{n:.3g}"
     return f"{n / 1e6:.2f}M" if n < 1e9 else f"{n / 1e9:.2f}G"
-
-
-# A trial's state as a terminal shows it (click.echo drops the colour where output is not one).
-STATE_COLOURS = {"finished": "green", "diverged": "yellow", "failed": "red", "interrupted": "magenta",
-                 "running": "cyan"}  # fmt: skip
 
 
 def _print_table(rows: Sequence[Sequence[Any]], header: list[str], colours: Sequence[str | None] = ()) -> None:
@@ -165,6 +160,8 @@ def _print_status(rows: list[StatusRow], grid: GridSpec) -> None:
     ]  # fmt: skip
     header = ["trial", "model", "N", "T", *(["settings"] if shown else []), "compute C", "state", "epoch",
               "test error ", "best"]  # fmt: skip
+    from mlpgrid.tracking.reader import STATE_COLOURS  # click.echo drops colours where output is no terminal
+
     _print_table(table, header, [STATE_COLOURS.get(r.state) for r in rows])
     click.echo(f"{len(rows)} trials: " + ", ".join(f"{n} {state}" for state, n in _totals(rows).items())
                + ("; * the lowest final test error of its model" if best else ""))  # fmt: skip
@@ -355,8 +352,8 @@ def status(grid_file: str, as_json: bool, storage: StorageLayout, tracking_uri: 
 
     grid = _load_grid(grid_file)
     uri = reader.tracking_uri(storage, tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        where = uri.removeprefix("sqlite:///")
+    where = reader.missing_store(uri)
+    if where:
         raise click.ClickException(f"no MLflow store at {where}: nothing has run with this --storage (or "
                                    "MLPGRID_STORAGE, --tracking-uri). Is it the one `run` used?")  # fmt: skip
     try:

@@ -15,12 +15,11 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+import click
+
 from mlpgrid.execution.events import EpochEnded, Event, GroupEnded, TrialEnded, from_result
 from mlpgrid.grid.spec import Trial, trial_labels
-
-# ANSI colours of a trial's end on a terminal: finished green, diverged yellow, failed red,
-# interrupted magenta.
-_COLOURS = {"finished": "32", "diverged": "33", "failed": "31", "interrupted": "35"}
+from mlpgrid.tracking.reader import STATE_COLOURS
 
 
 def _duration(seconds: float) -> str:
@@ -80,8 +79,8 @@ class Progress:
         self.speed.pop(trial.id, None)
         self.done += 1
         shown = f"{status:<8}"
-        if self.live and status in _COLOURS:  # as `status` colours its table
-            shown = f"\x1b[{_COLOURS[status]}m{shown}\x1b[0m"
+        if self.live and status in STATE_COLOURS:  # as `status` colours its table
+            shown = click.style(shown, fg=STATE_COLOURS[status])
         self._line(f"{shown} {self._name(trial)}", counts=True)
 
     def hear(self, event: Event) -> None:

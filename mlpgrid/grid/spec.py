@@ -328,15 +328,20 @@ def _label_value(value: Any) -> str:
 LABEL_FIELDS = 3
 
 
+def varying_settings(trials: typing.Sequence[Trial]) -> list[str]:
+    """The settings besides model, N and T that differ among ``trials``, in :data:`FIELDS` order."""
+    return [name for name in FIELDS if name not in ("model", "examples", "epochs")
+            and len({getattr(t.config, name) for t in trials}) > 1]  # fmt: skip
+
+
 def trial_labels(trials: typing.Sequence[Trial]) -> dict[str, str]:
     """Each trial's name for people, by id: its model, N and T, then the other settings that vary
     among ``trials`` (``B-6/Wi-256 N=1.28M T=50 lr=1e-05``), so no two trials of a grid read
     alike. N is shown in three digits (``1.28M``) unless that makes two sizes of the grid alike."""
     sizes = {t.config.num_examples for t in trials}
     compact = len({_compact(n) for n in sizes}) == len(sizes)
-    values = {name: collections.Counter(getattr(t.config, name) for t in trials) for name in FIELDS
-              if name not in ("model", "examples", "epochs")}  # fmt: skip
-    varying = {name: counts.most_common(1)[0][0] for name, counts in values.items() if len(counts) > 1}
+    varying = {name: collections.Counter(getattr(t.config, name) for t in trials).most_common(1)[0][0]
+               for name in varying_settings(trials)}  # fmt: skip
     labels = {}
     for t in trials:
         n = t.config.num_examples

@@ -36,6 +36,8 @@ RUNNING, FINISHED, FAILED, DIVERGED = "running", "finished", "failed", "diverged
 # A trial whose run says running but that no process trains (its driver was stopped or killed);
 # run again, it continues from its last checkpoint.
 INTERRUPTED = "interrupted"
+# Each state's colour on a terminal (click's names), in the status table and the live view.
+STATE_COLOURS = {FINISHED: "green", DIVERGED: "yellow", FAILED: "red", INTERRUPTED: "magenta", RUNNING: "cyan"}
 DONE = (FINISHED, DIVERGED)  # never run again: a diverged trial would diverge again
 
 TRIAL_RUNS = "tags.mlpgrid_role = 'trial'"
@@ -190,7 +192,7 @@ def parent_run_id(uri: str, experiment_id: str) -> str | None:
 
 def find_grid(grid: GridSpec, uri: str) -> GridRun | None:
     """The grid's experiment and parent run if they exist; creates nothing."""
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    if missing_store(uri):
         return None  # asking would create the database
     if server := _server(uri):
         try:
@@ -209,9 +211,16 @@ def find_grid(grid: GridSpec, uri: str) -> GridRun | None:
     return GridRun(uri, experiment_id, parent_id, str(grid.path.resolve())) if parent_id else None
 
 
+def missing_store(uri: str) -> Path | None:
+    """The database file of a local SQLite store at ``uri`` that is not there (asking MLflow about
+    it would create it), else None."""
+    path = Path(uri.removeprefix("sqlite:///"))
+    return path if uri.startswith("sqlite:///") and not path.exists() else None
+
+
 def scaled_versions(grid: GridSpec, uri: str) -> list[str]:
     """The names of the experiments of ``grid`` run with ``--scale`` in the store at ``uri``."""
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    if missing_store(uri):
         return []
     found = _client(uri).search_experiments(filter_string=f"name LIKE '{grid.name}-scale%'")
     return sorted(e.name for e in found)

@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlpgrid.grid import metrics
 from mlpgrid.grid.layout import StorageLayout
 from mlpgrid.grid.locks import exclusive
-from mlpgrid.grid.spec import FIELDS, GridSpec, Trial
+from mlpgrid.grid.spec import GridSpec, Trial, varying_settings
 from mlpgrid.tracking import reader
 from mlpgrid.tracking.reader import FINISHED, INTERRUPTED, RUNNING, GridRun
 
@@ -105,9 +105,8 @@ def runs_view(grid: GridSpec) -> str:
     """The grid's saved view: its trials (not the grid's parent run) by compute, each shown by
     model, N, T, the settings that vary, C, its error, best error and status; every run listed
     and in the charts; a scatter of the grid's metric against C (runs coloured by model)."""
-    varying = [name for name in FIELDS if name not in ("model", "examples", "epochs")
-               and len({getattr(t.config, name) for t in grid.trials}) > 1]  # fmt: skip
-    columns = ["params.`model`", "params.`examples`", "params.`epochs`", *(f"params.`{n}`" for n in varying),
+    columns = ["params.`model`", "params.`examples`", "params.`epochs`",
+               *(f"params.`{n}`" for n in varying_settings(grid.trials)),
                "metrics.`compute`", f"metrics.`{grid.metric}`", f"metrics.`{metrics.BEST_TEST_ERROR}`",
                "tags.`status`"]  # fmt: skip
     chart = {"uuid": "mlpgrid-error-vs-compute", "type": "SCATTER", "deleted": False, "isGenerated": False,
