@@ -285,8 +285,13 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
     _print_status(outcome.rows, grid)
     if outcome.stopped_by:
         _stopped(outcome, grid_file)
+    tracebacks = False
     for n in outcome.not_finished:
-        click.echo(f"{n.trial_id} {n.state}: {n.why}", err=True)
+        lines = n.why.strip().splitlines() or [n.why]
+        tracebacks = tracebacks or len(lines) > 1
+        click.echo(f"{n.trial_id} {n.state}: {lines[-1]}", err=True)  # the exception, not its traceback
+    if tracebacks:
+        click.echo("Tracebacks: each trial's MLflow run, tag 'error' (also `mlpgrid status --json`).", err=True)
     _next_steps(grid, grid_file, storage, tracking_uri, outcome.rows)
     if not outcome.ok:
         left = outcome.left_to_others
@@ -477,7 +482,10 @@ def frontier(grid_file: str | None, csv_file: str | None, metric: str | None, cu
     from mlpgrid.analysis import report
     from mlpgrid.analysis.frontier import FitOptions
 
-    options = FitOptions(space=fit_space, bins_per_decade=bins_per_decade, e_inf=e_inf)
+    try:
+        options = FitOptions(space=fit_space, bins_per_decade=bins_per_decade, e_inf=e_inf)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--bins-per-decade") from None
     request = report.FrontierRequest(
         grid=_load_grid(grid_file) if grid_file else None, csv_file=Path(csv_file) if csv_file else None,
         metric=metric, curves=curves, budgets=budgets, by_family=by_family, repeats=repeats, level=level, seed=seed,
@@ -795,8 +803,15 @@ def data_ls(directory: Path | None, verify: bool, as_json: bool) -> None:
     from mlpgrid.data import prepared
 
     directory = directory or prepared.home()
-    found = prepared.find_all(directory)
-    problems = [p for path, _ in found for p in prepared.verify(path)] if verify else []
+    found, problems = prepared.find_all(directory)
+    for path, _ in found:
+        try:
+            if verify:
+                problems += prepared.verify(path)
+            else:
+                prepared.locate(path)  # a file missing, or of another size than listed
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
     if as_json:
         click.echo(_json([{"path": str(path), **m} for path, m in found], indent=1))
     elif not found:
@@ -812,7 +827,9 @@ def data_ls(directory: Path | None, verify: bool, as_json: bool) -> None:
     for problem in problems:
         click.echo(problem, err=True)
     if problems:
-        raise click.ClickException(f"{len(problems)} files do not match their manifest")
+        raise click.ClickException(
+            f"{len(problems)} problem{'s' * (len(problems) > 1)} in prepared datasets: re-prepare those"
+        )
     if verify and not as_json and found:
         click.echo(f"checksums match ({len(found)} datasets)")
     if not as_json:

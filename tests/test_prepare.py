@@ -1,6 +1,7 @@
 """`mlpgrid data prepare` / `data ls`: every source layout written here in its real form, read back."""
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -80,8 +81,17 @@ def test_image_folder_round_trip_with_unreadable_files_reported(tmp_path, tiny_v
     assert prepared.verify(out) == []
     assert not (out / ".partial").exists()
 
-    (out / "train_labels.npy").write_bytes((out / "train_labels.npy").read_bytes()[:-8] + bytes(8))
-    assert prepared.verify(out) == [f"{out / 'train_labels.npy'}: checksum differs from manifest.json"]
+    record = tmp_path / "storage" / "check.json"
+    assert prepared.verify(out, record) == [] and record.is_file()
+    labels = out / "train_labels.npy"
+    before = labels.stat()
+    with labels.open("r+b") as f:  # rewritten in place: same size, same inode, modification time set back
+        f.seek(-8, os.SEEK_END)
+        f.write(bytes(8))
+    os.utime(labels, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert labels.stat().st_mtime_ns == before.st_mtime_ns and labels.stat().st_ino == before.st_ino
+    assert prepared.verify(out, record) == [f"{labels}: checksum differs from manifest.json"]
+    assert prepared.verify(out) == [f"{labels}: checksum differs from manifest.json"]
 
 
 @pytest.mark.parametrize("layout", ["idx", "cifar-10"])

@@ -257,8 +257,10 @@ def test_trials_use_both_nodes_and_survive_losing_one(tmp_path, write_grid, fash
     cluster.wait_for_nodes()
     head_id = cluster.head_node.node_id
     # Without --address a grid starts a Ray of its own: it never joins (nor loses) this cluster.
-    local = subprocess.run([sys.executable, "-c", "import ray; from mlpgrid.execution.ray_tune import start_ray; "
-                            "start_ray(None); print(ray.get_runtime_context().gcs_address); ray.shutdown()"],
+    own = ("import ray, sys; from mlpgrid.execution.ray_tune import start_ray; from mlpgrid.grid.layout import "
+           "StorageLayout; start_ray(None, StorageLayout(sys.argv[1])); print(ray.get_runtime_context().gcs_address); "
+           "ray.shutdown()")  # fmt: skip
+    local = subprocess.run([sys.executable, "-c", own, str(tmp_path / "own")],
                            cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert local.returncode == 0 and local.stdout.strip() not in ("", cluster.address), local.stdout + local.stderr
     killed: dict[str, str] = {}

@@ -170,7 +170,11 @@ def test_a_trial_that_runs_out_of_memory_fails_alone(tmp_path, write_grid, fashi
     storage = tmp_path / "store"
     result = CliRunner().invoke(cli, ["run", str(path), "--storage", str(storage), "--in-process"])
     assert result.exit_code == 1
-    assert "1 of 2 trials run did not finish" in result.output and "failed: Traceback" in result.output
+    assert "1 of 2 trials run did not finish" in result.output and "failed: MemoryError" in result.output
+    assert (
+        "Traceback (most recent call last)" not in result.output
+        and "Tracebacks: each trial's MLflow run, tag 'error'" in result.output
+    )
     assert "MemoryError" in result.output and "2 trials: 1 failed, 1 finished" in result.output
     status = CliRunner().invoke(cli, ["status", str(path), "--storage", str(storage), "--json"])
     rows = {r["state"]: r for r in json.loads(status.output)["trials"]}

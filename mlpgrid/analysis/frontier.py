@@ -61,6 +61,11 @@ class FitError(ValueError):
     """The points cannot support the fit; the message says what is missing."""
 
 
+# More compute bins than this per decade would be empty but for a grid of thousands of budgets
+# per decade; their arrays would not (1e9 a decade: 30 GiB).
+MAX_BINS_PER_DECADE = 1000
+
+
 @dataclass(frozen=True)
 class FitOptions:
     """How the analysis fits: the same for the data and every bootstrap resample."""
@@ -69,6 +74,10 @@ class FitOptions:
     bins_per_decade: float = 4  # compute bins of approach 1, IsoFLOP budgets of approach 2
     e_inf: float | None = None  # hold the irreducible error fixed (E(C), the bottleneck laws, E(P, D))
     starts: int = parametric.DEFAULT_STARTS  # of E(P, D)'s grid of starting points, how many to optimise
+
+    def __post_init__(self) -> None:
+        if not 0 < self.bins_per_decade <= MAX_BINS_PER_DECADE:
+            raise ValueError(f"bins_per_decade must be in (0, {MAX_BINS_PER_DECADE}], not {self.bins_per_decade}")
 
 
 @dataclass(frozen=True)

@@ -294,6 +294,7 @@ def frontier_report(request: FrontierRequest, storage: StorageLayout,
         report.plots_replaced = [str(p) for p in figures if p.name in there]
     report.plots = [str(p) for p in figures]
     if grid_run:
+        _tracking().relocate_store(storage, uri)  # a copied store logs into itself
         _tracking().log_files(grid_run, figures, "frontier")
         _tracking().log_artifacts(grid_run, {"frontier/frontier.json": json.dumps(report.as_dict(), indent=2)})
     return report

@@ -254,7 +254,7 @@ def info(name: str) -> DatasetInfo:
     if name not in _PREPARED:
         root = prepared.home() / name
         if not (root / prepared.MANIFEST).is_file():
-            found = [m["name"] for _, m in prepared.find_all(prepared.home())]
+            found = [m["name"] for _, m in prepared.find_all(prepared.home())[0]]
             raise ValueError(
                 f"unknown dataset {name!r}; built in: {', '.join(DATASETS)}; prepared in {prepared.home()}: "
                 f"{', '.join(found) or 'none'} (make one with `mlpgrid data prepare`)"

@@ -3,8 +3,10 @@ files a user names (grid files, CSVs)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -40,3 +42,21 @@ def require(root: Path, names: tuple[str, ...]) -> dict[str, Path]:
     if missing:
         raise FileNotFoundError(f"{root}: missing {', '.join(missing)}")
     return {n: root / n for n in names}
+
+
+# Less free space than this on a disk that just failed a write: it is full. (numpy's writes to a
+# full disk raise an OSError without its errno: "N requested and M written".)
+_NEARLY_FULL_BYTES = 64 << 20
+
+
+def disk_full(error: BaseException, path: Path) -> bool:
+    """Whether ``error``, or an error it was raised from, is the disk holding ``path`` being full."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            if seen.errno == errno.ENOSPC or "No space left on device" in str(seen):
+                return True
+            if seen.errno is None and shutil.disk_usage(path).free < _NEARLY_FULL_BYTES:
+                return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -25,8 +25,9 @@ import numpy as np
 
 from mlpgrid import data
 from mlpgrid.data import imagefolder, prepared
-from mlpgrid.data.files import sha256
+from mlpgrid.data.files import disk_full, sha256
 from mlpgrid.data.subset import proportional_order
+from mlpgrid.grid import locks
 
 LAYOUTS = ("idx", "cifar-10", "cifar-100", "stl-10", "image-folder")
 FORMATS = ("npy", "beton")
@@ -96,8 +97,31 @@ def prepare(
     """Prepare ``request`` and return its manifest. ``progress(done, total)`` counts images.
 
     Re-running a finished request returns the existing manifest; re-running an interrupted one
-    keeps its finished shards.
+    keeps its finished shards. One process prepares ``request.out`` at a time: another one
+    meanwhile is refused, saying which. A full disk is a :class:`PrepareError` too, no temporary
+    file left behind.
     """
+    out = request.out
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".preparing"
+    with locks.claim(lock) as holder:
+        if holder is not None:
+            raise PrepareError(
+                f"{out}: another `mlpgrid data prepare` is writing it ({holder}); run again once it ends"
+            )
+        try:
+            return _prepare(request, workers, progress, shard_size)
+        except OSError as e:
+            if not disk_full(e, out):
+                raise
+            raise PrepareError(f"{out}: the disk is full ({e}); free space and run again: the finished shards "
+                               f"in {out / '.partial'} are kept") from None  # fmt: skip
+        finally:
+            lock.unlink(missing_ok=True)  # while held: a later process creates and locks its own
+
+
+def _prepare(request: Request, workers: int | None, progress: Callable[[int, int], None] | None,
+             shard_size: int) -> dict:  # fmt: skip
     out = request.out
     if (out / prepared.MANIFEST).is_file():
         manifest = prepared.read_manifest(out)
@@ -155,8 +179,7 @@ def prepare(
     for split in splits:
         for name in manifest["splits"][split]["files"]:
             os.replace(partial / name, out / name)
-    (out / (prepared.MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1))
-    os.replace(out / (prepared.MANIFEST + ".tmp"), out / prepared.MANIFEST)
+    _atomic(out / prepared.MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     shutil.rmtree(partial)
     return manifest
 
@@ -170,11 +193,19 @@ def _describe(partial: Path, split: str, fmt: str) -> dict[str, Any]:
     }
 
 
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then put it in place: a killed run leaves
+    no half-written file behind, a failed write (a full disk) no temporary one."""
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")  # np.save and np.savez keep their suffix
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _save(path: Path, array: np.ndarray) -> None:
-    """Write an .npy file atomically: a killed run leaves no half-written file behind."""
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: np.save(tmp, array))
 
 
 # --- array sources ----------------------------------------------------------------------------
@@ -277,14 +308,9 @@ def _prepare_shard(path: Path, files: list[Path], labels: np.ndarray, request: R
         except ValueError as e:
             skipped.append({"file": str(file), "reason": str(e)})
     shape = (0, request.channels, request.resolution, request.resolution)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(
-        tmp,
-        images=np.stack(images) if images else np.empty(shape, np.uint8),
-        labels=np.asarray(kept, dtype=np.int64),
-        skipped=np.asarray(json.dumps(skipped)),
-    )
-    os.replace(tmp, path)
+    stacked = np.stack(images) if images else np.empty(shape, np.uint8)
+    kept_labels, skipped_json = np.asarray(kept, dtype=np.int64), np.asarray(json.dumps(skipped))
+    _atomic(path, lambda tmp: np.savez(tmp, images=stacked, labels=kept_labels, skipped=skipped_json))
 
 
 def _join(parts: list[Path], images_path: Path, labels_path: Path) -> list[Skipped]:

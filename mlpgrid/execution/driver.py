@@ -9,13 +9,14 @@ its rows come from :func:`mlpgrid.tracking.reader.grid_status`.)
 
 from __future__ import annotations
 
-import errno
 import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
+from mlpgrid import waits
+from mlpgrid.data.files import disk_full
 from mlpgrid.execution import runner, trunks
 from mlpgrid.execution.events import EpochEnded, Event
 from mlpgrid.execution.groups import describe
@@ -110,6 +111,9 @@ def open_tracking(grid: GridSpec, storage: StorageLayout, tracking_uri: str | No
     """The grid's MLflow experiment and parent run, or :class:`RunRefused` before any trial starts."""
     uri = reader.tracking_uri(storage, tracking_uri)
     try:
+        if uri.startswith(("http://", "https://")):  # MLflow's client would retry for minutes
+            port = 443 if uri.startswith("https") else 80
+            waits.wait_for(f"the MLflow server at {reader.shown(uri)}", waits.listening(uri, port))
         return writer.open_grid(grid, uri, storage)
     except Exception as e:  # noqa: BLE001 - whatever stops MLflow, stop before training
         raise RunRefused(reader.shown(f"cannot use MLflow tracking URI {uri}: {e}")) from None
@@ -160,6 +164,13 @@ def run_grid(grid: GridSpec, storage: StorageLayout, tracking_uri: str | None, r
         progress.note(f"{len(held)} trials are being trained by another process ({holders}): left to it.")
     if not tasks:
         progress.note(f"Nothing to do: all {len(grid.trials)} trials of {grid.name} have already ended.")
+    if mine and not request.in_process:
+        from mlpgrid.execution import ray_tune
+
+        try:  # before anything trains: an address that does not answer is a refusal, not a hang
+            ray_tune.start_ray(request.ray.address, storage)
+        except ConnectionError as e:
+            raise RunRefused(str(e)) from None
     by_id = {t.trial.id: t for t in mine}
     runs = [r for r in trunks.form_trunks(grid.trials) if any(t.id in by_id for t in (r.trunk, *r.branches))]
     alone = [b.id for r in runs for b in r.branches if b.id in by_id and by_id[b.id].trunk is None]
@@ -177,7 +188,7 @@ def run_grid(grid: GridSpec, storage: StorageLayout, tracking_uri: str | None, r
     except _Failed as e:
         failure = str(e)
     except Exception as e:
-        if not disk_full(e):
+        if not disk_full(e, storage.root):
             raise
         failure = (
             f"the disk holding {storage.root} is full ({type(e).__name__}: {e}); the run stopped. Finished "
@@ -189,7 +200,7 @@ def run_grid(grid: GridSpec, storage: StorageLayout, tracking_uri: str | None, r
         try:
             still_held = runner.settle(grid, storage, grid_run)  # also after Ctrl-C: cut-off trials say so
         except Exception as e:
-            if failure is None or not disk_full(e):
+            if failure is None or not disk_full(e, storage.root):
                 raise
             progress.note(f"could not mark the trials left as interrupted: {e}")
     rows = reader.grid_status(grid, grid_run, storage)
@@ -240,16 +251,6 @@ def _phases(tasks: list[runner.TrialTask]) -> list[list[runner.TrialTask]]:
     first = [t for t in tasks if t.trial.id not in written]
     then = [t for t in tasks if t.trial.id in written]
     return [phase for phase in (first, then) if phase]
-
-
-def disk_full(error: BaseException) -> bool:
-    """Whether ``error``, or an error it was raised from, is a full disk."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left on device" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def run_one(grid: GridSpec, trial_id: str, storage: StorageLayout, tracking_uri: str | None) -> tuple[str, str]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mlpgrid import data, policy
+from mlpgrid import data, policy, waits
 from mlpgrid.execution.events import GroupEnded
 from mlpgrid.execution.groups import describe
 from mlpgrid.execution.placement import Placement, launch_order, parallel_units, place
@@ -183,9 +183,16 @@ def gpu_memory(wait_s: float = 60.0) -> float | None:
         return None
 
 
-def start_ray(address: str | None) -> dict[str, float]:
+# Ray's session folder holds Unix sockets, whose paths may not exceed 107 bytes; the folder's own
+# name and the socket's below it take 62 of them.
+_RAY_FILES_MAX_CHARS = 107 - 62
+
+
+def start_ray(address: str | None, storage: StorageLayout) -> dict[str, float]:
     """Connect to the Ray cluster at ``address`` (None: a local instance of its own, never
-    another one running here) unless already connected; returns its resources."""
+    another one running here) unless already connected; returns its resources. A local
+    instance keeps its logs and sockets under ``storage`` (Ray's own ``/tmp/ray`` where that
+    path would be too long for a socket's)."""
     import ray
 
     # Tune's own console reporter would print beside our progress view; verbose=0 silences
@@ -198,15 +205,26 @@ def start_ray(address: str | None) -> dict[str, float]:
         # Ray's driver installs its own SIGTERM handler, which aborts the process: the run's own
         # (mlpgrid.execution.driver.StopSignals: stop, settle, say what was kept) is put back.
         handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        ray.init(
-            # Without an address Ray joins the cluster started last on this machine, if any
-            # (/tmp/ray/ray_current_cluster); "local" starts the instance of this grid's own.
-            address=address or "local",
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            runtime_env={"env_vars": forwarded},
-        )
+        files = None  # Ray's /tmp/ray
+        if address in (None, "local") and len(str(storage.ray_files)) <= _RAY_FILES_MAX_CHARS:
+            storage.ray_files.mkdir(parents=True, exist_ok=True)
+            files = str(storage.ray_files)
+        try:
+            if address not in (None, "auto", "local"):  # ray.init retries an address for minutes
+                client = address.startswith("ray://")
+                waits.wait_for(f"the Ray cluster at {address}", waits.listening(address, 10001 if client else 6379))
+            ray.init(
+                # Without an address Ray joins the cluster started last on this machine, if any
+                # (/tmp/ray/ray_current_cluster); "local" starts the instance of this grid's own.
+                address=address or "local",
+                _temp_dir=files,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                runtime_env={"env_vars": forwarded},
+            )
+        except ConnectionError as e:  # no cluster at "auto", or one that went away
+            raise ConnectionError(f"cannot connect to a Ray cluster at {address}: {e}") from None
         if threading.current_thread() is threading.main_thread():
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
@@ -250,7 +268,7 @@ def run_on_ray(tasks: list[TrialTask], group_size: int | None, grid: GridSpec, s
     done or ``stop_asked`` says to stop (the caller handles Ctrl-C: Tune's own handler, which
     would print Tune's way of resuming, is off)."""
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    resources = start_ray(opts.address)
+    resources = start_ray(opts.address, storage)
     units = parallel_units(resources, opts.cpus_per_trial, opts.max_concurrent)
     groups = group_tasks(tasks, group_size, units, "cuda" if resources.get("GPU", 0) > 0 else "cpu")
     progress.note(describe(groups))

@@ -7,6 +7,8 @@
       mlflow.lock               held by the driver creating or opening a grid in a local store
       mlartifacts/              its artifacts
       ray/                      Ray Tune's own files
+      ray-session/              a local Ray instance's logs and sockets
+      data-checks/              what the last check of each prepared dataset found
       torch-compile/            torch.compile's cache, shared by the trials of a shape (on every node)
       <grid>/<trial id>/
         lock                    held by the one process writing this trial
@@ -79,6 +81,11 @@ class StorageLayout:
     @property
     def ray(self) -> Path:
         return self.root / "ray"
+
+    @property
+    def ray_files(self) -> Path:
+        """A local Ray instance's own files: its logs (a failed worker's among them) and sockets."""
+        return self.root / "ray-session"
 
     @property
     def compile_cache(self) -> Path:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlpgrid.data.files import regular_file
 from mlpgrid.grid import locks, metrics
 from mlpgrid.grid.layout import StorageLayout
 from mlpgrid.grid.spec import GridSpec, TrialConfig
@@ -192,6 +193,7 @@ def parent_run_id(uri: str, experiment_id: str) -> str | None:
 
 def find_grid(grid: GridSpec, uri: str) -> GridRun | None:
     """The grid's experiment and parent run if they exist; creates nothing."""
+    check_store(uri)
     if missing_store(uri):
         return None  # asking would create the database
     if server := _server(uri):
@@ -209,6 +211,14 @@ def find_grid(grid: GridSpec, uri: str) -> GridRun | None:
         experiment_id = experiment.experiment_id
     parent_id = parent_run_id(uri, experiment_id)
     return GridRun(uri, experiment_id, parent_id, str(grid.path.resolve())) if parent_id else None
+
+
+def check_store(uri: str) -> None:
+    """ValueError if the database of a local SQLite store at ``uri`` is there but no regular file
+    (a directory: MLflow would retry opening it for minutes)."""
+    path = Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("sqlite:///") and (path.exists() or path.is_symlink()):
+        regular_file(path, 1 << 62, "an MLflow SQLite database")  # of any size
 
 
 def missing_store(uri: str) -> Path | None:
@@ -310,6 +320,7 @@ class StatusRow:
     startup_seconds: float | None = None
     error: str | None = None
     run_id: str | None = None
+    trained_compute: float | None = None  # what a wsd trial trained itself (a branch: its cooldown)
 
 
 def grid_status(grid: GridSpec, grid_run: GridRun | None, storage: StorageLayout) -> list[StatusRow]:
@@ -328,6 +339,7 @@ def grid_status(grid: GridSpec, grid_run: GridRun | None, storage: StorageLayout
                 test_error=run.metrics.get(metrics.TEST_ERROR),
                 best_test_error=run.metrics.get(metrics.BEST_TEST_ERROR),
                 startup_seconds=run.metrics.get("startup_seconds"), error=run.tags.get("error"), run_id=run.run_id,
+                trained_compute=run.metrics.get("trained_compute"),
             )  # fmt: skip
         lock = trial_dirs.trial(trial.id).lock
         if row.state == RUNNING and lock.exists() and locks.holder(lock) is None:

@@ -12,10 +12,12 @@ logging is filled in and none is logged twice. Reading the runs back is :mod:`ml
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import math
 import os
+import sqlite3
 import tempfile
 import threading
 import time
@@ -49,9 +51,35 @@ def open_grid(grid: GridSpec, uri: str, storage: StorageLayout) -> GridRun:
     local = uri.startswith("sqlite:") or uri.startswith("file:")
     if not local:
         return _open_grid(grid, uri, None)
+    reader.check_store(uri)
     storage.root.mkdir(parents=True, exist_ok=True)
+    relocate_store(storage, uri)
     with exclusive(storage.tracking_lock, wait_s=300):
         return _open_grid(grid, uri, storage.artifacts.as_uri())
+
+
+def relocate_store(storage: StorageLayout, uri: str) -> None:
+    """Point a moved or copied storage's own MLflow store at the artifacts beside it.
+
+    MLflow records each experiment's and run's artifact location as an absolute path, so after
+    ``mv .mlpgrid elsewhere`` (or a copy) new artifacts would go to the old place. Where ``uri`` is
+    the store inside ``storage``, the locations under another ``mlartifacts`` folder are rewritten
+    to this one's. MLflow has no call that changes a location: its database is updated directly
+    (tables ``experiments`` and ``runs``, in one transaction, under the tracking lock).
+    """
+    if uri != reader.tracking_uri(storage) or not storage.mlflow_db.is_file():
+        return
+    here = storage.artifacts.as_uri()
+    with exclusive(storage.tracking_lock, wait_s=300), contextlib.closing(sqlite3.connect(storage.mlflow_db)) as db, db:
+        moved = [old for (old,) in db.execute("SELECT DISTINCT artifact_location FROM experiments")
+                 if old and old != here and old.rstrip("/").endswith("/" + storage.artifacts.name)]  # fmt: skip
+        for old in moved:
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?", (here, old))
+            under = "substr(artifact_uri, 1, ?) = ?"  # a run's folder under the old location
+            db.execute(f"UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE {under}",
+                       (here, len(old) + 1, len(old) + 1, old + "/"))  # fmt: skip
+        if moved:
+            log.info("%s: MLflow artifacts moved from %s to %s", storage.root, ", ".join(moved), here)
 
 
 # MLflow 3's UI opens an experiment of this kind on its runs and metrics, not on GenAI traces.

@@ -148,7 +148,8 @@ def resume(cfg: TrialConfig, model: Model, device: torch.device, checkpoints: Ch
     if state is None:
         return Position(loss_sum=torch.zeros((), device=device))
     if _differs(state["config"], cfg):
-        raise ValueError(f"{checkpoints.path}: checkpoint belongs to another trial config")
+        raise ValueError(f"{checkpoints.path}: checkpoint belongs to another trial config (copied or moved here?); "
+                         "move it away and this trial trains from the start")  # fmt: skip
     model.network.load_state_dict(state["model"])
     model.optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"], device)
