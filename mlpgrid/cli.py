@@ -292,7 +292,7 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
         click.echo(f"{n.trial_id} {n.state}: {lines[-1]}", err=True)  # the exception, not its traceback
     if tracebacks:
         click.echo("Tracebacks: each trial's MLflow run, tag 'error' (also `mlpgrid status --json`).", err=True)
-    _next_steps(grid, grid_file, storage, tracking_uri, outcome.rows)
+    _next_steps(grid, grid_file, storage, tracking_uri, outcome.rows, outcome.experiment_id)
     if not outcome.ok:
         left = outcome.left_to_others
         left_note = f"; {left} left to another process: run again once it is done" if left else ""
@@ -301,7 +301,7 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
 
 
 def _next_steps(grid: GridSpec, grid_file: str, storage: StorageLayout, tracking_uri: str | None,
-                rows: list[StatusRow]) -> None:  # fmt: skip
+                rows: list[StatusRow], experiment_id: str) -> None:  # fmt: skip
     """After a run: the best trial of each model, where the records are, the commands to go on with."""
     from mlpgrid.tracking import reader, writer
 
@@ -309,18 +309,15 @@ def _next_steps(grid: GridSpec, grid_file: str, storage: StorageLayout, tracking
     for r in sorted(best, key=lambda r: r.params):
         click.echo(f"best {r.model}: {grid.labels.get(r.trial_id, r.trial_id)}, test error {r.test_error:.4f}")
     uri = reader.tracking_uri(storage, tracking_uri)
-    found = reader.find_grid(grid, uri)
     shown = reader.shown(uri)
     largest = max((r.compute for r in rows), default=0.0)
     click.echo(f"Stored in {storage.root} (MLflow: {shown}).\nNext: mlpgrid frontier {grid_file} --budget "
                f"{10 * largest:.0e}   # the frontier, and the split of a budget")  # fmt: skip
-    if found is None:
-        return
     if uri.startswith(("http://", "https://")):
-        click.echo(f"      {writer.view_address(shown, found.experiment_id)}   # the trials in MLflow")
+        click.echo(f"      {writer.view_address(shown, experiment_id)}   # the trials in MLflow")
     else:
         click.echo(f"      mlflow ui --backend-store-uri {shown}   # then the trials in MLflow at\n"
-                   f"      {writer.view_address('http://127.0.0.1:5000', found.experiment_id)}")  # fmt: skip
+                   f"      {writer.view_address('http://127.0.0.1:5000', experiment_id)}")  # fmt: skip
 
 
 def _stopped(outcome: RunOutcome, grid_file: str) -> None:

@@ -52,6 +52,16 @@ def test_eta_is_the_images_left_at_each_models_measured_pace(write_grid):
     assert progress.eta() == pytest.approx(1000 * 0.002 + 4000 * 0.002 + 2000 * scaled)
 
 
+def test_a_resumed_trial_counts_only_the_epochs_it_trains_now(write_grid):
+    short, long = two_trials(write_grid)
+    now = [0.0]
+    progress = Progress([short, long], out=io.StringIO(), clock=lambda: now[0])
+    progress.start(long)
+    now[0] = 2.0
+    progress.epoch(long, metrics(3))  # resumed after epoch 2: it trained 1,000 images in 2 s, not 3,000
+    assert progress.eta() == pytest.approx((1000 + 2000) * 0.002)
+
+
 def test_a_terminal_gets_a_status_line_redrawn_in_place(write_grid):
     short, _ = two_trials(write_grid)
     out = Terminal()

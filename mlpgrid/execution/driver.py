@@ -64,6 +64,7 @@ class RunOutcome:
     left_to_others: int  # of not_finished: trained by another process as the run stopped
     failure: str | None  # why the run stopped early (Ray could place no trial), if it did
     stopped_by: str | None = None  # the signal that stopped the run (SIGINT: Ctrl-C; SIGTERM), if one did
+    experiment_id: str = ""  # the grid's MLflow experiment
 
     @property
     def ok(self) -> bool:
@@ -215,7 +216,8 @@ def run_grid(grid: GridSpec, storage: StorageLayout, tracking_uri: str | None, r
         why = f"another process trains it ({holder})" if holder else (r.error or "did not run to the end")
         not_finished.append(NotFinished(r.trial_id, r.state, why))
     return RunOutcome(grid.name, len(ran), held, rows, not_finished,
-                      sum(1 for n in not_finished if n.trial_id in still_held), failure, stop.caught)  # fmt: skip
+                      sum(1 for n in not_finished if n.trial_id in still_held), failure, stop.caught,
+                      grid_run.experiment_id)  # fmt: skip
 
 
 class _Failed(Exception):

@@ -64,6 +64,8 @@ class Progress:
         self._line(f"start    {self._name(trial)}")
 
     def epoch(self, trial: Trial, metrics: dict[str, Any]) -> None:
+        if trial.id not in self.epochs and metrics["epoch"] > 1:  # resumed: its earlier epochs were trained before
+            self._count(trial, metrics["epoch"] - 1, trained=False)
         self._count(trial, metrics["epoch"], trained=True)
         self.speed[trial.id] = metrics["images_per_s"]
         startup = f"  (started in {metrics['startup_seconds']:.1f} s)" if "startup_seconds" in metrics else ""
