@@ -236,11 +236,12 @@ def run_grid(grid: Path, storage: Path, timeout: float) -> dict:
             "stderr": stderr[-3000:] if returncode else "", "stdout": stdout[-3000:] if returncode else ""}  # fmt: skip
 
 
-def projection(bare: dict[str, float], trial_rate: dict[str, float], pace: float, costs: dict) -> dict:
+def projection(bare: dict[str, float], pace: float, costs: dict) -> dict:
     """scaling.yaml's 150 trials (each model's N and T, evaluated on IN-21k's test split as its
     run.evaluate_every says) at the measured rates: on one GPU, the bare compute at the pace the
     GPU kept while trials trained, the evaluations, and every trial's start-up as if none overlapped
-    another's training (an upper bound); on eight, the same spread over them, or the longest trial."""
+    another's training (an upper bound); on eight, the same spread over them, or the longest trial
+    alone on its GPU (at the bare rate times that pace), whichever is longer."""
     grid = spec.load(REPO / "grids" / "scaling.yaml")
     every = grid.run.evaluate_every
     bare_s, trial_s, evaluated_s = 0.0, [], 0.0
@@ -250,7 +251,7 @@ def projection(bare: dict[str, float], trial_rate: dict[str, float], pace: float
         bare_s += images / bare[c.model]
         evaluating = (c.epochs // every + (c.epochs % every > 0)) * IN21K_TEST / costs["eval_rate"]
         evaluated_s += evaluating
-        trial_s.append(costs["startup_s"] + images / trial_rate[c.model] + evaluating)
+        trial_s.append(costs["startup_s"] + images / (bare[c.model] * pace) + evaluating)
     startups_s = len(grid.trials) * costs["startup_s"]
     one = bare_s / pace + evaluated_s + startups_s
     return {"bare_h": bare_s / 3600, "evaluation_h": evaluated_s / 3600, "startups_h": startups_s / 3600,
@@ -329,9 +330,9 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name(), "bare": bare, "breakdown": breakdown, "trial_rate": trial_rate,
               "pace": {m: {"of_bare": p, "seconds": s} for m, (p, s) in pace.items()},
               "run": run, "bare_s": bare_s, "efficiency": efficiency, "shares": shares, "costs": costs,
-              "trials": trials,
-              "projection": projection(bare, trial_rate, run["load_while_training"], costs) if len(trial_rate) == 6
-              else None}  # fmt: skip
+              "trials": trials, "projection": None}  # fmt: skip
+    if len(bare) == 6:  # every model of scaling.yaml measured
+        report["projection"] = projection(bare, run["load_while_training"], costs)
 
     print(
         f"\n{report['device']}; {len(trials)} trials at batch {BATCH}, {CLASSES:,} classes; {' / '.join(run['notes'])}"
