@@ -63,21 +63,22 @@ def test_status_and_frontier_import_no_torch_and_mlflow_only_to_log():
     """What `status` and `frontier` import stays free of torch, and of MLflow's client, SciPy's
     optimizer and matplotlib until a report is fitted, logged or drawn: each costs 0.6 to 2.3 s."""
     later = ["mlflow", "matplotlib", "scipy.optimize"]
-    modules = ["mlpgrid.cli", "mlpgrid.tracking.reader", "mlpgrid.grid.locks", "mlpgrid.analysis.report"]
+    modules = ["mlpgrid.cli", "mlpgrid.tracking.reader", "mlpgrid.system.locks", "mlpgrid.analysis.report"]
     shown = imports(["torch"], modules, f"[m for m in {later!r} if m in sys.modules]")
     assert shown == "[]", f"imported at start: {shown}"
 
 
 # What each package may import of mlpgrid (besides itself): the layers of docs/architecture.md.
 LAYERS = {
-    "data": set(),
-    "models": set(),
-    "grid": {"data", "models"},
-    "policy": {"data", "grid", "models"},
-    "training": {"data", "grid", "models", "policy"},
-    "tracking": {"data", "grid", "models"},
-    "execution": {"data", "grid", "models", "policy", "training", "tracking"},
-    "analysis": {"data", "grid", "models", "tracking"},
+    "system": set(),
+    "data": {"system"},
+    "models": {"system"},
+    "grid": {"system", "data", "models"},
+    "policy": {"system", "data", "grid", "models"},
+    "training": {"system", "data", "grid", "models", "policy"},
+    "tracking": {"system", "data", "grid", "models"},
+    "execution": {"system", "data", "grid", "models", "policy", "training", "tracking"},
+    "analysis": {"system", "data", "grid", "models", "tracking"},
 }
 
 

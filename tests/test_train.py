@@ -193,10 +193,10 @@ def test_run_refuses_a_missing_dataset_before_training(tmp_path, write_grid):
 
 
 def test_a_trial_directory_has_one_writer_at_a_time(tmp_path):
-    from mlpgrid.grid.locks import exclusive
+    from mlpgrid.system.locks import exclusive
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from mlpgrid.grid.locks import exclusive\nimport time\n"
+        [sys.executable, "-c", f"from mlpgrid.system.locks import exclusive\nimport time\n"
          f"with exclusive({str(tmp_path / 'lock')!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -27,7 +27,7 @@ from mlpgrid import data
 from mlpgrid.data import imagefolder, prepared
 from mlpgrid.data.files import disk_full, sha256
 from mlpgrid.data.subset import proportional_order
-from mlpgrid.grid import locks
+from mlpgrid.system import locks
 
 LAYOUTS = ("idx", "cifar-10", "cifar-100", "stl-10", "image-folder")
 FORMATS = ("npy", "beton")

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
-from mlpgrid import waits
 from mlpgrid.data.files import disk_full
 from mlpgrid.execution import runner, trunks
 from mlpgrid.execution.events import EpochEnded, Event
@@ -25,6 +24,7 @@ from mlpgrid.execution.progress import Progress
 from mlpgrid.execution.ray_tune import RayOptions
 from mlpgrid.grid.layout import StorageLayout
 from mlpgrid.grid.spec import GridSpec, trial_id
+from mlpgrid.system import waits
 from mlpgrid.tracking import reader, writer
 from mlpgrid.tracking.reader import GridRun, StatusRow
 

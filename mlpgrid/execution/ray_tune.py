@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mlpgrid import data, policy, waits
+from mlpgrid import data, policy
 from mlpgrid.execution.events import GroupEnded
 from mlpgrid.execution.groups import describe
 from mlpgrid.execution.placement import Placement, launch_order, parallel_units, place
@@ -30,6 +30,7 @@ from mlpgrid.execution.progress import Progress
 from mlpgrid.execution.runner import GroupTask, TrialTask, execute_group, group_tasks
 from mlpgrid.grid.layout import StorageLayout
 from mlpgrid.grid.spec import GridSpec, Trial
+from mlpgrid.system import waits
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from mlpgrid.execution.events import EpochEnded, Listener, TrialEnded
 from mlpgrid.execution.groups import Group, form_groups
 from mlpgrid.execution.progress import Progress
 from mlpgrid.grid.layout import GridLayout, StorageLayout, TrialLayout
-from mlpgrid.grid.locks import claim, holder
 from mlpgrid.grid.spec import GridSpec, RunOptions, Trial
+from mlpgrid.system.locks import claim, holder
 from mlpgrid.tracking import writer
 from mlpgrid.tracking.reader import DIVERGED, DONE, FAILED, FINISHED, GridRun, RunRecord, data_tag, trial_runs
 from mlpgrid.tracking.writer import TrialRun, trial_run
@@ -295,7 +295,7 @@ def execute_group(
     (:func:`mlpgrid.training.loop.run_group`), each with its MLflow run, and return each one's
     status by trial id; the runs of a group of several are tagged with the group.
 
-    Each trial is claimed first (its lock; see :func:`mlpgrid.grid.locks.claim`): one that
+    Each trial is claimed first (its lock; see :func:`mlpgrid.system.locks.claim`): one that
     another process holds is left to it (:data:`ELSEWHERE`), and one that ended meanwhile (a
     retry, or another driver) is not run again; only then is its run opened, so a trial never
     gets two runs or an epoch logged twice. Raises when a trial fails, after recording it (a

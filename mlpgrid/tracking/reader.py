@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from mlpgrid.data.files import regular_file
-from mlpgrid.grid import locks, metrics
+from mlpgrid.grid import metrics
 from mlpgrid.grid.layout import StorageLayout
 from mlpgrid.grid.spec import GridSpec, TrialConfig
+from mlpgrid.system import locks, waits
 from mlpgrid.tracking.points import Point
 
 # Run states, kept in the run's ``status`` tag.
@@ -113,20 +114,27 @@ class _Server:
         self.timeout_s = float(env.get("MLFLOW_HTTP_REQUEST_TIMEOUT", 120))
 
     def call(self, endpoint: str, body: dict[str, Any] | None = None, query: dict[str, str] | None = None) -> dict:
-        """POST ``body`` (or GET with ``query``) to ``endpoint``; MLflow's error message on failure."""
+        """POST ``body`` (or GET with ``query``) to ``endpoint``; MLflow's error message on failure.
+        A server error (HTTP 5xx: one restarting, or overloaded) is asked again, within a bound."""
         url = self.base + endpoint + ("?" + urllib.parse.urlencode(query) if query else "")
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(url, data=data, headers=self.headers, method="POST" if data else "GET")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s, context=self.context) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            answer = e.read().decode(errors="replace")
+
+        def attempt(_: float) -> dict:
             try:
-                answer = json.loads(answer)
-            except ValueError:
-                raise RuntimeError(f"{url}: HTTP {e.code} {answer[:300]}") from None
-            raise _ServerError(answer.get("error_code", str(e.code)), answer.get("message", "")) from None
+                with urllib.request.urlopen(request, timeout=self.timeout_s, context=self.context) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                answer = e.read().decode(errors="replace")
+                if e.code >= 500:
+                    raise _ServerBusy(f"{shown(url)}: HTTP {e.code} {answer[:300]}") from None
+                try:
+                    answer = json.loads(answer)
+                except ValueError:
+                    raise RuntimeError(f"{shown(url)}: HTTP {e.code} {answer[:300]}") from None
+                raise _ServerError(answer.get("error_code", str(e.code)), answer.get("message", "")) from None
+
+        return waits.wait_for(f"the MLflow server at {shown(self.base)}", attempt, retry_on=_ServerBusy)
 
     def search(self, experiment_id: str, where: str, **options: Any) -> list[dict]:
         """Every run of the experiment that ``where`` selects, as the server's JSON, page by page."""
@@ -138,6 +146,10 @@ class _Server:
             token = page.get("next_page_token")
             if not token or options.get("max_results"):
                 return runs
+
+
+class _ServerBusy(RuntimeError):
+    """The server answered with an error of its own (HTTP 5xx): worth asking again."""
 
 
 class _ServerError(RuntimeError):

@@ -33,8 +33,8 @@ from mlflow.exceptions import MlflowException
 
 from mlpgrid.grid import metrics
 from mlpgrid.grid.layout import StorageLayout
-from mlpgrid.grid.locks import exclusive
 from mlpgrid.grid.spec import GridSpec, Trial, varying_settings
+from mlpgrid.system.locks import exclusive
 from mlpgrid.tracking import reader
 from mlpgrid.tracking.reader import FINISHED, INTERRUPTED, RUNNING, GridRun
 

@@ -98,7 +98,7 @@ def test_a_tracking_database_that_is_a_directory_is_refused_at_once(tmp_path, wr
 
 HOLD_LOCK = """
 import sys, time
-from mlpgrid.grid import locks
+from mlpgrid.system import locks
 with locks.claim(sys.argv[1]) as holder:
     assert holder is None
     print("held", flush=True)

@@ -23,17 +23,18 @@ class NoAnswer(ConnectionError):
     """What was waited for did not answer within its bound."""
 
 
-def wait_for(what: str, attempt: Callable[[float], T], within_s: float = SERVER_WAIT_S, every_s: float = 1.0) -> T:
-    """``attempt(timeout_s)`` until it returns, for at most ``within_s`` seconds; an ``OSError``
-    (refused, unreachable, timed out) means try again. Says once that it waits, and for what;
-    :class:`NoAnswer` with the last error when the time is up."""
+def wait_for(what: str, attempt: Callable[[float], T], within_s: float = SERVER_WAIT_S, every_s: float = 1.0,
+             retry_on: type[Exception] = OSError) -> T:  # fmt: skip
+    """``attempt(timeout_s)`` until it returns, for at most ``within_s`` seconds; a ``retry_on``
+    error (by default an ``OSError``: refused, unreachable, timed out) means try again. Says once
+    that it waits, and for what; :class:`NoAnswer` with the last error when the time is up."""
     deadline = time.monotonic() + within_s
     said = False
     while True:
         try:
             return attempt(max(0.1, min(5.0, deadline - time.monotonic())))
-        except OSError as e:
-            reason = getattr(e, "reason", None) or e.strerror or str(e) or type(e).__name__
+        except retry_on as e:
+            reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e) or type(e).__name__
             if time.monotonic() + every_s >= deadline:
                 raise NoAnswer(f"no answer in {within_s:g} s ({reason})") from None
             if not said:
