@@ -47,7 +47,10 @@ def listening(address: str, default_port: int) -> Callable[[float], None]:
     """An attempt for :func:`wait_for`: connect to the host and port of ``address`` (a URL, or
     ``host:port``) and hang up."""
     parts = urllib.parse.urlsplit(address if "://" in address else f"//{address}")
-    host, port = parts.hostname or "localhost", parts.port or default_port
+    try:
+        host, port = parts.hostname or "localhost", parts.port or default_port
+    except ValueError as e:  # a port that is no number, or out of range
+        raise NoAnswer(f"{address} is no address ({e})") from None
 
     def attempt(timeout_s: float) -> None:
         socket.create_connection((host, port), timeout=timeout_s).close()
