@@ -53,10 +53,16 @@ def disk_full(error: BaseException, path: Path) -> bool:
     """Whether ``error``, or an error it was raised from, is the disk holding ``path`` being full."""
     seen: BaseException | None = error
     while seen is not None:
-        if isinstance(seen, OSError):
-            if seen.errno == errno.ENOSPC or "No space left on device" in str(seen):
-                return True
-            if seen.errno is None and shutil.disk_usage(path).free < _NEARLY_FULL_BYTES:
-                return True
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left on device" in str(seen):
+            return True  # the message also where a library wrapped the OSError in an error of its own
+        if isinstance(seen, OSError) and seen.errno is None and _free_bytes(path) < _NEARLY_FULL_BYTES:
+            return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _free_bytes(path: Path) -> float:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:  # the path went away: say nothing about its disk
+        return float("inf")
