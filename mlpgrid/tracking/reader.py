@@ -225,19 +225,24 @@ def find_grid(grid: GridSpec, uri: str) -> GridRun | None:
     return GridRun(uri, experiment_id, parent_id, str(grid.path.resolve())) if parent_id else None
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a local SQLite store at ``uri``; None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def check_store(uri: str) -> None:
     """ValueError if the database of a local SQLite store at ``uri`` is there but no regular file
     (a directory: MLflow would retry opening it for minutes)."""
-    path = Path(uri.removeprefix("sqlite:///"))
-    if uri.startswith("sqlite:///") and (path.exists() or path.is_symlink()):
+    path = _sqlite_file(uri)
+    if path is not None and (path.exists() or path.is_symlink()):
         regular_file(path, 1 << 62, "an MLflow SQLite database")  # of any size
 
 
 def missing_store(uri: str) -> Path | None:
     """The database file of a local SQLite store at ``uri`` that is not there (asking MLflow about
     it would create it), else None."""
-    path = Path(uri.removeprefix("sqlite:///"))
-    return path if uri.startswith("sqlite:///") and not path.exists() else None
+    path = _sqlite_file(uri)
+    return path if path is not None and not path.exists() else None
 
 
 def scaled_versions(grid: GridSpec, uri: str) -> list[str]:
