@@ -64,6 +64,13 @@ storage_option = click.option(
 )
 
 
+def _run_option(param: click.Parameter, key: str, value: Any) -> Any:
+    """A command-line option that sets ``run.<key>``, checked by the grid file's rule."""
+    if value is not None and (problem := spec.run_option_problem(key, value)) is not None:
+        raise click.BadParameter(problem, param=param)
+    return value
+
+
 def _load_grid(path: str, filtered: bool = True) -> GridSpec:
     """The grid file, reduced by the command's --scale and (when ``filtered``) --only (see
     :func:`_reduce_options`)."""
@@ -226,10 +233,20 @@ def cli() -> None:
 @tracking_option
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster address (env RAY_ADDRESS); default: local Ray.")
 @click.option("--max-concurrent", type=click.IntRange(min=1), help="Trials at a time; default: as resources allow.")
-@click.option("--gpus-per-trial", type=FiniteRange(min=0, max=1, min_open=True),
-              help="Share of a GPU per trial, e.g. 0.5: two trials per GPU. Default: the grid's run.gpus_per_trial, "
-                   "else a third for compiled trials, 0.125 for small models run eagerly and 0.5 for the rest, more "
-                   "where the trials are too few to cover every GPU.")  # fmt: skip
+@click.option("--gpus-per-trial", type=FiniteRange(min=0, min_open=True), callback=lambda ctx, param, value:
+              _run_option(param, "gpus_per_trial", value),
+              help="Share of a GPU per trial, e.g. 0.5: two trials per GPU; a whole number k > 1: k data-parallel "
+                   "workers of a GPU each (as --workers k). Default: the grid's run.gpus_per_trial, else a third for "
+                   "compiled trials, 0.125 for small models run eagerly and 0.5 for the rest, more where the trials "
+                   "are too few to cover every GPU.")  # fmt: skip
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Data-parallel workers per trial (Ray Train, DDP): a GPU each, or --cpus-per-trial cores without "
+                   "GPUs. Default: the grid's run.workers, else 1, more for a trial that alone on one GPU would "
+                   "outlast the rest of the grid on the others.")  # fmt: skip
+@click.option("--ray-train/--reused-actors", "ray_train", default=None,
+              help="Train every trial through a Ray Train TorchTrainer (one worker unless data-parallel), or only "
+                   "the data-parallel ones, the rest in Ray actors reused from trial to trial. Default: the grid's "
+                   "run.ray_train, else reused actors (they start a trial faster).")  # fmt: skip
 @click.option("--cpus-per-trial", type=FiniteRange(min=0, min_open=True), default=1.0, show_default=True,
               help="CPU cores per trial when there is no GPU.")  # fmt: skip
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
@@ -246,8 +263,10 @@ def cli() -> None:
               help="Run the file as it is now even if an edit left trials that already ended out of it, or its "
                    "prepared data changed since trials trained on it.")  # fmt: skip
 def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str | None, address: str | None,
-        max_concurrent: int | None, gpus_per_trial: float | None, cpus_per_trial: float, retries: int,
-        wait_s: float, group: str | int | None, in_process: bool, allow_changes: bool) -> None:  # fmt: skip
+        max_concurrent: int | None, gpus_per_trial: float | None, workers: int | None, ray_train: bool | None,
+        cpus_per_trial: float,
+        retries: int, wait_s: float, group: str | int | None, in_process: bool,
+        allow_changes: bool) -> None:  # fmt: skip
     """Run every trial of GRID_FILE that has not ended yet.
 
     Trials that differ only in epochs, learning rate and other optimiser settings are trained
@@ -276,7 +295,7 @@ def run(grid_file: str, dry_run: bool, storage: StorageLayout, tracking_uri: str
     request = driver.RunRequest(
         group=grid.run.group if group is None else None if group == "auto" else int(group), in_process=in_process,
         allow_changes=allow_changes,
-        ray=RayOptions(address, max_concurrent, gpus_per_trial, cpus_per_trial, retries, wait_s),
+        ray=RayOptions(address, max_concurrent, gpus_per_trial, workers, ray_train, cpus_per_trial, retries, wait_s),
     )  # fmt: skip
     try:
         outcome = driver.run_grid(grid, storage, tracking_uri, request, _load_grid(grid_file, filtered=False))

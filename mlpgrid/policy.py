@@ -2,7 +2,8 @@
 
 Whether a model, a fused stack or the loader's augmentation is compiled, whether trials group
 and fuse, what share of a GPU a trial gets, which way streamed images reach the GPU, how much
-of a GPU's memory may hold images, how many torch threads a worker runs. None of it changes a
+of a GPU's memory may hold images, how many torch threads a worker runs, which trials train
+on several GPUs. None of it changes a
 trial's result: the rules choose how fast it gets there. Each constant cites the measurement
 it rests on, here and nowhere else; the functions are pure (configs and numbers in, a decision
 out), so ``tests/test_policy.py`` checks them as one table.
@@ -175,6 +176,25 @@ def gpu_share(step_flops: Sequence[float], compiled: bool = False) -> float:
     if compiled:
         return min(1.0, COMPILED_SHARE * len(step_flops))
     return min(1.0, sum(SMALL_SHARE if f < SMALL_STEP_FLOPS else LARGE_SHARE for f in step_flops))
+
+
+# --- data-parallel trials ---------------------------------------------------------------
+
+# A grid cannot end before its longest trial. One whose compute, alone on one GPU, would outlast
+# the rest of the grid spread over the other GPUs (compute x GPUs > the grid's compute) is its
+# tail: it trains on several GPUs at once (Ray Train, DDP), as many as make its share of the GPUs
+# its share of the compute, at most a node's eight. In scaling.yaml, B-12/Wi-1024 on all of
+# ImageNet-21k for 800 epochs is 8.8 billion images, 4.8 h at the 512k images/s its trial
+# reached on an H100 (benchmarks/main_job.py): a fifth of the grid's compute.
+MAX_WORKERS = 8
+
+
+def data_parallel_workers(compute: float, grid_compute: float, gpus: float) -> int:
+    """Workers of a trial of ``compute`` in a grid of ``grid_compute`` on ``gpus`` GPUs: one
+    unless it would be the grid's tail, then its share of the GPUs, at most :data:`MAX_WORKERS`."""
+    if gpus < 2 or compute * gpus <= grid_compute:
+        return 1
+    return int(min(MAX_WORKERS, math.floor(gpus), math.ceil(compute * gpus / grid_compute)))
 
 
 # --- memory and data ----------------------------------------------------------------------

@@ -117,6 +117,11 @@ DECISIONS = [
     ("then a quarter", lambda: policy.data_budget_after_oom(0.5), 0.25),
     ("then every image streamed", lambda: policy.data_budget_after_oom(0.25), 0.0),
     ("then it fails: it does not fit its share", lambda: policy.data_budget_after_oom(0.0), None),
+    ("a tenth of a grid's compute on 8 GPUs: one GPU", lambda: policy.data_parallel_workers(1, 10, 8), 1),
+    ("one of a fifth would be the tail: its share of the GPUs", lambda: policy.data_parallel_workers(2, 10, 8), 2),
+    ("one of half: four", lambda: policy.data_parallel_workers(5, 10, 8), 4),
+    ("at most a node's eight", lambda: policy.data_parallel_workers(9, 10, 16), 8),
+    ("on one GPU, one", lambda: policy.data_parallel_workers(9, 10, 1), 1),
     ("a worker gets a thread per core granted", lambda: policy.torch_threads(4.0), 4),
     ("... and at least one", lambda: policy.torch_threads(0.5), 1),
 ]

@@ -226,10 +226,14 @@ def test_run_options_take_auto_or_a_value(write_grid):
     grid = spec.load(write_grid("run: {compile: true, gpus_per_trial: 0.5, data_budget_gb: auto}\n" + VALID))
     assert (grid.run.compile, grid.run.gpus_per_trial, grid.run.data_budget_gb) == (True, 0.5, None)
     assert spec.load(write_grid("run: {compile: auto, gpus_per_trial: auto}\n" + VALID)).run == spec.RunOptions()
-    message = refused(write_grid, "run: {compile: 1, gpus_per_trial: 2, checkpoint_every_steps: auto}\n" + VALID)
+    assert spec.load(write_grid("run: {gpus_per_trial: 4, workers: 2}\n" + VALID)).run.gpus_per_trial == 4
+    message = refused(write_grid, "run: {compile: 1, gpus_per_trial: 1.5, checkpoint_every_steps: auto, workers: 0}\n"
+                      + VALID)  # fmt: skip
     assert "run.compile: expected true, false or auto, got 1" in message
-    assert "run.gpus_per_trial: expected the share of one GPU a trial takes (0 < x <= 1) or auto, got 2" in message
+    assert ("run.gpus_per_trial: expected the share of one GPU a trial takes (0 < x <= 1), a whole number of GPUs "
+            "(>= 2) or auto, got 1.5") in message  # fmt: skip
     assert "run.checkpoint_every_steps: expected a whole number, got 'auto'" in message
+    assert "run.workers: expected a whole number >= 1 or auto, got 0" in message
 
 
 def test_a_key_set_twice_and_declared_facts_out_of_range_are_refused_at_once(write_grid):

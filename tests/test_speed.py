@@ -10,7 +10,7 @@ from lion_pytorch import Lion
 from mlpgrid import policy
 from mlpgrid.data import Datasets
 from mlpgrid.execution.groups import Group
-from mlpgrid.execution.placement import gpu_shares, launch_order
+from mlpgrid.execution.placement import PlacementError, gpu_shares, launch_order, place
 from mlpgrid.grid import spec
 from mlpgrid.grid.layout import TrialLayout
 from mlpgrid.grid.spec import TrialConfig
@@ -126,6 +126,28 @@ def test_shares_cover_the_memory_a_trial_needs(write_grid):
     assert set(gpu_shares(trials, 1, gpu_bytes=80e9).values()) == {0.125}, "fits an eighth of 80 GB"
     assert set(gpu_shares(trials, 1, gpu_bytes=40e9).values()) == {0.25}, "not of 40 GB"
     assert policy.memory_cap(0.25, 40e9) * 40e9 >= group_memory(trials[0]), "its cap holds its estimate"
+
+
+def test_the_grids_tail_trains_on_several_gpus_and_no_trial_asks_for_more_than_the_cluster(write_grid):
+    """A trial whose compute on one GPU would outlast the rest of the grid on the others gets
+    data-parallel workers (whole GPUs); asked for, every trial alone gets them; more than the
+    cluster holds is refused before anything runs."""
+    text = "base: {epochs: 10, examples: 60000}\ngrid: {model: [B-2/Wi-64, B-12/Wi-1024]}\n"
+    small, large = [Group((t,)) for t in spec.load(write_grid(text)).trials]
+    assert large.compute / (large.compute + small.compute) > 0.9
+    on_8 = place([small, large], {"GPU": 8, "CPU": 64})
+    assert on_8.ray_train == {large.id: 8} and on_8.workers[large.id] == {"GPU": 1.0, "CPU": 1.0}
+    assert any(f"{large.id} trains on 8 data-parallel workers (Ray Train)" in note for note in on_8.notes)
+    assert place([small, large], {"GPU": 1, "CPU": 16}).ray_train == {}, "one GPU: nothing to spread over"
+    assert place([small, large], {"CPU": 4}).ray_train == {}, "no GPU: only when asked"
+    asked = place([small, large, Group((small.trials[0], large.trials[0]))], {"CPU": 4}, workers=2, cpus_per_trial=2)
+    assert asked.ray_train == {small.id: 2, large.id: 2}, "groups stay on one worker"
+    assert asked.workers[small.id] == {"CPU": 2}
+    every = place([small, large], {"GPU": 1, "CPU": 16}, ray_train=True)
+    assert every.ray_train == {small.id: 1, large.id: 1}, "asked for, every trial through Ray Train, on its share"
+    assert every.workers[small.id]["GPU"] < 1
+    with pytest.raises(PlacementError, match=r"a trial on 3 data-parallel workers needs 6 CPU; the cluster has 4 CPU"):
+        place([small], {"CPU": 4}, workers=3, cpus_per_trial=2)
 
 
 def test_a_small_grid_gets_a_gpu_per_trial_from_ray(write_grid):

@@ -130,6 +130,8 @@ class FfcvLoader(_Loader):
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         lams = self.mixup_weights(epoch)
         for step, (images, labels) in enumerate(self._ffcv_loader(epoch, start_step), start=start_step):
-            where = torch.arange(len(labels), device=self.device)
+            # FFCV reads the whole batch; a worker of a data-parallel trial augments its shard of it.
+            rows = self.shard_rows(len(labels))
+            where = torch.arange(len(labels), device=self.device) if rows is None else rows.to(self.device)
             # (B, H, W, C) as FFCV stores images; a permuted view, read in place by the gather.
             yield self.batch(images.permute(0, 3, 1, 2), where, labels.long(), epoch, step, lams)

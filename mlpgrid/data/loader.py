@@ -15,6 +15,10 @@ All randomness of step ``s`` of epoch ``e`` comes from generators seeded by ``(s
 (the order, the MixUp weights) and ``(seed, e, s)`` (crops and flips), so a run that restarts
 at any step sees exactly the batches an uninterrupted run would have seen. The device and the
 streaming loader yield identical batches.
+
+A worker of a data-parallel trial reads its :class:`Shard` of every batch: the same rows,
+crops, flips and MixUp partners the whole batch gives them, gathered and augmented by that
+worker alone.
 """
 
 from __future__ import annotations
@@ -45,12 +49,41 @@ class Augmentation:
     mixup: float = 0.0  # Beta(alpha, alpha) mixing strength; 0 = off
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Worker ``rank`` of ``workers``'s part of every batch: rows ``bounds(b)`` of a batch of ``b``
+    (parts differ by one row at most; a batch of fewer rows than workers leaves some empty)."""
+
+    rank: int = 0
+    workers: int = 1
+
+    def bounds(self, b: int) -> tuple[int, int]:
+        return b * self.rank // self.workers, b * (self.rank + 1) // self.workers
+
+    def size(self, b: int) -> int:
+        lo, hi = self.bounds(b)
+        return hi - lo
+
+    def rows(self, b: int, mixed: bool) -> torch.Tensor | None:
+        """The batch positions this worker augments (None: all of them): its own, after the row
+        before its first when mixed (MixUp mixes each example with the one before it)."""
+        if self.workers == 1:
+            return None
+        lo, hi = self.bounds(b)
+        own = torch.arange(lo, hi)
+        return torch.cat([torch.tensor([(lo - 1) % b]), own]) if mixed else own
+
+
+WHOLE = Shard()  # every row of every batch: one worker's
+
+
 @dataclass
 class Batch:
     images: torch.Tensor  # (B, C, H, W), normalised; bf16 from a compiled CUDA loader, else float32
     labels: torch.Tensor  # int64 (B,)
     mixed_labels: torch.Tensor  # labels of the examples mixed in (== labels without MixUp)
     lam: torch.Tensor | None  # weight of ``labels`` in the loss (a 0-d device tensor); None without MixUp
+    whole: int  # rows of the whole batch (more than these in a data-parallel worker's shard)
 
 
 class Loader(Protocol):
@@ -136,8 +169,10 @@ class _Loader:
         augmentation: Augmentation = Augmentation(),
         shuffle: bool = True,
         compile: bool = False,
+        shard: Shard = WHOLE,
     ):
         self.size = size
+        self.shard = shard
         self.batch_size = batch_size
         self.device = device
         self.seed = seed
@@ -172,6 +207,10 @@ class _Loader:
         lams = [np.random.default_rng(derive_seed(self.seed, epoch, s)).beta(a, a) for s in range(len(self))]
         return torch.tensor(lams, dtype=torch.float32).to(self.device)
 
+    def shard_rows(self, b: int) -> torch.Tensor | None:
+        """The positions of a batch of ``b`` this loader gathers (None: all; see :meth:`Shard.rows`)."""
+        return self.shard.rows(b, self.aug.mixup > 0)
+
     def batch(
         self,
         source: torch.Tensor,
@@ -181,8 +220,9 @@ class _Loader:
         step: int,
         lams: torch.Tensor | None,
     ) -> Batch:
-        """Augment ``source[idx]`` as step ``step`` of ``epoch``; ``labels`` are already in batch order."""
-        b = len(idx)
+        """Augment ``source[idx]`` as (this loader's shard of) step ``step`` of ``epoch``:
+        ``labels`` are the whole batch's, in batch order; ``idx`` the rows of :meth:`shard_rows`."""
+        b = len(labels)
         zeros = torch.zeros(b, dtype=torch.long, device=self.device)
         dy = dx = zeros
         flipped = torch.zeros(b, dtype=torch.bool, device=self.device)
@@ -195,8 +235,17 @@ class _Loader:
             if self.aug.flip:
                 flipped = torch.rand(b, device=self.device, generator=g) < 0.5
         lam = None if lams is None else lams[step]
+        rows = self.shard_rows(b)
+        if rows is not None:  # the whole batch's draws, this shard's rows
+            rows = rows.to(self.device)
+            dy, dx, flipped = dy[rows], dx[rows], flipped[rows]
         x = self._augment(source, idx, dy, dx, flipped, lam, self.mean, self.std, self.aug.crop_padding, self.out_dtype)
-        return Batch(x, labels, labels if lam is None else labels.roll(1, dims=0), lam)
+        mixed_labels = labels if lam is None else labels.roll(1, dims=0)
+        if rows is not None:
+            lo, hi = self.shard.bounds(b)
+            x = x[len(x) - (hi - lo) :]  # without the partner row gathered for the first example's MixUp
+            labels, mixed_labels = labels[lo:hi], mixed_labels[lo:hi]
+        return Batch(x, labels, mixed_labels, lam, b)
 
 
 class DeviceLoader(_Loader):
@@ -213,7 +262,9 @@ class DeviceLoader(_Loader):
         lams = self.mixup_weights(epoch)
         for step in range(start_step, len(self)):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-            yield self.batch(self.images, idx, self.labels[idx], epoch, step, lams)
+            rows = self.shard_rows(len(idx))
+            yield self.batch(self.images, idx if rows is None else idx[rows.to(self.device)], self.labels[idx], epoch,
+                             step, lams)  # fmt: skip
 
 
 RESIDENT_COPY_BYTES = 1 << 30  # the resident images go to the device in parts of this size
@@ -310,6 +361,9 @@ class StreamingLoader(_Loader):
                 if stop.is_set():
                     return
                 positions = order[step * self.batch_size : (step + 1) * self.batch_size].numpy()
+                shard = self.shard_rows(len(positions))
+                if shard is not None:
+                    positions = positions[shard.numpy()]
                 on_device = positions < self.resident
                 rows = self.subset[positions[~on_device]]
                 # The batch's source is its resident images (``kept``, in visiting order), then

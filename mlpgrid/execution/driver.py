@@ -235,6 +235,10 @@ def _run_phases(tasks: list[runner.TrialTask], grid: GridSpec, storage: StorageL
 
             groups = runner.group_tasks(phase, request.group, device_type=pick_device().type)
             progress.note(describe(groups))
+            asked = [request.ray.workers, grid.run.workers, request.ray.gpus_per_trial, grid.run.gpus_per_trial]
+            if any(n is not None and n > 1 for n in asked):
+                progress.note("data-parallel workers run on Ray: in process each trial trains on one (its result the "
+                              "same, to float rounding)")  # fmt: skip
             runner.run_in_process(launch_order(groups), progress)  # largest first, as on Ray
         else:
             from mlpgrid.execution import ray_tune

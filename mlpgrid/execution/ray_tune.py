@@ -2,6 +2,9 @@
 
 Each Tune trial is a function that trains one group (:func:`mlpgrid.execution.runner.execute_group`)
 on its share of a GPU (or CPU cores), in a Ray actor that Tune reuses from one group to the next.
+A data-parallel trial's Tune trial instead fits a Ray Train ``TorchTrainer`` of its workers (one
+process per GPU, DDP; :mod:`mlpgrid.training.parallel`) and relays the lead worker's events; so
+does every group's with ``run.ray_train`` (one worker each).
 Where groups run and how many at once is :mod:`mlpgrid.execution.placement`'s policy. The driver
 loads each in-memory dataset once and hands it to every trial through Ray's object store.
 
@@ -25,26 +28,30 @@ import numpy as np
 from mlpgrid import data, policy
 from mlpgrid.execution.events import GroupEnded
 from mlpgrid.execution.groups import describe
-from mlpgrid.execution.placement import Placement, launch_order, parallel_units, place
+from mlpgrid.execution.placement import Placement, PlacementError, launch_order, parallel_units, place
 from mlpgrid.execution.progress import Progress
 from mlpgrid.execution.runner import GroupTask, TrialTask, execute_group, group_tasks
 from mlpgrid.grid.layout import StorageLayout
 from mlpgrid.grid.spec import GridSpec, Trial
 from mlpgrid.system import waits
+from mlpgrid.training.parallel import Workers
 
 
 @dataclass(frozen=True)
 class RayOptions:
     address: str | None = None  # None: a local Ray instance (or RAY_ADDRESS)
     max_concurrent: int | None = None  # None: as many as the resources allow
-    gpus_per_trial: float | None = None  # fractions pack trials on one GPU; None: the grid's, else by model size
+    gpus_per_trial: float | None = None  # fractions pack trials on one GPU, k > 1 is k workers; None: the grid's
+    workers: int | None = None  # data-parallel workers per trial; None: the grid's, else the tails get several
+    ray_train: bool | None = None  # every trial through Ray Train; None: the grid's, else the data-parallel ones
     cpus_per_trial: float = 1.0  # used when the cluster has no GPU
     retries: int = 2  # a failed trial restarts from its last checkpoint this many times
     wait_s: float = 600.0  # give up when no trial has run for this long (resources that do not come)
 
 
 class ResourcesError(RuntimeError):
-    """The grid stopped because Ray could place none of its trials for too long."""
+    """The grid stopped because Ray could place none of its trials for too long, or asks for
+    more than the cluster has."""
 
 
 class _Stall:
@@ -87,7 +94,8 @@ class _Stall:
         self.since = time.monotonic()
 
 
-def _run_group(config: dict[str, Any], groups: dict[str, GroupTask], arrays: dict[tuple, Any]) -> None:
+def _run_group(config: dict[str, Any], groups: dict[str, GroupTask], arrays: dict[tuple, Any],
+               ray_train: dict[str, tuple[int, dict[str, float]]], train_storage: str) -> None:  # fmt: skip
     """The Tune trial: one group of grid trials (often of one), trained in this Ray actor on the
     share of a GPU (or the CPU cores) Tune placed it on.
 
@@ -96,20 +104,23 @@ def _run_group(config: dict[str, Any], groups: dict[str, GroupTask], arrays: dic
     Ray Train job in each Tune trial, as before, made a one-epoch trial's start-up 24 s on 2
     CPU cores, against 6.4 s now in a fresh worker.) ``arrays`` are
     the object-store references of the datasets the driver shares, by :func:`_dataset_key`.
+    A group in ``ray_train`` (with its workers and each one's resources) trains through
+    :func:`_fit_ray_train` instead, its Ray Train files under ``train_storage``.
     """
     import ray
     import torch
     from ray import tune
 
     group = groups[config["group_id"]]
+    if group.id in ray_train:
+        count, resources = ray_train[group.id]
+        _fit_ray_train(group, count, resources, train_storage)
+        return
     context = ray.get_runtime_context()
     granted = context.get_assigned_resources()
     launched_at = time.time()
     torch.set_num_threads(policy.torch_threads(granted.get("CPU", 1)))
-    share = granted.get("GPU", 1.0)
-    if torch.cuda.is_available():  # the memory of its share, less its CUDA context, and no more
-        share = policy.memory_cap(share, torch.cuda.get_device_properties(0).total_memory)
-        torch.cuda.set_per_process_memory_fraction(share)
+    share = _hold_to_share(granted.get("GPU", 1.0))
     shared = arrays.get(_dataset_key(group.trials[0]))
     try:
         statuses = execute_group(
@@ -131,6 +142,98 @@ def _run_group(config: dict[str, Any], groups: dict[str, GroupTask], arrays: dic
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the next group in this actor, or another worker on the GPU, gets it
     tune.report(GroupEnded(statuses).to_result())  # lets the live view tell finished from diverged
+
+
+def _hold_to_share(share: float) -> float:
+    """Cap this process's GPU memory at its ``share`` of the GPU less its CUDA context, so that it
+    cannot take another trial's; returns the share of the GPU's memory it may allocate."""
+    import torch
+
+    if torch.cuda.is_available():
+        share = policy.memory_cap(share, torch.cuda.get_device_properties(0).total_memory)
+        torch.cuda.set_per_process_memory_fraction(share)
+    return share
+
+
+def _ray_train_worker(config: dict[str, Any]) -> None:
+    """A Ray Train worker: trains its group on the device Ray Train gave it (its shard of every
+    batch in a data-parallel trial); the lead records the trials and sends its events to
+    ``config["events"]``."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    context = ray.train.get_context()
+    workers = Workers(context.get_world_rank(), context.get_world_size())
+    torch.set_num_threads(policy.torch_threads(config["resources"].get("CPU", 1)))
+    share = _hold_to_share(config["resources"].get("GPU", 1.0))
+    events = config["events"]
+    statuses = execute_group(
+        config["group"],
+        listener=(lambda event: events.put(event.to_result())) if workers.lead else None,
+        tags={
+            "ray_trial_id": config["ray_trial_id"],
+            "ray_train_run": context.get_experiment_name(),
+            "worker_pid": str(os.getpid()),
+            "ray_node_id": ray.get_runtime_context().get_node_id(),
+            "torch_threads": str(torch.get_num_threads()),
+        },
+        device=ray.train.torch.get_device(),
+        launched_at=config["launched_at"],
+        gpu_share=share,
+        workers=workers,
+    )
+    if workers.lead:
+        events.put(GroupEnded(statuses).to_result())
+
+
+def _fit_ray_train(group: GroupTask, count: int, resources: dict[str, float], storage: str) -> None:
+    """The Tune trial of a group trained by Ray Train: a ``TorchTrainer`` of ``count`` workers of
+    ``resources`` each (NCCL between GPUs, gloo between CPU processes), across nodes where one has
+    too few; the lead's events reported to Tune as they come. A failed worker ends the fit (Ray
+    Train restarts none): Tune's retry starts a new one, which resumes from the lead's checkpoint."""
+    from queue import Empty
+
+    from ray import tune
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    events = Queue(actor_options={"num_cpus": 0})
+    trial_id = tune.get_context().get_trial_id()
+    trainer = TorchTrainer(
+        _ray_train_worker,
+        train_loop_config={
+            "group": group,
+            "events": events,
+            "resources": resources,
+            "ray_trial_id": trial_id,
+            "launched_at": time.time(),
+        },  # fmt: skip
+        scaling_config=ScalingConfig(num_workers=count, use_gpu="GPU" in resources, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"{group.id}-{trial_id}", storage_path=storage, failure_config=FailureConfig(max_failures=0)
+        ),  # fmt: skip
+    )
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - raised in the Tune trial below
+            failure.append(e)
+
+    fitting = threading.Thread(target=fit, daemon=True)
+    fitting.start()
+    while fitting.is_alive() or not events.empty():
+        try:
+            tune.report(events.get(timeout=0.5))
+        except Empty:
+            continue
+    events.shutdown()
+    if failure:
+        raise failure[0]
 
 
 def _dataset_key(trial: Trial) -> tuple[str, int | None, int | None]:
@@ -242,9 +345,22 @@ def make_tuner(groups: list[GroupTask], grid: GridSpec, storage: StorageLayout, 
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     workers = placement.workers
+    ray_train = {group_id: (n, workers[group_id]) for group_id, n in placement.ray_train.items()}
+    # A Ray Train trial's Tune trial only waits on its trainer, whose workers Ray Train
+    # places: it holds nothing (a byte of memory, as Tune needs some resource), else on a full
+    # cluster it would hold what its own workers wait for.
+    trainer_only: dict[str, float] = {"memory": 1}
     trainable = tune.with_resources(
-        tune.with_parameters(_run_group, groups={g.id: g for g in groups}, arrays=_share_datasets(groups)),
-        lambda config: tune.PlacementGroupFactory([workers[config["group_id"]]]),
+        tune.with_parameters(
+            _run_group,
+            groups={g.id: g for g in groups},
+            arrays=_share_datasets(groups),
+            ray_train=ray_train,
+            train_storage=str(storage.ray),
+        ),  # fmt: skip
+        lambda config: tune.PlacementGroupFactory(
+            [trainer_only if config["group_id"] in ray_train else workers[config["group_id"]]]
+        ),
     )
     return tune.Tuner(
         trainable,
@@ -271,13 +387,22 @@ def run_on_ray(tasks: list[TrialTask], group_size: int | None, grid: GridSpec, s
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     resources = start_ray(opts.address, storage)
     units = parallel_units(resources, opts.cpus_per_trial, opts.max_concurrent)
+    chosen = opts.gpus_per_trial if opts.gpus_per_trial is not None else grid.run.gpus_per_trial
+    workers = opts.workers if opts.workers is not None else grid.run.workers
+    if chosen is not None and chosen > 1:  # whole GPUs: as many data-parallel workers
+        workers, chosen = round(chosen), None
+    if workers is not None and workers > 1:
+        group_size = 1  # a group shares one worker's batches
     groups = group_tasks(tasks, group_size, units, "cuda" if resources.get("GPU", 0) > 0 else "cpu")
     progress.note(describe(groups))
-    chosen = opts.gpus_per_trial if opts.gpus_per_trial is not None else grid.run.gpus_per_trial
     gpu_bytes = gpu_memory() if resources.get("GPU", 0) > 0 else None
-    placement = place(groups, resources, gpus_per_trial=chosen, cpus_per_trial=opts.cpus_per_trial,
-                      max_concurrent=opts.max_concurrent, gpu_bytes=gpu_bytes, compile=grid.run.compile,
-                      fuse=grid.run.fuse)  # fmt: skip
+    try:
+        placement = place(groups, resources, gpus_per_trial=chosen, cpus_per_trial=opts.cpus_per_trial,
+                          max_concurrent=opts.max_concurrent, gpu_bytes=gpu_bytes, compile=grid.run.compile,
+                          fuse=grid.run.fuse, workers=workers,
+                          ray_train=opts.ray_train if opts.ray_train is not None else grid.run.ray_train)  # fmt: skip
+    except PlacementError as e:
+        raise ResourcesError(str(e)) from None
     for note in placement.notes:
         progress.note(note)
     stall = _Stall(opts.wait_s, stop_asked)

@@ -39,6 +39,7 @@ from mlpgrid.tracking.writer import TrialRun, trial_run
 from mlpgrid.training.checkpoint import CheckpointDir
 from mlpgrid.training.hardware import pick_device
 from mlpgrid.training.loop import Branch, Hooks, TrialDiverged, TrialResult, run_group
+from mlpgrid.training.parallel import ALONE, Workers
 from mlpgrid.training.setup import TrialOptions
 
 log = logging.getLogger(__name__)
@@ -290,6 +291,7 @@ def execute_group(
     launched_at: float | None = None,
     arrays: data.ImageArrays | None = None,
     gpu_share: float = 1.0,
+    workers: Workers = ALONE,
 ) -> dict[str, str]:
     """Run a group's trials (often a trial alone) through the training loop
     (:func:`mlpgrid.training.loop.run_group`), each with its MLflow run, and return each one's
@@ -306,13 +308,18 @@ def execute_group(
     first step is logged as its ``startup_seconds``. ``arrays`` are the pre-training data when
     the runner shares it; ``gpu_share`` is the part of the GPU the group has (its default data
     budget scales with it). ``listener`` hears each member's epochs and ends
-    (:mod:`mlpgrid.execution.events`).
+    (:mod:`mlpgrid.execution.events`). ``workers``: this process's place among the workers of a
+    data-parallel trial (a group of one); only the lead claims, records and hears; the others
+    train their shards (:func:`train_shard`).
     """
     launched_at = launched_at or time.time()
     statuses: dict[str, str] = {}
     # Known in this process before any run opens: a run's tags (the model's parameter count)
     # depend on the dataset's shape, and a worker knows only the prepared datasets it was told of.
     datasets = _datasets(list(group.members), arrays)
+    if not workers.lead:
+        train_shard(group, workers, device or pick_device(), datasets, gpu_share)
+        return statuses
 
     def ended(trial_id: str, status: str) -> None:
         statuses[trial_id] = status
@@ -341,24 +348,42 @@ def execute_group(
         group_tags = {} if len(group.trials) == 1 else {
             "ran_in": "group", "group_id": group.id, "group_size": str(len(group.trials)),
             "group_steps": "fused" if fused else "one after another"}  # fmt: skip
+        if workers.count > 1:
+            group_tags = {"ran_in": "data-parallel", "workers": str(workers.count)}
         recorders = []
         for task in members:
             run_tags = (tags or {}) | group_tags | _adopt_pretrained(task) | _trunk_tags(task)
             recorders.append(_Recorder(task, run_tags, launched_at, listener))
         failures = _train(members, recorders, statuses, ended, _trial_options(lead.options, gpu_share),
-                          device=device, fuse=fused, datasets=datasets)  # fmt: skip
+                          device=device, fuse=fused, datasets=datasets, workers=workers)  # fmt: skip
     if failures:  # recorded; raised so that the runner retries the failed trials (the others have ended)
         raise failures[0]
     return statuses
 
 
+def train_shard(group: GroupTask, workers: Workers, device: Any, datasets: data.Datasets, gpu_share: float) -> None:
+    """A data-parallel trial's worker other than the lead: trains its shard of every batch in
+    step with the others; raises what ends it (a divergence ends every worker alike, recorded by
+    the lead)."""
+    (task,) = group.members
+
+    def on_end(i: int, outcome: TrialResult | BaseException) -> None:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, TrialDiverged):
+            raise outcome
+
+    run_group([task.trial.config], [task.layout], _trial_options(task.options, gpu_share), datasets=datasets,
+              hooks=[Hooks()], device=device, fuse=False, on_end=on_end, branches=[list(task.branches)],
+              workers=workers)  # fmt: skip
+
+
 def _train(members: list[TrialTask], recorders: list[_Recorder], statuses: dict[str, str],
            ended: Callable[[str, str], None], options: TrialOptions, *, device: Any, fuse: bool,
-           datasets: data.Datasets) -> list[BaseException]:  # fmt: skip
+           datasets: data.Datasets, workers: Workers = ALONE) -> list[BaseException]:  # fmt: skip
     """Train the members not ended yet in one :func:`~mlpgrid.training.loop.run_group`, each
     end recorded as it comes; returns the failures (divergence is none). Out of GPU memory, the
     members go on from their checkpoints with a smaller data budget
-    (:func:`mlpgrid.policy.data_budget_after_oom`) until every image streams; then they fail."""
+    (:func:`mlpgrid.policy.data_budget_after_oom`) until every image streams; then they fail
+    (at once in a data-parallel trial: its workers restart together, from the lead's checkpoint)."""
     failures: list[BaseException] = []
     while True:
         going = [i for i, task in enumerate(members) if task.trial.id not in statuses]
@@ -373,10 +398,10 @@ def _train(members: list[TrialTask], recorders: list[_Recorder], statuses: dict[
         try:
             run_group([members[i].trial.config for i in going], [members[i].layout for i in going], options,
                       datasets=datasets, hooks=[recorders[i].hooks() for i in going],
-                      device=device, fuse=fuse, on_end=on_end, branches=branches)  # fmt: skip
+                      device=device, fuse=fuse, on_end=on_end, branches=branches, workers=workers)  # fmt: skip
             return failures
         except torch.cuda.OutOfMemoryError as e:
-            scale = policy.data_budget_after_oom(options.data_budget_scale)
+            scale = policy.data_budget_after_oom(options.data_budget_scale) if workers.count == 1 else None
             if scale is None:
                 _fail_the_rest(members, statuses, on_end, going, e)
                 raise

@@ -212,7 +212,26 @@ class RunOptions:
         ),  # fmt: skip
     )
     gpus_per_trial: float | None = field(
-        default=None, metadata=_opt("share of a GPU per trial (0.5: two per GPU); auto = by the step's size")
+        default=None,
+        metadata=_opt(
+            "share of a GPU per trial (0.5: two per GPU), or a whole number k > 1: k data-parallel workers of a "
+            "GPU each (as `workers: k`); auto = by the step's size"
+        ),
+    )
+    workers: int | None = field(
+        default=None,
+        metadata=_opt(
+            "data-parallel workers per trial (Ray Train, DDP; a GPU each, or --cpus-per-trial cores without GPUs); "
+            "a trial keeps its result to float rounding; auto = 1, more for a trial that alone on one GPU would "
+            "outlast the rest of the grid on the others (up to 8)"
+        ),  # fmt: skip
+    )
+    ray_train: bool | None = field(
+        default=None,
+        metadata=_opt(
+            "train every trial through a Ray Train TorchTrainer (one worker unless data-parallel); auto = only "
+            "data-parallel trials, the rest in Ray actors reused from trial to trial, which start faster"
+        ),
     )
     compile: bool | None = field(
         default=None,
@@ -691,7 +710,7 @@ def _run_section(raw: Any, errors: _Errors) -> RunOptions:
     for key, value in raw.items():
         if key not in run_fields:
             errors.add(f"run.{key}", _unknown_key(key, run_fields))
-        elif (problem := _run_option_problem(key, value)) is not None:
+        elif (problem := run_option_problem(key, value)) is not None:
             errors.add(f"run.{key}", f"{problem}, got {value!r}")
         elif value != "auto":
             options[key] = 1 if key == "group" and value in ("off", False) else value  # YAML reads off as false
@@ -872,13 +891,13 @@ def reduce(grid: GridSpec, scale: float | None = None, only: tuple[tuple[str, st
     return dataclasses.replace(grid, name=f"{grid.name}-scale{scale:g}", trials=list(reduced.values()))
 
 
-def _run_option_problem(key: str, value: Any) -> str | None:
-    """What is wrong with ``value`` for ``run.<key>``, or None."""
-    whole = key in ("checkpoint_every_steps", "evaluate_every", "max_trials")
-    auto = "" if whole else " or auto"
+def run_option_problem(key: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for ``run.<key>`` (or its command-line option), or None."""
+    whole = key in ("checkpoint_every_steps", "evaluate_every", "max_trials", "workers")
+    auto = "" if whole and key != "workers" else " or auto"
     if value == "auto" and auto:
         return None
-    if key in ("compile", "fuse"):
+    if key in ("compile", "fuse", "ray_train"):
         return None if isinstance(value, bool) else "expected true, false or auto"
     if key == "group":
         count = isinstance(value, int) and not isinstance(value, bool) and value >= 1
@@ -887,10 +906,10 @@ def _run_option_problem(key: str, value: Any) -> str | None:
     kind = int if whole else float
     if isinstance(value, bool) or not isinstance(value, (int, kind)) or not math.isfinite(value):
         return f"expected a {'whole ' if kind is int else ''}number{auto}"
-    if key in ("max_trials", "evaluate_every") and value < 1:
-        return "expected a whole number >= 1"
-    if key == "gpus_per_trial" and not 0 < value <= 1:
-        return "expected the share of one GPU a trial takes (0 < x <= 1) or auto"
+    if key in ("max_trials", "evaluate_every", "workers") and value < 1:
+        return "expected a whole number >= 1" + (" or auto" if key == "workers" else "")
+    if key == "gpus_per_trial" and not (0 < value <= 1 or (value >= 2 and value == int(value))):
+        return "expected the share of one GPU a trial takes (0 < x <= 1), a whole number of GPUs (>= 2) or auto"
     return "expected a number >= 0" if value < 0 else None
 
 

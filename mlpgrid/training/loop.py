@@ -41,6 +41,7 @@ from mlpgrid.grid.spec import TrialConfig
 from mlpgrid.models.networks import Network
 from mlpgrid.training import pictures
 from mlpgrid.training.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked, holds_at
+from mlpgrid.training.parallel import ALONE, Workers
 from mlpgrid.training.setup import DataParts, Model, TrialOptions, make_model, set_up_data
 from mlpgrid.training.stages import StageDir, run_stages
 from mlpgrid.training.step import compiled_recipe_loss, cosine, evaluate, train_step
@@ -224,10 +225,11 @@ class Engine(Protocol):
 
 class Separate:
     """Members stepped one after another on the same batch, each its own model and optimizer:
-    every member computes exactly what it computes alone (and a trial alone is one of these)."""
+    every member computes exactly what it computes alone (and a trial alone is one of these,
+    on one worker or, through DDP, on several: :mod:`mlpgrid.training.parallel`)."""
 
-    def __init__(self, models: list[Model], cfgs: list[TrialConfig]):
-        self.models, self.cfgs = models, cfgs
+    def __init__(self, models: list[Model], cfgs: list[TrialConfig], workers: Workers = ALONE):
+        self.models, self.cfgs, self.workers = models, cfgs, workers
         self.compile_seconds: float | None = None
         self.lrs: list[list[float]] = []
 
@@ -241,11 +243,13 @@ class Separate:
         for model, cfg, lrs in zip(self.models, self.cfgs, self.lrs, strict=True):
             for group in model.optimizer.param_groups:
                 group["lr"] = lrs[step]
-            if model.compiled is not None and len(batch.labels) == cfg.batch_size:  # full batches: compiled
+            scale = self.workers.loss_scale(len(batch.labels), batch.whole)
+            if model.compiled is not None and batch.whole == cfg.batch_size:  # full batches: compiled
                 losses.append(train_step(model.compiled, model.optimizer, batch, cfg.label_smoothing, cfg.clip_grad,
-                                         compiled_recipe_loss))  # fmt: skip
+                                         compiled_recipe_loss, scale))  # fmt: skip
             else:
-                losses.append(train_step(model.network, model.optimizer, batch, cfg.label_smoothing, cfg.clip_grad))
+                losses.append(train_step(model.stepped, model.optimizer, batch, cfg.label_smoothing, cfg.clip_grad,
+                                         loss_scale=scale))  # fmt: skip
         return torch.stack(losses)
 
     def evaluate(self, test: Loader) -> list[tuple[float, float]]:
@@ -307,42 +311,47 @@ def epoch_metrics(member: Member, engine: Engine, parts: DataParts, *, train_los
 
 
 def _set_up_member(index: int, cfg: TrialConfig, layout: TrialLayout, hooks: Hooks, options: TrialOptions,
-                   parts: DataParts, *, from_checkpoint: bool = True) -> tuple[Member, Model]:  # fmt: skip
+                   parts: DataParts, workers: Workers, *,
+                   from_checkpoint: bool = True) -> tuple[Member, Model]:  # fmt: skip
     """A member's own model, as alone, resumed from its newest good checkpoint (or not)."""
-    model = make_model(cfg, options, parts.device, parts.train.out_dtype)
+    model = make_model(cfg, options, parts.device, parts.train.out_dtype, workers)
     checkpoints = CheckpointDir(layout.checkpoints)
     if from_checkpoint:
         position = resume(cfg, model, parts.device, checkpoints)
     else:
         position = Position(loss_sum=torch.zeros((), device=parts.device))
+    if not workers.lead:  # the lead holds the checkpoint's loss sum and count of the epoch under way
+        position.loss_sum, position.seen = torch.zeros_like(position.loss_sum), 0
     member = Member(index, cfg, layout, hooks, checkpoints, position, model.compiled is not None, model.compile_seconds)
     return member, model
 
 
 def _members_to_train(cfgs: list[TrialConfig], layouts: list[TrialLayout], hooks: list[Hooks], options: TrialOptions,
-                      parts: DataParts, datasets: data.Datasets,
-                      on_end: Callable[[int, Outcome], None]) -> list[tuple[Member, Model]]:  # fmt: skip
+                      parts: DataParts, datasets: data.Datasets, on_end: Callable[[int, Outcome], None],
+                      workers: Workers) -> list[tuple[Member, Model]]:  # fmt: skip
     """Every member set up and resumed as alone; those whose training is left, at one position.
     A member that cannot be set up (another trial's checkpoint in its directory, say) ends at
     once, alone; one trained before only has its end left, which comes now."""
     members: list[tuple[Member, Model]] = []
     for i, (cfg, layout, h) in enumerate(zip(cfgs, layouts, hooks, strict=True)):
         try:
-            members.append(_set_up_member(i, cfg, layout, h, options, parts))
+            members.append(_set_up_member(i, cfg, layout, h, options, parts, workers))
         except Exception as e:  # noqa: BLE001 - it alone fails
             on_end(i, e)
     for m, _ in members:
-        if m.position.history and m.hooks.resumed:
+        if m.position.history and m.hooks.resumed and workers.lead:
             m.hooks.resumed(m.position.history)
     for m, model in members:
-        if m.position.epoch >= m.cfg.epochs:
+        if m.position.epoch >= m.cfg.epochs and workers.lead:
             _finish(m, model.network, parts, datasets, on_end)
     going = [(m, model) for m, model in members if m.position.epoch < m.cfg.epochs]
     if len({(m.position.epoch, m.position.step) for m, _ in going}) > 1:
         # Checkpoints are written together, so this takes a damaged one; start them over together.
         log.warning("the members' newest good checkpoints are at different positions: they start again together")
-        going = [_set_up_member(m.index, m.cfg, m.layout, m.hooks, options, parts, from_checkpoint=False)
+        going = [_set_up_member(m.index, m.cfg, m.layout, m.hooks, options, parts, workers, from_checkpoint=False)
                  for m, _ in going]  # fmt: skip
+    if going:
+        workers.check_same(going[0][0].position.epoch, going[0][0].position.step, parts.device)
     return going
 
 
@@ -357,6 +366,7 @@ def run_group(
     fuse: bool,
     on_end: Callable[[int, Outcome], None],
     branches: list[list[Branch]] | None = None,
+    workers: Workers = ALONE,
 ) -> None:
     """Train the trials ``cfgs`` (one trial, or a group: see :func:`mlpgrid.execution.groups.group_key`)
     in their directories ``layouts``, resuming each from its checkpoints; ``on_end(i, outcome)`` is
@@ -368,7 +378,12 @@ def run_group(
     (:class:`BackgroundSaver`): at each epoch end and every ``options.checkpoint_every_steps``
     unless the previous one is still being written, and always as a member ends. ``branches``:
     each member's :class:`Branch` es, whose checkpoints it writes at their cooldown starts.
+    ``workers``: this process's place among a data-parallel trial's workers (a trial of one
+    member, not fused): each trains its shard of every batch; the lead alone evaluates,
+    checkpoints, calls the hooks and finishes the member (another worker's ``on_end`` hears only
+    a divergence or an error; see :mod:`mlpgrid.training.parallel`).
     """
+    assert workers.count == 1 or (len(cfgs) == 1 and not fuse), "a data-parallel trial trains alone"
     compile_stack = fuse and policy.compiles_stack(cfgs, device.type, options.compile)
     member_options = dataclasses.replace(options, compile=False) if fuse else options
     compile_loader = compile_stack or any(policy.compiles_augmentation(c, device.type, options.compile) for c in cfgs)
@@ -378,8 +393,8 @@ def run_group(
         # (FailOnRecompileLimitHit in the compiled Lion; benchmarks/main_job.py). Inductor's
         # disk cache keeps what they made.
         torch.compiler.reset()
-    parts = set_up_data(cfgs, options, datasets, device, compile_loader)
-    going = _members_to_train(cfgs, layouts, hooks, member_options, parts, datasets, on_end)
+    parts = set_up_data(cfgs, options, datasets, device, compile_loader, workers.shard)
+    going = _members_to_train(cfgs, layouts, hooks, member_options, parts, datasets, on_end, workers)
     if not going:
         return
     active = [m for m, _ in going]
@@ -391,7 +406,7 @@ def run_group(
         for m in active:
             m.compiled = compile_stack
     else:
-        engine = Separate([model for _, model in going], [m.cfg for m in active])
+        engine = Separate([model for _, model in going], [m.cfg for m in active], workers)
     saver = BackgroundSaver(_MemberWrites())
     steps = len(parts.train)
     branch_at: dict[tuple[int, int, int], list[Branch]] = {}  # (member index, epoch, step) -> its branches there
@@ -417,19 +432,24 @@ def run_group(
             if every and (step + 1) % every == 0 and step + 1 < steps:
                 for m in active:
                     m.position.step = step + 1
+                sums, (seen,) = workers.add_up(sums, [seen], on_lead=True)
                 _save(saver, engine, active, sums, seen, [lrs[step] for lrs in schedule], device,
-                      required=holds_at(epoch, step + 1))  # fmt: skip
-                hold_if_asked(saver, epoch, step + 1, [m.layout.root for m in active])
-            if branch_at and step + 1 < steps:
-                _write_branches(branch_at, engine, active, epoch, step + 1, sums, seen,
-                                [lrs[step] for lrs in schedule], device)  # fmt: skip
+                      required=holds_at(epoch, step + 1), writer=workers.lead)  # fmt: skip
+                if workers.lead:
+                    hold_if_asked(saver, epoch, step + 1, [m.layout.root for m in active])
+            if branch_at and step + 1 < steps and any(k[1:] == (epoch, step + 1) for k in branch_at):
+                sums, (seen,) = workers.add_up(sums, [seen], on_lead=True)
+                if workers.lead:
+                    _write_branches(branch_at, engine, active, epoch, step + 1, sums, seen,
+                                    [lrs[step] for lrs in schedule], device)  # fmt: skip
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the loop only queues work; wait for it to be done
+        sums, (seen, images) = workers.add_up(sums, [seen, images])
         train_seconds = time.perf_counter() - started
         lrs = [member_lrs[-1] for member_lrs in schedule]  # of the epoch's last step
         due = [_evaluates(m.cfg, epoch + 1, options.evaluate_every) for m in active]
         results: list[tuple[float, float] | None] = [None] * len(active)
-        if any(due):
+        if any(due) and workers.lead:
             results = list(engine.evaluate(parts.test))
         going_on: list[int] = []
         ending: list[int] = []
@@ -453,15 +473,15 @@ def run_group(
         lrs = [lrs[i] for i in kept]
         sums, seen = torch.zeros(len(active), device=device), 0
         if active:
-            _save(saver, engine, active, sums, seen, lrs, device, required=bool(ending))
-            if branch_at:
+            _save(saver, engine, active, sums, seen, lrs, device, required=bool(ending), writer=workers.lead)
+            if branch_at and workers.lead:
                 _write_branches(branch_at, engine, active, epoch + 1, 0, sums, seen, lrs, device)
         for m, metrics in ended_epochs:
-            if m.hooks.epoch:
+            if m.hooks.epoch and workers.lead:
                 m.hooks.epoch(metrics)
         if ending:
             saver.wait()  # the last checkpoint is on disk before a member counts as trained
-            for i in range(len(going_on), len(kept)):
+            for i in range(len(going_on), len(kept)) if workers.lead else ():
                 _finish(active[i], engine.member_model(i), parts, datasets, on_end)
             active = active[: len(going_on)]
             engine.keep(list(range(len(going_on))))
@@ -469,11 +489,12 @@ def run_group(
 
 
 def _save(saver: BackgroundSaver, engine: Engine, active: list[Member], sums: torch.Tensor, seen: int,
-          lrs: list[float], device: torch.device, *, required: bool) -> None:  # fmt: skip
-    """Checkpoint every active member at its (common) position, in one background write."""
+          lrs: list[float], device: torch.device, *, required: bool, writer: bool = True) -> None:  # fmt: skip
+    """Checkpoint every active member at its (common) position, in one background write (by
+    the ``writer``: a data-parallel trial's lead)."""
     for i, m in enumerate(active):
         m.position.loss_sum, m.position.seen = sums[i].clone(), seen  # where the next epoch starts from, too
-    if saver.busy and not required:
+    if not writer or (saver.busy and not required):
         return  # it would be skipped: copy no member's state for it
     writes = []
     for i, m in enumerate(active):

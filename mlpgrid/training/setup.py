@@ -18,12 +18,13 @@ import torch
 
 from mlpgrid import data, policy
 from mlpgrid.data.beton import FfcvLoader
-from mlpgrid.data.loader import Augmentation, Loader, derive_seed, device_bytes, make_loader
+from mlpgrid.data.loader import WHOLE, Augmentation, Loader, Shard, derive_seed, device_bytes, make_loader
 from mlpgrid.data.subset import proportional_subset, split_off
 from mlpgrid.grid.spec import TrialConfig
 from mlpgrid.models import architecture, networks
 from mlpgrid.training.hardware import default_data_budget, matmul_peak_tflops
 from mlpgrid.training.optim import CompiledLion, make_optimizer
+from mlpgrid.training.parallel import ALONE, Workers
 from mlpgrid.training.step import EVAL_BATCH, autocast, compile_for_training, compile_recipe_loss
 
 # Separate seed streams, so adding randomness in one place never shifts another.
@@ -65,10 +66,10 @@ class DataParts:
 
 
 def make_loaders(arrays: data.ImageArrays, cfg: TrialConfig, device: torch.device, budget_bytes: float,
-                 members: int = 1, compile: bool = False) -> tuple[Loader, Loader]:  # fmt: skip
-    """The trial's training loader (its class-proportional subset, augmented) and test loader;
-    ``members`` trials share it (a group's step trains them all on each batch). ``compile``
-    fuses the augmentation into one kernel on a GPU."""
+                 members: int = 1, compile: bool = False, shard: Shard = WHOLE) -> tuple[Loader, Loader]:  # fmt: skip
+    """The trial's training loader (its class-proportional subset, augmented; ``shard`` of each
+    batch) and test loader; ``members`` trials share it (a group's step trains them all on each
+    batch). ``compile`` fuses the augmentation into one kernel on a GPU."""
     pool = np.arange(len(arrays.train_labels))
     if cfg.probes_itself:  # the probe's examples stay unseen
         assert cfg.probe_examples is not None, "a probe of the pre-training data says how many examples it holds out"
@@ -78,13 +79,13 @@ def make_loaders(arrays: data.ImageArrays, cfg: TrialConfig, device: torch.devic
     augmentation = Augmentation(flip=cfg.flip, crop_padding=cfg.crop_padding, mixup=cfg.mixup)
     if arrays.beton is not None:
         train = FfcvLoader(arrays.beton["train"], arrays.train_labels, cfg.batch_size, subset=subset, seed=cfg.seed,
-                           augmentation=augmentation, **common)  # fmt: skip
+                           augmentation=augmentation, shard=shard, **common)  # fmt: skip
         test = FfcvLoader(arrays.beton["test"], arrays.test_labels, EVAL_BATCH, shuffle=False, **common)
         return train, test
     assert arrays.train_images is not None and arrays.test_images is not None, "arrays, not .beton files"
     flops_per_image = members * architecture.hardware_training_flops(cfg.model_config(), 1)
     train_loader = make_loader(arrays.train_images, arrays.train_labels, subset, cfg.batch_size,
-                               budget_bytes=budget_bytes, seed=cfg.seed, augmentation=augmentation,
+                               budget_bytes=budget_bytes, seed=cfg.seed, augmentation=augmentation, shard=shard,
                                host_view=policy.gpu_reads_stream(flops_per_image), **common)  # fmt: skip
     # The test images get what the training images left of the budget.
     left = budget_bytes - device_bytes(train_loader)
@@ -131,21 +132,21 @@ def data_budget(options: TrialOptions, device: torch.device, cfgs: list[TrialCon
 
 
 def load_data(cfg: TrialConfig, datasets: data.Datasets, device: torch.device, budget: float,
-              members: int = 1, compile: bool = False) -> tuple[Loader, Loader]:  # fmt: skip
+              members: int = 1, compile: bool = False, shard: Shard = WHOLE) -> tuple[Loader, Loader]:  # fmt: skip
     """The trial's loaders (see :func:`make_loaders`) on its pre-training dataset."""
     # Kept for the stages that read the pre-training dataset again; otherwise let go once loaded.
     reread = bool(cfg.tta) or cfg.dataset in (*cfg.probe_datasets, *cfg.finetune_datasets)
     arrays = datasets.load(cfg.dataset, cfg.resolution, cfg.channels, keep=reread)
-    return make_loaders(arrays, cfg, device, budget, members, compile)
+    return make_loaders(arrays, cfg, device, budget, members, compile, shard)
 
 
 def set_up_data(cfgs: list[TrialConfig], options: TrialOptions, datasets: data.Datasets, device: torch.device,
-                compile_augmentation: bool) -> DataParts:  # fmt: skip
+                compile_augmentation: bool, shard: Shard = WHOLE) -> DataParts:  # fmt: skip
     """The batch stream of the trials ``cfgs`` (one, or a group's members: the first one's data
-    settings are every member's) within their data budget."""
+    settings are every member's) within their data budget; ``shard`` of every batch."""
     lead = cfgs[0]
     budget = data_budget(options, device, cfgs)
-    train, test = load_data(lead, datasets, device, budget, len(cfgs), compile_augmentation)
+    train, test = load_data(lead, datasets, device, budget, len(cfgs), compile_augmentation, shard)
     return DataParts(
         device=device, budget_bytes=budget, train=train, test=test, image_shape=image_shape(lead),
         flops_per_image=architecture.hardware_training_flops(lead.model_config(), 1),
@@ -157,26 +158,31 @@ def set_up_data(cfgs: list[TrialConfig], options: TrialOptions, datasets: data.D
 
 
 class Model(NamedTuple):
-    """A member's network, its compiled form (None when not compiled), its optimizer, and the
-    seconds compiling took in this attempt (None when nothing was compiled)."""
+    """A member's network, what its steps go through (the network, or its DDP wrapper in a
+    data-parallel trial), its compiled form of that (None when not compiled), its optimizer,
+    and the seconds compiling took in this attempt (None when nothing was compiled)."""
 
     network: networks.Network
+    stepped: torch.nn.Module
     compiled: torch.nn.Module | None
     optimizer: torch.optim.Optimizer
     compile_seconds: float | None
 
 
-def make_model(cfg: TrialConfig, options: TrialOptions, device: torch.device, input_dtype: torch.dtype) -> Model:
-    """The trial's model, seeded, compiled where :mod:`mlpgrid.policy` says, with its optimizer.
-    Seeds the dropout stream last."""
+def make_model(cfg: TrialConfig, options: TrialOptions, device: torch.device, input_dtype: torch.dtype,
+               workers: Workers = ALONE) -> Model:  # fmt: skip
+    """The trial's model, seeded, compiled where :mod:`mlpgrid.policy` says, with its optimizer
+    (``workers``: stepped by DDP over them). Seeds the dropout stream last."""
     torch.manual_seed(derive_seed(cfg.seed, _INIT_STREAM))
     model = networks.build(cfg.model_config()).to(device)
+    stepped = workers.wrap(model, device)
     compiled, compile_seconds = None, None
     if policy.compiles_model(cfg, device.type, options.compile):
         # Before the dropout stream is seeded: this pass draws dropout masks too.
-        example = torch.zeros((cfg.batch_size, *image_shape(cfg)), dtype=input_dtype, device=device)
-        compiled, compile_seconds = compile_for_training(model, example)
-        compile_seconds += compile_recipe_loss(cfg.batch_size, cfg.model_config().num_classes, cfg.mixup > 0,
+        rows = workers.shard.size(cfg.batch_size)
+        example = torch.zeros((rows, *image_shape(cfg)), dtype=input_dtype, device=device)
+        compiled, compile_seconds = compile_for_training(stepped, example)
+        compile_seconds += compile_recipe_loss(rows, cfg.model_config().num_classes, cfg.mixup > 0,
                                                cfg.label_smoothing, device)  # fmt: skip
     optimizer = make_optimizer(cfg, model.parameters(), device, compiled is not None)
     if isinstance(optimizer, CompiledLion):
@@ -186,4 +192,4 @@ def make_model(cfg: TrialConfig, options: TrialOptions, device: torch.device, in
     if device.type == "cuda":
         matmul_peak_tflops(device)  # measured once per process, drawing random matrices: before the seed
     torch.manual_seed(derive_seed(cfg.seed, _DROPOUT_STREAM))
-    return Model(model, compiled, optimizer, compile_seconds)
+    return Model(model, stepped, compiled, optimizer, compile_seconds)

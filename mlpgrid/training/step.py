@@ -112,13 +112,16 @@ def compile_recipe_loss(
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Any, label_smoothing: float,
-               clip_grad: float, loss_fn: Loss = recipe_loss) -> torch.Tensor:  # fmt: skip
-    """One optimizer step on ``batch`` (MixUp-weighted when mixed); returns the loss, on the device."""
+               clip_grad: float, loss_fn: Loss = recipe_loss, loss_scale: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """One optimizer step on ``batch`` (MixUp-weighted when mixed); returns the loss, on the
+    device. The gradient is that of the loss times ``loss_scale`` (a data-parallel worker's:
+    :meth:`mlpgrid.training.parallel.Workers.loss_scale`); a worker's empty shard gives none, as
+    its part of the workers' average."""
     with autocast(batch.labels.device):
         logits = model(batch.images)
-    loss = loss_fn(logits, batch, label_smoothing)
+    loss = loss_fn(logits, batch, label_smoothing) if len(batch.labels) else logits.float().sum()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
     if clip_grad:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     optimizer.step()
