@@ -103,7 +103,7 @@ def recipe_step(name: str, loss_fn, steps: int) -> float:  # noqa: ANN001
     optimizer = CompiledLion(model.parameters(), lr=1e-5, weight_decay=1e-3)
     x = torch.randn(BATCH, 3, SIDE, SIDE, device="cuda", dtype=torch.bfloat16)
     y, y2 = (torch.randint(0, CLASSES, (BATCH,), device="cuda") for _ in range(2))
-    batch = Batch(x, y, y2, torch.tensor(0.7, device="cuda"))
+    batch = Batch(x, y, y2, torch.tensor(0.7, device="cuda"), len(y))
 
     def step() -> None:
         with autocast(x.device):

@@ -462,7 +462,7 @@ positive = FiniteRange(min=0, min_open=True)
 @click.option(
     "--by-family",
     is_flag=True,
-    help="Also fit each model family (B-MLP, S-MLP, Mixer, ResMLP) on its own, side by side.",
+    help="Also fit each model family (B-MLP, S-MLP, Mixer, ResMLP, RepMLPNet) on its own, side by side.",
 )
 @click.option("--holdout", type=FiniteRange(0, 1, min_open=True, max_open=True),
               help="Also fit without the most expensive FRACTION of trials and report how well that fit "
@@ -664,7 +664,8 @@ def model_info(name: str, resolution: int, channels: int, classes: int, as_json:
     """
     if name is None:
         raise click.UsageError("name a model, e.g. `mlpgrid model-info B-12/Wi-1024` (families: B-<depth>/Wi-<width>, "
-                               "Mixer-{S,B,L,H}/<patch>, ResMLP-{S12,S24,S36,B24}/<patch>)")  # fmt: skip
+                               "Mixer-{S,B,L,H}/<patch>, ResMLP-{S12,S24,S36,B24}/<patch>, "
+                               "RepMLPNet-{T,B,D,L}/<patch>)")  # fmt: skip
     try:
         cfg = architecture.config_for(name, channels * resolution * resolution, classes, image=(channels, resolution))
     except ValueError as e:
@@ -674,13 +675,20 @@ def model_info(name: str, resolution: int, channels: int, classes: int, as_json:
         "params": architecture.count_params(cfg),
         "forward_flops": architecture.forward_flops(cfg),
     }
+    if isinstance(cfg, architecture.RepConfig):  # and its merged form, evaluated after training
+        merged = architecture.deployed(cfg)
+        info |= {"deployed_params": architecture.count_params(merged),
+                 "deployed_forward_flops": architecture.forward_flops(merged)}  # fmt: skip
     if as_json:
         click.echo(_json(info))
     else:
-        click.echo(
-            f"{info['name']} at {resolution}x{resolution}x{channels}, {classes:,} classes: "
-            f"{_millions(info['params'])} parameters, {_millions(info['forward_flops'])} FLOPs per forward"
-        )
+        line = (f"{info['name']} at {resolution}x{resolution}x{channels}, {classes:,} classes: "
+                f"{_millions(info['params'])} parameters, {_millions(info['forward_flops'])} FLOPs per "
+                "forward")  # fmt: skip
+        if "deployed_params" in info:
+            line += (f" in training; merged (its conv branches in its FCs): {_millions(info['deployed_params'])} "
+                     f"parameters, {_millions(info['deployed_forward_flops'])} FLOPs")  # fmt: skip
+        click.echo(line)
 
 
 @cli.group("bench")
@@ -699,7 +707,8 @@ def bench_group() -> None:
 def bench_models(names: tuple[str, ...], resolution: int, channels: int, classes: int, batch_sizes: tuple[int, ...],
                  as_json: bool) -> None:  # fmt: skip
     """The paper's Table 7 for NAMES on this device: parameters, latency at batch 1,
-    throughput at the best batch, FLOPs per forward.
+    throughput at the best batch, FLOPs per forward (a RepMLPNet's merged form on a row of its
+    own).
 
     \b
     Example:
@@ -713,7 +722,7 @@ def bench_models(names: tuple[str, ...], resolution: int, channels: int, classes
     device = pick_device()
     batch_sizes = batch_sizes or ((256, 1024, 4096, 16384) if device.type == "cuda" else (16, 64, 256))
     try:
-        rows = [efficiency(n, resolution, channels, classes, device, batch_sizes) for n in names]
+        rows = [row for n in names for row in efficiency(n, resolution, channels, classes, device, batch_sizes)]
     except (ValueError, torch.cuda.OutOfMemoryError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:

@@ -87,9 +87,10 @@ FUSE_BELOW_STEP_FLOPS = 1e12
 
 
 def stacks(model: architecture.ModelConfig) -> bool:
-    """Whether members of this shape can be stacked into one model: not with batch norm, whose
-    running statistics are each member's own and have no place in the stack."""
-    return getattr(model, "norm", None) != "batchnorm"
+    """Whether members of this shape can be stacked into one model: not with batch norm (a
+    RepMLPNet's everywhere), whose running statistics are each member's own and have no place in
+    the stack."""
+    return getattr(model, "norm", None) != "batchnorm" and not isinstance(model, architecture.RepConfig)
 
 
 def fuses(cfg: TrialConfig, device_type: str, chosen: bool | None = None) -> bool:

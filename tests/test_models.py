@@ -148,7 +148,7 @@ def test_patch_embedding_is_a_strided_convolution_and_blocks_are_as_the_papers()
     model, x = networks.build(cfg), torch.randn(2, 3, 8, 8)
     kernel = model.embed.weight.reshape(cfg.width, 3, 4, 4)
     conv = torch.nn.functional.conv2d(x, kernel, model.embed.bias, stride=4).flatten(2).transpose(1, 2)
-    torch.testing.assert_close(model.embed(model.patches(x)), conv)
+    torch.testing.assert_close(model.embed(networks.patches(x, model.cfg.patch)), conv)
     block, z = model.blocks[0], torch.randn(2, cfg.tokens, cfg.width)
     mixed = z + block.token_mlp(block.token_norm(z).transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(block(z), mixed + block.channel_mlp(block.channel_norm(mixed)))
@@ -192,3 +192,83 @@ def test_model_info_shows_patch_models():
     info = json.loads(result.output)
     assert info["name"] == "Mixer-B/4" and round(info["params"] / 1e6, 1) == 59.9
     assert info["forward_flops"] == architecture.forward_flops(patch_config("Mixer-B/4", side=64))
+
+
+# RepMLPNet's sizes as its README reports them at 1,000 classes: parameters (millions) and
+# FLOPs (billions, its deployed form's multiply-adds: BatchNorm folded into the layer before).
+REPMLPNET_PAPER = {("T", 224): (38.3, 2.8), ("T", 256): (58.7, 4.2), ("B", 224): (68.2, 6.7), ("B", 256): (96.5, 9.6),
+                   ("D", 256): (86.9, 8.6), ("L", 256): (117.7, 11.5)}  # fmt: skip
+
+
+@pytest.mark.parametrize("size,side", REPMLPNET_PAPER)
+def test_repmlpnet_has_its_papers_sizes_in_both_forms(size, side):
+    params, gflops = REPMLPNET_PAPER[size, side]
+    cfg = patch_config(f"RepMLPNet-{size}/4", side=side)
+    assert cfg.partitions == tuple(side // 4 // 2**i for i in range(4)), "one partition per stage map, as theirs"
+    for form in (cfg, architecture.deployed(cfg)):
+        assert architecture.count_params(form) / 1e6 == pytest.approx(params, abs=0.15)
+    assert architecture.multiply_adds(architecture.deployed(cfg)) / 1e9 == pytest.approx(gflops, abs=0.09)
+    assert architecture.forward_flops(cfg) > architecture.forward_flops(architecture.deployed(cfg))
+
+
+REPMLPNET_OPTIONS = [{}, {"partition": 4, "kernels": (1, 3, 5)}, {"kernels": ()}]
+
+
+@pytest.mark.parametrize("options", REPMLPNET_OPTIONS)
+def test_repmlpnet_counts_match_the_built_modules_and_torchs_flop_counter_in_both_forms(options):
+    """Parameters as built; multiply-adds as torch counts them (2 each; it counts no BatchNorm
+    or pooling, which fvcore's FLOPs add at 2 and 1 per element)."""
+    cfg = architecture.config_for("RepMLPNet-T/4", 3 * 64 * 64, 100, image=(3, 64), **options)
+    trained = networks.build(cfg)
+    for model in (trained, networks.inject_locality(trained.eval())):
+        assert architecture.count_params(model.cfg) == sum(p.numel() for p in model.parameters())
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, 3, 64, 64))
+        assert counter.get_total_flops() == architecture.HARDWARE_FLOPS_PER_MAC * architecture.multiply_adds(model.cfg)
+        assert architecture.forward_flops(model.cfg) > architecture.multiply_adds(model.cfg)
+
+
+@pytest.mark.parametrize("options", REPMLPNET_OPTIONS)
+def test_locality_injection_computes_what_the_trained_form_computes(options):
+    """Trained weights and BatchNorm statistics (a few steps of SGD on random images), then in
+    evaluation mode the merged pure MLP gives the training form's outputs."""
+    torch.manual_seed(0)
+    cfg = architecture.config_for("RepMLPNet-T/4", 3 * 32 * 32, 10, image=(3, 32), **options)
+    model = networks.build(cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+    merged = networks.inject_locality(model)
+    assert not merged.training and merged.cfg.deployed
+    assert not any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in merged.modules()), "no conv branch left"
+    x = torch.randn(8, 3, 32, 32)
+    torch.testing.assert_close(merged(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_repmlpnet_names_options_and_shapes_are_checked():
+    assert architecture.parse_name("RepMLPNet-B/4") == ("RepMLPNet", 18, 768)
+    with pytest.raises(ValueError, match="RepMLPNet comes in sizes T, B, D, L"):
+        architecture.parse_name("RepMLPNet-S/4")
+    with pytest.raises(ValueError, match=r"halve the patch map of 28x28 images 3 times; use a side divisible by 32"):
+        patch_config("RepMLPNet-T/4", side=28, classes=10, channels=1)
+    with pytest.raises(ValueError, match="a local kernel's side is odd"):
+        architecture.config_for("RepMLPNet-T/4", 3 * 64 * 64, 10, image=(3, 64), kernels=(1, 2))
+    with pytest.raises(ValueError, match="partition 3 must divide each stage's side"):
+        architecture.config_for("RepMLPNet-T/4", 3 * 64 * 64, 10, image=(3, 64), partition=3)
+    with pytest.raises(ValueError, match="partition and local_kernels apply to RepMLPNet only"):
+        architecture.config_for("B-2/Wi-64", 784, 10, partition=4)
+    with pytest.raises(ValueError, match="norm apply to B- and S-MLPs"):
+        architecture.config_for("RepMLPNet-T/4", 3 * 64 * 64, 10, image=(3, 64), norm="layernorm")
+    assert patch_config("RepMLPNet-L/8", side=64).partitions == (8, 4, 2, 1)
+
+
+def test_model_info_shows_repmlpnet_in_both_forms():
+    result = CliRunner().invoke(cli, ["model-info", "RepMLPNet-T/4", "--resolution", "224", "--json"])
+    info = json.loads(result.output)
+    merged = architecture.deployed(patch_config("RepMLPNet-T/4"))
+    assert round(info["params"] / 1e6, 1) == 38.3 and info["deployed_params"] == architecture.count_params(merged)
+    assert info["deployed_forward_flops"] == architecture.forward_flops(merged) < info["forward_flops"]

@@ -212,15 +212,16 @@ def test_a_trial_directory_has_one_writer_at_a_time(tmp_path):
         pass
 
 
-@pytest.mark.parametrize("model", ["Mixer-S/16", "ResMLP-S12/16"])
-def test_a_patch_model_trains_resumes_exactly_and_evaluates_its_pooled_features(tmp_path, model):
-    """Mixer and ResMLP run as the MLPs do: trained (with stochastic depth), resumed from a
-    checkpoint to the same history, a stage on the pooled representation, their patch-embedding
-    filters drawn (on a small CIFAR-format set: Fashion-MNIST's 10,000 test images cost minutes
-    per evaluation)."""
+@pytest.mark.parametrize("model,drop_path", [("Mixer-S/16", 0.1), ("ResMLP-S12/16", 0.1), ("RepMLPNet-T/4", 0.0)])
+def test_a_patch_model_trains_resumes_exactly_and_evaluates_its_pooled_features(tmp_path, model, drop_path):
+    """Mixer, ResMLP and RepMLPNet run as the MLPs do: trained (with stochastic depth where it
+    has it), resumed from a checkpoint to the same history (RepMLPNet's BatchNorm statistics
+    included), a stage on the pooled representation (RepMLPNet's merged form's), their
+    patch-embedding filters drawn (on a small CIFAR-format set: Fashion-MNIST's 10,000 test
+    images cost minutes per evaluation)."""
     write_cifar10(tmp_path / "cifar", np.random.default_rng(0), per_batch=40, test=20)
     cfg = TrialConfig(model=model, dataset="cifar-10", examples=200, epochs=2, batch_size=50, optimizer="adamw",
-                      lr=1e-3, tta=2, drop_path=0.1)  # fmt: skip
+                      lr=1e-3, tta=2, drop_path=drop_path)  # fmt: skip
     datasets = Datasets({"cifar-10": tmp_path / "cifar"})
     layout = TrialLayout(tmp_path / "trial")
     first = run_trial(cfg, layout, datasets=datasets)
@@ -231,6 +232,28 @@ def test_a_patch_model_trains_resumes_exactly_and_evaluates_its_pooled_features(
     assert without_timing(again.history) == without_timing(first.history) and again.resumed_from == [[1, 0]]
     assert again.stages == first.stages
     assert (layout.stages / "first_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_repmlpnet_learns_and_its_merged_form_scores_as_it_does(tmp_path):
+    """RepMLPNet on 32x32 Fashion-MNIST learns in 60 steps; the pure MLP it merges into after
+    training gives its test error."""
+    from mlpgrid.models import networks
+    from mlpgrid.training.setup import make_loaders
+    from mlpgrid.training.step import evaluate
+
+    datasets = Datasets({"fashion-mnist": write_fashion_mnist_subset(tmp_path / "f", 1000, 200)})
+    cfg = TrialConfig(model="RepMLPNet-T/4", resolution=32, examples=1000, epochs=3, batch_size=50,
+                      optimizer="adamw", lr=1e-3)  # fmt: skip
+    layout = TrialLayout(tmp_path / "trial")
+    result = run_trial(cfg, layout, datasets=datasets)
+    assert result.test_error < 0.5, f"well below the 0.9 of chance: {result.history}"
+    state = torch.load(CheckpointDir(layout.checkpoints).file(3, 0), weights_only=True)["model"]
+    assert any(k.endswith("running_mean") for k in state), "BatchNorm statistics are in the checkpoint"
+    model = networks.build(cfg.model_config())
+    model.load_state_dict(state)
+    merged = networks.inject_locality(model.eval())
+    _, test = make_loaders(datasets.load("fashion-mnist", 32), cfg, torch.device("cpu"), budget_bytes=1e9)
+    assert evaluate(merged, test)[1] == pytest.approx(result.test_error, abs=0.01)
 
 
 def test_the_test_images_get_what_the_training_subset_leaves_of_the_budget(tmp_path):
@@ -322,7 +345,7 @@ def test_the_one_pass_loss_is_the_recipes_loss(mixed, smoothing):
     logits = torch.randn(size, classes, generator=generator, dtype=torch.float64) * 3
     labels, other = (torch.randint(0, classes, (size,), generator=generator) for _ in range(2))
     lam = torch.rand((), generator=generator, dtype=torch.float64) if mixed else None
-    batch = Batch(images=torch.empty(0), labels=labels, mixed_labels=other if mixed else labels, lam=lam)
+    batch = Batch(images=torch.empty(0), labels=labels, mixed_labels=other if mixed else labels, lam=lam, whole=size)
     plain, fused = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     recipe_loss(plain, batch, smoothing).backward()
     loss = soft_target_loss(fused, labels, batch.mixed_labels, lam, smoothing)

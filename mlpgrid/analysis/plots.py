@@ -36,7 +36,7 @@ DPI = 200
 # edges took 34 s, plain dots of one size 9 s, hexagonal cells 3.5 s (and markers that dense
 # hide each other anyway).
 DENSE_POINTS = 20_000
-FAMILY_MARKERS = {"B": "o", "S": "v", "Mixer": "s", "ResMLP": "D", "": "o"}  # by Point.family
+FAMILY_MARKERS = {"B": "o", "S": "v", "Mixer": "s", "ResMLP": "D", "RepMLPNet": "P", "": "o"}  # by Point.family
 _FAMILY_NAMES = {"B": "B-MLP", "S": "S-MLP"}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,16 @@ _PLACEMENT = ("model", "examples", "epochs")
 
 def family_models(grid: GridSpec, template: TrialConfig) -> list[str]:
     """The models a proposal may choose among, of the template's family: a B- or S-MLP of any
-    depth the grid uses at any width in :data:`WIDTHS`; a Mixer or ResMLP of any size at any
-    patch size the grid uses."""
+    depth the grid uses at any width in :data:`WIDTHS`; a Mixer, ResMLP or RepMLPNet of any size
+    at any patch size the grid uses."""
     family = architecture.parse_name(template.model)[0]
     used = [t.config.model for t in grid.trials if architecture.parse_name(t.config.model)[0] == family]
     if family in ("B", "S"):
         depths = sorted({architecture.parse_name(name)[1] for name in used})
         return [f"{family}-{d}/Wi-{w}" for d in depths for w in WIDTHS]
-    sizes = architecture.MIXER_SIZES if family == "Mixer" else architecture.RESMLP_SIZES
+    by_family: dict[str, Iterable[str]] = {"Mixer": architecture.MIXER_SIZES, "ResMLP": architecture.RESMLP_SIZES,
+                                           "RepMLPNet": architecture.REPMLPNET_SIZES}  # fmt: skip
+    sizes = by_family[family]
     patches = sorted({name.rsplit("/", 1)[1] for name in used})
     return [f"{family}-{size}/{patch}" for size in sizes for patch in patches]
 

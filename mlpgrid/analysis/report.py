@@ -56,7 +56,7 @@ class FrontierRequest:
     seed: int = 0  # of the bootstrap's resampling
     options: frontier.FitOptions = frontier.FitOptions()  # fit space, bins per decade, a fixed E_inf, starts
     holdout: float | None = None  # also fit without this most expensive fraction of the trials
-    by_family: bool = False  # also fit each model family (B-MLP, S-MLP, Mixer, ResMLP) on its own
+    by_family: bool = False  # also fit each model family (B-MLP, S-MLP, Mixer, ResMLP, RepMLPNet) on its own
     propose: float | None = None  # write a grid of trials the fit calls compute-optimal at this budget ...
     out: Path | None = None  # ... to this file
     plot_dir: Path | None = None  # draw the figures here (and log them on the grid's run)

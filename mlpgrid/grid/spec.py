@@ -107,6 +107,16 @@ class TrialConfig:
         metadata=_opt("stochastic depth of Mixer and ResMLP: each block's residual branches dropped per "
                       "example with this probability", min=0, lt=1),
     )  # fmt: skip
+    partition: int | None = field(
+        default=None,
+        metadata=_opt("RepMLPNet: the side of its partitions, at most (each stage's whole map where smaller); "
+                      "null = each stage's whole map, as in its paper", min=1),
+    )  # fmt: skip
+    local_kernels: tuple[int, ...] = field(
+        default=architecture.REPMLPNET_KERNELS,
+        metadata=_opt("RepMLPNet: the kernel sides of its Local Perceptron's conv branches, merged into its FCs "
+                      "after training (a list of odd numbers; [] = none)", parse=architecture.check_kernel),
+    )  # fmt: skip
     # Stages after pre-training. Compute C counts pre-training only; these record their own.
     probe_datasets: tuple[str, ...] = field(
         default=(), metadata=_opt("datasets to linear-probe the trained body on (a list)", parse=data.info)
@@ -178,6 +188,8 @@ class TrialConfig:
             dropout=self.dropout,
             drop_path=self.drop_path,
             image=(channels, side),
+            partition=self.partition,
+            kernels=self.local_kernels,
         )
 
 
@@ -282,6 +294,18 @@ class Trial:
     @property
     def compute(self) -> float:
         return architecture.compute(self.forward_flops, self.config.num_examples, self.config.epochs)
+
+    @property
+    def deployed_sizes(self) -> dict[str, int]:
+        """A RepMLPNet's ``deployed_params`` and ``deployed_forward_flops``: its merged form's, which
+        it is evaluated as after training (its compute C counts the training form's); none for a
+        model without a merged form."""
+        model = self.config.model_config()
+        if not isinstance(model, architecture.RepConfig):
+            return {}
+        merged = architecture.deployed(model)
+        return {"deployed_params": architecture.count_params(merged),
+                "deployed_forward_flops": architecture.forward_flops(merged)}  # fmt: skip
 
     @property
     def checkpoint_bytes(self) -> int:
@@ -469,14 +493,15 @@ def _check_value(name: str, value: Any) -> str | None:
     """What is wrong with ``value`` for field ``name``, or None."""
     meta = FIELDS[name].metadata
     if _is_list_field(name):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            return f"expected a list of names, got {value!r} ({meta['help']})"
+        item = typing.get_args(_TYPES[name])[0]
+        if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            return f"expected a list of {'names' if item is str else 'whole numbers'}, got {value!r} ({meta['help']})"
         for v in value:
             try:
                 meta["parse"](v)
             except ValueError as e:
                 return str(e)
-        return None if len(set(value)) == len(value) else f"a name is listed twice in {value!r}"
+        return None if len(set(value)) == len(value) else f"{value!r} lists a value twice"
     kinds = [t for t in typing.get_args(_TYPES[name]) or (_TYPES[name],) if t is not type(None)]
     if value is None:
         return None if type(None) in typing.get_args(_TYPES[name]) else f"must be set ({meta['help']})"

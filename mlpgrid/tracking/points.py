@@ -27,7 +27,7 @@ class Point:
 
     @property
     def family(self) -> str:
-        """The model's family (``B``, ``S``, ``Mixer``, ``ResMLP``); "" for a model of no known
+        """The model's family (``B``, ``S``, ``Mixer``, ``ResMLP``, ``RepMLPNet``); "" for a model of no known
         name (a CSV row without one)."""
         try:
             return architecture.parse_name(self.model)[0]

@@ -186,7 +186,7 @@ def trial_tags(trial: Trial) -> dict[str, str]:
         "compute": f"{trial.compute:.6e}",
         "seed": str(cfg.seed),
         "pretraining": trial.pretraining_id,  # trials of one pre-training share its model
-    }
+    } | {name: str(value) for name, value in trial.deployed_sizes.items()}
 
 
 # MLflow metric names of config settings whose own name a per-epoch metric has (the rate at each epoch).
@@ -198,13 +198,15 @@ def trial_numbers(trial: Trial, tags: dict[str, str] | None = None) -> dict[str,
     (``metrics.compute > 1e15``) and draw them on a chart's axes, which it does not do with
     params and tags (strings): P, N, T, C and FLOP(f) as ``params``, ``examples``, ``epochs``,
     ``compute`` and ``forward_flops``, every numeric setting under its own name (the peak
-    learning rate as ``peak_lr``), and a trunk's ``trained_compute`` from ``tags``."""
+    learning rate as ``peak_lr``), a RepMLPNet's merged form's sizes
+    (:attr:`~mlpgrid.grid.spec.Trial.deployed_sizes`) and a trunk's ``trained_compute`` from ``tags``."""
     numbers: dict[str, float] = {}
     for name, value in trial.config_dict().items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             numbers[_SETTING_METRICS.get(name, name)] = float(value)
     numbers |= {"params": float(trial.params), "examples": float(trial.config.num_examples),
                 "forward_flops": float(trial.forward_flops), "compute": trial.compute}  # fmt: skip
+    numbers |= {name: float(value) for name, value in trial.deployed_sizes.items()}
     if tags and "trained_compute" in tags:
         numbers["trained_compute"] = float(tags["trained_compute"])
     return numbers

@@ -30,16 +30,26 @@ def _seconds(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
 
 
 def efficiency(name: str, resolution: int, channels: int, classes: int, device: torch.device,
-               batch_sizes: tuple[int, ...], repeats: int = 20) -> dict[str, float | str]:  # fmt: skip
-    """Inference figures of one model (bf16 autocast on a GPU, float32 on the CPU)."""
+               batch_sizes: tuple[int, ...], repeats: int = 20) -> list[dict[str, float | str]]:  # fmt: skip
+    """Inference figures of one model (bf16 autocast on a GPU, float32 on the CPU); of a
+    RepMLPNet also its merged form's (the pure MLP it is evaluated and deployed as)."""
     cfg = architecture.config_for(name, channels * resolution * resolution, classes, image=(channels, resolution))
     model = networks.build(cfg).to(device).eval()
+    forms = [(cfg.name, model)]
+    if isinstance(model, networks.RepMLPNet):
+        forms.append((f"{cfg.name} merged", networks.inject_locality(model)))
     shape = (channels, resolution, resolution)
+    return [_figures(label, form, shape, device, batch_sizes, repeats) for label, form in forms]
+
+
+def _figures(label: str, model: networks.Network, shape: tuple[int, int, int], device: torch.device,
+             batch_sizes: tuple[int, ...], repeats: int) -> dict[str, float | str]:  # fmt: skip
+    cfg = model.cfg
     latency = _seconds(model, torch.randn(1, *shape, device=device), repeats)
     rates = {b: b / _seconds(model, torch.randn(b, *shape, device=device), repeats) for b in batch_sizes}
     best = max(rates, key=lambda b: rates[b])
     return {
-        "model": cfg.name,
+        "model": label,
         "params": architecture.count_params(cfg),
         "forward_flops": architecture.forward_flops(cfg),
         "latency_ms": 1e3 * latency,

@@ -38,7 +38,7 @@ from mlpgrid.data.loader import Batch, Loader, resident_share
 from mlpgrid.grid import spec
 from mlpgrid.grid.layout import TrialLayout
 from mlpgrid.grid.spec import TrialConfig
-from mlpgrid.models.networks import Network
+from mlpgrid.models.networks import Network, RepMLPNet, inject_locality
 from mlpgrid.training import pictures
 from mlpgrid.training.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked, holds_at
 from mlpgrid.training.parallel import ALONE, Workers
@@ -524,8 +524,11 @@ def _write_branches(branch_at: dict[tuple[int, int, int], list[Branch]], engine:
 
 
 def finish(member: Member, model: Network, parts: DataParts, datasets: data.Datasets) -> TrialResult:
-    """The stages after pre-training, the first layer's picture, and the member's result."""
+    """The stages after pre-training (a RepMLPNet's on its merged form, the pure MLP it deploys
+    as), the first layer's picture, and the member's result."""
     cfg, position = member.cfg, member.position
+    if isinstance(model, RepMLPNet):
+        model = inject_locality(model)
     stage_dir = StageDir(member.layout.stages)
     stage_metrics = run_stages(model, cfg, datasets, stage_dir, parts.device, parts.budget_bytes, member.hooks.stages)
     weight = model.embed.weight.detach().float().cpu().numpy()
