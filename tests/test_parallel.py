@@ -94,10 +94,20 @@ def _final_weights(root: Path) -> dict:
     return torch.load(checkpoints.file(CFG.epochs, 0), weights_only=True)["model"]
 
 
-@pytest.mark.slow
-def test_two_workers_train_what_one_trains_and_resume_exactly_mid_epoch(tmp_path, fashion_mnist, monkeypatch):
-    monkeypatch.setenv("MLPGRID_FASHION_MNIST", str(fashion_mnist))
+@pytest.fixture
+def one_thread():
+    """One torch thread here, as each worker has (CPU results depend on the thread count); the
+    count this process had afterwards, for the tests that run in it next."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_two_workers_train_what_one_trains_and_resume_exactly_mid_epoch(tmp_path, fashion_mnist, monkeypatch,
+                                                                         one_thread):  # fmt: skip
+    monkeypatch.setenv("MLPGRID_FASHION_MNIST", str(fashion_mnist))
     alone = run_trial(CFG, TrialLayout(tmp_path / "alone"), OPTIONS)
     two = _train_on_workers(2, tmp_path / "two")
     assert [m["epoch"] for m in two] == [1, 2]

@@ -8,8 +8,10 @@ batch times ``count``, so the average of the workers' gradients that DDP takes i
 batch's mean gradient, and the epoch's loss is summed over the workers: the trial computes
 what it computes on one worker, up to the order of floating-point sums. The lead (rank 0) does
 what a trial alone does besides training — evaluation, checkpoints, stages, its MLflow run —
-and every worker resumes from the lead's checkpoints. Dropout masks are drawn per worker, so a
-trial with dropout matches its one-worker self in distribution only.
+and every worker resumes from the lead's checkpoints. Dropout masks are drawn per worker, and
+BatchNorm (``norm: batchnorm``, RepMLPNet) normalises each worker's shard by its own statistics
+(DDP's default; the running statistics are the lead's): such a trial matches its one-worker self
+in distribution only.
 """
 
 from __future__ import annotations
