@@ -17,6 +17,7 @@ MANY = dataclasses.replace(QUICK[0], examples=50_000, epochs=100)
 SMALL_STEP = TrialConfig(model="B-6/Wi-256", batch_size=4096, examples=1_000_000, epochs=40)  # 0.15 TFLOP a step
 LARGE_STEP = dataclasses.replace(SMALL_STEP, model="B-12/Wi-1024")  # 2.8 TFLOP a step
 BATCHNORM = dataclasses.replace(SMALL_STEP, norm="batchnorm")
+REPMLPNET = dataclasses.replace(SMALL_STEP, model="RepMLPNet-T/4", resolution=32)  # BatchNorm throughout
 SHORT = dataclasses.replace(SMALL_STEP, examples=1000, epochs=1)
 HOURS = dataclasses.replace(SMALL_STEP, epochs=400_000)  # 3 h at the bf16 matmul limit
 GiB = 2**30
@@ -54,6 +55,7 @@ DECISIONS = [
     ("the CPU steps members one after another", lambda: policy.fuses(SMALL_STEP, "cpu"), False),
     ("fuse: true fuses large steps", lambda: policy.fuses(LARGE_STEP, "cuda", True), True),
     ("batch norm never fuses", lambda: policy.fuses(BATCHNORM, "cuda", True), False),
+    ("nor does a RepMLPNet: its members step one after another", lambda: policy.fuses(REPMLPNET, "cuda", True), False),
     (
         "batch norm does not stack: its statistics are each member's",
         lambda: policy.stacks(BATCHNORM.model_config()),

@@ -101,7 +101,9 @@ class TrialConfig:
     skip: bool | None = field(
         default=None, metadata=_opt("residual connection around each block; null = family default")
     )
-    dropout: float = field(default=0.0, metadata=_opt("dropout in B-MLP blocks", min=0, lt=1))
+    dropout: float = field(
+        default=0.0, metadata=_opt("dropout in B-MLP blocks and RepMLPNet's FFNs (after the activation)", min=0, lt=1)
+    )
     drop_path: float = field(
         default=0.0,
         metadata=_opt("stochastic depth of Mixer and ResMLP: each block's residual branches dropped per "
