@@ -97,6 +97,29 @@ def wait_until_held(held: Path, process: subprocess.Popen, timeout_s: float = 30
     return int(held.read_text().split()[1])
 
 
+def kill_the_recording_worker(path: Path, storage: Path, trial_root: Path, timeout_s: float = 300) -> tuple[int, str]:
+    """``mlpgrid run`` of the grid at ``path`` on Ray, its one trial held at ``MLPGRID_HOLD_AT``
+    (set by the caller): the process holding there, the one its MLflow run names as its worker,
+    is SIGKILLed and the run left to finish. Returns the killed pid and the run's output; fails
+    unless the run exits 0."""
+    from mlpgrid.grid import spec
+    from mlpgrid.grid.layout import StorageLayout
+    from mlpgrid.tracking import reader
+
+    uri = reader.tracking_uri(StorageLayout(storage))
+    driver = start_driver(path, storage)
+    try:
+        victim = wait_until_held(trial_root / "held", driver, timeout_s)
+        (run,) = reader.trial_runs(reader.find_grid(spec.load(path), uri)).values()
+        assert int(run.tags["worker_pid"]) == victim, "the process holding records the trial"
+        os.kill(victim, signal.SIGKILL)
+        out, _ = driver.communicate(timeout=timeout_s)
+    finally:
+        stop_group(driver)
+    assert driver.returncode == 0, out
+    return victim, out
+
+
 def wait_until_gone(pid: int, timeout_s: float = 120) -> None:
     """Wait for process ``pid`` to exit: a Ray worker outlives its killed driver until it sees
     its raylet gone, and holds its trial until then."""

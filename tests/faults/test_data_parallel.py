@@ -2,13 +2,10 @@
 mid-epoch, the trial is retried as a new Ray Train run that resumes from the lead's checkpoint,
 recorded once, and it ends where the same trial trained by one worker ends."""
 
-import os
-import signal
-
 import pytest
 from mlflow import MlflowClient
 
-from conftest import start_driver, stop_group, wait_until_held
+from conftest import kill_the_recording_worker
 from mlpgrid.grid import spec
 from mlpgrid.grid.layout import StorageLayout
 from mlpgrid.tracking import reader
@@ -33,16 +30,7 @@ def test_a_data_parallel_trial_killed_mid_epoch_resumes_and_matches_one_worker(t
     layout = StorageLayout(storage).grid(grid.name).trial(trial.id)
     uri = reader.tracking_uri(StorageLayout(storage))
     monkeypatch.setenv(HOLD_AT, "1:4")  # the lead stops after its checkpoint at step 4 of epoch 2
-    driver = start_driver(path, storage)
-    try:
-        victim = wait_until_held(layout.root / "held", driver, timeout_s=600)
-        (run,) = reader.trial_runs(reader.find_grid(grid, uri)).values()
-        assert int(run.tags["worker_pid"]) == victim, "the lead worker holds and records"
-        os.kill(victim, signal.SIGKILL)
-        out, _ = driver.communicate(timeout=600)
-    finally:
-        stop_group(driver)
-    assert driver.returncode == 0, out
+    victim, out = kill_the_recording_worker(path, storage, layout.root, timeout_s=600)  # the lead records
     assert "trains on 2 data-parallel workers (Ray Train)" in out
     assert "retry  " in out and "restarts from its last checkpoint" in out
 

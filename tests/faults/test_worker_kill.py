@@ -1,13 +1,10 @@
 """A trial's Ray worker process killed mid-epoch: the trial is retried and continues
 from its last checkpoint, in the same MLflow run."""
 
-import os
-import signal
-
 import pytest
 from mlflow import MlflowClient
 
-from conftest import start_driver, stop_group, wait_until_held
+from conftest import kill_the_recording_worker
 from mlpgrid.grid import spec
 from mlpgrid.grid.layout import StorageLayout
 from mlpgrid.tracking import reader
@@ -29,16 +26,7 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, write_grid, fash
     checkpoints = CheckpointDir(layout.checkpoints)
     uri = reader.tracking_uri(StorageLayout(storage))
     monkeypatch.setenv(HOLD_AT, "1:30")  # the worker stops after its checkpoint at step 30 of epoch 2
-    driver = start_driver(path, storage)
-    try:
-        victim = wait_until_held(layout.root / "held", driver)
-        (run,) = reader.trial_runs(reader.find_grid(grid, uri)).values()
-        assert int(run.tags["worker_pid"]) == victim, "the trial's worker holds"
-        os.kill(victim, signal.SIGKILL)
-        out, _ = driver.communicate(timeout=300)
-    finally:
-        stop_group(driver)
-    assert driver.returncode == 0, out
+    victim, out = kill_the_recording_worker(path, storage, layout.root)
 
     (run,) = reader.trial_runs(reader.find_grid(grid, uri)).values()
     assert run.tags["status"] == "finished" and int(run.tags["worker_pid"]) != victim
