@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,17 +47,30 @@ PATHS = {"reused actors": [], "Ray Train, one worker": ["--ray-train"]}
 def run(grid: Path, name: str, storage: Path, extra: list[str], timeout: float) -> dict:
     """``mlpgrid run`` of the grid; its wall time and each trial's start-up, from MLflow."""
     started = time.time()
-    out = subprocess.run([sys.executable, "-m", "mlpgrid", "run", str(grid), "--storage", str(storage), *extra],
-                         cwd=REPO, capture_output=True, text=True, timeout=timeout, env=os.environ)  # fmt: skip
+    command = [sys.executable, "-m", "mlpgrid", "run", str(grid), "--storage", str(storage), *extra]
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as proc:  # fmt: skip
+        returncode: int | None
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+            returncode = proc.returncode
+        except subprocess.TimeoutExpired:  # stopped as a user would (Ctrl-C: it stops its Ray); what ran is read out
+            proc.send_signal(signal.SIGINT)
+            try:
+                output, _ = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                output, _ = proc.communicate()
+            returncode = None
     wall = time.time() - started
-    if out.returncode != 0:
-        print(out.stdout[-3000:], out.stderr[-3000:], sep="\n", flush=True)
+    if returncode:
+        print(output[-3000:], flush=True)
     client = MlflowClient(reader.tracking_uri(StorageLayout(storage)))
     experiment = client.get_experiment_by_name(name)
     runs = client.search_runs([experiment.experiment_id], "tags.mlpgrid_role = 'trial'") if experiment else []
     startups = [r.data.metrics["startup_seconds"] for r in runs if "startup_seconds" in r.data.metrics]
     return {
-        "returncode": out.returncode, "wall_s": wall, "trials": len(runs),
+        "returncode": returncode, "timed_out": returncode is None, "wall_s": wall, "trials": len(runs),
         "finished": sum(r.data.tags.get("status") == "finished" for r in runs),
         "startup_median_s": statistics.median(startups) if startups else None,
         "startup_max_s": max(startups, default=None), "startups_s": sorted(startups),
@@ -98,14 +112,22 @@ def main() -> None:
         for label, grid, grid_name, extra in grids:
             for path_name, flags in PATHS.items():
                 storage = work / f"{label}-{path_name}".replace(" ", "-").replace(",", "")
-                results[f"{label}: {path_name}"] = run(grid, grid_name, storage, extra + flags, args.timeout)
-                print(f"{label}: {path_name} done", flush=True)
+                result = results[f"{label}: {path_name}"] = run(grid, grid_name, storage, extra + flags, args.timeout)
+                stopped = f" (stopped at --timeout {args.timeout:g} s)" if result["timed_out"] else ""
+                print(f"{label}: {path_name}: {result['finished']}/{result['trials']} finished in "
+                      f"{result['wall_s']:.1f} s{stopped}", flush=True)  # fmt: skip
+                if args.json:  # written as it goes: a later run that does not end loses none of these
+                    args.json.write_text(json.dumps({"device": device, "results": results}, indent=2))
     print(f"\n{device}")
-    print(f"{'grid: path':>40} | {'wall s':>7} {'finished':>9} | {'start-up median s':>17} {'largest':>8}")
+    print(
+        f"{'grid: path':>40} | {'wall s':>7} {'finished':>9} | {'start-up median s':>17} {'largest':>8}  "
+        "(+: stopped at --timeout)"
+    )
     for key, r in results.items():
         median = "-" if r["startup_median_s"] is None else f"{r['startup_median_s']:.1f}"
         largest = "-" if r["startup_max_s"] is None else f"{r['startup_max_s']:.1f}"
-        print(f"{key:>40} | {r['wall_s']:>7.1f} {r['finished']:>4}/{r['trials']:<4} | {median:>17} {largest:>8}")
+        wall = f"{r['wall_s']:.1f}" + ("+" if r["timed_out"] else "")
+        print(f"{key:>40} | {wall:>7} {r['finished']:>4}/{r['trials']:<4} | {median:>17} {largest:>8}")
     if args.json:
         args.json.write_text(json.dumps({"device": device, "results": results}, indent=2))
 
