@@ -132,6 +132,6 @@ class FfcvLoader(_Loader):
         for step, (images, labels) in enumerate(self._ffcv_loader(epoch, start_step), start=start_step):
             # FFCV reads the whole batch; a worker of a data-parallel trial augments its shard of it.
             rows = self.shard_rows(len(labels))
-            where = torch.arange(len(labels), device=self.device) if rows is None else rows.to(self.device)
+            where = torch.arange(len(labels), device=self.device) if rows is None else rows
             # (B, H, W, C) as FFCV stores images; a permuted view, read in place by the gather.
             yield self.batch(images.permute(0, 3, 1, 2), where, labels.long(), epoch, step, lams)

@@ -173,6 +173,7 @@ class _Loader:
     ):
         self.size = size
         self.shard = shard
+        self._shard_rows: dict[int, torch.Tensor | None] = {}  # by batch size: see shard_rows
         self.batch_size = batch_size
         self.device = device
         self.seed = seed
@@ -208,8 +209,12 @@ class _Loader:
         return torch.tensor(lams, dtype=torch.float32).to(self.device)
 
     def shard_rows(self, b: int) -> torch.Tensor | None:
-        """The positions of a batch of ``b`` this loader gathers (None: all; see :meth:`Shard.rows`)."""
-        return self.shard.rows(b, self.aug.mixup > 0)
+        """The positions of a batch of ``b`` this loader gathers, on its device (None: all; see
+        :meth:`Shard.rows`): made once per batch size, not at every step."""
+        if b not in self._shard_rows:
+            rows = self.shard.rows(b, self.aug.mixup > 0)
+            self._shard_rows[b] = None if rows is None else rows.to(self.device)
+        return self._shard_rows[b]
 
     def batch(
         self,
@@ -237,7 +242,6 @@ class _Loader:
         lam = None if lams is None else lams[step]
         rows = self.shard_rows(b)
         if rows is not None:  # the whole batch's draws, this shard's rows
-            rows = rows.to(self.device)
             dy, dx, flipped = dy[rows], dx[rows], flipped[rows]
         x = self._augment(source, idx, dy, dx, flipped, lam, self.mean, self.std, self.aug.crop_padding, self.out_dtype)
         mixed_labels = labels if lam is None else labels.roll(1, dims=0)
@@ -263,8 +267,7 @@ class DeviceLoader(_Loader):
         for step in range(start_step, len(self)):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
             rows = self.shard_rows(len(idx))
-            yield self.batch(self.images, idx if rows is None else idx[rows.to(self.device)], self.labels[idx], epoch,
-                             step, lams)  # fmt: skip
+            yield self.batch(self.images, idx if rows is None else idx[rows], self.labels[idx], epoch, step, lams)
 
 
 RESIDENT_COPY_BYTES = 1 << 30  # the resident images go to the device in parts of this size
@@ -361,7 +364,7 @@ class StreamingLoader(_Loader):
                 if stop.is_set():
                     return
                 positions = order[step * self.batch_size : (step + 1) * self.batch_size].numpy()
-                shard = self.shard_rows(len(positions))
+                shard = self.shard.rows(len(positions), self.aug.mixup > 0)  # on the host, in this thread
                 if shard is not None:
                     positions = positions[shard.numpy()]
                 on_device = positions < self.resident
