@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from main_job import grid_file, write_dataset  # noqa: E402
+from main_job import grid_file, stop_as_a_user, write_dataset  # noqa: E402
 from synthetic import write_fashion_mnist  # noqa: E402
 
 from mlpgrid.grid.layout import StorageLayout  # noqa: E402
@@ -48,20 +47,18 @@ def run(grid: Path, name: str, storage: Path, extra: list[str], timeout: float) 
     """``mlpgrid run`` of the grid; its wall time and each trial's start-up, from MLflow."""
     started = time.time()
     command = [sys.executable, "-m", "mlpgrid", "run", str(grid), "--storage", str(storage), *extra]
-    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True) as proc:  # fmt: skip
+    log = storage.with_name(storage.name + ".out")
+    with open(log, "w+") as out:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # fmt: skip
         returncode: int | None
         try:
-            output, _ = proc.communicate(timeout=timeout)
-            returncode = proc.returncode
-        except subprocess.TimeoutExpired:  # stopped as a user would (Ctrl-C: it stops its Ray); what ran is read out
-            proc.send_signal(signal.SIGINT)
-            try:
-                output, _ = proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                output, _ = proc.communicate()
+            returncode = proc.wait(timeout)
+        except subprocess.TimeoutExpired:  # what ran is still read out
+            stop_as_a_user(proc)
             returncode = None
+        out.seek(0)
+        output = out.read()
     wall = time.time() - started
     if returncode:
         print(output[-3000:], flush=True)

@@ -203,23 +203,30 @@ def load_while_training(trials: list[dict], bare: dict[str, float], model: str |
     return (statistics.mean(loads) if loads else float("nan")), len(loads) * step
 
 
+def stop_as_a_user(proc: subprocess.Popen) -> None:
+    """Ctrl-C to an ``mlpgrid run`` past its time, as a user would stop it: it settles and stops its
+    Ray; 60 s later it is killed with its process group (it leads one: ``start_new_session``)."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def run_grid(grid: Path, storage: Path, timeout: float) -> dict:
     """``mlpgrid run`` of the grid with default settings, the GPU sampled meanwhile."""
     env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     sampler = GpuSampler()
     started = time.time()
     with open(grid.with_suffix(".out"), "w+") as out, open(grid.with_suffix(".err"), "w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "mlpgrid", "run", str(grid), "--storage", str(storage)],
-                                stdout=out, stderr=err, text=True, env=env, cwd=REPO)  # fmt: skip
+        command = [sys.executable, "-m", "mlpgrid", "run", str(grid), "--storage", str(storage)]
+        proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env, cwd=REPO, start_new_session=True)
         try:
             returncode = proc.wait(timeout)
-        except subprocess.TimeoutExpired:  # stopped as a user would (Ctrl-C); what ran is still read out
+        except subprocess.TimeoutExpired:  # what ran is still read out
             wall = time.time() - started
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_as_a_user(proc)
             returncode = None
         else:
             wall = time.time() - started
