@@ -139,9 +139,10 @@ def _print_plan(grid: GridSpec) -> None:
     trunk_line = trunks.describe(trunks.form_trunks(grid.trials), grid.trials)
     if trunk_line:
         click.echo(trunk_line)
-    final = sum(t.checkpoint_bytes for t in grid.trials)
-    click.echo(f"storage for checkpoints: {_gigabytes(2 * final)} at most while the trials train (two each), "
-               f"{_gigabytes(final)} once they have finished (the final one each)")  # fmt: skip
+    training = sum(2 * t.checkpoint_bytes for t in grid.trials)
+    final = sum(t.final_weights_bytes for t in grid.trials)
+    click.echo(f"storage for checkpoints: {_gigabytes(training)} at most while the trials train (two each, "
+               f"with optimizer state), {_gigabytes(final)} once they have finished (final weights each)")  # fmt: skip
 
 
 def _gigabytes(n: float) -> str:

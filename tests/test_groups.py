@@ -261,8 +261,11 @@ def test_a_grouped_grid_on_ray_records_its_trials_as_alone_and_resumes_a_killed_
         assert without_timing(final["history"]) == without_timing(expected["history"])
         for name, tensor in expected["model"].items():
             assert torch.equal(final["model"][name], tensor), (trial.id, name)
-        for key, state in expected["optimizer"]["state"].items():
-            assert all(torch.equal(final["optimizer"]["state"][key][k], v) for k, v in state.items())
+        if expected["optimizer"] is None:  # a finished trial keeps its weights only
+            assert final["optimizer"] is None
+        else:  # the diverged member's last checkpoint, optimizer state and all
+            for key, state in expected["optimizer"]["state"].items():
+                assert all(torch.equal(final["optimizer"]["state"][key][k], v) for k, v in state.items())
     status = subprocess.run(mlpgrid_command("status", str(path), "--storage", str(storage), "--json"),
                             cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert json.loads(status.stdout)["totals"] == {"diverged": 1, "finished": 3}

@@ -207,10 +207,11 @@ def test_dry_run_prints_the_compute_table(write_grid):
     first = grid.trials[0]
     assert lines[1].split()[0] == first.id and f"{first.compute:.3e}" in lines[1]
     assert f"total compute C = {sum(t.compute for t in grid.trials):.3e}" in lines[-2]
-    final = sum(4 * t.params * 2 for t in grid.trials)  # fp32 weights and Lion's one slot each, the default
+    training = sum(2 * 4 * t.params * 2 for t in grid.trials)  # two of fp32 weights and Lion's one slot, the default
+    final = sum(4 * t.params for t in grid.trials)
     assert lines[-1] == (
-        f"storage for checkpoints: {2 * final / 1e9:.3g} GB at most while the trials train (two "
-        f"each), {final / 1e9:.3g} GB once they have finished (the final one each)"
+        f"storage for checkpoints: {training / 1e9:.3g} GB at most while the trials train (two each, with "
+        f"optimizer state), {final / 1e9:.3g} GB once they have finished (final weights each)"
     )
 
 

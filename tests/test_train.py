@@ -137,8 +137,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, write_grid, fa
     assert without_timing(final["history"]) == without_timing(final_ref["history"])
     for name, tensor in final_ref["model"].items():
         assert torch.equal(final["model"][name], tensor), name
-    for key, state in final_ref["optimizer"]["state"].items():
-        assert all(torch.equal(final["optimizer"]["state"][key][k], v) for k, v in state.items())
+    assert final["optimizer"] is None and final_ref["optimizer"] is None, "a finished trial keeps its weights only"
 
 
 # --- the grid command --------------------------------------------------------------------

@@ -207,7 +207,7 @@ class _Recorder:
             self.run.finish(
                 FINISHED, checkpoint=str(self.task.layout.checkpoints), problems=outcome.checkpoint_problems
             )
-            CheckpointDir(self.task.layout.checkpoints).keep_newest()  # recorded as finished: the rest is not needed
+            CheckpointDir(self.task.layout.checkpoints).keep_final()  # recorded as finished: the rest is not needed
             return FINISHED
         if isinstance(outcome, TrialDiverged):
             self.run.finish(DIVERGED, error=str(outcome))

@@ -316,6 +316,11 @@ class Trial:
         return 4 * self.params * (1 + OPTIMIZER_STATE_SLOTS[self.config.optimizer])
 
     @property
+    def final_weights_bytes(self) -> int:
+        """Bytes of what it keeps once finished: its fp32 weights, without optimizer state."""
+        return 4 * self.params
+
+    @property
     def step_flops(self) -> float:
         """Hardware FLOPs of one training step (a full batch)."""
         return architecture.hardware_training_flops(self.config.model_config(), self.config.batch_size)

@@ -99,12 +99,34 @@ class CheckpointDir:
             self.file(*old).with_suffix(".sha256").unlink(missing_ok=True)
         return target
 
-    def keep_newest(self) -> None:
-        """Remove every checkpoint but the newest: what a finished trial keeps (its final weights,
-        for stages added later and for trials that start from them)."""
-        for old in self.positions()[:-1]:
+    def keep_final(self) -> None:
+        """What a finished trial keeps: its newest checkpoint, as weights without optimizer state
+        (for stages added later and trials that start from its pre-training; the optimizer's
+        state, one or two copies of the weights, is needed only to train on). Every other
+        checkpoint is removed. The newest is rewritten so that a process killed at any point
+        leaves a checkpoint that loads: the old checksum goes first, the new file replaces the
+        old whole, its checksum comes last."""
+        positions = self.positions()
+        for old in positions[:-1]:
             self.file(*old).unlink(missing_ok=True)
             self.file(*old).with_suffix(".sha256").unlink(missing_ok=True)
+        if not positions:
+            return
+        target = self.file(*positions[-1])
+        state = self._load(*positions[-1])
+        if state.get("optimizer") is None:
+            return
+        tmp, checksum = target.with_suffix(".tmp"), target.with_suffix(".sha256")
+        try:
+            torch.save({**state, "optimizer": None}, tmp)
+            digest = sha256(tmp)
+        except (OSError, RuntimeError):  # a full disk: the checkpoint stays as it was, optimizer state and all
+            tmp.unlink(missing_ok=True)
+            return
+        checksum.unlink(missing_ok=True)
+        os.replace(tmp, target)
+        checksum.with_suffix(".sha256tmp").write_text(digest)
+        os.replace(checksum.with_suffix(".sha256tmp"), checksum)
 
     def adopt(self, source: CheckpointDir) -> tuple[int, int]:
         """Start from ``source``'s newest checkpoint (another trial's finished pre-training): it

@@ -151,10 +151,15 @@ def resume(cfg: TrialConfig, model: Model, device: torch.device, checkpoints: Ch
     if _differs(state["config"], cfg):
         raise ValueError(f"{checkpoints.path}: checkpoint belongs to another trial config (copied or moved here?); "
                          "move it away and this trial trains from the start")  # fmt: skip
-    model.network.load_state_dict(state["model"])
-    model.optimizer.load_state_dict(state["optimizer"])
-    _set_rng_state(state["rng"], device)
     epoch, step = state["epoch"], state["step"]
+    if state["optimizer"] is None and epoch < cfg.epochs:
+        raise ValueError(f"{checkpoints.path}: its newest checkpoint holds a finished trial's weights only (no "
+                         f"optimizer state), at epoch {epoch} of {cfg.epochs}; move it away and this trial "
+                         "trains from the start")  # fmt: skip
+    model.network.load_state_dict(state["model"])
+    if state["optimizer"] is not None:  # a finished trial keeps its weights only: nothing is left to train
+        model.optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"], device)
     return Position(
         epoch=epoch, step=step, history=state["history"], loss_sum=state["loss_sum"].to(device),
         seen=state["seen"], resumed_from=state["resumed_from"] + ([[epoch, step]] if epoch < cfg.epochs else []),

@@ -74,3 +74,32 @@ def test_a_checkpoint_without_a_checksum_still_loads(tmp_path):
     checkpoints.save({"epoch": 1, "w": torch.ones(2)}, 1, 0)
     checkpoints.file(1, 0).with_suffix(".sha256").unlink()  # written before checksums were kept
     assert checkpoints.latest()["epoch"] == 1 and checkpoints.problems == []
+
+
+def test_a_finished_trial_keeps_its_final_weights_without_optimizer_state(tmp_path):
+    checkpoints = CheckpointDir(tmp_path)
+    weights, moments = {"w": torch.arange(6.0)}, {"state": {0: {"exp_avg": torch.ones(6)}}, "param_groups": []}
+    for epoch in (1, 2):
+        checkpoints.save({"epoch": epoch, "model": weights, "optimizer": moments}, epoch, 0)
+    before = checkpoints.file(2, 0).stat().st_size
+
+    checkpoints.keep_final()
+    assert checkpoints.positions() == [(2, 0)]
+    final = checkpoints.latest()
+    assert checkpoints.problems == [], "its checksum was rewritten with it"
+    assert final["optimizer"] is None and torch.equal(final["model"]["w"], weights["w"]) and final["epoch"] == 2
+    assert checkpoints.file(2, 0).stat().st_size < before
+    assert not list(tmp_path.glob("*tmp")), "nothing half-written left"
+    checkpoints.keep_final()  # again, as a re-run that finds it finished: nothing changes
+    assert checkpoints.latest()["optimizer"] is None and checkpoints.positions() == [(2, 0)]
+
+
+def test_every_state_of_the_final_rewrite_loads(tmp_path):
+    """keep_final's steps, one by one as a kill could leave them: the checksum gone, then the
+    new file without one, then both. Each loads."""
+    checkpoints = CheckpointDir(tmp_path)
+    checkpoints.save({"epoch": 1, "model": {"w": torch.ones(2)}, "optimizer": {"state": {}}}, 1, 0)
+    checkpoints.file(1, 0).with_suffix(".sha256").unlink()
+    assert checkpoints.latest()["optimizer"] == {"state": {}}
+    torch.save({"epoch": 1, "model": {"w": torch.ones(2)}, "optimizer": None}, checkpoints.file(1, 0))
+    assert checkpoints.latest()["optimizer"] is None and checkpoints.problems == []
