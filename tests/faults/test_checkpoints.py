@@ -103,3 +103,17 @@ def test_every_state_of_the_final_rewrite_loads(tmp_path):
     assert checkpoints.latest()["optimizer"] == {"state": {}}
     torch.save({"epoch": 1, "model": {"w": torch.ones(2)}, "optimizer": None}, checkpoints.file(1, 0))
     assert checkpoints.latest()["optimizer"] is None and checkpoints.problems == []
+
+
+def test_a_weights_only_checkpoint_with_epochs_left_is_refused(tmp_path, fashion_mnist):
+    """A finished trial's final weights copied into a longer trial's folder: it cannot train on
+    from them (no optimizer state), and says so rather than start the optimizer afresh."""
+    datasets = Datasets({"fashion-mnist": fashion_mnist})
+    layout = TrialLayout(tmp_path / "trial")
+    run_trial(TrialConfig(**{**CFG.__dict__, "epochs": 1}), layout, datasets=datasets)
+    checkpoints = CheckpointDir(layout.checkpoints)
+    state = checkpoints.latest()
+    checkpoints.file(1, 0).with_suffix(".sha256").unlink()
+    torch.save({**state, "config": {**state["config"], "epochs": 3}, "optimizer": None}, checkpoints.file(1, 0))
+    with pytest.raises(ValueError, match="weights only .* at epoch 1 of 3; move it away"):
+        run_trial(CFG, layout, datasets=datasets)
