@@ -11,6 +11,7 @@ the disk.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -78,55 +79,52 @@ class CheckpointDir:
     def save(self, state: dict[str, Any], epoch: int, step: int) -> Path:
         """Write a checkpoint; :class:`CheckpointError` (the older ones left intact) if the disk refuses."""
         target = self.file(epoch, step)
-        tmp, checksum = target.with_suffix(".tmp"), target.with_suffix(".sha256")
-        checksum_tmp = target.with_suffix(".sha256tmp")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            torch.save(state, tmp)
-            checksum_tmp.write_text(sha256(tmp))
-            os.replace(checksum_tmp, checksum)
-            os.replace(tmp, target)
+            self._write(state, target)
         except (OSError, RuntimeError) as e:
             # torch.save reports a full disk only as "unexpected pos": ask the disk itself.
             full = getattr(e, "errno", None) == errno.ENOSPC or _free_bytes(self.path) < _NEARLY_FULL
-            for leftover in (tmp, checksum_tmp, checksum):
-                leftover.unlink(missing_ok=True)
             reason = "no space left on the device" if full else str(e)
             raise CheckpointError(f"{target}: could not write the checkpoint: {reason}. Earlier checkpoints in "
                                   f"{self.path} are intact.") from e  # fmt: skip
-        for old in self.positions()[: -self.keep]:
-            self.file(*old).unlink(missing_ok=True)
-            self.file(*old).with_suffix(".sha256").unlink(missing_ok=True)
+        self._keep_newest(self.keep)
         return target
 
     def keep_final(self) -> None:
         """What a finished trial keeps: its newest checkpoint, as weights without optimizer state
         (for stages added later and trials that start from its pre-training; the optimizer's
         state, one or two copies of the weights, is needed only to train on). Every other
-        checkpoint is removed. The newest is rewritten so that a process killed at any point
-        leaves a checkpoint that loads: the old checksum goes first, the new file replaces the
-        old whole, its checksum comes last."""
-        positions = self.positions()
-        for old in positions[:-1]:
-            self.file(*old).unlink(missing_ok=True)
-            self.file(*old).with_suffix(".sha256").unlink(missing_ok=True)
-        if not positions:
+        checkpoint is removed."""
+        self._keep_newest(1)
+        if not (positions := self.positions()):
             return
-        target = self.file(*positions[-1])
         state = self._load(*positions[-1])
         if state.get("optimizer") is None:
             return
-        tmp, checksum = target.with_suffix(".tmp"), target.with_suffix(".sha256")
+        with contextlib.suppress(OSError, RuntimeError):  # a full disk: it stays as it was, optimizer state and all
+            self._write({**state, "optimizer": None}, self.file(*positions[-1]))
+
+    def _write(self, state: dict[str, Any], target: Path) -> None:
+        """``state`` into ``target``, its SHA-256 beside it, in an order that leaves ``target``
+        whole and loadable wherever a kill lands (a file without its checksum loads unchecked):
+        both written aside, the old checksum removed, the file replaced, its checksum put in
+        place. A failed write leaves nothing aside."""
+        tmp, checksum, checksum_tmp = (target.with_suffix(suffix) for suffix in (".tmp", ".sha256", ".sha256tmp"))
         try:
-            torch.save({**state, "optimizer": None}, tmp)
-            digest = sha256(tmp)
-        except (OSError, RuntimeError):  # a full disk: the checkpoint stays as it was, optimizer state and all
+            torch.save(state, tmp)
+            checksum_tmp.write_text(sha256(tmp))
+            checksum.unlink(missing_ok=True)
+            os.replace(tmp, target)
+            os.replace(checksum_tmp, checksum)
+        finally:
             tmp.unlink(missing_ok=True)
-            return
-        checksum.unlink(missing_ok=True)
-        os.replace(tmp, target)
-        checksum.with_suffix(".sha256tmp").write_text(digest)
-        os.replace(checksum.with_suffix(".sha256tmp"), checksum)
+            checksum_tmp.unlink(missing_ok=True)
+
+    def _keep_newest(self, count: int) -> None:
+        for old in self.positions()[:-count]:
+            self.file(*old).unlink(missing_ok=True)
+            self.file(*old).with_suffix(".sha256").unlink(missing_ok=True)
 
     def adopt(self, source: CheckpointDir) -> tuple[int, int]:
         """Start from ``source``'s newest checkpoint (another trial's finished pre-training): it
