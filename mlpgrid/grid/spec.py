@@ -313,7 +313,7 @@ class Trial:
     def checkpoint_bytes(self) -> int:
         """Bytes of one of its checkpoints: fp32 weights and the optimizer's state (one slot a
         weight for Lion and SGD, two for AdamW)."""
-        return 4 * self.params * (1 + OPTIMIZER_STATE_SLOTS[self.config.optimizer])
+        return self.final_weights_bytes * (1 + OPTIMIZER_STATE_SLOTS[self.config.optimizer])
 
     @property
     def final_weights_bytes(self) -> int:
