@@ -203,6 +203,17 @@ def load_while_training(trials: list[dict], bare: dict[str, float], model: str |
     return (statistics.mean(loads) if loads else float("nan")), len(loads) * step
 
 
+def idle_seconds(trials: list[dict], wall: float) -> float:
+    """The run's seconds in which no trial trained or evaluated: its wall time less the union of the
+    trials' spans (first epoch's start to last epoch's end)."""
+    spans = sorted((t["start"], t["start"] + t["span_s"]) for t in trials if t["start"] is not None)
+    covered, reach = 0.0, float("-inf")
+    for start, end in spans:
+        covered += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return max(0.0, wall - covered)
+
+
 def stop_as_a_user(proc: subprocess.Popen) -> None:
     """Ctrl-C to an ``mlpgrid run`` past its time, as a user would stop it: it settles and stops its
     Ray; 60 s later it is killed with its process group (it leads one: ``start_new_session``)."""
@@ -246,9 +257,11 @@ def run_grid(grid: Path, storage: Path, timeout: float) -> dict:
 def projection(bare: dict[str, float], pace: float, costs: dict) -> dict:
     """scaling.yaml's 150 trials (each model's N and T, evaluated on IN-21k's test split as its
     run.evaluate_every says) at the measured rates: on one GPU, the bare compute at the pace the
-    GPU kept while trials trained, the evaluations, and every trial's start-up as if none overlapped
-    another's training (an upper bound); on eight, the same spread over them, or the longest trial
-    alone on its GPU (at the bare rate times that pace), whichever is longer."""
+    GPU kept while trials trained, the evaluations, and the seconds a trial added while no trial
+    trained (the run's idle time per trial: Ray's and the first trial's start-up, the last trial's
+    end), with every trial's whole start-up in their place as an upper bound; on eight, the same
+    spread over them, or the longest trial alone on its GPU (at the bare rate times that pace),
+    whichever is longer."""
     grid = spec.load(REPO / "grids" / "scaling.yaml")
     every = grid.run.evaluate_every
     bare_s, trial_s, evaluated_s = 0.0, [], 0.0
@@ -260,10 +273,12 @@ def projection(bare: dict[str, float], pace: float, costs: dict) -> dict:
         evaluated_s += evaluating
         trial_s.append(costs["startup_s"] + images / (bare[c.model] * pace) + evaluating)
     startups_s = len(grid.trials) * costs["startup_s"]
-    one = bare_s / pace + evaluated_s + startups_s
-    return {"bare_h": bare_s / 3600, "evaluation_h": evaluated_s / 3600, "startups_h": startups_s / 3600,
-            "one_gpu_h": one / 3600, "eight_gpus_h": max(one / 8, max(trial_s)) / 3600,
-            "longest_trial_h": max(trial_s) / 3600}  # fmt: skip
+    idle_s = len(grid.trials) * costs["idle_per_trial_s"]
+    one = bare_s / pace + evaluated_s + idle_s
+    return {"bare_h": bare_s / 3600, "evaluation_h": evaluated_s / 3600, "idle_h": idle_s / 3600,
+            "one_gpu_h": one / 3600, "startups_h": startups_s / 3600,
+            "one_gpu_bound_h": (one - idle_s + startups_s) / 3600,
+            "eight_gpus_h": max(one / 8, max(trial_s)) / 3600, "longest_trial_h": max(trial_s) / 3600}  # fmt: skip
 
 
 def main() -> None:
@@ -327,6 +342,7 @@ def main() -> None:
     costs = {
         "startup_s": statistics.median(startups) if startups else float("nan"),
         "eval_rate": args.test * sum(t["epochs"] for t in trials) / max(1e-9, sum(t["eval_s"] for t in trials)),
+        "idle_per_trial_s": idle_seconds(trials, run["wall_s"]) / max(1, len(trials)),
     }
     shares = {k: sum(t[k] or 0 for t in trials) / spent for k in ("startup_s", "compile_s", "eval_s")}
     shares["between_epochs_s"] = sum(t["span_s"] - t["epoch_s"] for t in trials) / spent
@@ -365,7 +381,9 @@ def main() -> None:
         p = report["projection"]
         print(f"scaling.yaml (150 trials, evaluated on {IN21K_TEST:,} test images as it says): "
               f"bare {p['bare_h']:.1f} h; projected {p['one_gpu_h']:.1f} h on one GPU (evaluation "
-              f"{p['evaluation_h']:.1f} h, start-ups at most {p['startups_h']:.1f} h), {p['eight_gpus_h']:.1f} h on "
+              f"{p['evaluation_h']:.1f} h, no trial training {p['idle_h']:.2f} h at this run's "
+              f"{costs['idle_per_trial_s']:.1f} s a trial; {p['one_gpu_bound_h']:.1f} h if no start-up overlapped "
+              f"training: {p['startups_h']:.1f} h), {p['eight_gpus_h']:.1f} h on "
               f"eight (its longest trial {p['longest_trial_h']:.1f} h)")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
