@@ -11,7 +11,6 @@ the disk.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import re
@@ -92,18 +91,10 @@ class CheckpointDir:
         return target
 
     def keep_final(self) -> None:
-        """What a finished trial keeps: its newest checkpoint, as weights without optimizer state
-        (for stages added later and trials that start from its pre-training; the optimizer's
-        state, one or two copies of the weights, is needed only to train on). Every other
-        checkpoint is removed."""
+        """What a finished trial keeps: its newest checkpoint, its final weights (written without
+        optimizer state: they serve stages added later and trials that start from its
+        pre-training). Every other checkpoint is removed."""
         self._keep_newest(1)
-        if not (positions := self.positions()):
-            return
-        state = self._load(*positions[-1])
-        if state.get("optimizer") is None:
-            return
-        with contextlib.suppress(OSError, RuntimeError):  # a full disk: it stays as it was, optimizer state and all
-            self._write({**state, "optimizer": None}, self.file(*positions[-1]))
 
     def _write(self, state: dict[str, Any], target: Path) -> None:
         """``state`` into ``target``, its SHA-256 beside it, in an order that leaves ``target``

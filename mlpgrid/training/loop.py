@@ -166,7 +166,7 @@ def resume(cfg: TrialConfig, model: Model, device: torch.device, checkpoints: Ch
     )  # fmt: skip
 
 
-def checkpoint_state(cfg: TrialConfig, model: dict[str, Any], optimizer: dict[str, Any], position: Position,
+def checkpoint_state(cfg: TrialConfig, model: dict[str, Any], optimizer: dict[str, Any] | None, position: Position,
                      device: torch.device) -> dict[str, Any]:  # fmt: skip
     """What a trial's checkpoint holds: its config, position, model and optimizer state, RNG state."""
     return {
@@ -504,7 +504,9 @@ def _save(saver: BackgroundSaver, engine: Engine, active: list[Member], sums: to
     writes = []
     for i, m in enumerate(active):
         model_state, optimizer_state = engine.states(i, lrs[i])
-        writes.append((m.checkpoints, checkpoint_state(m.cfg, model_state, optimizer_state, m.position, device)))
+        finished = m.position.epoch == m.cfg.epochs  # its final weights: nothing is left to train
+        writes.append((m.checkpoints, checkpoint_state(m.cfg, model_state, None if finished else optimizer_state,
+                                                        m.position, device)))  # fmt: skip
     saver.save(writes, active[0].position.epoch, active[0].position.step, required=required)
 
 

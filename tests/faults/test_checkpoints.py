@@ -47,8 +47,8 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(tmp_path, fash
 def test_a_full_disk_fails_the_trial_clearly_and_keeps_earlier_checkpoints(tmp_path, fashion_mnist):
     datasets = Datasets({"fashion-mnist": fashion_mnist})
     probe = CheckpointDir(TrialLayout(tmp_path / "probe").checkpoints)
-    run_trial(TrialConfig(**{**CFG.__dict__, "epochs": 1}), TrialLayout(tmp_path / "probe"), datasets=datasets)
-    size = probe.file(1, 0).stat().st_size
+    run_trial(TrialConfig(**{**CFG.__dict__, "epochs": 2}), TrialLayout(tmp_path / "probe"), datasets=datasets)
+    size = probe.file(1, 0).stat().st_size  # with optimizer state (the final one, (2, 0), has none)
     disk = tmp_path / "disk"
     disk.mkdir()
     # Room for two checkpoints and their checksums, not for a third being written.
@@ -76,33 +76,24 @@ def test_a_checkpoint_without_a_checksum_still_loads(tmp_path):
     assert checkpoints.latest()["epoch"] == 1 and checkpoints.problems == []
 
 
-def test_a_finished_trial_keeps_its_final_weights_without_optimizer_state(tmp_path):
-    checkpoints = CheckpointDir(tmp_path)
-    weights, moments = {"w": torch.arange(6.0)}, {"state": {0: {"exp_avg": torch.ones(6)}}, "param_groups": []}
-    for epoch in (1, 2):
-        checkpoints.save({"epoch": epoch, "model": weights, "optimizer": moments}, epoch, 0)
-    before = checkpoints.file(2, 0).stat().st_size
+def test_a_finished_trial_keeps_only_its_final_weights(tmp_path, fashion_mnist):
+    """The loop writes a trial's last checkpoint without optimizer state (nothing is left to
+    train); once the trial is recorded finished, every earlier checkpoint goes."""
+    layout = TrialLayout(tmp_path / "trial")
+    result = run_trial(TrialConfig(**{**CFG.__dict__, "epochs": 2}), layout,
+                       datasets=Datasets({"fashion-mnist": fashion_mnist}))  # fmt: skip
+    checkpoints = CheckpointDir(layout.checkpoints)
+    assert checkpoints.positions() == [(1, 0), (2, 0)]
+    assert checkpoints._load(1, 0)["optimizer"] is not None, "a checkpoint with epochs left can train on"
+    weights = checkpoints._load(2, 0)
 
     checkpoints.keep_final()
-    assert checkpoints.positions() == [(2, 0)]
+    assert checkpoints.positions() == [(2, 0)] and checkpoints.problems == []
     final = checkpoints.latest()
-    assert checkpoints.problems == [], "its checksum was rewritten with it"
-    assert final["optimizer"] is None and torch.equal(final["model"]["w"], weights["w"]) and final["epoch"] == 2
-    assert checkpoints.file(2, 0).stat().st_size < before
-    assert not list(tmp_path.glob("*tmp")), "nothing half-written left"
+    assert final["optimizer"] is None and final["epoch"] == 2 and result.epochs == 2
+    assert all(torch.equal(final["model"][k], v) for k, v in weights["model"].items())
     checkpoints.keep_final()  # again, as a re-run that finds it finished: nothing changes
-    assert checkpoints.latest()["optimizer"] is None and checkpoints.positions() == [(2, 0)]
-
-
-def test_every_state_of_the_final_rewrite_loads(tmp_path):
-    """keep_final's steps, one by one as a kill could leave them: the checksum gone, then the
-    new file without one, then both. Each loads."""
-    checkpoints = CheckpointDir(tmp_path)
-    checkpoints.save({"epoch": 1, "model": {"w": torch.ones(2)}, "optimizer": {"state": {}}}, 1, 0)
-    checkpoints.file(1, 0).with_suffix(".sha256").unlink()
-    assert checkpoints.latest()["optimizer"] == {"state": {}}
-    torch.save({"epoch": 1, "model": {"w": torch.ones(2)}, "optimizer": None}, checkpoints.file(1, 0))
-    assert checkpoints.latest()["optimizer"] is None and checkpoints.problems == []
+    assert checkpoints.positions() == [(2, 0)] and checkpoints.latest()["optimizer"] is None
 
 
 def test_a_weights_only_checkpoint_with_epochs_left_is_refused(tmp_path, fashion_mnist):
