@@ -143,8 +143,9 @@ def grid_file(path: Path, dataset: Path, images: int, test: int, bare: dict[str,
             }
         },  # fmt: skip
         # Compiled, as scaling.yaml's trials of this model and more compute are by default: these
-        # stand for them at a fraction of their length. Everything else is mlpgrid's default.
-        "run": {"compile": True},
+        # stand for them at a fraction of their length; evaluated as often as they are. Everything
+        # else is mlpgrid's default.
+        "run": {"compile": True, "evaluate_every": spec.load(REPO / "grids" / "scaling.yaml").run.evaluate_every},
         "base": {"dataset": "synthetic-21k", **RECIPE},
         "zip": {k: [t[k] for t in trials] for k in ("model", "examples", "epochs")},
     }
@@ -163,13 +164,14 @@ def per_trial(storage: Path) -> list[dict]:
             return sorted(client.get_metric_history(run_id, key), key=lambda metric: metric.step)
 
         epochs, rates, memory = history("epoch_seconds"), history("images_per_s"), history("memory_gb")
+        evaluations = len(history("test_error"))
         n = int(run.data.params["examples"])
         later = [m.value for m in rates[1:]] or [m.value for m in rates]
         train_s = sum(n / m.value for m in rates)
         start = epochs[0].timestamp / 1e3 - epochs[0].value if epochs else None
         rows.append({
             "model": run.data.params["model"], "examples": n, "epochs": int(run.data.params["epochs"]),
-            "epochs_done": len(rates),
+            "epochs_done": len(rates), "evaluations": evaluations,
             "status": run.data.tags.get("status"), "error": (run.data.tags.get("error") or "")[-800:],
             "images_per_s": statistics.median(later) if later else None,
             "startup_s": run.data.metrics.get("startup_seconds"), "compile_s": run.data.metrics.get("compile_seconds"),
@@ -254,29 +256,43 @@ def run_grid(grid: Path, storage: Path, timeout: float) -> dict:
             "stderr": stderr[-3000:] if returncode else "", "stdout": stdout[-3000:] if returncode else ""}  # fmt: skip
 
 
-def projection(bare: dict[str, float], pace: float, costs: dict) -> dict:
+def evaluations(epochs: int, every: int) -> int:
+    """How many times a trial of ``epochs`` is evaluated: every ``every``-th epoch and the last."""
+    return epochs // every + (epochs % every > 0)
+
+
+def work_while_busy(trials: list[dict], bare: dict[str, float], wall: float) -> float:
+    """The GPU's work while any trial trained, evaluated or paused between epochs, in bare steps:
+    each trial's training images at its model's bare rate and its test images at three times it
+    (a forward pass is a third of a step's work), over the run's seconds less those in which no
+    trial did any of these. What evaluation, the pauses between epochs and sharing the GPU cost
+    is what it falls short of 1."""
+    work = sum((t["examples"] * t["epochs_done"] + t["test_images"] / 3) / bare[t["model"]] for t in trials)
+    return work / max(1e-9, wall - idle_seconds(trials, wall))
+
+
+def projection(bare: dict[str, float], work_pace: float, step_pace: float, costs: dict) -> dict:
     """scaling.yaml's 150 trials (each model's N and T, evaluated on IN-21k's test split as its
-    run.evaluate_every says) at the measured rates: on one GPU, the bare compute at the pace the
-    GPU kept while trials trained, the evaluations, and the seconds a trial added while no trial
-    trained (the run's idle time per trial: Ray's and the first trial's start-up, the last trial's
-    end), with every trial's whole start-up in their place as an upper bound; on eight, the same
-    spread over them, or the longest trial alone on its GPU (at the bare rate times that pace),
-    whichever is longer."""
+    run.evaluate_every says) at the measured rates. On one GPU: their training and evaluation in
+    bare steps at the work pace the main job's grid kept while busy, and the seconds a trial added
+    while no trial ran (the run's idle time per trial: Ray's and the first trial's start-up, the
+    last trial's end); with every trial's whole start-up in their place as an upper bound. On
+    eight: the same spread over them, or the longest trial alone on its GPU (its step at the step
+    pace, its evaluation at the work pace), whichever is longer."""
     grid = spec.load(REPO / "grids" / "scaling.yaml")
     every = grid.run.evaluate_every
-    bare_s, trial_s, evaluated_s = 0.0, [], 0.0
+    train_s, evaluate_s, trial_s = 0.0, 0.0, []
     for t in grid.trials:
         c = t.config
-        images = c.num_examples * c.epochs
-        bare_s += images / bare[c.model]
-        evaluating = (c.epochs // every + (c.epochs % every > 0)) * IN21K_TEST / costs["eval_rate"]
-        evaluated_s += evaluating
-        trial_s.append(costs["startup_s"] + images / (bare[c.model] * pace) + evaluating)
-    startups_s = len(grid.trials) * costs["startup_s"]
+        train = c.num_examples * c.epochs / bare[c.model]
+        evaluate = evaluations(c.epochs, every) * IN21K_TEST / (3 * bare[c.model])
+        train_s, evaluate_s = train_s + train, evaluate_s + evaluate
+        trial_s.append(costs["startup_s"] + train / step_pace + evaluate / work_pace)
     idle_s = len(grid.trials) * costs["idle_per_trial_s"]
-    one = bare_s / pace + evaluated_s + idle_s
-    return {"bare_h": bare_s / 3600, "evaluation_h": evaluated_s / 3600, "idle_h": idle_s / 3600,
-            "one_gpu_h": one / 3600, "startups_h": startups_s / 3600,
+    startups_s = len(grid.trials) * costs["startup_s"]
+    one = (train_s + evaluate_s) / work_pace + idle_s
+    return {"bare_h": train_s / 3600, "evaluation_bare_h": evaluate_s / 3600, "work_pace": work_pace,
+            "idle_h": idle_s / 3600, "one_gpu_h": one / 3600, "startups_h": startups_s / 3600,
             "one_gpu_bound_h": (one - idle_s + startups_s) / 3600,
             "eight_gpus_h": max(one / 8, max(trial_s)) / 3600, "longest_trial_h": max(trial_s) / 3600}  # fmt: skip
 
@@ -320,6 +336,8 @@ def main() -> None:
         print(f"{len(plan['trials'])} trials, {planned:.0f} s of bare compute", flush=True)
         run = run_grid(work / "main-job.yaml", work / "storage", args.timeout)
         trials = per_trial(work / "storage")
+    for t in trials:
+        t["test_images"] = t["evaluations"] * args.test
     failed = [t for t in trials if t["status"] == "failed"]
     unfinished = sum(t["status"] != "finished" for t in trials)
     print(
@@ -341,13 +359,13 @@ def main() -> None:
     startups = [t["startup_s"] for t in trials if t["startup_s"] is not None]
     costs = {
         "startup_s": statistics.median(startups) if startups else float("nan"),
-        "eval_rate": args.test * sum(t["epochs"] for t in trials) / max(1e-9, sum(t["eval_s"] for t in trials)),
         "idle_per_trial_s": idle_seconds(trials, run["wall_s"]) / max(1, len(trials)),
     }
     shares = {k: sum(t[k] or 0 for t in trials) / spent for k in ("startup_s", "compile_s", "eval_s")}
     shares["between_epochs_s"] = sum(t["span_s"] - t["epoch_s"] for t in trials) / spent
     efficiency = bare_s / run["wall_s"]
     run["load_while_training"], _ = load_while_training(trials, bare)
+    run["work_while_busy"] = work_while_busy(trials, bare, run["wall_s"])
     # Trials share the GPU (time-sliced): a model's pace is read where its trials alone trained.
     pace = {m: load_while_training(trials, bare, m) for m in models}
     report = {"device": torch.cuda.get_device_name(), "bare": bare, "breakdown": breakdown, "trial_rate": trial_rate,
@@ -355,7 +373,7 @@ def main() -> None:
               "run": run, "bare_s": bare_s, "efficiency": efficiency, "shares": shares, "costs": costs,
               "trials": trials, "projection": None}  # fmt: skip
     if len(bare) == 6:  # every model of scaling.yaml measured
-        report["projection"] = projection(bare, run["load_while_training"], costs)
+        report["projection"] = projection(bare, run["work_while_busy"], run["load_while_training"], costs)
 
     print(
         f"\n{report['device']}; {len(trials)} trials at batch {BATCH}, {CLASSES:,} classes; {' / '.join(run['notes'])}"
@@ -375,15 +393,17 @@ def main() -> None:
         f"wall {run['wall_s']:.0f} s against {bare_s:.0f} s of bare compute: {efficiency:.1%}; GPU busy "
         f"{run['gpu_busy']:.1%}; of the trials' time: " + ", ".join(f"{k[:-2]} {v:.1%}" for k, v in shares.items())
     )
-    print(f"while trials trained, the GPU did {run['load_while_training']:.1%} of the bare step's work; "
+    print(f"while trials trained, their steps did {run['load_while_training']:.1%} of the bare step's work (their "
+          f"rates in training seconds); while any trained, evaluated or paused between epochs, the GPU did "
+          f"{run['work_while_busy']:.1%} (evaluation at a third of a step an image); "
           f"failed: {len(failed)}")  # fmt: skip
     if report["projection"]:
         p = report["projection"]
         print(f"scaling.yaml (150 trials, evaluated on {IN21K_TEST:,} test images as it says): "
-              f"bare {p['bare_h']:.1f} h; projected {p['one_gpu_h']:.1f} h on one GPU (evaluation "
-              f"{p['evaluation_h']:.1f} h, no trial training {p['idle_h']:.2f} h at this run's "
-              f"{costs['idle_per_trial_s']:.1f} s a trial; {p['one_gpu_bound_h']:.1f} h if no start-up overlapped "
-              f"training: {p['startups_h']:.1f} h), {p['eight_gpus_h']:.1f} h on "
+              f"bare {p['bare_h']:.1f} h, evaluation {p['evaluation_bare_h']:.1f} h; projected {p['one_gpu_h']:.1f} h "
+              f"on one GPU (both at the work pace {p['work_pace']:.1%}; no trial running {p['idle_h']:.2f} h "
+              f"at this run's {costs['idle_per_trial_s']:.1f} s a trial; {p['one_gpu_bound_h']:.1f} h if no "
+              f"start-up overlapped training: {p['startups_h']:.1f} h), {p['eight_gpus_h']:.1f} h on "
               f"eight (its longest trial {p['longest_trial_h']:.1f} h)")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
