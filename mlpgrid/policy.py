@@ -153,8 +153,8 @@ def groups_across_epochs(cfg: TrialConfig, device_type: str, automatic: bool) ->
 # to B-12/Wi-512) starting together on an H100's 16 cores had not ended a first epoch after 60 s
 # (benchmarks/main_job.py). Two at a time each model's trials did 90-103% of its bare step's work,
 # but pairs started and ended together, their start-ups leaving the GPU idle. A compiled worker
-# gets a third of a GPU, so that while two train the third starts up: three at a time the GPU did
-# 99.3% of the bare steps' work while trials trained (H100, the six Table-3 models, main_job.py
+# gets a third of a GPU, so that while two train the third starts up: three at a time their steps
+# kept 99.3% of the bare steps' pace while they trained (H100, the six Table-3 models, main_job.py
 # --sizes 1 --seconds 40 --lengths 0.8,1,1.2).
 SMALL_STEP_FLOPS = 4e12
 SMALL_SHARE, COMPILED_SHARE, LARGE_SHARE = 0.125, 1 / 3, 0.5
