@@ -20,8 +20,9 @@ model's bare step, and what it projects for the whole of scaling.yaml.
 
 It prints, side by side from that one run: each model's bare and trial images/s, and its "GPU
 pace" (trials share the GPU, so a trial's own rate is a slice of it: the pace sums the rates of
-the trials training while only that model's did, against its bare rate); the wall time
-against the trials' bare seconds summed; the GPU's busy share; start-up, compile, evaluation
+the trials training while only that model's did, against its bare rate) and its pause between
+epochs; the wall time against the trials' bare seconds summed; the GPU's busy share and its
+work while any trial ran (training and evaluation in bare steps); start-up, compile, evaluation
 and between-epoch (checkpoint, logging) shares of the trials' time; failures; each trial's
 peak GPU memory against its share; and a projection of scaling.yaml's 150 trials on one GPU
 and on eight, from the measured rates and costs.
@@ -379,15 +380,18 @@ def main() -> None:
         f"\n{report['device']}; {len(trials)} trials at batch {BATCH}, {CLASSES:,} classes; {' / '.join(run['notes'])}"
     )
     print(f"{'model':>13} | {'bare img/s':>11} {'trial img/s':>11} {'trial/bare':>10} {'GPU pace':>8} {'over':>6} | "
-          f"{'recipe, 2 CE':>12} {'1-pass':>11} | {'peak GiB':>8} {'share':>5}")  # fmt: skip
+          f"{'recipe, 2 CE':>12} {'1-pass':>11} | {'pause ms':>8} | {'peak GiB':>8} {'share':>5}")  # fmt: skip
     for m in models:
         rate = trial_rate.get(m, float("nan"))
         two, one = (breakdown.get(m, {}).get(k, float("nan")) for k in ("two cross-entropies", "one pass, compiled"))
         peak = max((t["memory_gb"] or 0 for t in by_model[m]), default=0)
         share = by_model[m][0]["gpu_share"] if by_model[m] else "-"
+        # Between one epoch's end and the next one's start (metrics, logging, a checkpoint's copy).
+        pauses = [(t["span_s"] - t["epoch_s"]) / t["epochs_done"] * 1e3 for t in by_model[m] if t["epochs_done"]]
+        pause = statistics.median(pauses) if pauses else float("nan")
         print(f"{m:>13} | {bare[m]:>11,.0f} {rate:>11,.0f} {rate / bare[m]:>10.1%} {pace[m][0]:>8.1%} "
               f"{pace[m][1]:>5.0f}s | "
-              f"{two:>12,.0f} {one:>11,.0f} | "
+              f"{two:>12,.0f} {one:>11,.0f} | {pause:>8.1f} | "
               f"{peak:>8.1f} {share or '-':>5}")  # fmt: skip
     print(
         f"wall {run['wall_s']:.0f} s against {bare_s:.0f} s of bare compute: {efficiency:.1%}; GPU busy "
