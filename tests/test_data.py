@@ -8,7 +8,7 @@ import torch
 from conftest import write_idx
 from mlpgrid import data
 from mlpgrid.data import loader as loader_module
-from mlpgrid.data.idx import read_idx
+from mlpgrid.data.idx import idx_length, read_idx
 from mlpgrid.data.loader import Augmentation, DeviceLoader, StreamingLoader, augment, device_bytes, make_loader
 from mlpgrid.data.subset import proportional_order, proportional_subset
 
@@ -35,6 +35,7 @@ def test_idx_round_trip(tmp_path, compress):
     array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     path = write_idx(tmp_path / "x-idx3-ubyte", array, compress=compress)
     np.testing.assert_array_equal(read_idx(path), array)
+    assert idx_length(path) == 2, "read from the header alone"
 
 
 def test_idx_refuses_bad_magic_and_truncation(tmp_path):

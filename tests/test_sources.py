@@ -74,6 +74,8 @@ def test_stl10_binary_is_column_major(tmp_path):
     loaded = data.load("stl-10", str(root))
     np.testing.assert_array_equal(loaded.train_images, images)
     np.testing.assert_array_equal(loaded.test_labels, labels.astype(np.int64) - 1)
+    info = data.info("stl-10")
+    assert info.train_count and info.train_count(info.locate(root)) == 4, "counted without reading the images"
     (root / "train_y.bin").write_bytes(bytes([1, 2, 3]))
     with pytest.raises(ValueError, match="train_X.bin: 110592 bytes are not 3 images"):
         data.load("stl-10", str(root))

@@ -191,6 +191,24 @@ def test_run_refuses_a_missing_dataset_before_training(tmp_path, write_grid):
     assert not (tmp_path / "s").exists()
 
 
+def test_run_refuses_more_examples_than_a_partial_copy_of_the_dataset_holds(tmp_path, write_grid):
+    """A copy of Fashion-MNIST's first 50 training images serves trials of up to 50 examples; a
+    grid that asks more of it is refused before anything runs, naming the largest."""
+    root = write_fashion_mnist_subset(tmp_path / "fm", 50, 20)
+    path = write_grid(f"data:\n  fashion-mnist: {root}\nbase: {{model: B-1/Wi-16, epochs: 1}}\n"
+                      "grid:\n  examples: [50, 60, null]\n")  # fmt: skip
+    result = CliRunner().invoke(cli, ["run", str(path), "--storage", str(tmp_path / "s")])
+    assert result.exit_code == 1
+    assert (f"dataset fashion-mnist: {root} holds 50 training images, and 2 of the grid's trials train on more "
+            "(examples up to 60,000: trial ") in result.output  # fmt: skip
+    assert f"Lower their examples in {path}, or give the whole dataset. Set data.fashion-mnist in" in result.output
+    assert not (tmp_path / "s").exists()
+    fits = write_grid(f"data:\n  fashion-mnist: {root}\nbase: {{model: B-1/Wi-16, epochs: 1, examples: 50}}\n",
+                      "fits.yaml")  # fmt: skip
+    dry = CliRunner().invoke(cli, ["run", str(fits), "--storage", str(tmp_path / "s"), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+
+
 def test_a_trial_directory_has_one_writer_at_a_time(tmp_path):
     from mlpgrid.system.locks import exclusive
 

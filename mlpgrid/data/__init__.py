@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mlpgrid.data import cifar, prepared, stl10
-from mlpgrid.data.idx import find_idx, read_idx
+from mlpgrid.data.idx import find_idx, idx_length, read_idx
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ class DatasetInfo:
     env_var: str | None  # overrides default_root
     locate: Callable[[Path], dict[str, Path]]  # the files a root must hold; FileNotFoundError if not
     read: Callable[[Path], ImageArrays]
+    # How many training images the located files hold, read from their headers or sizes: a copy
+    # of part of the dataset serves trials of up to that many examples. None: the layout fixes it.
+    train_count: Callable[[dict[str, Path]], int] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -129,6 +132,7 @@ DATASETS: dict[str, DatasetInfo] = {
         env_var="MLPGRID_FASHION_MNIST",
         locate=_locate_idx_files,
         read=_read_fashion_mnist,
+        train_count=lambda files: idx_length(files["train-images"]),
     ),
     "cifar-10": DatasetInfo(
         name="cifar-10",
@@ -165,6 +169,7 @@ DATASETS: dict[str, DatasetInfo] = {
         env_var="MLPGRID_STL10",
         locate=stl10.locate,
         read=lambda root: ImageArrays(*stl10.read(root)),
+        train_count=lambda files: files["train_y.bin"].stat().st_size,  # one byte a label
     ),
 }
 

@@ -29,6 +29,19 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
 
 
+def idx_length(path: Path) -> int:
+    """How many items an idx file holds (its first dimension), from its header alone."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(8)
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read idx file ({e})") from e
+    if len(head) < 8 or head[0] != 0 or head[1] != 0 or head[2] != _UBYTE or head[3] < 1:
+        raise ValueError(f"{path}: not an unsigned-byte idx file (bad magic number)")
+    return int.from_bytes(head[4:8], "big")
+
+
 def find_idx(root: Path, stem: str) -> Path:
     """``root/stem`` or ``root/stem.gz``, whichever exists."""
     for candidate in (root / stem, root / f"{stem}.gz"):

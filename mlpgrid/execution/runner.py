@@ -76,16 +76,25 @@ class DataError(Exception):
 
 
 def check_data(grid: GridSpec, storage: StorageLayout | None = None) -> dict[str, str]:
-    """Fail before any trial starts when a dataset the grid uses cannot be found or, for a
-    prepared one, its files do not match its manifest (see :func:`mlpgrid.data.prepared.verify`;
-    with ``storage``, files unchanged since they last matched are not hashed again). Returns
-    each prepared dataset's checksum, by name."""
+    """Fail before any trial starts when a dataset the grid uses cannot be found, holds fewer
+    training images than a trial's examples (a copy of part of it), or, for a prepared one, its
+    files do not match its manifest (see :func:`mlpgrid.data.prepared.verify`; with ``storage``,
+    files unchanged since they last matched are not hashed again). Returns each prepared
+    dataset's checksum, by name."""
     checksums = {}
     for name in sorted({ds for t in grid.trials for ds in t.config.datasets}):
         info, root = data.info(name), grid.data_root(name)
         where = f"Set data.{name} in {grid.path}" + (f" or {info.env_var}" if info.env_var else "")
         try:
-            info.locate(root)
+            files = info.locate(root)
+            held = info.train_count(files) if info.train_count else info.train_size
+            beyond = [t for t in grid.trials if t.config.dataset == name and t.config.num_examples > held]
+            if beyond:
+                largest = max(beyond, key=lambda t: t.config.num_examples)
+                raise ValueError(f"{root} holds {held:,} training images, and {len(beyond)} of the grid's trials "
+                                 f"train on more (examples up to {largest.config.num_examples:,}: trial "
+                                 f"{largest.id}, {grid.labels.get(largest.id, largest.config.model)}). Lower their "
+                                 f"examples in {grid.path}, or give the whole dataset")  # fmt: skip
             if (root / prepared.MANIFEST).is_file():
                 problems = prepared.verify(root, storage.data_check(root) if storage else None)
                 if problems:
