@@ -12,15 +12,8 @@ _UBYTE = 0x08
 
 def read_idx(path: Path) -> np.ndarray:
     """The array stored in an idx file; ``.gz`` files are decompressed on the fly."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read idx file ({e})") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _UBYTE:
-        raise ValueError(f"{path}: not an unsigned-byte idx file (bad magic number)")
-    ndim = raw[3]
+    raw = _read(path)
+    ndim = _dimensions(raw, path)
     header = 4 + 4 * ndim
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(shape))
@@ -31,15 +24,27 @@ def read_idx(path: Path) -> np.ndarray:
 
 def idx_length(path: Path) -> int:
     """How many items an idx file holds (its first dimension), from its header alone."""
+    head = _read(path, 8)
+    if _dimensions(head, path) < 1 or len(head) < 8:
+        raise ValueError(f"{path}: an idx file of no items")
+    return int.from_bytes(head[4:8], "big")
+
+
+def _read(path: Path, size: int = -1) -> bytes:
+    """The first ``size`` bytes of an idx file (all with -1), decompressed if it is ``.gz``."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            head = f.read(8)
+            return f.read(size)
     except (OSError, EOFError) as e:
         raise ValueError(f"{path}: cannot read idx file ({e})") from e
-    if len(head) < 8 or head[0] != 0 or head[1] != 0 or head[2] != _UBYTE or head[3] < 1:
+
+
+def _dimensions(head: bytes, path: Path) -> int:
+    """The number of dimensions an idx file's magic number gives; ValueError if it has none."""
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != _UBYTE:
         raise ValueError(f"{path}: not an unsigned-byte idx file (bad magic number)")
-    return int.from_bytes(head[4:8], "big")
+    return head[3]
 
 
 def find_idx(root: Path, stem: str) -> Path:
