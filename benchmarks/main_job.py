@@ -262,14 +262,14 @@ def evaluations(epochs: int, every: int) -> int:
     return epochs // every + (epochs % every > 0)
 
 
-def work_while_busy(trials: list[dict], bare: dict[str, float], wall: float) -> float:
+def work_while_busy(trials: list[dict], bare: dict[str, float], busy_s: float) -> float:
     """The GPU's work while any trial trained, evaluated or paused between epochs, in bare steps:
     each trial's training images at its model's bare rate and its test images at three times it
-    (a forward pass is a third of a step's work), over the run's seconds less those in which no
-    trial did any of these. What evaluation, the pauses between epochs and sharing the GPU cost
-    is what it falls short of 1."""
+    (a forward pass is a third of a step's work), over ``busy_s``, the run's seconds less those in
+    which no trial did any of these. What evaluation, the pauses between epochs and sharing the GPU
+    cost is what it falls short of 1."""
     work = sum((t["examples"] * t["epochs_done"] + t["test_images"] / 3) / bare[t["model"]] for t in trials)
-    return work / max(1e-9, wall - idle_seconds(trials, wall))
+    return work / max(1e-9, busy_s)
 
 
 def projection(bare: dict[str, float], work_pace: float, step_pace: float, costs: dict) -> dict:
@@ -358,15 +358,16 @@ def main() -> None:
     bare_s = sum(t["examples"] * t["epochs_done"] / bare[t["model"]] for t in trials)
     spent = max(1e-9, sum(t["span_s"] + (t["startup_s"] or 0) for t in trials))
     startups = [t["startup_s"] for t in trials if t["startup_s"] is not None]
+    idle_s = idle_seconds(trials, run["wall_s"])
     costs = {
         "startup_s": statistics.median(startups) if startups else float("nan"),
-        "idle_per_trial_s": idle_seconds(trials, run["wall_s"]) / max(1, len(trials)),
+        "idle_per_trial_s": idle_s / max(1, len(trials)),
     }
     shares = {k: sum(t[k] or 0 for t in trials) / spent for k in ("startup_s", "compile_s", "eval_s")}
     shares["between_epochs_s"] = sum(t["span_s"] - t["epoch_s"] for t in trials) / spent
     efficiency = bare_s / run["wall_s"]
     run["load_while_training"], _ = load_while_training(trials, bare)
-    run["work_while_busy"] = work_while_busy(trials, bare, run["wall_s"])
+    run["work_while_busy"] = work_while_busy(trials, bare, run["wall_s"] - idle_s)
     # Trials share the GPU (time-sliced): a model's pace is read where its trials alone trained.
     pace = {m: load_while_training(trials, bare, m) for m in models}
     report = {"device": torch.cuda.get_device_name(), "bare": bare, "breakdown": breakdown, "trial_rate": trial_rate,
