@@ -93,7 +93,7 @@ def check_data(grid: GridSpec, storage: StorageLayout | None = None) -> dict[str
                 largest = max(beyond, key=lambda t: t.config.num_examples)
                 raise ValueError(f"{root} holds {held:,} training images, and {len(beyond)} of the grid's trials "
                                  f"train on more (examples up to {largest.config.num_examples:,}: trial "
-                                 f"{largest.id}, {grid.labels.get(largest.id, largest.config.model)}). Lower their "
+                                 f"{largest.id}, {grid.labels[largest.id]}). Lower their "
                                  f"examples in {grid.path}, or give the whole dataset")  # fmt: skip
             if (root / prepared.MANIFEST).is_file():
                 problems = prepared.verify(root, storage.data_check(root) if storage else None)
