@@ -198,6 +198,17 @@ def data_parallel_workers(compute: float, grid_compute: float, gpus: float) -> i
     return int(min(MAX_WORKERS, math.floor(gpus), math.ceil(compute * gpus / grid_compute)))
 
 
+# --- checkpoints ---------------------------------------------------------------------------
+
+# A checkpoint holds training up while its state is copied to host memory (the write to disk runs
+# on a thread). Taken at every epoch end the write allowed, the main job's trials on a third of an
+# H100 (batch 16384, 10,450 classes, 400k images: epochs of 0.5-2 s) paused 24 ms an epoch
+# (B-6/Wi-256) to 151 ms (B-6/Wi-1024, 1.3 s epochs), and 5.9% of the trials' time went between
+# epochs (benchmarks/main_job.py). A checkpoint that is not required waits until training since
+# the last copy has taken that copy's time over this share: copies cost at most 1% of training.
+CHECKPOINT_COPY_SHARE = 0.01
+
+
 # --- memory and data ----------------------------------------------------------------------
 
 # Of a trial's share of GPU memory, what neither its model nor its data may take: the CUDA

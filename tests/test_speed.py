@@ -14,6 +14,7 @@ from mlpgrid.execution.placement import PlacementError, gpu_shares, launch_order
 from mlpgrid.grid import spec
 from mlpgrid.grid.layout import TrialLayout
 from mlpgrid.grid.spec import TrialConfig
+from mlpgrid.training import checkpoint
 from mlpgrid.training.checkpoint import BackgroundSaver, CheckpointDir
 from mlpgrid.training.loop import run_trial
 from mlpgrid.training.optim import CompiledLion
@@ -69,6 +70,31 @@ def test_background_saver_skips_while_writing_and_waits_for_the_last(tmp_path):
     saver.wait()
     assert checkpoints.positions() == [(1, 0), (3, 0)]
     assert torch.equal(torch.load(checkpoints.file(1, 0))["w"], torch.zeros(3)), "a copy taken at save time"
+
+
+def test_background_saver_skips_until_its_copies_cost_at_most_their_share(tmp_path, monkeypatch):
+    now = [100.0]  # the clock the saver reads (time.monotonic), moved by the test and by copies
+    copy = checkpoint._host_copy
+
+    def slow_copy(state):  # a copy to host memory that takes half a second (it recurses into the dict)
+        now[0] += 0.5 if isinstance(state, dict) else 0.0
+        return copy(state)
+
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(checkpoint, "_host_copy", slow_copy)
+    monkeypatch.setattr(checkpoint.policy, "CHECKPOINT_COPY_SHARE", 0.01)
+    checkpoints = CheckpointDir(tmp_path)
+    saver = BackgroundSaver(checkpoints)
+    assert saver.save({"w": torch.zeros(1)}, 1, 0), "the first is taken, copied by 100.5 s"
+    saver.wait()
+    now[0] = 150.4
+    assert not saver.save({"w": torch.zeros(1)}, 2, 0), "under 50 s of training since a copy of 0.5 s"
+    assert saver.save({"w": torch.zeros(1)}, 3, 0, required=True), "a required one is taken whenever"
+    saver.wait()  # copied by 150.9 s
+    now[0] = 201.0
+    assert saver.save({"w": torch.zeros(1)}, 4, 0), "over 50 s after: due"
+    saver.wait()
+    assert checkpoints.positions() == [(3, 0), (4, 0)], "the newest two kept, 2 never written"
 
 
 def test_background_saver_raises_a_failed_write(tmp_path):

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
+from mlpgrid import policy
 from mlpgrid.data.files import sha256
 
 _NAME = re.compile(r"^epoch-(\d{4})-step-(\d{6})\.pt$")
@@ -177,29 +178,36 @@ class BackgroundSaver:
     """Saves to a :class:`CheckpointDir` on a thread while training goes on.
 
     ``save`` copies the state to host memory at once (training keeps changing the tensors) and
-    writes the copy in the background. While the previous checkpoint is still being written a
-    new one is skipped rather than waited for, unless it is ``required`` (the last of a
-    trial): checkpoints come as often as the disk allows, and the GPU never waits for it.
-    Every checkpoint is a valid place to resume from, so which ones exist does not change
-    results. ``wait`` blocks until the write in flight is done and raises its error.
+    writes the copy in the background. A checkpoint that is not ``required`` (the last of a
+    trial is) is skipped rather than waited for while the previous one is still being written,
+    and until training since the previous copy has taken that copy's time over
+    :data:`mlpgrid.policy.CHECKPOINT_COPY_SHARE`: checkpoints come as often as the disk allows
+    and the copies cost at most that share of training. Every checkpoint is a valid place to
+    resume from, so which ones exist does not change results. ``wait`` blocks until the write
+    in flight is done and raises its error.
     """
 
     def __init__(self, checkpoints: CheckpointWriter):
         self.checkpoints = checkpoints
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._next_optional = 0.0  # time.monotonic() before which a checkpoint not required is skipped
 
-    @property
-    def busy(self) -> bool:
-        """Whether a write is still in flight (a checkpoint not ``required`` would be skipped)."""
-        return self._thread is not None and self._thread.is_alive()
+    def skips(self, required: bool) -> bool:
+        """Whether a checkpoint now would be skipped: not ``required``, and a write still in
+        flight or the previous copy too recent."""
+        busy = self._thread is not None and self._thread.is_alive()
+        return not required and (busy or time.monotonic() < self._next_optional)
 
     def save(self, state: Any, epoch: int, step: int, *, required: bool = False) -> bool:
-        """Start writing ``state``; False when skipped because a write is still in flight."""
-        if self.busy and not required:
+        """Start writing ``state``; False when skipped (see :meth:`skips`)."""
+        if self.skips(required):
             return False
         self.wait()
+        copying = time.monotonic()
         snapshot = _host_copy(state)
+        copied = time.monotonic()
+        self._next_optional = copied + (copied - copying) / policy.CHECKPOINT_COPY_SHARE
         self._thread = threading.Thread(target=self._write, args=(snapshot, epoch, step), daemon=True)
         self._thread.start()
         return True

@@ -381,7 +381,8 @@ def run_group(
     The training set is kept on ``device`` when it fits in the data budget, else streamed to it;
     both give the same batches. Checkpoints are written in the background
     (:class:`BackgroundSaver`): at each epoch end and every ``options.checkpoint_every_steps``
-    unless the previous one is still being written, and always as a member ends. ``branches``:
+    unless the previous one is still being written or too recent (:meth:`BackgroundSaver.skips`),
+    and always as a member ends. ``branches``:
     each member's :class:`Branch` es, whose checkpoints it writes at their cooldown starts.
     ``workers``: this process's place among a data-parallel trial's workers (a trial of one
     member, not fused): each trains its shard of every batch; the lead alone evaluates,
@@ -499,7 +500,7 @@ def _save(saver: BackgroundSaver, engine: Engine, active: list[Member], sums: to
     the ``writer``: a data-parallel trial's lead)."""
     for i, m in enumerate(active):
         m.position.loss_sum, m.position.seen = sums[i].clone(), seen  # where the next epoch starts from, too
-    if not writer or (saver.busy and not required):
+    if not writer or saver.skips(required):
         return  # it would be skipped: copy no member's state for it
     writes = []
     for i, m in enumerate(active):
