@@ -19,13 +19,15 @@ model's bare step, and what it projects for the whole of scaling.yaml.
    chosen by mlpgrid, MLflow on SQLite) while ``nvidia-smi`` samples the GPU.
 
 It prints, side by side from that one run: each model's bare and trial images/s, and its "GPU
-pace" (trials share the GPU, so a trial's own rate is a slice of it: the pace sums the rates of
-the trials training while only that model's did, against its bare rate) and its pause between
-epochs; the wall time against the trials' bare seconds summed; the GPU's busy share and its
-work while any trial ran (training and evaluation in bare steps); start-up, compile, evaluation
-and between-epoch (checkpoint, logging) shares of the trials' time; failures; each trial's
-peak GPU memory against its share; and a projection of scaling.yaml's 150 trials on one GPU
-and on eight, from the measured rates and costs.
+pace" (trials share the GPU, so a trial's own rate is a slice of it: the pace sums the epochs'
+rates of the trials stepping while only that model's did, against its bare rate) and its pause
+between epochs; the wall time against the trials' bare seconds summed; the steps' pace (the
+same sum at every moment any trial stepped, its first epoch and its evaluations left out), the
+GPU's busy share and its work while any trial ran (training and evaluation in bare steps);
+start-up, compile, evaluation and between-epoch (checkpoint, logging) shares of the trials' time;
+failures; each trial's peak GPU memory against its share; and a projection of scaling.yaml's
+150 trials on one GPU and on eight, from the steps' pace and the run's cost per trial beyond its
+steps. The JSON keeps every trial's epochs (end, seconds, rate), so that these can be read again.
 """
 
 from __future__ import annotations
@@ -165,6 +167,7 @@ def per_trial(storage: Path) -> list[dict]:
             return sorted(client.get_metric_history(run_id, key), key=lambda metric: metric.step)
 
         epochs, rates, memory = history("epoch_seconds"), history("images_per_s"), history("memory_gb")
+        rate_of = {m.step: m.value for m in rates}
         evaluations = len(history("test_error"))
         n = int(run.data.params["examples"])
         later = [m.value for m in rates[1:]] or [m.value for m in rates]
@@ -181,29 +184,45 @@ def per_trial(storage: Path) -> list[dict]:
             "epoch_s": sum(m.value for m in epochs), "start": start,
             "end": (run.info.end_time or 0) / 1e3, "memory_gb": max((m.value for m in memory), default=None),
             "gpu_share": run.data.tags.get("gpu_share"),
+            # each epoch: when it was recorded (its end), its seconds with evaluation, its images/s training
+            "timeline": [(m.timestamp / 1e3, m.value, rate_of[m.step]) for m in epochs if m.step in rate_of],
         })  # fmt: skip
     return rows
 
 
+def stepping(trial: dict) -> list[tuple[float, float, float]]:
+    """The seconds a trial's steps ran, epoch by epoch, as (start, end, images/s): each epoch from
+    its recorded end, length and rate, its evaluation after its steps. An attempt's first epoch is
+    left out: its time holds the compile, which :func:`per_trial_costs` counts."""
+    spans = []
+    for end, seconds, rate in trial["timeline"][1:]:
+        start = end - seconds
+        spans.append((start, min(end, start + trial["examples"] / rate), rate))
+    return spans
+
+
 def load_while_training(trials: list[dict], bare: dict[str, float], model: str | None = None) -> tuple[float, float]:
-    """The GPU's work while any trial trains, in bare steps: at each moment the sum over the trials
-    training then of their rate against their model's bare rate, averaged over those moments; and
-    the seconds averaged over. Two trials on half a GPU each, each at half the bare rate, make 1.0:
-    the step itself is then as fast as bare and what a trial alone loses is the sharing (per trial,
-    from first to last epoch). With ``model``, only the moments when that model's trials alone train:
-    its recipe step's pace in the trials, against its bare step."""
-    spans = [(t["start"], t["start"] + t["span_s"], t["images_per_s"] / bare[t["model"]], t["model"]) for t in trials
-             if t["start"] is not None and t["images_per_s"]]  # fmt: skip
+    """The GPU's work while any trial's steps ran, in bare steps: at each moment the sum over the
+    trials stepping then of their epoch's rate against their model's bare rate, averaged over
+    those moments; and the seconds averaged over. Two trials time-sliced on one GPU, each at half
+    the bare rate, make 1.0: the steps are as fast as bare, and what a trial alone loses is the
+    sharing. With ``model``, only the moments when that model's trials alone stepped: its recipe
+    step's pace in the trials, against its bare step."""
+    spans = [(start, end, rate / bare[t["model"]], t["model"]) for t in trials for start, end, rate in stepping(t)]
     if not spans:
         return float("nan"), 0.0
     step = 0.1
-    moments = np.arange(min(s[0] for s in spans), max(s[1] for s in spans), step)
-    loads = []
-    for m in moments:
-        training = [(rate, name) for s, e, rate, name in spans if s <= m < e]
-        if training and (model is None or all(name == model for _, name in training)):
-            loads.append(sum(rate for rate, _ in training))
-    return (statistics.mean(loads) if loads else float("nan")), len(loads) * step
+    origin = min(s[0] for s in spans)
+    moments = int((max(s[1] for s in spans) - origin) / step) + 1
+    load, stepping_now, others = np.zeros(moments), np.zeros(moments, int), np.zeros(moments, int)
+    for start, end, share, name in spans:
+        first, last = int((start - origin) / step), int((end - origin) / step)
+        load[first:last] += share
+        stepping_now[first:last] += 1
+        if model is not None and name != model:
+            others[first:last] += 1
+    counted = (stepping_now > 0) & (others == 0)
+    return (float(load[counted].mean()) if counted.any() else float("nan")), float(counted.sum() * step)
 
 
 def idle_seconds(trials: list[dict], wall: float) -> float:
@@ -272,14 +291,25 @@ def work_while_busy(trials: list[dict], bare: dict[str, float], busy_s: float) -
     return work / max(1e-9, busy_s)
 
 
-def projection(bare: dict[str, float], work_pace: float, step_pace: float, costs: dict) -> dict:
+def per_trial_costs(trials: list[dict], bare: dict[str, float], wall_s: float, step_pace: float) -> float:
+    """Seconds the run took per trial beyond its work at the steps' pace: its wall time less its
+    training and evaluation in bare steps at ``step_pace``, over its trials. What Ray's start, the
+    trials' start-ups and compiles, their pauses between epochs and the moments too few trials
+    stepped to fill the GPU cost, as a cost of each trial (these come with a trial, not with its
+    compute)."""
+    work = sum((t["examples"] * t["epochs_done"] + t["test_images"] / 3) / bare[t["model"]] for t in trials)
+    return max(0.0, wall_s - work / step_pace) / max(1, len(trials))
+
+
+def projection(bare: dict[str, float], step_pace: float, per_trial_s: float, work_pace: float,
+               idle_per_trial_s: float) -> dict:  # fmt: skip
     """scaling.yaml's 150 trials (each model's N and T, evaluated on IN-21k's test split as its
-    run.evaluate_every says) at the measured rates. On one GPU: their training and evaluation in
-    bare steps at the work pace the main job's grid kept while busy, and the seconds a trial added
-    while no trial ran (the run's idle time per trial: Ray's and the first trial's start-up, the
-    last trial's end); with every trial's whole start-up in their place as an upper bound. On
-    eight: the same spread over them, or the longest trial alone on its GPU (its step at the step
-    pace, its evaluation at the work pace), whichever is longer."""
+    run.evaluate_every says) from the measured rates and per-trial costs. On one GPU: their
+    training and evaluation in bare steps at the steps' pace the main job's trials kept, and
+    each trial's cost beyond its steps as in this run (:func:`per_trial_costs`). On eight: the
+    same spread over them, or the longest trial alone on its GPU, whichever is longer. Beside it,
+    the grid at this run's pace while busy over all its compute, plus its idle seconds per trial:
+    as if every trial were as short as this run's, its costs growing with its compute."""
     grid = spec.load(REPO / "grids" / "scaling.yaml")
     every = grid.run.evaluate_every
     train_s, evaluate_s, trial_s = 0.0, 0.0, []
@@ -288,13 +318,13 @@ def projection(bare: dict[str, float], work_pace: float, step_pace: float, costs
         train = c.num_examples * c.epochs / bare[c.model]
         evaluate = evaluations(c.epochs, every) * IN21K_TEST / (3 * bare[c.model])
         train_s, evaluate_s = train_s + train, evaluate_s + evaluate
-        trial_s.append(costs["startup_s"] + train / step_pace + evaluate / work_pace)
-    idle_s = len(grid.trials) * costs["idle_per_trial_s"]
-    startups_s = len(grid.trials) * costs["startup_s"]
-    one = (train_s + evaluate_s) / work_pace + idle_s
-    return {"bare_h": train_s / 3600, "evaluation_bare_h": evaluate_s / 3600, "work_pace": work_pace,
-            "idle_h": idle_s / 3600, "one_gpu_h": one / 3600, "startups_h": startups_s / 3600,
-            "one_gpu_bound_h": (one - idle_s + startups_s) / 3600,
+        trial_s.append(per_trial_s + (train + evaluate) / step_pace)
+    costs_s = len(grid.trials) * per_trial_s
+    one = (train_s + evaluate_s) / step_pace + costs_s
+    at_work_pace = (train_s + evaluate_s) / work_pace + len(grid.trials) * idle_per_trial_s
+    return {"bare_h": train_s / 3600, "evaluation_bare_h": evaluate_s / 3600, "step_pace": step_pace,
+            "per_trial_s": per_trial_s, "costs_h": costs_s / 3600, "one_gpu_h": one / 3600,
+            "at_work_pace_h": at_work_pace / 3600, "work_pace": work_pace,
             "eight_gpus_h": max(one / 8, max(trial_s)) / 3600, "longest_trial_h": max(trial_s) / 3600}  # fmt: skip
 
 
@@ -374,8 +404,10 @@ def main() -> None:
               "pace": {m: {"of_bare": p, "seconds": s} for m, (p, s) in pace.items()},
               "run": run, "bare_s": bare_s, "efficiency": efficiency, "shares": shares, "costs": costs,
               "trials": trials, "projection": None}  # fmt: skip
+    costs["per_trial_s"] = per_trial_costs(trials, bare, run["wall_s"], run["load_while_training"])
     if len(bare) == 6:  # every model of scaling.yaml measured
-        report["projection"] = projection(bare, run["work_while_busy"], run["load_while_training"], costs)
+        report["projection"] = projection(bare, run["load_while_training"], costs["per_trial_s"],
+                                          run["work_while_busy"], costs["idle_per_trial_s"])  # fmt: skip
 
     print(
         f"\n{report['device']}; {len(trials)} trials at batch {BATCH}, {CLASSES:,} classes; {' / '.join(run['notes'])}"
@@ -406,10 +438,10 @@ def main() -> None:
         p = report["projection"]
         print(f"scaling.yaml (150 trials, evaluated on {IN21K_TEST:,} test images as it says): "
               f"bare {p['bare_h']:.1f} h, evaluation {p['evaluation_bare_h']:.1f} h; projected {p['one_gpu_h']:.1f} h "
-              f"on one GPU (both at the work pace {p['work_pace']:.1%}; no trial running {p['idle_h']:.2f} h "
-              f"at this run's {costs['idle_per_trial_s']:.1f} s a trial; {p['one_gpu_bound_h']:.1f} h if no "
-              f"start-up overlapped training: {p['startups_h']:.1f} h), {p['eight_gpus_h']:.1f} h on "
-              f"eight (its longest trial {p['longest_trial_h']:.1f} h)")  # fmt: skip
+              f"on one GPU (both at the steps' pace {p['step_pace']:.1%}, and {p['per_trial_s']:.1f} s a trial "
+              f"beyond its steps as in this run: {p['costs_h']:.1f} h), {p['eight_gpus_h']:.1f} h on eight (its "
+              f"longest trial {p['longest_trial_h']:.1f} h); {p['at_work_pace_h']:.1f} h at this run's pace while "
+              f"busy ({p['work_pace']:.1%}) over all its compute, as if its trials were as short as these")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
 
