@@ -343,7 +343,16 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="stop the grid after this many seconds")
     parser.add_argument("--work", type=Path, help="where the dataset and storage go (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--replay", type=Path, metavar="JSON",
+                        help="read a run's --json again (its trials, bare rates and wall time) instead of measuring")
     args = parser.parse_args()
+    if args.replay:
+        measured = json.loads(args.replay.read_text())
+        if any("timeline" not in t for t in measured["trials"]):
+            sys.exit(f"{args.replay}: its trials have no epochs (written before main_job.py kept them)")
+        report(measured["device"], measured["bare"], measured["breakdown"], measured["run"], measured["trials"],
+               tuple(measured["bare"]), args.json)  # fmt: skip
+        return
     if not torch.cuda.is_available():
         sys.exit("main_job.py measures a GPU; no CUDA device here")
     models = tuple(args.models or MODELS)
@@ -369,15 +378,21 @@ def main() -> None:
         trials = per_trial(work / "storage")
     for t in trials:
         t["test_images"] = t["evaluations"] * args.test
+    if run["timed_out"]:
+        print(f"stopped after --timeout {args.timeout:.0f} s; the figures below are of what ran until then")
+    report(torch.cuda.get_device_name(), bare, breakdown, run, trials, models, args.json)
+
+
+def report(device: str, bare: dict[str, float], breakdown: dict, run: dict, trials: list[dict],
+           models: tuple[str, ...], json_path: Path | None) -> None:  # fmt: skip
+    """What the run measured, printed (and written to ``json_path``): see the module's docstring."""
     failed = [t for t in trials if t["status"] == "failed"]
     unfinished = sum(t["status"] != "finished" for t in trials)
     print(
         f"mlpgrid run exited {run['returncode']}; {len(trials)} trials recorded, {unfinished} not finished, "
         f"{len(failed)} failed" + "".join(f"\n  {t['model']} N={t['examples']}: {t['error']}" for t in failed[:3])
     )
-    if run["timed_out"]:
-        print(f"stopped after --timeout {args.timeout:.0f} s; the figures below are of what ran until then")
-    elif run["returncode"]:
+    if run["returncode"] and not run["timed_out"]:
         print(run["stderr"], run["stdout"], sep="\n")
     by_model = {m: [t for t in trials if t["model"] == m] for m in models}
     trial_rate = {m: statistics.median(t["images_per_s"] for t in ts if t["images_per_s"]) for m, ts in by_model.items()
@@ -400,17 +415,17 @@ def main() -> None:
     run["work_while_busy"] = work_while_busy(trials, bare, run["wall_s"] - idle_s)
     # Trials share the GPU (time-sliced): a model's pace is read where its trials alone trained.
     pace = {m: load_while_training(trials, bare, m) for m in models}
-    report = {"device": torch.cuda.get_device_name(), "bare": bare, "breakdown": breakdown, "trial_rate": trial_rate,
+    results = {"device": device, "bare": bare, "breakdown": breakdown, "trial_rate": trial_rate,
               "pace": {m: {"of_bare": p, "seconds": s} for m, (p, s) in pace.items()},
               "run": run, "bare_s": bare_s, "efficiency": efficiency, "shares": shares, "costs": costs,
               "trials": trials, "projection": None}  # fmt: skip
     costs["per_trial_s"] = per_trial_costs(trials, bare, run["wall_s"], run["load_while_training"])
     if len(bare) == 6:  # every model of scaling.yaml measured
-        report["projection"] = projection(bare, run["load_while_training"], costs["per_trial_s"],
+        results["projection"] = projection(bare, run["load_while_training"], costs["per_trial_s"],
                                           run["work_while_busy"], costs["idle_per_trial_s"])  # fmt: skip
 
     print(
-        f"\n{report['device']}; {len(trials)} trials at batch {BATCH}, {CLASSES:,} classes; {' / '.join(run['notes'])}"
+        f"\n{results['device']}; {len(trials)} trials at batch {BATCH}, {CLASSES:,} classes; {' / '.join(run['notes'])}"
     )
     print(f"{'model':>13} | {'bare img/s':>11} {'trial img/s':>11} {'trial/bare':>10} {'GPU pace':>8} {'over':>6} | "
           f"{'recipe, 2 CE':>12} {'1-pass':>11} | {'pause ms':>8} | {'peak GiB':>8} {'share':>5}")  # fmt: skip
@@ -434,16 +449,16 @@ def main() -> None:
           f"rates in training seconds); while any trained, evaluated or paused between epochs, the GPU did "
           f"{run['work_while_busy']:.1%} (evaluation at a third of a step an image); "
           f"failed: {len(failed)}")  # fmt: skip
-    if report["projection"]:
-        p = report["projection"]
+    if results["projection"]:
+        p = results["projection"]
         print(f"scaling.yaml (150 trials, evaluated on {IN21K_TEST:,} test images as it says): "
               f"bare {p['bare_h']:.1f} h, evaluation {p['evaluation_bare_h']:.1f} h; projected {p['one_gpu_h']:.1f} h "
               f"on one GPU (both at the steps' pace {p['step_pace']:.1%}, and {p['per_trial_s']:.1f} s a trial "
               f"beyond its steps as in this run: {p['costs_h']:.1f} h), {p['eight_gpus_h']:.1f} h on eight (its "
               f"longest trial {p['longest_trial_h']:.1f} h); {p['at_work_pace_h']:.1f} h at this run's pace while "
               f"busy ({p['work_pace']:.1%}) over all its compute, as if its trials were as short as these")  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=str))
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":
