@@ -22,7 +22,7 @@ It prints, side by side from that one run: each model's bare and trial images/s,
 pace" (trials share the GPU, so a trial's own rate is a slice of it: the pace sums the epochs'
 rates of the trials stepping while only that model's did, against its bare rate) and its pause
 between epochs; the wall time against the trials' bare seconds summed; the steps' pace (the
-same sum at every moment any trial stepped, its first epoch and its evaluations left out), the
+same sum at every moment any trial stepped, evaluations and start-ups left out), the
 GPU's busy share and its work while any trial ran (training and evaluation in bare steps);
 start-up, compile, evaluation and between-epoch (checkpoint, logging) shares of the trials' time;
 failures; each trial's peak GPU memory against its share; and a projection of scaling.yaml's
@@ -192,10 +192,10 @@ def per_trial(storage: Path) -> list[dict]:
 
 def stepping(trial: dict) -> list[tuple[float, float, float]]:
     """The seconds a trial's steps ran, epoch by epoch, as (start, end, images/s): each epoch from
-    its recorded end, length and rate, its evaluation after its steps. An attempt's first epoch is
-    left out: its time holds the compile, which :func:`per_trial_costs` counts."""
+    its recorded end, length and rate, its evaluation after its steps (the compile comes before
+    the first epoch, in the start-up)."""
     spans = []
-    for end, seconds, rate in trial["timeline"][1:]:
+    for end, seconds, rate in trial["timeline"]:
         start = end - seconds
         spans.append((start, min(end, start + trial["examples"] / rate), rate))
     return spans
