@@ -281,24 +281,28 @@ def evaluations(epochs: int, every: int) -> int:
     return epochs // every + (epochs % every > 0)
 
 
+def bare_work_s(trials: list[dict], bare: dict[str, float]) -> float:
+    """The trials' training and evaluation in bare steps: each one's training images at its
+    model's bare rate and its test images at three times it (a forward pass is a third of a
+    step's work)."""
+    return sum((t["examples"] * t["epochs_done"] + t["test_images"] / 3) / bare[t["model"]] for t in trials)
+
+
 def work_while_busy(trials: list[dict], bare: dict[str, float], busy_s: float) -> float:
-    """The GPU's work while any trial trained, evaluated or paused between epochs, in bare steps:
-    each trial's training images at its model's bare rate and its test images at three times it
-    (a forward pass is a third of a step's work), over ``busy_s``, the run's seconds less those in
-    which no trial did any of these. What evaluation, the pauses between epochs and sharing the GPU
-    cost is what it falls short of 1."""
-    work = sum((t["examples"] * t["epochs_done"] + t["test_images"] / 3) / bare[t["model"]] for t in trials)
-    return work / max(1e-9, busy_s)
+    """The GPU's work while any trial trained, evaluated or paused between epochs: the trials'
+    :func:`bare_work_s` over ``busy_s``, the run's seconds less those in which no trial did any
+    of these. What evaluation, the pauses between epochs and sharing the GPU cost is what it
+    falls short of 1."""
+    return bare_work_s(trials, bare) / max(1e-9, busy_s)
 
 
 def per_trial_costs(trials: list[dict], bare: dict[str, float], wall_s: float, step_pace: float) -> float:
-    """Seconds the run took per trial beyond its work at the steps' pace: its wall time less its
-    training and evaluation in bare steps at ``step_pace``, over its trials. What Ray's start, the
-    trials' start-ups and compiles, their pauses between epochs and the moments too few trials
-    stepped to fill the GPU cost, as a cost of each trial (these come with a trial, not with its
+    """Seconds the run took per trial beyond its work at the steps' pace: its wall time less the
+    trials' :func:`bare_work_s` at ``step_pace``, over its trials. What Ray's start, the trials'
+    start-ups and compiles, their pauses between epochs and the moments too few trials stepped
+    to fill the GPU cost, as a cost of each trial (these come with a trial, not with its
     compute)."""
-    work = sum((t["examples"] * t["epochs_done"] + t["test_images"] / 3) / bare[t["model"]] for t in trials)
-    return max(0.0, wall_s - work / step_pace) / max(1, len(trials))
+    return max(0.0, wall_s - bare_work_s(trials, bare) / step_pace) / max(1, len(trials))
 
 
 def projection(bare: dict[str, float], step_pace: float, per_trial_s: float, work_pace: float,
@@ -445,8 +449,8 @@ def report(device: str, bare: dict[str, float], breakdown: dict, run: dict, tria
         f"wall {run['wall_s']:.0f} s against {bare_s:.0f} s of bare compute: {efficiency:.1%}; GPU busy "
         f"{run['gpu_busy']:.1%}; of the trials' time: " + ", ".join(f"{k[:-2]} {v:.1%}" for k, v in shares.items())
     )
-    print(f"while trials trained, their steps did {run['load_while_training']:.1%} of the bare step's work (their "
-          f"rates in training seconds); while any trained, evaluated or paused between epochs, the GPU did "
+    print(f"while trials stepped, their steps did {run['load_while_training']:.1%} of the bare step's work (each "
+          f"epoch's rate over its steps); while any trained, evaluated or paused between epochs, the GPU did "
           f"{run['work_while_busy']:.1%} (evaluation at a third of a step an image); "
           f"failed: {len(failed)}")  # fmt: skip
     if results["projection"]:
