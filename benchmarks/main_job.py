@@ -408,22 +408,22 @@ def report(device: str, bare: dict[str, float], breakdown: dict, run: dict, tria
     spent = max(1e-9, sum(t["span_s"] + (t["startup_s"] or 0) for t in trials))
     startups = [t["startup_s"] for t in trials if t["startup_s"] is not None]
     idle_s = idle_seconds(trials, run["wall_s"])
+    run["load_while_training"], _ = load_while_training(trials, bare)
+    run["work_while_busy"] = work_while_busy(trials, bare, run["wall_s"] - idle_s)
     costs = {
         "startup_s": statistics.median(startups) if startups else float("nan"),
         "idle_per_trial_s": idle_s / max(1, len(trials)),
+        "per_trial_s": per_trial_costs(trials, bare, run["wall_s"], run["load_while_training"]),
     }
     shares = {k: sum(t[k] or 0 for t in trials) / spent for k in ("startup_s", "compile_s", "eval_s")}
     shares["between_epochs_s"] = sum(t["span_s"] - t["epoch_s"] for t in trials) / spent
     efficiency = bare_s / run["wall_s"]
-    run["load_while_training"], _ = load_while_training(trials, bare)
-    run["work_while_busy"] = work_while_busy(trials, bare, run["wall_s"] - idle_s)
-    # Trials share the GPU (time-sliced): a model's pace is read where its trials alone trained.
+    # Trials share the GPU (time-sliced): a model's pace is read where its trials alone stepped.
     pace = {m: load_while_training(trials, bare, m) for m in models}
     results = {"device": device, "bare": bare, "breakdown": breakdown, "trial_rate": trial_rate,
               "pace": {m: {"of_bare": p, "seconds": s} for m, (p, s) in pace.items()},
               "run": run, "bare_s": bare_s, "efficiency": efficiency, "shares": shares, "costs": costs,
               "trials": trials, "projection": None}  # fmt: skip
-    costs["per_trial_s"] = per_trial_costs(trials, bare, run["wall_s"], run["load_while_training"])
     if len(bare) == 6:  # every model of scaling.yaml measured
         results["projection"] = projection(bare, run["load_while_training"], costs["per_trial_s"],
                                           run["work_while_busy"], costs["idle_per_trial_s"])  # fmt: skip
