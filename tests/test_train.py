@@ -7,20 +7,26 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import REPO, final_checkpoint, mlpgrid_command, without_timing, write_fashion_mnist_subset
+from conftest import (
+    REPO,
+    final_checkpoint,
+    mlpgrid_command,
+    wait_until_held,
+    without_timing,
+    write_fashion_mnist_subset,
+)
 from mlpgrid.cli import cli
 from mlpgrid.data import Datasets
 from mlpgrid.grid import spec
 from mlpgrid.grid.layout import TrialLayout
 from mlpgrid.grid.spec import TrialConfig
-from mlpgrid.training.checkpoint import CheckpointDir
+from mlpgrid.training.checkpoint import HOLD_AT, CheckpointDir
 from mlpgrid.training.loop import Hooks, TrialDiverged, lr_at, run_trial
 from mlpgrid.training.setup import TrialOptions
 from test_sources import write_cifar10
@@ -78,10 +84,11 @@ def test_warmup_then_cosine():
     assert {lr_at(constant, s, 10) for s in range(40)} == {1.0}
 
 
-def _run_trial_process(grid, trial_id, storage):
+def _run_trial_process(grid, trial_id, storage, hold=None):
+    env = {k: v for k, v in os.environ.items() if k != HOLD_AT} | ({HOLD_AT: hold} if hold else {})
     return subprocess.Popen(
         mlpgrid_command("trial", str(grid), "--trial", trial_id, "--storage", str(storage)),
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
 
 
@@ -113,26 +120,21 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, write_grid, fa
     (trial,) = grid.trials
 
     reference = _run_trial_process(path, trial.id, tmp_path / "reference")
-    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()
 
     storage = tmp_path / "interrupted"
-    checkpoints = CheckpointDir(storage / grid.name / trial.id / "checkpoints")
-    victim = _run_trial_process(path, trial.id, storage)
-    deadline = time.monotonic() + 120
-    # Kill once a checkpoint exists well inside the second epoch, while training goes on.
-    while not any(epoch == 1 and step >= 70 for epoch, step in checkpoints.positions()):
-        assert victim.poll() is None, "the trial ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    # Killed once its checkpoint at step 70 of the second epoch is on disk, while training goes on.
+    victim = _run_trial_process(path, trial.id, storage, hold="1:70")
+    assert wait_until_held(storage / grid.name / trial.id / "held", victim) == victim.pid
     os.kill(victim.pid, signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL
 
     resumed = _run_trial_process(path, trial.id, storage)
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
 
     final, final_ref = final_checkpoint(storage, grid, trial), final_checkpoint(tmp_path / "reference", grid, trial)
     (epoch, step), *_ = final["resumed_from"]
-    assert epoch == 1 and 0 < step < 375, "resumed from a checkpoint in the middle of an epoch"
+    assert (epoch, step) == (1, 70), "resumed from the checkpoint it was killed after, mid-epoch"
     assert len(final["history"]) == 3
     assert without_timing(final["history"]) == without_timing(final_ref["history"])
     for name, tensor in final_ref["model"].items():

@@ -209,7 +209,11 @@ class RunOptions:
     """How trials run; none of it changes a trial's result, so none of it is in its id."""
 
     checkpoint_every_steps: int = field(
-        default=0, metadata=_opt("a checkpoint every this many steps besides each epoch's end; 0 = epoch ends only")
+        default=0,
+        metadata=_opt(
+            "a checkpoint every this many steps, always written, besides each epoch's end (skipped while it "
+            "would cost over 1% of training); 0 = epoch ends only"
+        ),  # fmt: skip
     )
     evaluate_every: int = field(
         default=1,

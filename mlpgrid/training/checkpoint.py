@@ -228,21 +228,16 @@ class BackgroundSaver:
 
 
 # A point a fault test chooses: with MLPGRID_HOLD_AT="E:S" a trial (or group) stops once its
-# checkpoint at epoch E, step S is on disk, writes ``held`` into its directory and waits there,
-# to be killed or, once the test removes ``held``, to go on: so that the test acts at that
-# point (a kill, a server stopped) and not wherever a timer lands.
+# checkpoint at epoch E, step S (one of ``checkpoint_every_steps``') is on disk, writes ``held``
+# into its directory and waits there, to be killed or, once the test removes ``held``, to go on:
+# so that the test acts at that point (a kill, a server stopped) and not wherever a timer lands.
 HOLD_AT = "MLPGRID_HOLD_AT"
 HOLD_S = 600  # then it gives up waiting and fails
 
 
-def holds_at(epoch: int, step: int) -> bool:
-    """Whether a fault test holds the trial at this checkpoint: it must then be written, not
-    skipped for a previous write still under way (a retry would otherwise reach it again)."""
-    return os.environ.get(HOLD_AT) == f"{epoch}:{step}"
-
-
 def hold_if_asked(saver: BackgroundSaver, epoch: int, step: int, trial_dirs: list[Path]) -> None:
-    if not holds_at(epoch, step):
+    """Hold here if a fault test asked to (:data:`HOLD_AT`), once this step's checkpoint is on disk."""
+    if os.environ.get(HOLD_AT) != f"{epoch}:{step}":
         return
     saver.wait()
     held = [directory / "held" for directory in trial_dirs]

@@ -40,7 +40,7 @@ from mlpgrid.grid.layout import TrialLayout
 from mlpgrid.grid.spec import TrialConfig
 from mlpgrid.models.networks import Network, RepMLPNet, inject_locality
 from mlpgrid.training import pictures
-from mlpgrid.training.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked, holds_at
+from mlpgrid.training.checkpoint import BackgroundSaver, CheckpointDir, hold_if_asked
 from mlpgrid.training.parallel import ALONE, Workers
 from mlpgrid.training.setup import DataParts, Model, TrialOptions, make_model, set_up_data
 from mlpgrid.training.stages import StageDir, run_stages
@@ -380,9 +380,9 @@ def run_group(
 
     The training set is kept on ``device`` when it fits in the data budget, else streamed to it;
     both give the same batches. Checkpoints are written in the background
-    (:class:`BackgroundSaver`): at each epoch end and every ``options.checkpoint_every_steps``
-    unless the previous one is still being written or too recent (:meth:`BackgroundSaver.skips`),
-    and always as a member ends. ``branches``:
+    (:class:`BackgroundSaver`): every ``options.checkpoint_every_steps`` steps, as a member ends,
+    and at each other epoch end unless the previous one is still being written or too recent
+    (:meth:`BackgroundSaver.skips`). ``branches``:
     each member's :class:`Branch` es, whose checkpoints it writes at their cooldown starts.
     ``workers``: this process's place among a data-parallel trial's workers (a trial of one
     member, not fused): each trains its shard of every batch; the lead alone evaluates,
@@ -439,8 +439,9 @@ def run_group(
                 for m in active:
                     m.position.step = step + 1
                 sums, (seen,) = workers.add_up(sums, [seen], on_lead=True)
+                # Asked for by the grid (to bound what a preemption loses): written, never skipped.
                 _save(saver, engine, active, sums, seen, [lrs[step] for lrs in schedule], device,
-                      required=holds_at(epoch, step + 1), writer=workers.lead)  # fmt: skip
+                      required=True, writer=workers.lead)  # fmt: skip
                 if workers.lead:
                     hold_if_asked(saver, epoch, step + 1, [m.layout.root for m in active])
             if branch_at and step + 1 < steps and any(k[1:] == (epoch, step + 1) for k in branch_at):

@@ -32,13 +32,14 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(tmp_path, fash
     layout = TrialLayout(tmp_path / "trial")
     checkpoints = CheckpointDir(layout.checkpoints)
     run_trial(CFG, layout, datasets=datasets)
-    assert checkpoints.positions() == [(2, 0), (3, 0)]
-    damage(checkpoints.file(3, 0))
+    *_, earlier, last = checkpoints.positions()  # an earlier epoch end: (2, 0), or (1, 0) if 2's was skipped
+    assert last == (3, 0)
+    damage(checkpoints.file(*last))
 
     resumed = run_trial(CFG, layout, datasets=datasets)
     (problem,) = resumed.checkpoint_problems
-    assert str(checkpoints.file(3, 0)) in problem and ("SHA-256" in problem or "unreadable" in problem)
-    assert resumed.resumed_from == [[2, 0]], "continued from the last good checkpoint"
+    assert str(checkpoints.file(*last)) in problem and ("SHA-256" in problem or "unreadable" in problem)
+    assert resumed.resumed_from == [list(earlier)], "continued from the last good checkpoint"
     ended_as_unbroken = without_timing(resumed.history) == without_timing(reference.history)
     assert ended_as_unbroken, "and ended where an unbroken run ends"
     assert checkpoints.latest()["epoch"] == 3 and checkpoints.problems == []
