@@ -178,11 +178,11 @@ class BackgroundSaver:
     """Saves to a :class:`CheckpointDir` on a thread while training goes on.
 
     ``save`` copies the state to host memory at once (training keeps changing the tensors) and
-    writes the copy in the background. A checkpoint that is not ``required`` (the last of a
-    trial is) is skipped rather than waited for while the previous one is still being written,
-    and until training since the previous copy has taken that copy's time over
-    :data:`mlpgrid.policy.CHECKPOINT_COPY_SHARE`: checkpoints come as often as the disk allows
-    and the copies cost at most that share of training. Every checkpoint is a valid place to
+    writes the copy in the background. A checkpoint that is not ``required`` (a trial's last and
+    those a grid asks for every K steps are) is skipped rather than waited for while the
+    previous one is still being written, and until training since the previous copy has taken
+    that copy's time over :data:`mlpgrid.policy.CHECKPOINT_COPY_SHARE`: checkpoints come as
+    often as the disk allows and the copies cost at most that share of training. Every checkpoint is a valid place to
     resume from, so which ones exist does not change results. ``wait`` blocks until the write
     in flight is done and raises its error.
     """
